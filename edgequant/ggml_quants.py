@@ -1,0 +1,443 @@
+"""Exact ggml block encoders: weights -> the bytes llama.cpp reads.
+
+Each ggml type is one small class. Quantizing a tensor is two steps, kept apart so that
+GPTQ can reuse the first one and choose the integer codes itself:
+
+1. ``fit(w, importance)`` searches the block scales (and mins) and returns a :class:`Grid`:
+   for every row and every sub-block, the effective ``scale`` and ``offset`` that the
+   dequantizer will compute, so a code ``q`` decodes to ``scale * level(q) + offset``.
+2. ``pack(grid, q)`` writes the codes and the stored scale fields in ggml's byte layout.
+
+``Grid.values(q)`` reproduces gguf-py's dequantizer bit for bit (same float32 operations),
+and the tests check exactly that. The scale search minimises the (importance-weighted)
+squared error directly: a set of candidate scales per sub-block, each refined by weighted
+least squares, the best kept; K-quant sub-block scales are then quantized onto their 4/6/8-bit
+super-block grid and the codes re-rounded on the final grid.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from gguf import GGMLQuantizationType
+
+F16 = np.float16
+F32 = np.float32
+IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], F32)
+_CHUNK_ELEMENTS = 1 << 21  # rows are fitted in chunks of about this many weights
+
+
+@dataclass
+class Grid:
+    """The quantization grid chosen for one 2-D tensor, per row and per sub-block.
+
+    ``scale``/``offset`` have shape (rows, cols // sub). ``levels`` is the codebook for
+    non-uniform types (IQ4_NL), else codes are the integers ``qmin..qmax`` themselves.
+    ``fields`` holds the stored per-block fields (fp16 d, integer sub-scales...) for ``pack``.
+    """
+
+    scale: np.ndarray
+    offset: np.ndarray
+    sub: int
+    qmin: int
+    qmax: int
+    levels: np.ndarray | None
+    fields: dict[str, np.ndarray]
+
+    def _expand(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        return np.repeat(a, self.sub, axis=1)[:, c0:c1]
+
+    def values(self, q: np.ndarray, c0: int = 0) -> np.ndarray:
+        """Decode codes ``q`` (rows, n) covering columns ``c0..c0+n`` to float32."""
+        c1 = c0 + q.shape[1]
+        lv = self.levels[q] if self.levels is not None else q.astype(F32)
+        return self._expand(self.scale, c0, c1) * lv + self._expand(self.offset, c0, c1)
+
+    def round(self, w: np.ndarray, c0: int = 0) -> np.ndarray:
+        """Nearest code for each weight of ``w`` (rows, n) covering columns ``c0..c0+n``."""
+        c1 = c0 + w.shape[1]
+        scale, offset = self._expand(self.scale, c0, c1), self._expand(self.offset, c0, c1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            t = np.where(scale != 0, (w - offset) / scale, 0).astype(F32)
+        if self.levels is None:
+            return np.clip(np.rint(t), self.qmin, self.qmax).astype(np.int32)
+        return _nearest_level(t, self.levels)
+
+
+def _nearest_level(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
+    mids = (levels[1:] + levels[:-1]) / 2
+    return np.searchsorted(mids, t).astype(np.int32)
+
+
+# ---------------------------------------------------------------- scale search on sub-blocks
+
+
+def _weighted_ls_scale(x, w, lv):
+    """Best scale d for x ≈ d * lv under weights w, and the resulting weighted error."""
+    sxl = (w * x * lv).sum(-1)
+    sll = (w * lv * lv).sum(-1)
+    d = np.where(sll > 0, sxl / np.where(sll > 0, sll, 1), 0)
+    err = (w * (x - d[..., None] * lv) ** 2).sum(-1)
+    return d, err
+
+
+def _levels_for(t, qmin, qmax, levels):
+    if levels is None:
+        return np.clip(np.rint(t), qmin, qmax)
+    return levels[_nearest_level(t, levels)]
+
+
+def search_symmetric(x, w, qmin, qmax, levels=None, ntry=19):
+    """Scale d per row of ``x`` (N, n) minimising sum w (x - d*level)^2 over a candidate set.
+
+    Candidates map the largest-magnitude weight onto either end of the grid, nudged by a
+    fraction of one grid step; each candidate's codes are refit by least squares.
+    """
+    lo, hi = (qmin, qmax) if levels is None else (levels[0], levels[-1])
+    step = 1.0 if levels is None else float(levels[1] - levels[0])
+    ext = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)[:, 0]
+    best_d = np.zeros(len(x), F32)
+    best_err = np.full(len(x), np.inf, F32)
+    for end in (lo, hi):
+        for delta in np.linspace(-0.9, 0.9, ntry) * step:
+            d0 = ext / (end + delta)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                t = np.where(d0[:, None] != 0, x / d0[:, None], 0)
+            d, err = _weighted_ls_scale(x, w, _levels_for(t, qmin, qmax, levels))
+            better = err < best_err
+            best_d[better], best_err[better] = d[better], err[better]
+    return best_d
+
+
+def search_affine(x, w, nmax, ntry=21, min_at_most_zero=True):
+    """(d, m) per row of ``x`` (N, n) minimising sum w (x - (d*L + m))^2 with L in 0..nmax.
+
+    ``min_at_most_zero`` is the K-quant constraint (they store -m as an unsigned integer).
+    """
+    xmin, xmax = x.min(-1), x.max(-1)
+    if min_at_most_zero:
+        xmin = np.minimum(xmin, 0)
+    span = np.where(xmax > xmin, xmax - xmin, 1)
+    best = (np.zeros(len(x), F32), xmin.astype(F32), np.full(len(x), np.inf, F32))
+    for delta in np.linspace(-1.0, 1.0, ntry):
+        iscale = (nmax + delta) / span
+        lv = np.clip(np.rint((x - xmin[:, None]) * iscale[:, None]), 0, nmax)
+        d, m = _weighted_ls_affine(x, w, lv, min_at_most_zero)
+        err = (w * (x - d[:, None] * lv - m[:, None]) ** 2).sum(-1)
+        better = err < best[2]
+        for arr, new in zip(best, (d, m, err)):
+            arr[better] = new[better]
+    return best[0], best[1]
+
+
+def _weighted_ls_affine(x, w, lv, min_at_most_zero):
+    sw, sl, sll = w.sum(-1), (w * lv).sum(-1), (w * lv * lv).sum(-1)
+    sx, sxl = (w * x).sum(-1), (w * x * lv).sum(-1)
+    det = sw * sll - sl * sl
+    ok = det > 0
+    safe = np.where(ok, det, 1)
+    d = np.where(ok, (sw * sxl - sl * sx) / safe, 0)
+    m = np.where(ok, (sll * sx - sl * sxl) / safe, np.where(sw > 0, sx / np.where(sw > 0, sw, 1), 0))
+    if min_at_most_zero:
+        clamp = m > 0
+        d = np.where(clamp, np.where(sll > 0, sxl / np.where(sll > 0, sll, 1), 0), d)
+        m = np.where(clamp, 0, m)
+    return np.maximum(d, 0), m
+
+
+def _quantize_subscales(s, nmax, signed):
+    """Put sub-block scales ``s`` (N, nsub) on a super-block grid: fp16 d times integers.
+
+    Returns (d as float16 (N,), integer sub-scales (N, nsub)). Unsigned grids use 0..nmax,
+    signed ones -nmax-1..nmax with the largest magnitude mapped onto -nmax-1.
+    """
+    if signed:
+        ext = np.take_along_axis(s, np.abs(s).argmax(-1)[:, None], -1)[:, 0]
+        d = (ext / -(nmax + 1)).astype(F16)
+        lo = -(nmax + 1)
+    else:
+        d = (s.max(-1) / nmax).astype(F16)
+        lo = 0
+    d32 = d.astype(F32)[:, None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ints = np.where(d32 != 0, np.rint(s / d32), 0)
+    return d, np.clip(ints, lo, nmax).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------- the types
+
+
+class QuantType:
+    """One ggml quantization type: block geometry, scale search and byte packing."""
+
+    ggml_type: GGMLQuantizationType
+    block: int  # weights per block
+    nbytes: int  # bytes per block
+    sub: int  # weights sharing one effective scale
+
+    @property
+    def name(self) -> str:
+        return self.ggml_type.name
+
+    @property
+    def bpw(self) -> float:
+        return self.nbytes * 8 / self.block
+
+    def fits(self, row_length: int) -> bool:
+        return row_length % self.block == 0
+
+    def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """Round-to-nearest on the best grid: (rows, cols) float -> (rows, cols/block*nbytes) uint8."""
+        grid = self.fit(w, importance)
+        return self.pack(grid, grid.round(w))
+
+    def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Grid:
+        """Choose the grid for ``w`` (rows, cols); ``importance`` (cols,) weights the error."""
+        w = np.asarray(w, F32)
+        rows, cols = w.shape
+        if not self.fits(cols):
+            raise ValueError(f"{self.name} needs rows of a multiple of {self.block} weights, got {cols}")
+        imp = np.ones(cols, F32) if importance is None else np.asarray(importance, F32)
+        imp = np.maximum(imp, imp.max() * 1e-6 if imp.max() > 0 else 1.0)
+        step = max(1, _CHUNK_ELEMENTS // cols)
+        parts = [self._fit_rows(w[r : r + step], imp) for r in range(0, rows, step)]
+        return Grid(
+            scale=np.concatenate([p[0] for p in parts]),
+            offset=np.concatenate([p[1] for p in parts]),
+            sub=self.sub,
+            qmin=self.qmin,
+            qmax=self.qmax,
+            levels=self.levels,
+            fields={k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]},
+        )
+
+    def _fit_rows(self, w, imp):
+        rows, cols = w.shape
+        x = w.reshape(-1, self.sub)
+        wt = np.broadcast_to(imp.reshape(1, -1), w.shape).reshape(-1, self.sub)
+        scale, offset, fields = self._fit_subblocks(x, wt)
+        n_sub = cols // self.sub
+        fields = {k: v.reshape(rows, -1) for k, v in fields.items()}
+        return scale.reshape(rows, n_sub), offset.reshape(rows, n_sub), fields
+
+    def pack(self, grid: Grid, q: np.ndarray) -> np.ndarray:
+        """Bytes of the tensor: (rows, cols/block*nbytes) uint8."""
+        rows = q.shape[0]
+        blocks = q.reshape(-1, self.block)
+        fields = {k: v.reshape(len(blocks), -1) for k, v in grid.fields.items()}
+        out = self._pack_blocks(blocks, fields)
+        assert out.shape[1] == self.nbytes
+        return out.reshape(rows, -1)
+
+    qmin: int
+    qmax: int
+    levels: np.ndarray | None = None
+
+    def _fit_subblocks(self, x, w):  # -> scale (N,), offset (N,), fields
+        raise NotImplementedError
+
+    def _pack_blocks(self, q, fields):  # (nblocks, block) codes -> (nblocks, nbytes)
+        raise NotImplementedError
+
+
+def _u8(*parts: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.ascontiguousarray(p).view(np.uint8) for p in parts], axis=1)
+
+
+def _nibbles(q: np.ndarray) -> np.ndarray:
+    """Pack (N, 2k) 4-bit values as low nibbles = first half, high nibbles = second half."""
+    half = q.shape[1] // 2
+    return (q[:, :half] & 15 | (q[:, half:] & 15) << 4).astype(np.uint8)
+
+
+def _bits_of(q: np.ndarray, shift: int, width: int, groups: int) -> np.ndarray:
+    """Pack bit-field ``(q >> shift) & mask`` of (N, groups*32) into (N, 32) bytes, group g at bit g*width."""
+    n = q.shape[0]
+    f = ((q >> shift) & ((1 << width) - 1)).reshape(n, groups, 32).astype(np.uint8)
+    out = np.zeros((n, 32), np.uint8)
+    for g in range(groups):
+        out |= f[:, g] << (g * width)
+    return out
+
+
+class _Symmetric32(QuantType):
+    """d (fp16) times a signed integer, one scale per 32 weights: Q4_0, Q5_0, Q8_0."""
+
+    block = sub = 32
+
+    def _fit_subblocks(self, x, w):
+        d = search_symmetric(x, w, self.qmin, self.qmax).astype(F16)
+        return d.astype(F32), np.zeros(len(x), F32), {"d": d[:, None]}
+
+
+class Q4_0(_Symmetric32):
+    ggml_type, nbytes, qmin, qmax = GGMLQuantizationType.Q4_0, 18, -8, 7
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], _nibbles(q + 8))
+
+
+class Q5_0(_Symmetric32):
+    ggml_type, nbytes, qmin, qmax = GGMLQuantizationType.Q5_0, 22, -16, 15
+
+    def _pack_blocks(self, q, f):
+        u = q + 16
+        return _u8(f["d"], _high_bits32(u), _nibbles(u))
+
+
+class Q8_0(_Symmetric32):
+    # -128 is left out: some SIMD dot products take |q| with a sign trick that overflows on it.
+    ggml_type, nbytes, qmin, qmax = GGMLQuantizationType.Q8_0, 34, -127, 127
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], q.astype(np.int8))
+
+
+def _high_bits32(u: np.ndarray) -> np.ndarray:
+    """Bit 4 of each of 32 codes as one little-endian uint32 (Q5_0/Q5_1's qh)."""
+    bits = ((u >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
+    return bits.sum(-1, dtype=np.uint32)[:, None]
+
+
+class IQ4_NL(_Symmetric32):
+    """fp16 d times a fixed non-uniform 16-level codebook."""
+
+    ggml_type, nbytes, qmin, qmax = GGMLQuantizationType.IQ4_NL, 18, 0, 15
+    levels = IQ4_NL_LEVELS
+
+    def _fit_subblocks(self, x, w):
+        d = search_symmetric(x, w, 0, 15, levels=self.levels, ntry=15).astype(F16)
+        return d.astype(F32), np.zeros(len(x), F32), {"d": d[:, None]}
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], _nibbles(q))
+
+
+class _Affine32(QuantType):
+    """d * q + m with fp16 d and m, one pair per 32 weights: Q4_1, Q5_1."""
+
+    block = sub = 32
+    qmin = 0
+
+    def _fit_subblocks(self, x, w):
+        d, m = search_affine(x, w, self.qmax, min_at_most_zero=False)
+        d16, m16 = d.astype(F16), m.astype(F16)
+        return d16.astype(F32), m16.astype(F32), {"d": d16[:, None], "m": m16[:, None]}
+
+
+class Q4_1(_Affine32):
+    ggml_type, nbytes, qmax = GGMLQuantizationType.Q4_1, 20, 15
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], f["m"], _nibbles(q))
+
+
+class Q5_1(_Affine32):
+    ggml_type, nbytes, qmax = GGMLQuantizationType.Q5_1, 24, 31
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], f["m"], _high_bits32(q), _nibbles(q))
+
+
+class _KQuant(QuantType):
+    """Super-blocks of 256 weights: sub-block scales stored as small integers times fp16 d."""
+
+    block = 256
+    scale_max: int  # largest integer sub-scale
+
+    def _fit_subblocks(self, x, w):
+        n_sub = self.block // self.sub
+        if self.qmin == 0:  # affine: d*sc*q - dmin*m
+            s, m = search_affine(x, w, self.qmax)
+            d, sc = _quantize_subscales(s.reshape(-1, n_sub), self.scale_max, signed=False)
+            dmin, mn = _quantize_subscales((-m).reshape(-1, n_sub), self.scale_max, signed=False)
+            scale = d.astype(F32)[:, None] * sc.astype(F32)
+            offset = -(dmin.astype(F32)[:, None] * mn.astype(F32))
+            fields = {"d": d[:, None], "dmin": dmin[:, None], "sc": sc, "mn": mn}
+        else:  # symmetric: d*sc*q
+            s = search_symmetric(x, w, self.qmin, self.qmax)
+            d, sc = _quantize_subscales(s.reshape(-1, n_sub), self.scale_max, signed=True)
+            scale = d.astype(F32)[:, None] * sc.astype(F32)
+            offset = np.zeros_like(scale)
+            fields = {"d": d[:, None], "sc": sc}
+        return scale.reshape(-1), offset.reshape(-1), fields
+
+
+class Q2_K(_KQuant):
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q2_K, 84, 16, 0, 3, 15
+
+    def _pack_blocks(self, q, f):
+        scales = (f["sc"] | f["mn"] << 4).astype(np.uint8)
+        return _u8(scales, _two_halves(q, lambda h: _bits_of(h, 0, 2, 4)), f["d"], f["dmin"])
+
+
+def _two_halves(q, pack_half):
+    """Apply ``pack_half`` to weights 0..127 and 128..255 of each block and join the bytes."""
+    return np.concatenate([pack_half(q[:, :128]), pack_half(q[:, 128:])], axis=1)
+
+
+class Q3_K(_KQuant):
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q3_K, 110, 16, -4, 3, 31
+
+    def _pack_blocks(self, q, f):
+        u = q + 4
+        hmask = _bits_of(u, 2, 1, 8)
+        low = _two_halves(u, lambda h: _bits_of(h, 0, 2, 4))
+        s6 = (f["sc"] + 32).astype(np.uint8)
+        lo = s6[:, :8] & 15 | (s6[:, 8:] & 15) << 4
+        hi = np.zeros((len(q), 4), np.uint8)
+        for j in range(4):
+            hi |= ((s6[:, 4 * j : 4 * j + 4] >> 4) & 3) << (2 * j)
+        return _u8(hmask, low, lo, hi, f["d"])
+
+
+def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
+    """Eight 6-bit scales and eight 6-bit mins in Q4_K/Q5_K's 12 bytes."""
+    sc, mn = sc.astype(np.uint8), mn.astype(np.uint8)
+    b0 = sc[:, :4] & 63 | (sc[:, 4:] >> 4) << 6
+    b1 = mn[:, :4] & 63 | (mn[:, 4:] >> 4) << 6
+    b2 = sc[:, 4:] & 15 | (mn[:, 4:] & 15) << 4
+    return np.concatenate([b0, b1, b2], axis=1)
+
+
+def _k_nibbles(q: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K low nibbles: each 64 weights -> 32 bytes (first 32 low, next 32 high)."""
+    n = q.shape[0]
+    return _nibbles((q & 15).reshape(-1, 64)).reshape(n, 128)
+
+
+class Q4_K(_KQuant):
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q4_K, 144, 32, 0, 15, 63
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], f["dmin"], _pack_k_scales(f["sc"], f["mn"]), _k_nibbles(q))
+
+
+class Q5_K(_KQuant):
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q5_K, 176, 32, 0, 31, 63
+
+    def _pack_blocks(self, q, f):
+        return _u8(f["d"], f["dmin"], _pack_k_scales(f["sc"], f["mn"]), _bits_of(q, 4, 1, 8), _k_nibbles(q))
+
+
+class Q6_K(_KQuant):
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q6_K, 210, 16, -32, 31, 127
+
+    def _pack_blocks(self, q, f):
+        u = q + 32
+        ql = _two_halves(u, lambda h: _nibbles(h.reshape(-1, 128)))
+        qh = _two_halves(u, lambda h: _bits_of(h, 4, 2, 4))
+        return _u8(ql, qh, f["sc"].astype(np.int8), f["d"])
+
+
+TYPES: dict[str, QuantType] = {
+    t.name: t for t in (Q8_0(), Q6_K(), Q5_1(), Q5_K(), Q5_0(), Q4_1(), Q4_K(), Q4_0(), IQ4_NL(), Q3_K(), Q2_K())
+}
+
+
+def get_type(name: str) -> QuantType:
+    try:
+        return TYPES[name.upper()]
+    except KeyError:
+        raise ValueError(f"unknown ggml type {name!r}; known: {', '.join(TYPES)}") from None
