@@ -18,6 +18,7 @@ super-block grid and the codes re-rounded on the final grid.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import numpy as np
 from gguf import GGMLQuantizationType
@@ -66,51 +67,57 @@ class Grid:
 
 
 def _nearest_level(t: np.ndarray, levels: np.ndarray) -> np.ndarray:
-    mids = (levels[1:] + levels[:-1]) / 2
-    return np.searchsorted(mids, t).astype(np.int32)
+    """Index of the nearest codebook level, via a table over floor(2t) (the midpoints of
+    integer levels are multiples of 1/2, so floor(2t) decides which side of each it lies)."""
+    lut, lo = _level_table(tuple(levels.tolist()))
+    k = np.clip(np.floor(2 * t), lo, lo + len(lut) - 1).astype(np.int64) - lo
+    return lut[k]
+
+
+@lru_cache(maxsize=8)
+def _level_table(levels: tuple[float, ...]) -> tuple[np.ndarray, int]:
+    twice_mids = np.array([a + b for a, b in zip(levels, levels[1:])])
+    lo, hi = int(twice_mids[0]) - 1, int(twice_mids[-1]) + 1
+    k = np.arange(lo, hi + 1)
+    return (twice_mids[None, :] <= k[:, None]).sum(1).astype(np.int32), lo
 
 
 # ---------------------------------------------------------------- scale search on sub-blocks
 
 
-def _weighted_ls_scale(x, w, lv):
-    """Best scale d for x ≈ d * lv under weights w, and the resulting weighted error."""
-    sxl = (w * x * lv).sum(-1)
-    sll = (w * lv * lv).sum(-1)
-    d = np.where(sll > 0, sxl / np.where(sll > 0, sll, 1), 0)
-    err = (w * (x - d[..., None] * lv) ** 2).sum(-1)
-    return d, err
+def _dot(a, b):
+    return np.einsum("ij,ij->i", a, b)
 
 
-def _levels_for(t, qmin, qmax, levels):
-    if levels is None:
-        return np.clip(np.rint(t), qmin, qmax)
-    return levels[_nearest_level(t, levels)]
-
-
-def search_symmetric(x, w, qmin, qmax, levels=None, ntry=19):
+def search_symmetric(x, w, qmin, qmax, levels=None, ntry=10):
     """Scale d per row of ``x`` (N, n) minimising sum w (x - d*level)^2 over a candidate set.
 
     Candidates map the largest-magnitude weight onto either end of the grid, nudged by a
-    fraction of one grid step; each candidate's codes are refit by least squares.
+    fraction of one grid step; each candidate's codes are refit by least squares
+    (d = sum w x L / sum w L^2, error = sum w x^2 - (sum w x L)^2 / sum w L^2).
     """
     lo, hi = (qmin, qmax) if levels is None else (levels[0], levels[-1])
     step = 1.0 if levels is None else float(levels[1] - levels[0])
-    ext = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)[:, 0]
+    ext = np.take_along_axis(x, np.abs(x).argmax(-1)[:, None], -1)
+    wx = w * x
     best_d = np.zeros(len(x), F32)
-    best_err = np.full(len(x), np.inf, F32)
+    best_gain = np.full(len(x), -1.0, F32)  # (sum w x L)^2 / sum w L^2: larger is better
     for end in (lo, hi):
-        for delta in np.linspace(-0.9, 0.9, ntry) * step:
-            d0 = ext / (end + delta)
+        for delta in np.linspace(-0.9, 0.9, ntry, dtype=F32) * F32(step):
             with np.errstate(divide="ignore", invalid="ignore"):
-                t = np.where(d0[:, None] != 0, x / d0[:, None], 0)
-            d, err = _weighted_ls_scale(x, w, _levels_for(t, qmin, qmax, levels))
-            better = err < best_err
-            best_d[better], best_err[better] = d[better], err[better]
+                inv = np.where(ext != 0, (F32(end) + delta) / ext, 0).astype(F32)
+            t = x * inv
+            lv = np.clip(np.rint(t), qmin, qmax) if levels is None else levels[_nearest_level(t, levels)]
+            sxl, sll = _dot(wx, lv), _dot(w, lv * lv)
+            ok = sll > 0
+            sll = np.where(ok, sll, 1)
+            gain = np.where(ok, sxl * sxl / sll, 0)
+            better = gain > best_gain
+            best_d[better], best_gain[better] = (sxl / sll)[better], gain[better]
     return best_d
 
 
-def search_affine(x, w, nmax, ntry=21, min_at_most_zero=True):
+def search_affine(x, w, nmax, ntry=16, min_at_most_zero=True):
     """(d, m) per row of ``x`` (N, n) minimising sum w (x - (d*L + m))^2 with L in 0..nmax.
 
     ``min_at_most_zero`` is the K-quant constraint (they store -m as an unsigned integer).
@@ -118,22 +125,24 @@ def search_affine(x, w, nmax, ntry=21, min_at_most_zero=True):
     xmin, xmax = x.min(-1), x.max(-1)
     if min_at_most_zero:
         xmin = np.minimum(xmin, 0)
-    span = np.where(xmax > xmin, xmax - xmin, 1)
+    span = np.where(xmax > xmin, xmax - xmin, 1).astype(F32)
+    sw, sx, sxx = w.sum(-1), _dot(w, x), _dot(w * x, x)
     best = (np.zeros(len(x), F32), xmin.astype(F32), np.full(len(x), np.inf, F32))
-    for delta in np.linspace(-1.0, 1.0, ntry):
-        iscale = (nmax + delta) / span
-        lv = np.clip(np.rint((x - xmin[:, None]) * iscale[:, None]), 0, nmax)
-        d, m = _weighted_ls_affine(x, w, lv, min_at_most_zero)
-        err = (w * (x - d[:, None] * lv - m[:, None]) ** 2).sum(-1)
+    for delta in np.linspace(-1.0, 1.0, ntry, dtype=F32):
+        iscale = ((nmax + delta) / span)[:, None]
+        lv = np.clip(np.rint((x - xmin[:, None]) * iscale), 0, nmax)
+        wl = w * lv
+        sl, sll, sxl = wl.sum(-1), _dot(wl, lv), _dot(wl, x)
+        d, m = _weighted_ls_affine(sw, sl, sll, sx, sxl, min_at_most_zero)
+        # sum w (x - dL - m)^2 expanded in the sums above
+        err = sxx + d * d * sll + m * m * sw - 2 * d * sxl - 2 * m * sx + 2 * d * m * sl
         better = err < best[2]
         for arr, new in zip(best, (d, m, err)):
             arr[better] = new[better]
     return best[0], best[1]
 
 
-def _weighted_ls_affine(x, w, lv, min_at_most_zero):
-    sw, sl, sll = w.sum(-1), (w * lv).sum(-1), (w * lv * lv).sum(-1)
-    sx, sxl = (w * x).sum(-1), (w * x * lv).sum(-1)
+def _weighted_ls_affine(sw, sl, sll, sx, sxl, min_at_most_zero):
     det = sw * sll - sl * sl
     ok = det > 0
     safe = np.where(ok, det, 1)
@@ -307,7 +316,7 @@ class IQ4_NL(_Symmetric32):
     levels = IQ4_NL_LEVELS
 
     def _fit_subblocks(self, x, w):
-        d = search_symmetric(x, w, 0, 15, levels=self.levels, ntry=15).astype(F16)
+        d = search_symmetric(x, w, 0, 15, levels=self.levels).astype(F16)
         return d.astype(F32), np.zeros(len(x), F32), {"d": d[:, None]}
 
     def _pack_blocks(self, q, f):

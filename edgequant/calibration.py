@@ -1,0 +1,53 @@
+"""Activation statistics from calibration text.
+
+``importance`` is what llama.cpp calls an imatrix: for every quantized matrix, the mean square
+of each input column's activation, E[x_j^2]. Weighting the rounding error of column j by it
+approximates the error of the matrix's output, sum_j E[x_j^2] * dw_j^2.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+from .models import LoadedModel
+
+
+@torch.inference_mode()
+def importance(
+    loaded: LoadedModel, windows: np.ndarray, progress: Callable[[], None] | None = None
+) -> dict[str, np.ndarray]:
+    """GGUF name -> E[x^2] per input column, for every matrix fed by a ``torch.nn.Linear``.
+
+    With tied embeddings the output head's inputs count for ``token_embd.weight``.
+    """
+    model = loaded.model
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+
+    def hook_for(name: str):
+        def hook(_module, inputs, _output):
+            x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + (x * x).sum(0)
+            counts[name] = counts.get(name, 0) + x.shape[0]
+
+        return hook
+
+    handles = []
+    for module_name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hf_name = f"{module_name}.weight"
+            if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
+                hf_name = "model.embed_tokens.weight"
+            handles.append(module.register_forward_hook(hook_for(loaded.gguf_name(hf_name))))
+    try:
+        for window in windows:
+            model(torch.from_numpy(window)[None], use_cache=False)
+            if progress:
+                progress()
+    finally:
+        for h in handles:
+            h.remove()
+    return {name: (s / counts[name]).float().numpy() for name, s in sums.items()}

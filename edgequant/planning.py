@@ -1,0 +1,132 @@
+"""Which ggml type each weight matrix gets: uniform, or mixed to hit a bits-per-weight target.
+
+K-quants pack 256 weights per block, so they only fit matrices whose rows are a multiple of
+256; elsewhere the nearest 32-block type stands in, by the rule llama.cpp's own quantizer
+applies (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->IQ4_NL).
+
+The mixed allocation here is a simple prior, until the sensitivity-driven planner replaces it:
+every matrix starts on its cheapest rung, then the upgrade with the largest expected error
+reduction per extra bit is taken, again and again, while the budget allows. Expected error
+of a matrix at b bits is taken as ``priority * params * 4**-b``; attention values, the FFN
+down projection and the (tied) embedding/output matrix get higher priority, as in llama.cpp's
+mixes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .errors import EdgequantError
+from .ggml_quants import TYPES, get_type
+
+FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0"}
+LADDER = ["Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
+PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
+
+
+@dataclass(frozen=True)
+class Matrix:
+    name: str  # GGUF name
+    rows: int
+    cols: int
+
+    @property
+    def params(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def role(self) -> str:
+        return self.name.split(".")[-2]
+
+
+@dataclass
+class Plan:
+    """One ggml type per matrix; other tensors (norms) are stored as float32."""
+
+    types: dict[str, str]
+    matrices: list[Matrix]
+    other_params: int
+    rule: str
+
+    def matrix_bytes(self, m: Matrix) -> int:
+        t = get_type(self.types[m.name])
+        return m.params // t.block * t.nbytes
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.matrix_bytes(m) for m in self.matrices) + 4 * self.other_params
+
+    @property
+    def total_params(self) -> int:
+        return sum(m.params for m in self.matrices) + self.other_params
+
+    @property
+    def bpw(self) -> float:
+        return self.total_bytes * 8 / self.total_params
+
+    def as_dict(self) -> dict:
+        return {
+            "rule": self.rule,
+            "bytes": self.total_bytes,
+            "bpw": self.bpw,
+            "tensors": [
+                {**asdict(m), "ggml_type": self.types[m.name], "bpw": get_type(self.types[m.name]).bpw}
+                for m in self.matrices
+            ],
+        }
+
+
+def fitting_type(name: str, cols: int) -> str:
+    """``name`` if its blocks fit rows of ``cols`` weights, else llama.cpp's stand-in."""
+    t = get_type(name).name
+    while not get_type(t).fits(cols):
+        if t not in FALLBACK:
+            raise EdgequantError(f"no ggml type in the {name} family fits rows of {cols} weights")
+        t = FALLBACK[t]
+    return t
+
+
+def _ladder(cols: int) -> list[str]:
+    """The rungs that fit rows of ``cols`` weights, one type per size, smallest first."""
+    rungs: dict[float, str] = {}
+    for t in LADDER:
+        if TYPES[t].fits(cols):
+            rungs.setdefault(TYPES[t].bpw, t)
+    return [rungs[b] for b in sorted(rungs)]
+
+
+def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
+    get_type(ggml_type)  # validate the name early
+    types = {m.name: fitting_type(ggml_type, m.cols) for m in matrices}
+    return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
+
+
+def for_bpw(matrices: list[Matrix], other_params: int, target: float) -> Plan:
+    """The mix closest to ``target`` bits per weight (all tensors counted) from below."""
+    ladders = {m.name: _ladder(m.cols) for m in matrices}
+    level = {m.name: 0 for m in matrices}
+    plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, f"bpw {target}")
+    budget = target * plan.total_params / 8
+    used = plan.total_bytes
+    if used > budget:
+        raise EdgequantError(
+            f"{target} bits per weight cannot be reached: the smallest mix is {plan.bpw:.3f} bpw"
+        )
+    while True:
+        best, best_gain, best_extra = None, 0.0, 0.0
+        for m in matrices:
+            ladder, i = ladders[m.name], level[m.name]
+            if i + 1 == len(ladder):
+                continue
+            cur, nxt = TYPES[ladder[i]], TYPES[ladder[i + 1]]
+            extra = m.params * (nxt.bpw - cur.bpw) / 8
+            if used + extra > budget:
+                continue
+            gain = PRIORITY.get(m.role, 1.0) * m.params * (4.0**-cur.bpw - 4.0**-nxt.bpw) / extra
+            if gain > best_gain:
+                best, best_gain, best_extra = m, gain, extra
+        if best is None:
+            return plan
+        used += best_extra
+        level[best.name] += 1
+        plan.types[best.name] = ladders[best.name][level[best.name]]

@@ -1,0 +1,172 @@
+"""Write a quantized model as a GGUF file that stock llama.cpp loads and chats with.
+
+Every 2-D weight is stored in the ggml type the plan gave it (one type per tensor, so a
+file can mix types); norms stay float32. Architecture metadata comes from the Hugging Face
+config, the tokenizer (vocab, merges, special tokens, chat template) from the model's own
+tokenizer files, and ``general.*`` says the file was made by edgequant and how.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+from edgequant import __version__
+from edgequant.atomic import atomic_path
+from edgequant.models import LoadedModel, permute_qk, qk_heads
+
+
+@dataclass
+class EncodedTensor:
+    """One tensor as it will be stored: ggml type name and bytes (rows, row_bytes) in HF row order."""
+
+    ggml_type: str
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
+def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
+    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        writer = gguf.GGUFWriter(tmp, loaded.arch.gguf_name)
+        _add_metadata(writer, loaded, method)
+        _add_tokenizer(writer, loaded)
+        _add_tensors(writer, loaded, encoded)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        writer.close()
+
+
+def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
+    c = loaded.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    w.add_name(loaded.name)
+    w.add_string("general.quantized_by", f"edgequant {__version__}")
+    w.add_string("edgequant.method", method)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_dimension_count(head_dim)
+    if head_dim * c.num_attention_heads != c.hidden_size:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+    rope = _rope_parameters(c)
+    w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
+    kind = rope.get("rope_type", "default")
+    if kind in ("linear", "yarn"):
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR if kind == "linear" else gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(rope["factor"]))
+        if "original_max_position_embeddings" in rope:
+            w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
+    w.add_vocab_size(c.vocab_size)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _rope_parameters(config) -> dict:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    params = dict(params)
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def llama3_rope_factors(config) -> np.ndarray | None:
+    """Per-frequency divisors of Llama 3.x rope scaling (llama.cpp reads them as rope_freqs)."""
+    rope = _rope_parameters(config)
+    if rope.get("rope_type") != "llama3":
+        return None
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    wavelen = 2 * np.pi / freqs
+    old_ctx = rope["original_max_position_embeddings"]
+    low_wl, high_wl = old_ctx / rope["low_freq_factor"], old_ctx / rope["high_freq_factor"]
+    smooth = (old_ctx / wavelen - rope["low_freq_factor"]) / (rope["high_freq_factor"] - rope["low_freq_factor"])
+    factors = np.where(wavelen < high_wl, 1.0, np.where(wavelen > low_wl, rope["factor"], 0.0))
+    mid = (wavelen >= high_wl) & (wavelen <= low_wl)
+    factors[mid] = 1.0 / ((1 - smooth[mid]) / rope["factor"] + smooth[mid])
+    return factors.astype(np.float32)
+
+
+# ------------------------------------------------------------------------------- tokenizer
+
+_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
+
+
+def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded.tokenizer.save_pretrained(tmp)
+        spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
+        tokens, types = _vocab(spec, loaded.config.vocab_size)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(bpe_pre_tokenizer(spec))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        special.add_to_gguf(w, quiet=True)
+        template = Path(tmp) / "chat_template.jinja"
+        if special.chat_template is None and template.is_file():
+            w.add_chat_template(template.read_text())
+
+
+def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+    if spec["model"]["type"] != "BPE":
+        raise ValueError(f"only byte-level BPE tokenizers are exported so far, not {spec['model']['type']}")
+    tokens = [f"[PAD{i}]" for i in range(n_vocab)]
+    types = [_TOKEN_UNUSED] * n_vocab
+    for text, i in spec["model"]["vocab"].items():
+        if i < n_vocab:
+            tokens[i], types[i] = text, _TOKEN_NORMAL
+    for added in spec.get("added_tokens", []):
+        i = added["id"]
+        if i < n_vocab:
+            tokens[i] = added["content"]
+            types[i] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER
+    return tokens, types
+
+
+def bpe_pre_tokenizer(spec: dict) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (the regex that splits text before BPE)."""
+    text = json.dumps(spec.get("pre_tokenizer"))
+    if r"\\p{N}{1,3}" in text:
+        return "llama-bpe"
+    if r"[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}|" in text:
+        return "qwen2"
+    if '"Digits"' in text:
+        return "smollm"
+    return "gpt-2"
+
+
+# --------------------------------------------------------------------------------- tensors
+
+
+def _add_tensors(w: gguf.GGUFWriter, loaded: LoadedModel, encoded: dict[str, EncodedTensor]) -> None:
+    factors = llama3_rope_factors(loaded.config)
+    if factors is not None:
+        w.add_tensor("rope_freqs.weight", factors)
+    for hf_name, t in loaded.model.state_dict().items():
+        if hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings:
+            continue
+        name = loaded.gguf_name(hf_name)
+        if t.ndim == 1:
+            w.add_tensor(name, t.detach().float().numpy())
+            continue
+        enc = encoded[name]
+        data = enc.data
+        heads = qk_heads(loaded.config, name)
+        if loaded.arch.permute_qk and heads:
+            data = permute_qk(data, heads, to_gguf=True)
+        qtype = gguf.GGMLQuantizationType[enc.ggml_type]
+        w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)

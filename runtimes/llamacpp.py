@@ -1,0 +1,61 @@
+"""Run a GGUF file in llama.cpp (through llama-cpp-python): logits for evaluation, and chat."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgequant.errors import EdgequantError
+from edgequant.models import read_gguf
+
+
+def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
+    from llama_cpp import Llama
+
+    path = Path(path)
+    if not path.is_file():
+        raise EdgequantError(f"GGUF file not found: {path}")
+    read_gguf(path)  # a clean one-line error for a truncated or corrupt file
+    try:
+        return Llama(
+            model_path=str(path),
+            n_ctx=n_ctx,
+            n_batch=n_ctx,
+            n_ubatch=n_ctx,
+            logits_all=logits_all,
+            n_threads=n_threads or os.cpu_count(),
+            verbose=False,
+        )
+    except (ValueError, RuntimeError) as e:
+        raise EdgequantError(f"llama.cpp cannot load {path}: {e}") from None
+
+
+class LlamaCppLogits:
+    """Logits of each window from llama.cpp, fresh KV cache per window."""
+
+    runtime = "llama.cpp"
+
+    def __init__(self, path: Path, ctx: int = 512, n_threads: int | None = None):
+        self.llm = _open(path, ctx, logits_all=True, n_threads=n_threads)
+
+    def __call__(self, window: np.ndarray) -> np.ndarray:
+        self.llm.reset()
+        self.llm.eval(window.tolist())
+        return np.array(self.llm.scores[: len(window)], dtype=np.float32)
+
+    def close(self) -> None:
+        self.llm.close()
+
+
+def chat(path: Path, question: str, max_tokens: int = 48, n_threads: int | None = None) -> str:
+    """Greedy answer to one user message, with the chat template stored in the file."""
+    llm = _open(path, 1024, logits_all=False, n_threads=n_threads)
+    try:
+        out = llm.create_chat_completion(
+            messages=[{"role": "user", "content": question}], max_tokens=max_tokens, temperature=0.0
+        )
+        return out["choices"][0]["message"]["content"]
+    finally:
+        llm.close()
