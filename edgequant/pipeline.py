@@ -13,8 +13,6 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import gguf
-
 from exporters.gguf import write_gguf
 from runtimes.llamacpp import LlamaCppLogits
 
@@ -57,12 +55,14 @@ def make_plan(loaded: LoadedModel, ggml_type: str | None, bpw: float | None) -> 
     return for_bpw(matrices, other, 4.5 if bpw is None else bpw)
 
 
-def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
+def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedModel | None = None) -> dict:
+    """Run the whole build into ``opts.out``; ``loaded`` skips loading ``opts.model`` again."""
     progress = progress or Progress()
     out = Path(opts.out)
     _check_writable(out)
-    with progress.step("load model"):
-        loaded = load_model(opts.model)
+    if loaded is None:
+        with progress.step("load model"):
+            loaded = load_model(opts.model)
     method = get_method(opts.method)
     plan = make_plan(loaded, opts.ggml_type, opts.bpw)
     calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)

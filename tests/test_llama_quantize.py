@@ -53,8 +53,8 @@ def stock(f32_model, tmp_path_factory):
 
     def get(ftype: str) -> Path:
         if ftype not in made:
+            quantize_stock(f32_model, folder / f"{ftype}.gguf", ftype)
             made[ftype] = folder / f"{ftype}.gguf"
-            quantize_stock(f32_model, made[ftype], ftype)
         return made[ftype]
 
     return get

@@ -1,0 +1,93 @@
+"""`edgequant build` on the real default model, measured in llama.cpp (slow: minutes)."""
+
+import json
+import subprocess
+import sys
+
+import gguf
+import pytest
+
+from edgequant.pipeline import gguf_tensor_stats
+from runtimes.llamacpp import chat
+
+pytestmark = pytest.mark.slow
+
+
+def relative_gap(a, b):
+    return abs(a - b) / b
+
+
+def test_uniform_q8_0_matches_full_precision_in_llama_cpp(build_default):
+    _, report = build_default(ggml_type="Q8_0")
+    q = report["quality"]
+    assert q["gguf"]["runtime"] == "llama.cpp"
+    assert relative_gap(q["gguf"]["ppl"], q["fp"]["ppl"]) < 0.005
+    assert q["gguf"]["top1"] > 0.97
+
+
+@pytest.mark.parametrize("options", [{"ggml_type": "Q4_K"}, {"ggml_type": "Q3_K"}, {"bpw": 4.5}],
+                         ids=["Q4_K", "Q3_K", "mixed-4.5"])
+def test_llama_cpp_and_the_torch_simulation_agree(build_default, options):
+    _, report = build_default(**options)
+    q = report["quality"]
+    assert relative_gap(q["gguf"]["ppl"], q["gguf_sim"]["ppl"]) < 0.01
+    assert q["gguf"]["ppl"] > q["fp"]["ppl"]  # 4-bit and 3-bit files do lose something
+
+
+def test_k_quant_files_use_k_quants_where_rows_allow_and_llama_cpp_fallbacks_elsewhere(build_default):
+    out, _ = build_default(ggml_type="Q3_K")
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q3_K"  # rows of 1536 = 6 super-blocks
+    assert types["blk.0.attn_q.weight"] == "IQ4_NL"  # rows of 576 are not
+    assert types["blk.0.attn_norm.weight"] == "F32"
+
+
+def test_bpw_target_is_met_and_reported_as_measured_from_the_file(build_default):
+    out, report = build_default(bpw=4.5)
+    n_bytes, n_params = gguf_tensor_stats(out / "model.gguf")
+    measured = n_bytes * 8 / n_params
+    artifact = report["artifacts"][0]
+    assert artifact["bpw"] == pytest.approx(measured, rel=1e-9)
+    assert abs(measured - 4.5) <= 0.1
+    stored = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert {t["name"]: t["ggml_type"] for t in report["tensors"]}.items() <= stored.items()
+    assert len(set(stored.values()) - {"F32"}) >= 2  # a mixed file
+
+
+def test_report_and_plan_hold_what_a_reader_needs(build_default):
+    out, report = build_default(bpw=4.5)
+    on_disk = json.loads((out / "report.json").read_text())
+    assert on_disk == report
+    assert {"model", "method", "artifacts", "quality", "tensors", "text"} <= report.keys()
+    for key in ("ppl", "kld", "top1", "runtime", "tokens", "ctx"):
+        assert key in report["quality"]["gguf"]
+    assert report["text"]["evaluation"]["tokens"] == 4096
+    art = report["artifacts"][0]
+    assert {"format", "path", "bytes", "bpw", "sha256"} <= art.keys()
+    plan = json.loads((out / "plan.json").read_text())
+    assert len(plan["tensors"]) == len(report["tensors"])
+    metadata = gguf.GGUFReader(out / "model.gguf").fields
+    assert "edgequant" in metadata["general.quantized_by"].contents()
+    assert metadata["edgequant.method"].contents() == "rtn"
+
+
+def test_exported_tokenizer_matches_the_models_own(build_default, default_model):
+    from llama_cpp import Llama
+
+    from edgequant.assets import read_text
+
+    out, _ = build_default(bpw=4.5)
+    text = read_text("wiki.utf8")[:20000]
+    llm = Llama(str(out / "model.gguf"), vocab_only=True, verbose=False)
+    ours = llm.tokenize(text.encode(), add_bos=False, special=False)
+    assert ours == default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def test_readme_build_command_makes_a_file_llama_cpp_chats_with(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "edgequant.cli", "build", "--bpw", "4.5", "--out", str(out),
+           "--eval-tokens", "1024", "--calib-tokens", "2048", "--quiet"]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "report.json", "plan.json"}
+    answer = chat(out / "model.gguf", "What is the capital of France?")
+    assert "Paris" in answer
