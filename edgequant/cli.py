@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -51,8 +52,12 @@ def build(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (implies --quiet)."),
 ):
     """Quantize MODEL, export model.gguf into OUT, and measure it against full precision."""
+    from transformers.utils import logging as hf_logging
+
     from .pipeline import BuildOptions, build as run_build
     from .progress import Progress, RichProgress
+
+    hf_logging.disable_progress_bar()  # our own bars replace transformers' ones
 
     opts = BuildOptions(model, out, method, ggml_type, bpw, importance, calib_text, calib_tokens,
                         eval_text, eval_tokens, ctx, threads=threads)
@@ -94,6 +99,8 @@ def fetch_default():
 
 
 def main() -> None:
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading bars on stderr
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         app()
     except KeyboardInterrupt:
@@ -101,5 +108,5 @@ def main() -> None:
         sys.exit(130)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # python -m edgequant.cli
     main()

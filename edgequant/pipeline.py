@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,5 +160,7 @@ def _check_writable(out: Path) -> None:
             parent.mkdir(parents=True)
         except OSError as e:
             raise EdgequantError(f"cannot create {parent}: {e.strerror}") from None
-    if not os.access(parent, os.W_OK):
-        raise EdgequantError(f"cannot write to {parent}")
+    try:  # a real probe: access() says yes to root even on a read-only filesystem
+        os.rmdir(tempfile.mkdtemp(prefix=f".{out.name}.probe.", dir=parent))
+    except OSError as e:
+        raise EdgequantError(f"cannot write to {parent}: {e.strerror}") from None

@@ -96,7 +96,8 @@ def _ladder(cols: int) -> list[str]:
 
 
 def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
-    get_type(ggml_type)  # validate the name early
+    if ggml_type.upper() not in TYPES:
+        raise EdgequantError(f"unknown ggml type {ggml_type!r}; known: {', '.join(TYPES)}")
     types = {m.name: fitting_type(ggml_type, m.cols) for m in matrices}
     return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
 
