@@ -113,7 +113,7 @@ def simulate(model: torch.nn.Module, gguf_names: Iterable[tuple[str, str]], enco
     """A copy of ``model`` whose weights are gguf-py's decoding of the bytes we ship.
 
     ``gguf_names`` pairs state-dict names with GGUF names; ``encoded`` maps GGUF names to
-    :class:`exporters.gguf.EncodedTensor`. Tied embeddings stay tied (one tensor in the file).
+    :class:`edgequant.ggml_quants.EncodedTensor`. Tied embeddings stay tied (one tensor in the file).
     """
     sim = copy.deepcopy(model)
     params = dict(sim.named_parameters(remove_duplicate=False))

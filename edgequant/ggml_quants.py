@@ -177,6 +177,18 @@ def _quantize_subscales(s, nmax, signed):
 # ---------------------------------------------------------------------------- the types
 
 
+@dataclass
+class EncodedTensor:
+    """One tensor as it will be stored: ggml type name and bytes (rows, row_bytes) in HF row order."""
+
+    ggml_type: str
+    data: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.data.nbytes
+
+
 class QuantType:
     """One ggml quantization type: block geometry, scale search and byte packing."""
 

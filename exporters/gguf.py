@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -18,19 +17,8 @@ import numpy as np
 
 from edgequant import __version__
 from edgequant.atomic import atomic_path
+from edgequant.ggml_quants import EncodedTensor
 from edgequant.models import LoadedModel, permute_qk, qk_heads
-
-
-@dataclass
-class EncodedTensor:
-    """One tensor as it will be stored: ggml type name and bytes (rows, row_bytes) in HF row order."""
-
-    ggml_type: str
-    data: np.ndarray
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.nbytes
 
 
 def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:

@@ -12,9 +12,8 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from exporters.gguf import EncodedTensor
-
 from ..errors import EdgequantError
+from ..ggml_quants import EncodedTensor
 from ..models import LoadedModel
 from ..planning import Plan
 from . import rtn

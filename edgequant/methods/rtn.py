@@ -10,9 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from exporters.gguf import EncodedTensor
-
-from ..ggml_quants import get_type
+from ..ggml_quants import EncodedTensor, get_type
 from ..models import LoadedModel
 from ..planning import Plan
 
