@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import tempfile
+from copy import deepcopy
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,13 +21,14 @@ from runtimes.llamacpp import LlamaCppLogits
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .calibration import importance
+from .calibration import activation_stats
 from .errors import EdgequantError
 from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, simulate, token_windows
 from .methods import get_method
 from .models import LoadedModel, load_model, read_gguf
 from .planning import Matrix, Plan, for_bpw, uniform
 from .progress import Progress
+from .smoothing import smooth
 
 
 @dataclass
@@ -42,6 +44,7 @@ class BuildOptions:
     eval_text: str | None = None  # None -> built-in wiki
     eval_tokens: int = 8192
     ctx: int = DEFAULT_CTX
+    smooth: float | None = None  # migration strength alpha of the activation scaling maps; None = off
     torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
     threads: int | None = None
 
@@ -54,6 +57,13 @@ def make_plan(loaded: LoadedModel, ggml_type: str | None, bpw: float | None) -> 
     if ggml_type:
         return uniform(matrices, other, ggml_type)
     return for_bpw(matrices, other, 4.5 if bpw is None else bpw)
+
+
+def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
+    """A copy of the model with activation scaling maps folded in (the original stays the reference)."""
+    copy = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    smooth(copy, ranges, alpha)
+    return copy
 
 
 def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedModel | None = None) -> dict:
@@ -71,22 +81,26 @@ def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedMo
     calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
     windows = token_windows(loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
 
+    if opts.smooth:
+        with progress.step("calibrate activation ranges", len(calib)) as tick:
+            ranges = activation_stats(loaded, calib, tick).absmax
+    work = smoothed_copy(loaded, ranges, opts.smooth) if opts.smooth else loaded
     imatrix = {}
     if opts.use_importance:
         with progress.step("calibrate", len(calib)) as tick:
-            imatrix = importance(loaded, calib, tick)
+            imatrix = activation_stats(work, calib, tick).importance
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
-        encoded = method(loaded, plan, imatrix, tick)
+        encoded = method(work, plan, imatrix, tick)
 
     with atomic_dir(out) as stage:
         gguf_path = stage / "model.gguf"
         with progress.step("export GGUF"):
-            write_gguf(gguf_path, loaded, encoded, opts.method)
-        quality = _evaluate(loaded, encoded, gguf_path, windows, opts, progress)
+            write_gguf(gguf_path, work, encoded, opts.method)
+        quality = _evaluate(loaded, work, encoded, gguf_path, windows, opts, progress)
         report = {
             "edgequant": __version__,
             "model": {"name": loaded.name, "path": str(loaded.path), "architecture": loaded.arch.model_type},
-            "method": {"name": opts.method, "importance": opts.use_importance, "plan": plan.rule},
+            "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth, "plan": plan.rule},
             "artifacts": [_artifact(gguf_path, "gguf", out)],
             "quality": quality,
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
@@ -101,13 +115,14 @@ def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedMo
     return report
 
 
-def _evaluate(loaded, encoded, gguf_path, windows, opts, progress) -> dict:
+def _evaluate(loaded, work, encoded, gguf_path, windows, opts, progress) -> dict:
+    """Quality of the file against ``loaded`` (full precision); ``work`` is what was quantized."""
     reference = CachedLogits(TorchLogits(loaded.model))
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
         quality["fp"] = evaluate(reference.source, windows, reference, "torch", tick).as_dict()
     if opts.torch_sim:
-        sim = simulate(loaded.model, _name_pairs(loaded), encoded)
+        sim = simulate(work.model, _name_pairs(work), encoded)
         with progress.step("evaluate torch simulation", len(windows)) as tick:
             quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
         del sim

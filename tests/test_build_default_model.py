@@ -17,6 +17,15 @@ def relative_gap(a, b):
     return abs(a - b) / b
 
 
+def test_uniform_q8_0_with_scaling_maps_is_within_half_a_percent_in_llama_cpp(build_default):
+    _, report = build_default(ggml_type="Q8_0", smooth=0.5)
+    q = report["quality"]
+    assert q["gguf"]["runtime"] == "llama.cpp"
+    assert relative_gap(q["gguf"]["ppl"], q["fp"]["ppl"]) < 0.005
+    unsmoothed = build_default(ggml_type="Q8_0")[1]["quality"]["gguf"]
+    assert q["gguf"]["kld"] < unsmoothed["kld"]  # the maps are what brings llama.cpp's 8-bit activations in
+
+
 def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build_default, default_model, tmp_path):
     from runtimes.llama_quantize import quantize_stock, write_f32_copy
     from runtimes.llamacpp import LlamaCppLogits
