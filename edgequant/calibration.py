@@ -17,6 +17,14 @@ from .models import LoadedModel
 
 
 @dataclass
+class Calibration:
+    """What the quantization methods get from the calibration text."""
+
+    windows: np.ndarray  # (n, ctx) token windows
+    importance: dict[str, np.ndarray]  # E[x^2] per input column by GGUF name; empty when disabled
+
+
+@dataclass
 class ActivationStats:
     """Per quantized matrix (GGUF name), statistics of each input column over the calibration text."""
 
@@ -63,3 +71,89 @@ def activation_stats(
             h.remove()
     importance = {name: (s / counts[name]).float().numpy() for name, s in sums.items()}
     return ActivationStats(importance, absmax)
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering the first transformer block, one per window, and the keyword
+    arguments (rotary embeddings, causal mask...) the blocks are called with."""
+    first = model.model.layers[0]
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    hidden = []
+    try:
+        for window in windows:
+            try:
+                model(torch.from_numpy(window)[None], use_cache=False)
+            except _Stop:
+                hidden.append(captured["hidden"])
+    finally:
+        handle.remove()
+    return hidden, captured["kwargs"]
+
+
+@dataclass
+class BlockHessians:
+    """Hessians H = E[x x^T] of the inputs of one block's matrices, by GGUF name."""
+
+    index: int  # block index; -1 for the output head after the last block
+    hessians: dict[str, torch.Tensor]
+
+
+def _run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@torch.inference_mode()
+def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np.ndarray):
+    """Walk ``model``'s blocks in order, holding one block's activations and Hessians at a time.
+
+    Yields a :class:`BlockHessians` per block, measured on what the earlier blocks hand over
+    *as they are when the caller resumes*: a caller that quantizes each block's weights in place
+    before resuming gets GPTQ's sequential calibration (errors of earlier blocks are seen by
+    later ones). Ends with the output head (``token_embd.weight`` when tied, else ``output.weight``).
+    """
+    hidden, kwargs = block_inputs(model, windows)
+    for i, block in enumerate(model.model.layers):
+        sums: dict[str, torch.Tensor] = {}
+        handles = []
+        for sub_name, module in block.named_modules():
+            if isinstance(module, torch.nn.Linear):
+                gguf = loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight")
+                handles.append(module.register_forward_hook(_accumulate(sums, gguf)))
+        try:
+            for h in hidden:
+                _run_block(block, h, kwargs)
+        finally:
+            for handle in handles:
+                handle.remove()
+        n_tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
+        yield BlockHessians(i, {name: (s / n_tokens).float() for name, s in sums.items()})
+        del sums
+        hidden = [_run_block(block, h, kwargs) for h in hidden]
+    head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
+    x = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
+    yield BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()})
+
+
+def _accumulate(sums: dict, gguf_name: str):
+    """A forward hook adding x^T x of the module's input into ``sums[gguf_name]``."""
+
+    def hook(_module, inputs, _output):
+        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+        if gguf_name not in sums:
+            sums[gguf_name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
+        sums[gguf_name] += x.T @ x
+
+    return hook

@@ -46,19 +46,20 @@ class Grid:
     levels: np.ndarray | None
     fields: dict[str, np.ndarray]
 
-    def _expand(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
-        return np.repeat(a, self.sub, axis=1)[:, c0:c1]
+    def _columns(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
+        """Per-sub-block array ``a`` (rows, n_sub) spread over columns ``c0..c1``."""
+        return a[:, np.arange(c0, c1) // self.sub]
 
     def values(self, q: np.ndarray, c0: int = 0) -> np.ndarray:
         """Decode codes ``q`` (rows, n) covering columns ``c0..c0+n`` to float32."""
         c1 = c0 + q.shape[1]
         lv = self.levels[q] if self.levels is not None else q.astype(F32)
-        return self._expand(self.scale, c0, c1) * lv + self._expand(self.offset, c0, c1)
+        return self._columns(self.scale, c0, c1) * lv + self._columns(self.offset, c0, c1)
 
     def round(self, w: np.ndarray, c0: int = 0) -> np.ndarray:
         """Nearest code for each weight of ``w`` (rows, n) covering columns ``c0..c0+n``."""
         c1 = c0 + w.shape[1]
-        scale, offset = self._expand(self.scale, c0, c1), self._expand(self.offset, c0, c1)
+        scale, offset = self._columns(self.scale, c0, c1), self._columns(self.offset, c0, c1)
         with np.errstate(divide="ignore", invalid="ignore"):
             t = np.where(scale != 0, (w - offset) / scale, 0).astype(F32)
         if self.levels is None:

@@ -21,7 +21,7 @@ from runtimes.llamacpp import LlamaCppLogits
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .calibration import activation_stats
+from .calibration import Calibration, activation_stats
 from .errors import EdgequantError
 from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, simulate, token_windows
 from .methods import get_method
@@ -66,8 +66,17 @@ def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
     return copy
 
 
-def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedModel | None = None) -> dict:
-    """Run the whole build into ``opts.out``; ``loaded`` skips loading ``opts.model`` again."""
+def build(
+    opts: BuildOptions,
+    progress: Progress | None = None,
+    loaded: LoadedModel | None = None,
+    reference: CachedLogits | None = None,
+) -> dict:
+    """Run the whole build into ``opts.out``.
+
+    ``loaded`` skips loading ``opts.model`` again; ``reference`` reuses full-precision logits
+    already computed for ``loaded`` (several builds scored on the same text).
+    """
     progress = progress or Progress()
     out = Path(opts.out)
     _check_writable(out)
@@ -90,13 +99,14 @@ def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedMo
         with progress.step("calibrate", len(calib)) as tick:
             imatrix = activation_stats(work, calib, tick).importance
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
-        encoded = method(work, plan, imatrix, tick)
+        encoded = method(work, plan, Calibration(calib, imatrix), tick)
 
     with atomic_dir(out) as stage:
         gguf_path = stage / "model.gguf"
         with progress.step("export GGUF"):
             write_gguf(gguf_path, work, encoded, opts.method)
-        quality = _evaluate(loaded, work, encoded, gguf_path, windows, opts, progress)
+        reference = reference or CachedLogits(TorchLogits(loaded.model))
+        quality = _evaluate(reference, work, encoded, gguf_path, windows, opts, progress)
         report = {
             "edgequant": __version__,
             "model": {"name": loaded.name, "path": str(loaded.path), "architecture": loaded.arch.model_type},
@@ -115,9 +125,8 @@ def build(opts: BuildOptions, progress: Progress | None = None, loaded: LoadedMo
     return report
 
 
-def _evaluate(loaded, work, encoded, gguf_path, windows, opts, progress) -> dict:
-    """Quality of the file against ``loaded`` (full precision); ``work`` is what was quantized."""
-    reference = CachedLogits(TorchLogits(loaded.model))
+def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> dict:
+    """Quality of the file against the full-precision ``reference``; ``work`` is what was quantized."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
         quality["fp"] = evaluate(reference.source, windows, reference, "torch", tick).as_dict()

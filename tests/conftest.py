@@ -3,11 +3,12 @@ from pathlib import Path
 
 import pytest
 
+from edgequant.evaluation import CachedLogits, TorchLogits
 from edgequant.models import load_model
 from edgequant.pipeline import BuildOptions, build
 
 EVAL_TOKENS = 4096  # 8 windows of 512: enough to compare runtimes on the same text
-CALIB_TOKENS = 4096
+CALIB_TOKENS = 2048
 
 
 @pytest.fixture(scope="session")
@@ -16,7 +17,13 @@ def default_model():
 
 
 @pytest.fixture(scope="session")
-def build_default(default_model, tmp_path_factory):
+def reference(default_model):
+    """Full-precision logits of the default model, computed once per window for the session."""
+    return CachedLogits(TorchLogits(default_model.model))
+
+
+@pytest.fixture(scope="session")
+def build_default(default_model, reference, tmp_path_factory):
     """Build the default model once per set of options; returns (out dir, report)."""
     done: dict = {}
 
@@ -25,7 +32,7 @@ def build_default(default_model, tmp_path_factory):
         if key not in done:
             out = tmp_path_factory.mktemp("build") / "out"
             opts = BuildOptions(out=out, eval_tokens=EVAL_TOKENS, calib_tokens=CALIB_TOKENS, **options)
-            done[key] = (Path(out), build(opts, loaded=default_model))
+            done[key] = (Path(out), build(opts, loaded=default_model, reference=reference))
         return done[key]
 
     return run

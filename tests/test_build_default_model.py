@@ -26,11 +26,11 @@ def test_uniform_q8_0_with_scaling_maps_is_within_half_a_percent_in_llama_cpp(bu
     assert q["gguf"]["kld"] < unsmoothed["kld"]  # the maps are what brings llama.cpp's 8-bit activations in
 
 
-def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build_default, default_model, tmp_path):
+def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build_default, default_model, reference, tmp_path):
     from runtimes.llama_quantize import quantize_stock, write_f32_copy
     from runtimes.llamacpp import LlamaCppLogits
     from edgequant.assets import default_gguf, read_text
-    from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
+    from edgequant.evaluation import evaluate, token_windows
 
     _, report = build_default(ggml_type="Q8_0")
     q = report["quality"]
@@ -41,7 +41,6 @@ def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build
     write_f32_copy(default_gguf(), tmp_path / "f32.gguf")
     quantize_stock(tmp_path / "f32.gguf", tmp_path / "stock-q8_0.gguf", "Q8_0")
     windows = token_windows(default_model.tokenizer, read_text("wiki.utf8"), report["text"]["evaluation"]["tokens"])
-    reference = CachedLogits(TorchLogits(default_model.model))
     stock = evaluate(LlamaCppLogits(tmp_path / "stock-q8_0.gguf"), windows, reference, "llama.cpp")
     assert q["gguf"]["kld"] < stock.kld
 

@@ -1,22 +1,22 @@
 """Quantization methods. Each is one module with a ``quantize`` function of this shape:
 
-    quantize(loaded, plan, importance, progress) -> {GGUF name: EncodedTensor}
+    quantize(loaded, plan, calibration, progress) -> {GGUF name: EncodedTensor}
 
-``plan`` gives each matrix its ggml type; ``importance`` (may be empty) gives E[x^2] per input
-column from calibration. The result is the exact bytes that the exporters write.
+``plan`` gives each matrix its ggml type; ``calibration`` holds the calibration token windows
+and E[x^2] per input column (may be empty). The result is the exact bytes that the exporters
+write. ``loaded.model`` is the full-precision reference: a method must not change it.
 """
 
 from __future__ import annotations
 
 from typing import Callable, Protocol
 
-import numpy as np
-
+from ..calibration import Calibration
 from ..errors import EdgequantError
 from ..ggml_quants import EncodedTensor
 from ..models import LoadedModel
 from ..planning import Plan
-from . import rtn
+from . import gptq, rtn
 
 
 class Quantize(Protocol):
@@ -24,12 +24,12 @@ class Quantize(Protocol):
         self,
         loaded: LoadedModel,
         plan: Plan,
-        importance: dict[str, np.ndarray],
+        calibration: Calibration,
         progress: Callable[[str], None] | None = None,
     ) -> dict[str, EncodedTensor]: ...
 
 
-METHODS: dict[str, Quantize] = {"rtn": rtn.quantize}
+METHODS: dict[str, Quantize] = {"rtn": rtn.quantize, "gptq": gptq.quantize}
 
 
 def get_method(name: str) -> Quantize:

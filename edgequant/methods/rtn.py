@@ -8,8 +8,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
-
+from ..calibration import Calibration
 from ..ggml_quants import EncodedTensor, get_type
 from ..models import LoadedModel
 from ..planning import Plan
@@ -18,14 +17,16 @@ from ..planning import Plan
 def quantize(
     loaded: LoadedModel,
     plan: Plan,
-    importance: dict[str, np.ndarray],
+    calibration: Calibration,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, EncodedTensor]:
-    encoded = {}
-    for name, weight in loaded.matrices():
-        if progress:
-            progress(name)
-        qtype = plan.types[name]
-        data = get_type(qtype).quantize(weight.detach().float().numpy(), importance.get(name))
-        encoded[name] = EncodedTensor(qtype, data)
-    return encoded
+    return {name: encode(name, w, plan, calibration, progress) for name, w in loaded.matrices()}
+
+
+def encode(name, weight, plan: Plan, calibration: Calibration, progress=None) -> EncodedTensor:
+    """One matrix, rounded to nearest on its importance-weighted grid."""
+    if progress:
+        progress(name)
+    qtype = plan.types[name]
+    data = get_type(qtype).quantize(weight.detach().float().numpy(), calibration.importance.get(name))
+    return EncodedTensor(qtype, data)

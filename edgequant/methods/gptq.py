@@ -1,0 +1,94 @@
+"""GPTQ onto exact ggml grids.
+
+For each matrix, the ggml grid (block scales and mins) is chosen first from the weights and the
+calibration importance, exactly as RTN does; GPTQ then picks the integer codes on that fixed
+grid column by column, in order of decreasing activation energy ("act-order"), and spreads each
+column's rounding error over the columns not yet quantized through the inverse Hessian of the
+layer's inputs (dampened by 1% of its mean diagonal). The codes are the ones packed: nothing is
+rounded again.
+
+Blocks are calibrated in order, one at a time (``calibration.sequential_hessians``): each block
+sees the outputs of the blocks before it *after* they were quantized. The tied embedding /
+output head is done last, from the final hidden states; matrices without a Hessian (an untied
+input embedding) fall back to RTN.
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..calibration import Calibration, sequential_hessians
+from ..ggml_quants import EncodedTensor, Grid, QuantType, get_type
+from ..models import LoadedModel
+from ..planning import Plan
+from . import rtn
+
+DAMP = 0.01
+COLUMN_BLOCK = 128
+
+
+def quantize(
+    loaded: LoadedModel,
+    plan: Plan,
+    calibration: Calibration,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, EncodedTensor]:
+    model = deepcopy(loaded.model)  # weights are replaced block by block; the reference stays intact
+    params = dict(model.named_parameters(remove_duplicate=False))
+    hf_names = {loaded.gguf_name(n): n for n, p in params.items() if p.ndim == 2}
+    encoded = {}
+    for block in sequential_hessians(loaded, model, calibration.windows):
+        for name, hessian in block.hessians.items():
+            weight = params[hf_names[name]]
+            qtype = get_type(plan.types[name])
+            codes, grid = gptq(weight.detach(), hessian, qtype)
+            encoded[name] = EncodedTensor(qtype.name, qtype.pack(grid, codes))
+            with torch.no_grad():
+                weight.copy_(torch.from_numpy(grid.values(codes)))
+            if progress:
+                progress(name)
+    for name, weight in loaded.matrices():
+        if name not in encoded:
+            encoded[name] = rtn.encode(name, weight, plan, calibration, progress)
+    return encoded
+
+
+@torch.no_grad()
+def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
+    """Codes (rows, cols) and the grid they live on, for ``weight`` given its input Hessian."""
+    W = weight.float().clone()
+    H = hessian.double().clone()
+    cols = W.shape[1]
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    grid = qtype.fit(W.numpy(), importance=torch.diag(H).float().numpy())
+
+    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
+    W, H = W[:, perm], H[perm][:, perm]
+    H += DAMP * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+
+    codes = np.zeros(W.shape, np.int32)
+    for i1 in range(0, cols, COLUMN_BLOCK):
+        i2 = min(i1 + COLUMN_BLOCK, cols)
+        W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
+        E1 = torch.zeros_like(W1)
+        for i in range(i2 - i1):
+            col = int(perm[i1 + i])
+            q, value = _round_column(grid, W1[:, i], col)
+            codes[:, col] = q
+            err = (W1[:, i] - value) / U1[i, i]
+            W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+    return codes, grid
+
+
+def _round_column(grid: Grid, column: torch.Tensor, col: int) -> tuple[np.ndarray, torch.Tensor]:
+    q = grid.round(column.numpy()[:, None], col)
+    return q[:, 0], torch.from_numpy(grid.values(q, col)[:, 0])
