@@ -38,7 +38,7 @@ def _run(fn, *args, **kwargs):
 def build(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)."),
     out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (replaced atomically)."),
-    method: str = typer.Option("rtn", help="Quantization method: rtn."),
+    method: str = typer.Option("rtn", help="Quantization method: rtn (round to nearest on the searched grid) or gptq (Hessian error compensation, block by block)."),
     ggml_type: Optional[str] = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K."),
     bpw: Optional[float] = typer.Option(None, help="Target bits per weight over all tensors (mixed types). Default 4.5."),
     importance: bool = typer.Option(True, "--importance/--no-importance", help="Weight the rounding error by calibration activations (imatrix)."),

@@ -45,7 +45,10 @@ def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build
     assert q["gguf"]["kld"] < stock.kld
 
 
-@pytest.mark.parametrize("options", [{"ggml_type": "Q4_K"}, {"ggml_type": "Q3_K"}, {"bpw": 4.5}],
+Q3_K = {"ggml_type": "Q3_K", "calib_tokens": 16384}  # the same build serves the GPTQ comparison
+
+
+@pytest.mark.parametrize("options", [{"ggml_type": "Q4_K"}, Q3_K, {"bpw": 4.5}],
                          ids=["Q4_K", "Q3_K", "mixed-4.5"])
 def test_llama_cpp_and_the_torch_simulation_agree(build_default, options):
     _, report = build_default(**options)
@@ -55,7 +58,7 @@ def test_llama_cpp_and_the_torch_simulation_agree(build_default, options):
 
 
 def test_k_quant_files_use_k_quants_where_rows_allow_and_llama_cpp_fallbacks_elsewhere(build_default):
-    out, _ = build_default(ggml_type="Q3_K")
+    out, _ = build_default(**Q3_K)
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
     assert types["blk.0.ffn_down.weight"] == "Q3_K"  # rows of 1536 = 6 super-blocks
     assert types["blk.0.attn_q.weight"] == "IQ4_NL"  # rows of 576 are not
