@@ -115,7 +115,7 @@ def build(
             "quality": quality,
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
             "text": {
-                "calibration": {"source": calib_label, "tokens": int(calib.size), "used": opts.use_importance},
+                "calibration": {"source": calib_label, "tokens": int(calib.size)},
                 "evaluation": {"source": eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
                 "reference": "full precision = the float32 weights of the loaded model",
             },
@@ -129,7 +129,8 @@ def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> d
     """Quality of the file against the full-precision ``reference``; ``work`` is what was quantized."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
-        quality["fp"] = evaluate(reference.source, windows, reference, "torch", tick).as_dict()
+        cached = lambda window: reference.log_probs(window).numpy()  # noqa: E731  (log-probs are logits too)
+        quality["fp"] = evaluate(cached, windows, reference, "torch", tick).as_dict()
     if opts.torch_sim:
         sim = simulate(work.model, _name_pairs(work), encoded)
         with progress.step("evaluate torch simulation", len(windows)) as tick:
