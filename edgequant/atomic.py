@@ -19,6 +19,7 @@ def atomic_path(final: Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        tmp_path.chmod(0o644)  # mkstemp makes it private; the result is an ordinary file
         os.replace(tmp_path, final)
     except BaseException:
         tmp_path.unlink(missing_ok=True)
