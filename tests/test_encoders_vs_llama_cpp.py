@@ -6,7 +6,6 @@ importance, and compare mean squared error over all 30 of them.
 """
 
 import gguf
-import numpy as np
 import pytest
 
 from edgequant.assets import default_gguf
