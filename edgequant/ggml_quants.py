@@ -197,6 +197,9 @@ class QuantType:
     block: int  # weights per block
     nbytes: int  # bytes per block
     sub: int  # weights sharing one effective scale
+    qmin: int  # code range (codebook indices for IQ4_NL)
+    qmax: int
+    levels: np.ndarray | None = None  # codebook of non-uniform types
 
     @property
     def name(self) -> str:
@@ -251,10 +254,6 @@ class QuantType:
         out = self._pack_blocks(blocks, fields)
         assert out.shape[1] == self.nbytes
         return out.reshape(rows, -1)
-
-    qmin: int
-    qmax: int
-    levels: np.ndarray | None = None
 
     def _fit_subblocks(self, x, w):  # -> scale (N,), offset (N,), fields
         raise NotImplementedError

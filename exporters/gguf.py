@@ -17,6 +17,7 @@ import numpy as np
 
 from edgequant import __version__
 from edgequant.atomic import atomic_path
+from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
 from edgequant.models import LoadedModel, permute_qk, qk_heads
 
@@ -111,7 +112,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
 
 def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     if spec["model"]["type"] != "BPE":
-        raise ValueError(f"only byte-level BPE tokenizers are exported so far, not {spec['model']['type']}")
+        raise EdgequantError(f"only byte-level BPE tokenizers can be exported so far, not {spec['model']['type']}")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [_TOKEN_UNUSED] * n_vocab
     for text, i in spec["model"]["vocab"].items():
