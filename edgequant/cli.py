@@ -34,47 +34,145 @@ def _run(fn, *args, **kwargs):
         _fail(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "))
 
 
-@app.command()
-def build(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct)."),
-    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (replaced atomically)."),
-    method: str = typer.Option("rtn", help="Quantization method: rtn (round to nearest on the searched grid) or gptq (Hessian error compensation, block by block)."),
-    ggml_type: Optional[str] = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K."),
-    bpw: Optional[float] = typer.Option(None, help="Target bits per weight over all tensors (mixed types). Default 4.5."),
-    importance: bool = typer.Option(True, "--importance/--no-importance", help="Weight the rounding error by calibration activations (imatrix)."),
-    smooth: Optional[float] = typer.Option(None, help="Fold activation scaling maps with strength ALPHA (e.g. 0.5) into the norms/weights: fewer activation outliers for llama.cpp's 8-bit activations. Helps 8-bit weights; hurt at 4.5 bpw here."),
-    calib_text: Optional[str] = typer.Option(None, help="Calibration text: built-in name (c4.utf8...) or comma-separated files."),
-    calib_tokens: int = typer.Option(16384, help="Calibration tokens."),
-    eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
-    eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
-    ctx: int = typer.Option(512, help="Evaluation window (context) length."),
-    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON on stdout (implies --quiet)."),
-):
-    """Quantize MODEL, export model.gguf into OUT, and measure it against full precision."""
+def _options(**kw):
+    from .pipeline import BuildOptions
+
+    return BuildOptions(**kw)
+
+
+MODEL = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct).")
+DEVICE = typer.Option(None, "--device", "-d", help="Device profile name or alias (see `edgequant devices`), or a .toml file. Default: host.")
+METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix).")
+TYPE = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K (must fit the device).")
+BPW = typer.Option(None, help="Cap on bits per weight (tensor data over all parameters).")
+BUDGET_MB = typer.Option(None, help="Cap on the GGUF file size in MB (1e6 bytes).")
+MIN_TOK_S = typer.Option(None, help="Floor on the predicted decode speed on the device, tokens/s.")
+CONTEXT = typer.Option(None, help="Context length to reserve KV cache for on the device (default: the profile's).")
+CALIB_TEXT = typer.Option(None, help="Calibration text: built-in name (c4.utf8...) or comma-separated files.")
+CALIB_TOKENS = typer.Option(16384, help="Calibration tokens.")
+QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (implies --quiet).")
+
+
+def _progress(quiet: bool):
     from transformers.utils import logging as hf_logging
 
-    from .pipeline import BuildOptions, build as run_build
     from .progress import Progress, RichProgress
 
     hf_logging.disable_progress_bar()  # our own bars replace transformers' ones
+    return Progress() if quiet else RichProgress()
 
-    opts = BuildOptions(model, out, method, ggml_type, bpw, importance, calib_text, calib_tokens,
-                        eval_text, eval_tokens, ctx, smooth=smooth, threads=threads)
-    progress = Progress() if quiet or as_json else RichProgress()
-    report = _run(run_build, opts, progress)
+
+@app.command()
+def build(
+    model: Optional[str] = MODEL,
+    device: Optional[str] = DEVICE,
+    out: Path = typer.Option(Path("out"), "--out", "-o", help="Output folder (replaced atomically)."),
+    method: str = METHOD,
+    ggml_type: Optional[str] = TYPE,
+    bpw: Optional[float] = BPW,
+    budget_mb: Optional[float] = BUDGET_MB,
+    min_tok_s: Optional[float] = MIN_TOK_S,
+    context: Optional[int] = CONTEXT,
+    importance: bool = typer.Option(True, "--importance/--no-importance", help="Weight the rounding error by calibration activations (imatrix)."),
+    maps: bool = typer.Option(True, "--maps/--no-maps", help="QuBLAST: fold searched activation scaling maps into the weights."),
+    smooth: Optional[float] = typer.Option(None, help="rtn/gptq: fold SmoothQuant maps with strength ALPHA (e.g. 0.5). Helps 8-bit weights; hurt at 4.5 bpw here."),
+    calib_text: Optional[str] = CALIB_TEXT,
+    calib_tokens: int = CALIB_TOKENS,
+    eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
+    eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
+    eval_ctx: int = typer.Option(512, help="Evaluation window length."),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+):
+    """Quantize MODEL for DEVICE, export model.gguf into OUT, and measure it against full precision."""
+    from .pipeline import build as run_build
+
+    opts = _options(model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
+                    budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
+                    scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
+                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads)
+    report = _run(run_build, opts, _progress(quiet or as_json))
     if as_json:
         typer.echo(json.dumps(report, indent=1))
     else:
         _print_summary(report)
 
 
+@app.command()
+def plan(
+    model: Optional[str] = MODEL,
+    device: Optional[str] = DEVICE,
+    method: str = METHOD,
+    ggml_type: Optional[str] = TYPE,
+    bpw: Optional[float] = BPW,
+    budget_mb: Optional[float] = BUDGET_MB,
+    min_tok_s: Optional[float] = MIN_TOK_S,
+    context: Optional[int] = CONTEXT,
+    calib_text: Optional[str] = CALIB_TEXT,
+    calib_tokens: int = typer.Option(2048, help="Calibration tokens (sensitivity uses the first 512)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+):
+    """Print the budget, the type of every block part and the predicted size, memory and speed; write nothing."""
+    from .pipeline import planned
+
+    opts = _options(model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
+                    min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens)
+    summary = _run(lambda: planned(opts, _progress(quiet or as_json)).summary())
+    if as_json:
+        typer.echo(json.dumps(summary, indent=1))
+    else:
+        _print_plan(summary)
+
+
+@app.command()
+def devices(as_json: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")):
+    """List the device profiles (and this host, detected)."""
+    from .devices import list_devices
+
+    found = _run(list_devices)
+    if as_json:
+        typer.echo(json.dumps([d.as_dict() for d in found], indent=1))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="device profiles (edgequant build --device NAME)")
+    for col in ("name", "device", "RAM GB", "usable GB", "GB/s", "cores", "runtimes", "ctx"):
+        table.add_column(col)
+    for d in found:
+        table.add_row(d.name, d.title, f"{d.ram_gb:g}", f"{d.usable_gb:g}", f"{d.bandwidth_gbs:g}", str(d.cpu_cores),
+                      ", ".join(d.runtimes), str(d.default_ctx))
+    Console().print(table)
+
+
+def _print_plan(s: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    b, p = s["budget"], s["predicted"]
+    console = Console()
+    console.print(f"[bold]{s['model']}[/] on [bold]{s['device']}[/] ({s['method']}): {s['plan']}")
+    console.print(f"budget: {b['max_file_bytes'] / 1e6:.1f} MB file, set by {b['binding']} (context {b['ctx']})")
+    table = Table()
+    for col in ("block", "part", "types", "bits", "KL (nats/token)"):
+        table.add_column(col)
+    for r in s["blocks"]:
+        kl = "" if r["sensitivity"] is None else f"{r['sensitivity']:.2e}"
+        table.add_row("embd" if r["index"] < 0 else str(r["index"]), r["part"], r["ggml_type"], f"{r['bits']:.2f}", kl)
+    console.print(table)
+    console.print(f"predicted: {p['file_bytes'] / 1e6:.1f} MB file ({s['bpw']:.3f} bpw), {p['memory_bytes'] / 1e6:.0f} MB "
+                  f"of {p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s, "
+                  f"prefill {p['prefill_tok_s']:.0f} tok/s")
+
+
 def _print_summary(report: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{report['model']['name']} · {report['method']['name']} · {report['method']['plan']}")
+    table = Table(title=f"{report['model']['name']} · {report['device']['name']} · {report['method']['name']} · {report['method']['plan']}")
     for col in ("artifact", "runtime", "bpw", "MB", "ppl", "KLD", "top-1"):
         table.add_column(col)
     q = report["quality"]
@@ -89,6 +187,9 @@ def _print_summary(report: dict) -> None:
     Console().print(table)
     t = report["text"]["evaluation"]
     typer.echo(f"evaluation: {t['source']}, {t['tokens']} tokens, ctx {t['ctx']}")
+    p = report["predicted"]
+    typer.echo(f"predicted on {report['device']['name']}: {p['memory_bytes'] / 1e6:.0f} MB of "
+               f"{p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s")
 
 
 @app.command("fetch-default")

@@ -4,8 +4,8 @@ K-quants pack 256 weights per block, so they only fit matrices whose rows are a 
 256; elsewhere the nearest 32-block type stands in, by the rule llama.cpp's own quantizer
 applies (Q4_K->Q5_0, Q5_K->Q5_1, Q6_K->Q8_0, Q2_K/Q3_K->IQ4_NL).
 
-The mixed allocation here is a simple prior, until the sensitivity-driven planner replaces it:
-every matrix starts on its cheapest rung, then the upgrade with the largest expected error
+The greedy mix here is the prior used by ``--method rtn/gptq`` (QuBLAST measures instead, see
+:mod:`edgequant.sensitivity` and :func:`knapsack`): every matrix starts on its cheapest rung, then the upgrade with the largest expected error
 reduction per extra bit is taken, again and again, while the budget allows. Expected error
 of a matrix at b bits is taken as ``priority * params * 4**-b``; attention values, the FFN
 down projection and the (tied) embedding/output matrix get higher priority, as in llama.cpp's
@@ -15,6 +15,8 @@ mixes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+
+import numpy as np
 
 from .errors import EdgequantError
 from .ggml_quants import TYPES, get_type
@@ -95,6 +97,11 @@ def _ladder(cols: int) -> list[str]:
     return [rungs[b] for b in sorted(rungs)]
 
 
+def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
+    """Bytes of the smallest mix: every matrix on its cheapest rung."""
+    return Plan({m.name: _ladder(m.cols)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
+
+
 def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
     if ggml_type.upper() not in TYPES:
         raise EdgequantError(f"unknown ggml type {ggml_type!r}; known: {', '.join(TYPES)}")
@@ -102,17 +109,14 @@ def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
     return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
 
 
-def for_bpw(matrices: list[Matrix], other_params: int, target: float) -> Plan:
-    """The mix closest to ``target`` bits per weight (all tensors counted) from below."""
+def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str) -> Plan:
+    """The greedy mix of at most ``max_bytes`` (all tensors counted)."""
     ladders = {m.name: _ladder(m.cols) for m in matrices}
     level = {m.name: 0 for m in matrices}
-    plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, f"bpw {target}")
-    budget = target * plan.total_params / 8
-    used = plan.total_bytes
+    plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, rule)
+    budget, used = max_bytes, plan.total_bytes
     if used > budget:
-        raise EdgequantError(
-            f"{target} bits per weight cannot be reached: the smallest mix is {plan.bpw:.3f} bpw"
-        )
+        raise EdgequantError(f"{rule} cannot be met: the smallest mix is {plan.bpw:.3f} bpw ({used / 1e6:.1f} MB)")
     while True:
         best, best_gain, best_extra = None, 0.0, 0.0
         for m in matrices:
@@ -131,3 +135,35 @@ def for_bpw(matrices: list[Matrix], other_params: int, target: float) -> Plan:
         used += best_extra
         level[best.name] += 1
         plan.types[best.name] = ladders[best.name][level[best.name]]
+
+
+def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: int = 1 << 16) -> list[int] | None:
+    """Multiple-choice knapsack: pick one (bytes, cost) option per item, minimising the summed
+    cost with the summed bytes <= ``budget``. Exact dynamic programme over byte counts in units
+    of ``budget / resolution`` (sizes rounded up, so the answer always fits). Returns the chosen
+    option index per item, or None when even the smallest options do not fit."""
+    unit = max(1, -(-budget // resolution))
+    cap = budget // unit
+    best = np.zeros(cap + 1)  # least cost of the items so far within capacity c
+    picks = []
+    for opts in options:
+        new = np.full(cap + 1, np.inf)
+        pick = np.zeros(cap + 1, dtype=np.int16)
+        for j, (size, cost) in enumerate(opts):
+            w = -(-size // unit)
+            if w > cap:
+                continue
+            cand = np.full(cap + 1, np.inf)
+            cand[w:] = best[: cap + 1 - w] + cost
+            better = cand < new
+            new[better], pick[better] = cand[better], j
+        best = new
+        picks.append(pick)
+    if not np.isfinite(best[cap]):
+        return None
+    chosen, c = [], cap
+    for opts, pick in zip(reversed(options), reversed(picks)):
+        j = int(pick[c])
+        chosen.append(j)
+        c -= -(-opts[j][0] // unit)
+    return chosen[::-1]

@@ -36,6 +36,26 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
         writer.close()
 
 
+def overhead_bytes(loaded: LoadedModel) -> int:
+    """Bytes of a GGUF file besides tensor data: metadata, tokenizer, tensor infos, alignment.
+
+    Measured by writing the metadata alone; each tensor adds its info record and, at worst,
+    alignment padding (estimated as half the alignment)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "header.gguf"
+        writer = gguf.GGUFWriter(path, loaded.arch.gguf_name)
+        _add_metadata(writer, loaded, "edgequant")
+        _add_tokenizer(writer, loaded)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        size = path.stat().st_size
+    for hf_name, t in loaded.model.state_dict().items():
+        if not (hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings):
+            size += 8 + len(loaded.gguf_name(hf_name)) + 4 + 8 * t.ndim + 4 + 8 + gguf.GGUF_DEFAULT_ALIGNMENT // 2
+    return size
+
+
 def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
     c = loaded.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads

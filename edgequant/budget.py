@@ -1,0 +1,127 @@
+"""How many bytes of weights a device can take, and what a plan will cost there.
+
+Memory while running in llama.cpp (CPU) = weights + KV cache + runtime overhead:
+
+* weights: the GGUF file (tensor bytes of the plan + metadata), memory-mapped;
+* KV cache: ``n_layer * 2 * n_kv_heads * head_dim * ctx * 2`` bytes (f16 K and V);
+* overhead: llama.cpp's compute buffer, dominated by the logits of one micro-batch
+  (``n_vocab * n_ubatch * 4`` bytes), plus graph buffers and the process itself.
+  Measured on the host for SmolLM2-135M at ``n_ctx=2048`` (llama-cpp-python 0.3.36, verbose load):
+  compute buffer 99.38 MiB = 96 MiB of logits + 3.4 MiB; ``import llama_cpp`` adds 28 MB of RSS.
+
+Decode speed is bandwidth bound: every token reads all weights (except the rows of an untied
+embedding) and the KV cache, so ``tok/s = effective bandwidth / bytes per token``. Prefill is
+compute bound: ``2 * params`` operations per token against a rough int8 throughput of the
+CPU (cores x GHz x MACs per cycle of its widest integer dot product, at 30%).
+
+The budget is the tightest of: the device's usable memory, ``--budget-mb`` (file size),
+``--bpw`` and ``--min-tok-s``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from .devices import Device
+from .errors import EdgequantError
+
+N_UBATCH = 512
+GRAPH_BYTES = int(3.4 * 2**20) + 28_000_000  # measured, see above
+INT8_OPS_PER_CYCLE = {"i8mm": 128, "amx": 1024, "avx512_vnni": 128, "dotprod": 64, "avx2": 64}
+COMPUTE_EFFICIENCY = 0.3
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the memory and speed models need to know of a model."""
+
+    n_layer: int
+    n_kv_heads: int
+    head_dim: int
+    n_vocab: int
+    params: int
+    tied: bool
+
+    @classmethod
+    def of(cls, config, params: int) -> Shape:
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, config.vocab_size,
+                   params, bool(config.tie_word_embeddings))
+
+    def kv_bytes(self, ctx: int) -> int:
+        return self.n_layer * 2 * self.n_kv_heads * self.head_dim * ctx * 2
+
+    def overhead_bytes(self) -> int:
+        return 4 * self.n_vocab * N_UBATCH + 4 * self.n_vocab + GRAPH_BYTES
+
+
+@dataclass
+class Budget:
+    device: str
+    ctx: int
+    max_file_bytes: int  # the largest GGUF that satisfies every constraint
+    binding: str  # which constraint sets it
+    constraints: dict[str, int]  # constraint -> largest file it allows
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def resolve(
+    device: Device,
+    shape: Shape,
+    ctx: int | None = None,
+    budget_mb: float | None = None,
+    bpw: float | None = None,
+    min_tok_s: float | None = None,
+    embd_bytes: int = 0,
+    file_overhead: int = 0,
+) -> Budget:
+    """The largest file allowed. ``embd_bytes`` is the (untied) embedding's share not read per
+    token; ``file_overhead`` the GGUF bytes besides tensor data (bits per weight count tensors)."""
+    ctx = ctx or device.default_ctx
+    limits = {f"memory of {device.name}": device.usable_bytes - shape.kv_bytes(ctx) - shape.overhead_bytes()}
+    if budget_mb is not None:
+        limits["--budget-mb"] = int(budget_mb * 1e6)
+    if bpw is not None:
+        limits["--bpw"] = int(bpw * shape.params / 8) + file_overhead
+    if min_tok_s is not None:
+        limits["--min-tok-s"] = int(device.effective_bandwidth / min_tok_s) - shape.kv_bytes(ctx) + embd_bytes
+    binding = min(limits, key=limits.get)
+    return Budget(device.name, ctx, limits[binding], binding, limits)
+
+
+def prefill_ops_per_s(device: Device) -> float:
+    per_cycle = max((INT8_OPS_PER_CYCLE[f] for f in device.isa if f in INT8_OPS_PER_CYCLE), default=32)
+    return device.cpu_cores * device.cpu_ghz * 1e9 * per_cycle * 2 * COMPUTE_EFFICIENCY
+
+
+def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0) -> dict:
+    """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context."""
+    kv, overhead = shape.kv_bytes(ctx), shape.overhead_bytes()
+    per_token = file_bytes - embd_bytes + kv
+    memory = file_bytes + kv + overhead
+    return {
+        "file_bytes": file_bytes,
+        "kv_cache_bytes": kv,
+        "runtime_overhead_bytes": overhead,
+        "memory_bytes": memory,
+        "usable_bytes": device.usable_bytes,
+        "fits": memory <= device.usable_bytes,
+        "decode_tok_s": device.effective_bandwidth / per_token,
+        "prefill_tok_s": prefill_ops_per_s(device) / (2 * shape.params),
+        "ctx": ctx,
+    }
+
+
+def check_fits(budget: Budget, file_bytes: int, what: str) -> None:
+    """A one-line error when ``what``, a ``file_bytes`` GGUF, breaks the budget."""
+    if file_bytes > budget.max_file_bytes:
+        raise EdgequantError(
+            f"does not fit: {budget.binding} allows a file of {_mb(budget.max_file_bytes)}; "
+            f"{what} is {_mb(file_bytes)}"
+        )
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.1f} MB"
