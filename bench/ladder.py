@@ -5,11 +5,13 @@
 1. Writes an F32 GGUF of the reference model, then llama.cpp's own mixes through
    ``llama_model_quantize`` (llama-cpp-python), each without and with an importance matrix
    (ours, from the calibration text, passed through the API exactly as llama-quantize does).
-2. For each stock mix, builds our RTN, RTN + importance and GPTQ files at the stock file's bits
-   per weight (``--bpw``), so rows compare at the same size.
+2. For each stock mix, builds our RTN, RTN + importance, GPTQ and QuBLAST files (QuBLAST also
+   without its activation scaling maps, where ``--no-maps-at`` lists the mix) at the stock
+   file's bits per weight (``--bpw``), so rows compare at the same size. Each of our builds runs
+   as its own ``edgequant build`` process, so its time and peak RSS are its own.
 3. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
-   against the full-precision model), records the time each file took to make and the peak
-   RSS of this process, and prints one table sorted by bits per weight (also JSON and CSV).
+   against the full-precision model) and prints one table sorted by bits per weight (also JSON
+   and CSV). QuBLAST's sensitivity table is measured once and then read from the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import resource
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -26,16 +29,28 @@ from edgequant.calibration import activation_stats
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
 from edgequant.models import load_model
-from edgequant.pipeline import BuildOptions, build, gguf_tensor_stats
+from edgequant.pipeline import gguf_tensor_stats
 from runtimes.llama_quantize import quantize_stock, write_f32_copy
 from runtimes.llamacpp import LlamaCppLogits
 
 MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
-OURS = [("rtn", False), ("rtn", True), ("gptq", True)]
+OURS = {  # row label -> edgequant build options
+    "rtn": ["--method", "rtn", "--no-importance"],
+    "rtn + importance": ["--method", "rtn"],
+    "gptq": ["--method", "gptq"],
+    "qublast": ["--method", "qublast"],
+}
+NO_MAPS = ["--method", "qublast", "--no-maps"]
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def build_ours(out: Path, bpw: float, calib_tokens: int, options: list[str]) -> dict:
+    """One ``edgequant build`` in its own process; returns its report (raises on failure)."""
+    cmd = [sys.executable, "-m", "edgequant.cli", "build", "--bpw", f"{bpw:.6f}", "--out", str(out),
+           "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--json", *options]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        raise EdgequantError(done.stderr.strip().splitlines()[-1])
+    return json.loads(done.stdout)
 
 
 def score(path: Path, windows, reference) -> dict:
@@ -53,6 +68,7 @@ def main() -> None:
     ap.add_argument("--eval-tokens", type=int, default=20480)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--no-maps-at", default="Q3_K_M,Q4_K_M", help="mixes where QuBLAST also runs without maps")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ladder"))
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -74,22 +90,22 @@ def main() -> None:
             quantize_stock(f32, path, mix, imatrix=imatrix if with_imatrix else None)
             made = time.time() - start
             rows.append({"file": f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else ""),
-                         "seconds": made, **score(path, windows, reference)})
+                         "seconds": made, "peak_rss_mb": None, **score(path, windows, reference)})
             print(_line(rows[-1]), flush=True)
         target = rows[-2]["bpw"]  # the size of the plain stock mix
-        for method, importance in OURS:
-            name = f"edgequant {method}{' + importance' if importance else ''} @ {mix} size"
-            out = args.out / f"ours-{method}{'-imp' if importance else ''}-{mix}"
-            start = time.time()
+        ours = dict(OURS)
+        if mix in args.no_maps_at.split(","):
+            ours["qublast without maps"] = NO_MAPS
+        for label, options in ours.items():
+            name = f"edgequant {label} @ {mix} size"
+            out = args.out / f"ours-{label.replace(' ', '')}-{mix}"
             try:
-                build(BuildOptions(out=out, method=method, bpw=target, use_importance=importance,
-                                   calib_tokens=args.calib_tokens, eval_tokens=512, torch_sim=False),
-                      loaded=loaded)
+                report = build_ours(out, target, args.calib_tokens, options)
             except EdgequantError as e:  # e.g. a size below our smallest mix
                 print(f"{name}: skipped ({e})", flush=True)
                 continue
-            made = time.time() - start
-            rows.append({"file": name, "seconds": made, **score(out / "model.gguf", windows, reference)})
+            rows.append({"file": name, "seconds": report["build"]["seconds"],
+                         "peak_rss_mb": report["build"]["peak_rss_mb"], **score(out / "model.gguf", windows, reference)})
             print(_line(rows[-1]), flush=True)
 
     rows.sort(key=lambda r: r["bpw"])
@@ -97,17 +113,19 @@ def main() -> None:
 
 
 def _line(r: dict) -> str:
-    return (f"{r['file']:<44} {r['bpw']:6.3f} {r['MB']:7.1f} {r['ppl']:8.3f} ±{r['ppl_se']:.2f} "
-            f"{r['kld']:.4f} ±{r['kld_se']:.4f} {r['top1']:.3f} {r['seconds']:6.1f}s")
+    rss = f"{r['peak_rss_mb']:7.0f}" if r["peak_rss_mb"] else f"{'':7}"
+    return (f"{r['file']:<48} {r['bpw']:6.3f} {r['MB']:7.1f} {r['ppl']:8.3f} ±{r['ppl_se']:.2f} "
+            f"{r['kld']:.4f} ±{r['kld_se']:.4f} {r['top1']:.3f} {r['seconds']:6.1f}s {rss}")
 
 
 def _write(rows: list[dict], out: Path, tokens: int) -> None:
-    header = f"{'file':<44} {'bpw':>6} {'MB':>7} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'time':>7}"
-    print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; peak RSS {peak_rss_mb():.0f} MB")
+    header = (f"{'file':<48} {'bpw':>6} {'MB':>7} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'time':>7} "
+              f"{'RSS MB':>7}")
+    print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; RSS = peak RSS of our build process")
     print(header)
     for r in rows:
         print(_line(r))
-    (out / "ladder.json").write_text(json.dumps({"tokens": tokens, "peak_rss_mb": peak_rss_mb(), "rows": rows}, indent=1))
+    (out / "ladder.json").write_text(json.dumps({"tokens": tokens, "rows": rows}, indent=1))
     with open(out / "ladder.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -7,8 +7,8 @@ approximates the error of the matrix's output, sum_j E[x_j^2] * dw_j^2.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
@@ -110,7 +110,7 @@ class BlockHessians:
     hessians: dict[str, torch.Tensor]
 
 
-def _run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -134,14 +134,14 @@ def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np
                 handles.append(module.register_forward_hook(_accumulate(sums, gguf)))
         try:
             for h in hidden:
-                _run_block(block, h, kwargs)
+                run_block(block, h, kwargs)
         finally:
             for handle in handles:
                 handle.remove()
         n_tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
         yield BlockHessians(i, {name: (s / n_tokens).float() for name, s in sums.items()})
         del sums
-        hidden = [_run_block(block, h, kwargs) for h in hidden]
+        hidden = [run_block(block, h, kwargs) for h in hidden]
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
     x = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
     yield BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()})

@@ -217,6 +217,11 @@ class QuantType:
         grid = self.fit(w, importance)
         return self.pack(grid, grid.round(w))
 
+    def dequantized(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
+        """What ``quantize`` stores, decoded back to float32 (for error measurements)."""
+        grid = self.fit(w, importance)
+        return grid.values(grid.round(np.asarray(w, F32)))
+
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Grid:
         """Choose the grid for ``w`` (rows, cols); ``importance`` (cols,) weights the error."""
         w = np.asarray(w, F32)

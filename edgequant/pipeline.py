@@ -1,4 +1,5 @@
-"""``edgequant build``: load -> calibrate -> plan -> quantize -> export -> evaluate -> report.
+"""``edgequant build``: load -> target the device -> calibrate -> plan -> transform -> quantize ->
+export -> evaluate -> report.
 
 Everything is written into a staging folder next to ``--out`` and moved into place at the end,
 so a failed or interrupted build never leaves a half-written output (and an earlier build in
@@ -10,24 +11,36 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import resource
 import tempfile
+import time
 from copy import deepcopy
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from exporters.gguf import write_gguf
+from exporters.gguf import overhead_bytes, write_gguf
 from runtimes.llamacpp import LlamaCppLogits
 
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .calibration import Calibration, activation_stats
+from .budget import Budget, Shape, check_fits, predict, resolve
+from .calibration import ActivationStats, Calibration, activation_stats
+from .devices import Device, load_device
 from .errors import EdgequantError
-from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, simulate, token_windows
-from .methods import get_method
+from .evaluation import (
+    DEFAULT_CTX,
+    CachedLogits,
+    TorchLogits,
+    evaluate,
+    simulate,
+    token_windows,
+)
+from .methods import Method, get_method
 from .models import LoadedModel, load_model, read_gguf
-from .planning import Matrix, Plan, for_bpw, uniform
+from .planning import Matrix, Plan, for_budget, smallest_bytes, uniform
 from .progress import Progress
+from .sensitivity import Part, Sensitivity, split_parts
 from .smoothing import smooth
 
 
@@ -35,28 +48,123 @@ from .smoothing import smooth
 class BuildOptions:
     model: str | None = None  # None / "default" -> the built-in model
     out: Path = Path("out")
-    method: str = "rtn"
-    ggml_type: str | None = None  # uniform type, e.g. "Q4_K"
-    bpw: float | None = None  # target bits per weight (mixed); default 4.5 when no type is given
+    device: str | None = None  # profile name, alias or .toml path; None -> "host"
+    method: str = "qublast"
+    ggml_type: str | None = None  # uniform type, e.g. "Q4_K" (must still fit the device)
+    bpw: float | None = None  # cap on bits per weight (all tensors)
+    budget_mb: float | None = None  # cap on the GGUF file size
+    min_tok_s: float | None = None  # floor on predicted decode speed on the device
+    context: int | None = None  # runtime context the memory plan reserves KV cache for; None -> device's
     use_importance: bool = True
+    scaling_maps: bool = True  # methods with a transform (QuBLAST): fold activation scaling maps
     calib_text: str | None = None  # None -> built-in c4; else a built-in name or comma-separated files
     calib_tokens: int = 16384
     eval_text: str | None = None  # None -> built-in wiki
     eval_tokens: int = 8192
-    ctx: int = DEFAULT_CTX
-    smooth: float | None = None  # migration strength alpha of the activation scaling maps; None = off
+    ctx: int = DEFAULT_CTX  # evaluation window
+    smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
     torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
     threads: int | None = None
 
 
-def make_plan(loaded: LoadedModel, ggml_type: str | None, bpw: float | None) -> Plan:
+@dataclass
+class Target:
+    """What the build aims at: the device, the model's shape there, and the byte budget."""
+
+    device: Device
+    shape: Shape
+    budget: Budget
+    file_overhead: int  # GGUF bytes besides tensor data
+
+    @property
+    def max_tensor_bytes(self) -> int:
+        return self.budget.max_file_bytes - self.file_overhead
+
+    def embd_bytes(self, plan: Plan) -> int:
+        """Bytes of an untied input embedding: not read per decoded token."""
+        m = next((m for m in plan.matrices if m.name == "token_embd.weight"), None)
+        return 0 if self.shape.tied or m is None else plan.matrix_bytes(m)
+
+    def predict(self, plan: Plan) -> dict:
+        return predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
+                       self.embd_bytes(plan))
+
+
+def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
+    """The quantized matrices, and the count of other (float32) parameters."""
     matrices = [Matrix(name, *w.shape) for name, w in loaded.matrices()]
-    n_matrix = sum(m.params for m in matrices)
     n_all = sum(p.numel() for p in loaded.model.parameters())  # tied weights counted once
-    other = n_all - n_matrix
+    return matrices, n_all - sum(m.params for m in matrices)
+
+
+def target(loaded: LoadedModel, opts: BuildOptions) -> Target:
+    device = load_device(opts.device or "host")
+    matrices, other = matrices_of(loaded)
+    shape = Shape.of(loaded.config, sum(m.params for m in matrices) + other)
+    file_overhead = overhead_bytes(loaded)
+    budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
+                     file_overhead=file_overhead)
+    return Target(device, shape, budget, file_overhead)
+
+
+def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress):
+    """(plan, sensitivity table or None) within the target's budget."""
+    matrices, other = matrices_of(loaded)
     if ggml_type:
-        return uniform(matrices, other, ggml_type)
-    return for_bpw(matrices, other, 4.5 if bpw is None else bpw)
+        plan, table = uniform(matrices, other, ggml_type), None
+    elif method.allocate:
+        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress)
+    else:
+        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}"), None
+    check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
+    return plan, table
+
+
+@dataclass
+class Planned:
+    """Everything decided before any weight is rounded."""
+
+    loaded: LoadedModel
+    method: Method
+    target: Target
+    calib_label: str
+    calibration: Calibration
+    stats: ActivationStats | None
+    plan: Plan
+    table: Sensitivity | None
+
+    def summary(self) -> dict:
+        """What ``edgequant plan`` prints: budget, bit map, predicted size / memory / speed."""
+        return {
+            "model": self.loaded.name,
+            "device": self.target.device.name,
+            "method": self.method.name,
+            "budget": self.target.budget.as_dict(),
+            "plan": self.plan.rule,
+            "bpw": self.plan.bpw,
+            "predicted": self.target.predict(self.plan),
+            "blocks": blocks(self.plan, self.table),
+        }
+
+
+def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None = None) -> Planned:
+    """Load, target the device, calibrate and plan (measuring sensitivity where the method does)."""
+    method = get_method(opts.method)
+    if loaded is None:
+        with progress.step("load model"):
+            loaded = load_model(opts.model)
+    tgt = target(loaded, opts)
+    smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
+    check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
+    calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
+    calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
+    stats = None
+    if opts.use_importance or opts.smooth or method.allocate:
+        with progress.step("calibrate", len(calib)) as tick:
+            stats = activation_stats(loaded, calib, tick)
+    calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
+    plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress)
+    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table)
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
@@ -78,28 +186,25 @@ def build(
     already computed for ``loaded`` (several builds scored on the same text).
     """
     progress = progress or Progress()
+    started = time.time()
     out = Path(opts.out)
     _check_writable(out)
-    if loaded is None:
-        with progress.step("load model"):
-            loaded = load_model(opts.model)
-    method = get_method(opts.method)
-    plan = make_plan(loaded, opts.ggml_type, opts.bpw)
-    calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
+    p = planned(opts, progress, loaded)
+    loaded, method, tgt, plan, table = p.loaded, p.method, p.target, p.plan, p.table
+    calib, stats, calibration = p.calibration.windows, p.stats, p.calibration
     eval_label, eval_text = load_text(opts.eval_text, EVALUATION_TEXT)
-    calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
     windows = token_windows(loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
 
-    if opts.smooth:
-        with progress.step("calibrate activation ranges", len(calib)) as tick:
-            ranges = activation_stats(loaded, calib, tick).absmax
-    work = smoothed_copy(loaded, ranges, opts.smooth) if opts.smooth else loaded
-    imatrix = {}
-    if opts.use_importance:
-        with progress.step("calibrate", len(calib)) as tick:
-            imatrix = activation_stats(work, calib, tick).importance
+    work, maps = loaded, None
+    if method.transform and opts.scaling_maps:
+        work, maps = method.transform(loaded, plan, calibration, progress)
+    elif opts.smooth:
+        work = smoothed_copy(loaded, stats.absmax, opts.smooth)
+    if work is not loaded and opts.use_importance:
+        with progress.step("calibrate the transformed model", len(calib)) as tick:
+            calibration = Calibration(calib, activation_stats(work, calib, tick).importance)
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
-        encoded = method(work, plan, Calibration(calib, imatrix), tick)
+        encoded = method.quantize(work, plan, calibration, tick)
 
     with atomic_dir(out) as stage:
         gguf_path = stage / "model.gguf"
@@ -110,26 +215,48 @@ def build(
         report = {
             "edgequant": __version__,
             "model": {"name": loaded.name, "path": str(loaded.path), "architecture": loaded.arch.model_type},
-            "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth, "plan": plan.rule},
+            "device": tgt.device.as_dict(),
+            "budget": tgt.budget.as_dict(),
+            "predicted": tgt.predict(plan),
+            "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth,
+                       "scaling_maps": maps is not None, "plan": plan.rule},
             "artifacts": [_artifact(gguf_path, "gguf", out)],
             "quality": quality,
+            "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
+                      "note": "peak RSS of the building process so far"},
+            "blocks": blocks(plan, table),
+            "scaling_maps": [asdict(c) for c in maps] if maps else None,
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
             "text": {
-                "calibration": {"source": calib_label, "tokens": int(calib.size)},
+                "calibration": {"source": p.calib_label, "tokens": int(calib.size)},
                 "evaluation": {"source": eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
                 "reference": "full precision = the float32 weights of the loaded model",
             },
         }
-        (stage / "plan.json").write_text(json.dumps(plan.as_dict(), indent=1))
+        plan_json = {**plan.as_dict(), "budget": tgt.budget.as_dict(), "predicted": report["predicted"],
+                     "sensitivity": table.as_dict() if table else None}
+        (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
     return report
+
+
+def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
+    """The per-block bit map: one row per block part, with its measured sensitivity when known."""
+    kl = {(e.part, e.option): e.kl for e in table.entries} if table else {}
+    rows = []
+    for part in split_parts(plan.matrices):
+        types = {m.name: plan.types[m.name] for m in part.matrices}
+        bits = part.nbytes(types) * 8 / part.params
+        rows.append({"index": part.block, "part": part.kind, "ggml_type": Part.label(types), "bits": bits,
+                     "sensitivity": kl.get((part.key, Part.label(types)))})
+    return rows
 
 
 def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> dict:
     """Quality of the file against the full-precision ``reference``; ``work`` is what was quantized."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
-        cached = lambda window: reference.log_probs(window).numpy()  # noqa: E731  (log-probs are logits too)
+        cached = lambda window: reference.log_probs(window).numpy()
         quality["fp"] = evaluate(cached, windows, reference, "torch", tick).as_dict()
     if opts.torch_sim:
         sim = simulate(work.model, _name_pairs(work), encoded)
@@ -147,6 +274,10 @@ def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> d
 
 def _name_pairs(loaded: LoadedModel):
     return [(hf, loaded.gguf_name(hf)) for hf, t in loaded.model.state_dict().items() if t.ndim == 2]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gguf_tensor_stats(path: Path) -> tuple[int, int]:

@@ -1,24 +1,95 @@
-"""Activation scaling maps: shrink activation outliers, folded into the weights (SmoothQuant-style).
+"""Activation scaling maps: per-channel scales folded into the weights, the model's function unchanged.
 
-Runtimes quantize activations too (llama.cpp turns them into 8-bit blocks before every
-quantized matmul), and a few outlier channels make those blocks coarse. For a linear layer
-fed by ``x``, dividing channel j of ``x`` by ``s_j`` and multiplying column j of the weight by
-``s_j`` leaves the output unchanged; the division is folded into whatever produces ``x``:
+For a linear layer fed by ``x``, dividing channel j of ``x`` by ``s_j`` and multiplying column j of
+the weight by ``s_j`` leaves the output as it was; the division is folded into whatever produces
+``x``. Four groups of matrices per block share an input, each with a place to fold into:
 
-* the RMSNorm weight before q/k/v (``attn_norm``) and before gate/up (``ffn_norm``);
-* the rows of ``v_proj`` before ``o_proj`` (each value channel feeds one column per query head
-  of its group);
-* the rows of ``up_proj`` before ``down_proj`` (SiLU(gate) * up is linear in up).
+* ``attn_in``: q/k/v, after the RMSNorm ``attn_norm`` (its weight is divided);
+* ``attn_out``: o, fed by the value channels (the rows of v are divided; each value channel
+  feeds one column per query head of its group, so those columns share the scale);
+* ``ffn_in``: gate/up, after the RMSNorm ``ffn_norm``;
+* ``ffn_out``: down, fed by SiLU(gate) * up, which is linear in up (the rows of up are divided).
 
 So the exported model keeps the standard architecture: no extra ops in llama.cpp or ONNX.
-``s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha)`` balances the two ranges.
+
+Two ways to choose ``s``:
+
+* :func:`smooth` (``build --smooth ALPHA``): SmoothQuant's balance of ranges,
+  ``s_j = amax(x_j)^alpha / amax(W[:, j])^(1 - alpha)``, one alpha everywhere;
+* :func:`search_scales` (QuBLAST): ``s_j = rms(x_j)^alpha`` with alpha searched per group and
+  block to minimise the error of the layer outputs as llama.cpp computes them: weights rounded
+  to the ggml type the plan gave them, activations rounded to llama.cpp's 8-bit blocks. alpha = 0
+  (no scaling) is a candidate, so a group is only rescaled where that lowers its measured error.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
 import torch
 
+from .calibration import block_inputs, run_block
+from .ggml_quants import get_type
 from .models import LoadedModel
+
+
+@dataclass(frozen=True)
+class Group:
+    key: str
+    consumers: tuple[str, ...]  # module paths inside a decoder layer
+
+    def weights(self, layer) -> list[torch.Tensor]:
+        return [layer.get_submodule(c).weight for c in self.consumers]
+
+
+GROUPS = (
+    Group("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    Group("attn_out", ("self_attn.o_proj",)),
+    Group("ffn_in", ("mlp.gate_proj", "mlp.up_proj")),
+    Group("ffn_out", ("mlp.down_proj",)),
+)
+ALPHAS = (0.0, 0.125, 0.25, 0.5)  # 0.75 and 1 were never chosen on the default model
+
+
+def kv_grouping(config) -> tuple[int, int]:
+    """(query heads per kv head, head dim): o's columns are value channels repeated per query head."""
+    group = config.num_attention_heads // config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return group, head_dim
+
+
+def per_value_channel(config, per_o_column: torch.Tensor) -> torch.Tensor:
+    """Reduce a statistic over o's input columns to one per value channel (max over query heads)."""
+    group, head_dim = kv_grouping(config)
+    return per_o_column.reshape(config.num_key_value_heads, group, head_dim).amax(1).reshape(-1)
+
+
+def per_o_column(config, per_value: torch.Tensor) -> torch.Tensor:
+    group, head_dim = kv_grouping(config)
+    return per_value.reshape(config.num_key_value_heads, 1, head_dim).expand(-1, group, -1).reshape(-1)
+
+
+@torch.no_grad()
+def fold(layer, config, group: str, s: torch.Tensor) -> None:
+    """Divide ``group``'s input channels by ``s`` and multiply the consumers' columns by it.
+
+    For ``attn_out``, ``s`` has one entry per value channel."""
+    attn, mlp = layer.self_attn, layer.mlp
+    if group == "attn_in":
+        layer.input_layernorm.weight.div_(s)
+    elif group == "ffn_in":
+        layer.post_attention_layernorm.weight.div_(s)
+    elif group == "ffn_out":
+        mlp.up_proj.weight.div_(s[:, None])
+    elif group == "attn_out":
+        attn.v_proj.weight.div_(s[:, None])
+        if attn.v_proj.bias is not None:
+            attn.v_proj.bias.div_(s)
+        s = per_o_column(config, s)
+    for w in next(g for g in GROUPS if g.key == group).weights(layer):
+        w.mul_(s)
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -29,37 +100,126 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
 
 @torch.no_grad()
 def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> None:
-    """Fold scaling maps into ``loaded.model`` in place. ``act_absmax`` maps GGUF names of the
+    """SmoothQuant maps folded into ``loaded.model`` in place. ``act_absmax`` maps GGUF names of the
     consuming matrices (e.g. ``blk.0.attn_q.weight``) to max |x| per input column."""
     config = loaded.config
-    group = config.num_attention_heads // config.num_key_value_heads
     for i, layer in enumerate(loaded.model.model.layers):
-        attn, mlp = layer.self_attn, layer.mlp
+        for g in GROUPS:
+            act = act_absmax[loaded.gguf_name(f"model.layers.{i}.{g.consumers[0]}.weight")]
+            weights = g.weights(layer)
+            if g.key == "attn_out":
+                act = per_value_channel(config, act)
+                weights = [per_value_channel(config, weights[0].abs().amax(0))[None]]
+            fold(layer, config, g.key, smoothing_scales(act, weights, alpha))
 
-        qkv = [attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight]
-        s = smoothing_scales(act_absmax[f"blk.{i}.attn_q.weight"], qkv, alpha)
-        layer.input_layernorm.weight.div_(s)
-        for w in qkv:
-            w.mul_(s)
 
-        gate_up = [mlp.gate_proj.weight, mlp.up_proj.weight]
-        s = smoothing_scales(act_absmax[f"blk.{i}.ffn_gate.weight"], gate_up, alpha)
-        layer.post_attention_layernorm.weight.div_(s)
-        for w in gate_up:
-            w.mul_(s)
+# --- QuBLAST: scales searched against the error llama.cpp will make -------------------------------
 
-        s = smoothing_scales(act_absmax[f"blk.{i}.ffn_down.weight"], [mlp.down_proj.weight], alpha)
-        mlp.up_proj.weight.div_(s[:, None])
-        mlp.down_proj.weight.mul_(s)
+ACTIVATION_BLOCK = {"Q2_K": 256, "Q3_K": 256, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}  # Q8_K; else Q8_0/Q8_1: 32
 
-        # o_proj's input is, per query head h, the value channels of kv head h // group
-        head_dim = attn.o_proj.weight.shape[1] // config.num_attention_heads
-        o_by_kv = lambda t: t.reshape(config.num_key_value_heads, group, head_dim)  # noqa: E731
-        act = o_by_kv(act_absmax[f"blk.{i}.attn_output.weight"]).amax(1).reshape(-1)
-        w_cols = o_by_kv(attn.o_proj.weight.abs().amax(0)).amax(1).reshape(-1)
-        s = smoothing_scales(act, [w_cols[None]], alpha)
-        attn.v_proj.weight.div_(s[:, None])
-        if attn.v_proj.bias is not None:
-            attn.v_proj.bias.div_(s)
-        s_per_head = s.reshape(config.num_key_value_heads, 1, head_dim).expand(-1, group, -1).reshape(-1)
-        attn.o_proj.weight.mul_(s_per_head)
+
+def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
+    """llama.cpp's 8-bit activation blocks (Q8_0 / Q8_K): symmetric, scale amax / 127."""
+    xb = x.reshape(x.shape[0], -1, block)
+    d = xb.abs().amax(-1, keepdim=True) / 127
+    q = torch.where(d > 0, torch.round(xb / d.clamp(min=1e-30)), 0.0)
+    return (q * d).reshape(x.shape)
+
+
+def outlier_ratio(x: torch.Tensor) -> float:
+    """max |x| / std(x) over all tokens and channels of one activation."""
+    return float(x.abs().max() / x.std())
+
+
+@dataclass
+class ScaleChoice:
+    block: int
+    group: str
+    alpha: float
+    error_ratio: float  # output error with the chosen scales / without
+    outlier_before: float
+    outlier_after: float
+
+
+def _output_error(x, weights, types, s) -> float:
+    """Squared error of the group's outputs when weights (columns * s) are rounded to their
+    types and activations (/ s) to 8-bit blocks, against the float outputs."""
+    err = 0.0
+    xs = x / s
+    importance = (xs * xs).mean(0).numpy()
+    for w, t in zip(weights, types):
+        qt = get_type(t)
+        wq = torch.from_numpy(qt.dequantized((w * s).numpy(), importance))
+        xq = quantize_activations(xs, ACTIVATION_BLOCK.get(t, 32))
+        err += float(((xq @ wq.T) - (x @ w.T)).pow(2).sum())
+    return err
+
+
+def _choose(config, g: Group, x: torch.Tensor, weights: list[torch.Tensor], types: list[str]):
+    """The alpha of least output error for group ``g`` fed by ``x``; returns the ScaleChoice
+    fields after ``block`` and the scales to fold (one per value channel for attn_out)."""
+    rms = x.pow(2).mean(0).sqrt().clamp(min=1e-5)
+    if g.key == "attn_out":
+        rms = per_value_channel(config, rms)
+
+    def on_columns(s):
+        return per_o_column(config, s) if g.key == "attn_out" else s
+
+    weights = [w.detach().float() for w in weights]
+    candidates = {a: rms**a / (rms.max() * rms.min()) ** (a / 2) for a in ALPHAS}
+    errors = {a: _output_error(x, weights, types, on_columns(s)) for a, s in candidates.items()}
+    best = min(errors, key=errors.get)
+    after = outlier_ratio(x / on_columns(candidates[best]))
+    return (g.key, best, errors[best] / errors[0.0], outlier_ratio(x), after), candidates[best]
+
+
+def _group_inputs(layer, hidden: list[torch.Tensor], kwargs: dict, max_tokens: int) -> dict[str, torch.Tensor]:
+    """Inputs of each group's first consumer over (up to ``max_tokens`` of) the windows."""
+    seen: dict[str, list[torch.Tensor]] = {g.key: [] for g in GROUPS}
+    hooks = [
+        layer.get_submodule(g.consumers[0]).register_forward_hook(
+            lambda _m, inputs, _o, key=g.key: seen[key].append(inputs[0].reshape(-1, inputs[0].shape[-1]))
+        )
+        for g in GROUPS
+    ]
+    try:
+        n = 0
+        for h in hidden:
+            if n >= max_tokens:
+                break
+            run_block(layer, h, kwargs)
+            n += h.shape[0] * h.shape[1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {k: torch.cat(v)[:max_tokens].float() for k, v in seen.items()}
+
+
+@torch.inference_mode()
+def search_scales(
+    loaded: LoadedModel,
+    windows: np.ndarray,
+    types: dict[str, str],
+    max_tokens: int = 2048,
+    progress: Callable[[], None] | None = None,
+) -> list[ScaleChoice]:
+    """Choose and fold the scaling maps of every block of ``loaded.model`` in place.
+
+    ``types`` maps GGUF matrix names to the ggml type each will be stored in. One block's
+    activations are held at a time; folding leaves each block's outputs unchanged, so the next
+    block's inputs need no re-run."""
+    model, config = loaded.model, loaded.config
+    hidden, kwargs = block_inputs(model, windows)
+    choices = []
+    for i, layer in enumerate(model.model.layers):
+        inputs = _group_inputs(layer, hidden, kwargs, max_tokens)
+        for g in GROUPS:
+            names = [types[loaded.gguf_name(f"model.layers.{i}.{c}.weight")] for c in g.consumers]
+            choice, s = _choose(config, g, inputs[g.key], g.weights(layer), names)
+            choices.append(ScaleChoice(i, *choice))
+            if choice[1]:
+                fold(layer, config, g.key, s)
+        hidden = [run_block(layer, h, kwargs) for h in hidden]
+        if progress:
+            progress()
+    return choices

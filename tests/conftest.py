@@ -31,7 +31,7 @@ def build_default(default_model, reference, tmp_path_factory):
         key = json.dumps(options, sort_keys=True)
         if key not in done:
             out = tmp_path_factory.mktemp("build") / "out"
-            opts = BuildOptions(out=out, **{"eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, **options})
+            opts = BuildOptions(out=out, **{"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, **options})
             done[key] = (Path(out), build(opts, loaded=default_model, reference=reference))
         return done[key]
 

@@ -1,0 +1,69 @@
+"""QuBLAST: per-block mixed precision from measured cross-entropy sensitivity, activation scaling
+maps, and GPTQ (or RTN) as the rounding step.
+
+1. ``allocate``: measure the sensitivity table (:mod:`edgequant.sensitivity`): the KL each
+   block's attention / MLP part (and the embedding) adds when quantized alone, for every type
+   the part can take; then choose one option per part minimising the summed KL under the byte
+   budget (exact multiple-choice knapsack, :func:`edgequant.planning.knapsack`). When the
+   largest option of every part fits, nothing needs measuring.
+2. ``transform``: activation scaling maps, searched per block and group for the types just
+   chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
+3. ``quantize``: GPTQ onto the exact ggml grids (``rounding="rtn"`` for round-to-nearest).
+"""
+
+from __future__ import annotations
+
+from copy import deepcopy
+
+from ..calibration import Calibration
+from ..errors import EdgequantError
+from ..models import LoadedModel
+from ..planning import Matrix, Plan, knapsack
+from ..progress import Progress
+from ..sensitivity import Part, Sensitivity, cached_measure, n_measurements, split_parts
+from ..smoothing import ScaleChoice, search_scales
+
+SENSITIVITY_TOKENS = 512
+
+
+def allocate(
+    loaded: LoadedModel,
+    matrices: list[Matrix],
+    other_params: int,
+    max_bytes: int,
+    calibration: Calibration,
+    progress: Progress,
+) -> tuple[Plan, Sensitivity | None]:
+    """The plan of least summed sensitivity within ``max_bytes`` (all tensors counted)."""
+    parts = split_parts(matrices)
+    other_bytes = 4 * other_params
+    largest = [p.options()[-1] for p in parts]
+    if sum(p.nbytes(t) for p, t in zip(parts, largest)) + other_bytes <= max_bytes:
+        return _plan(parts, largest, matrices, other_params, "qublast: every part at its largest type fits"), None
+    smallest = sum(p.nbytes(p.options()[0]) for p in parts) + other_bytes
+    if smallest > max_bytes:
+        raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is below the smallest mix, "
+                             f"{smallest / 1e6:.1f} MB")
+    windows = calibration.windows[: max(1, SENSITIVITY_TOKENS // calibration.windows.shape[1])]
+    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
+        table = cached_measure(loaded, parts, windows, calibration.importance, tick)
+    entries = table.by_part()
+    options = [[(e.bytes, e.kl) for e in entries[p.key]] for p in parts]
+    chosen = knapsack(options, max_bytes - other_bytes)
+    types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
+    return _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"), table
+
+
+def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params, rule) -> Plan:
+    merged = {name: t for part_types in types for name, t in part_types.items()}
+    return Plan(merged, matrices, other_params, rule)
+
+
+def transform(
+    loaded: LoadedModel, plan: Plan, calibration: Calibration, progress: Progress
+) -> tuple[LoadedModel, list[ScaleChoice]]:
+    """A copy of the model with the scaling maps searched for ``plan``'s types folded in."""
+    work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    with progress.step("search activation scaling maps", loaded.config.num_hidden_layers) as tick:
+        choices = search_scales(work, calibration.windows, plan.types, progress=tick)
+    return work, choices
