@@ -1,6 +1,6 @@
 """The stock llama.cpp ladder against our methods, at matching file sizes, measured in llama.cpp.
 
-    python bench/ladder.py [--eval-tokens 20480] [--mixes Q4_K_M,Q3_K_M] [--out bench-out]
+    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all] [--out DIR]
 
 1. Writes an F32 GGUF of the reference model, then llama.cpp's own mixes through
    ``llama_model_quantize`` (llama-cpp-python), each without and with an importance matrix
@@ -65,9 +65,11 @@ def score(path: Path, windows, reference) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--eval-tokens", type=int, default=20480)
+    ap.add_argument("--eval-tokens", type=int, default=8192)
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--mixes", default=",".join(MIXES))
+    ap.add_argument("--ours-at", default="Q3_K_M,Q4_K_M",
+                    help="mixes at whose size our methods are built too ('all' for every mix; ~10 min per mix)")
     ap.add_argument("--no-maps-at", default="Q3_K_M,Q4_K_M", help="mixes where QuBLAST also runs without maps")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ladder"))
     args = ap.parse_args()
@@ -92,6 +94,8 @@ def main() -> None:
             rows.append({"file": f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else ""),
                          "seconds": made, "peak_rss_mb": None, **score(path, windows, reference)})
             print(_line(rows[-1]), flush=True)
+        if args.ours_at != "all" and mix not in args.ours_at.split(","):
+            continue
         target = rows[-2]["bpw"]  # the size of the plain stock mix
         ours = dict(OURS)
         if mix in args.no_maps_at.split(","):
@@ -107,9 +111,20 @@ def main() -> None:
             rows.append({"file": name, "seconds": report["build"]["seconds"],
                          "peak_rss_mb": report["build"]["peak_rss_mb"], **score(out / "model.gguf", windows, reference)})
             print(_line(rows[-1]), flush=True)
+            if report.get("scaling_maps"):
+                print(f"  {_outliers(report['scaling_maps'])}", flush=True)
 
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size)
+
+
+def _outliers(maps: list[dict]) -> str:
+    """One line on what QuBLAST's scaling maps did to the quantized linears' inputs."""
+    before = sum(m["outlier_before"] for m in maps) / len(maps)
+    after = sum(m["outlier_after"] for m in maps) / len(maps)
+    error = sum(m["error_ratio"] for m in maps) / len(maps)
+    return (f"scaling maps: mean max|x|/std at the quantized inputs {before:.1f} -> {after:.1f}, "
+            f"layer output error x{error:.2f} ({sum(m['alpha'] > 0 for m in maps)}/{len(maps)} groups scaled)")
 
 
 def _line(r: dict) -> str:

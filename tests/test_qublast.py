@@ -7,12 +7,34 @@ import pytest
 from edgequant.pipeline import matrices_of
 from edgequant.sensitivity import Part, split_parts
 
-BUDGET = {"bpw": 4.5}
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def qublast(build_default):
-    return build_default(method="qublast", **BUDGET)
+def stock_q4_k_m(tmp_path_factory, default_model, reference):
+    """llama.cpp's own Q4_K_M of the reference model: its path, bits per weight and quality."""
+    from edgequant.assets import default_gguf, read_text
+    from edgequant.evaluation import evaluate, token_windows
+    from edgequant.pipeline import gguf_tensor_stats
+    from runtimes.llama_quantize import quantize_stock, write_f32_copy
+    from runtimes.llamacpp import LlamaCppLogits
+    from tests.conftest import EVAL_TOKENS
+
+    tmp = tmp_path_factory.mktemp("stock")
+    write_f32_copy(default_gguf(), tmp / "f32.gguf")
+    quantize_stock(tmp / "f32.gguf", tmp / "q4_k_m.gguf", "Q4_K_M")
+    n_bytes, n_params = gguf_tensor_stats(tmp / "q4_k_m.gguf")
+    windows = token_windows(default_model.tokenizer, read_text("wiki.utf8"), EVAL_TOKENS)
+    runner = LlamaCppLogits(tmp / "q4_k_m.gguf")
+    quality = evaluate(runner, windows, reference, "llama.cpp")
+    runner.close()
+    return n_bytes * 8 / n_params, quality
+
+
+@pytest.fixture(scope="module")
+def qublast(build_default, stock_q4_k_m):
+    # GPTQ, the rounding step, needs the default amount of calibration text (see test_gptq)
+    return build_default(method="qublast", bpw=stock_q4_k_m[0], calib_tokens=16384)
 
 
 def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model):
@@ -27,6 +49,7 @@ def test_report_holds_the_bit_map_with_the_measured_sensitivity(qublast):
     out, report = qublast
     blocks = report["blocks"]
     assert len(blocks) == 61
+    assert {b["ggml_type"] for b in blocks} != {"Q8_0"}  # the budget binds: a real mix
     assert {"index", "part", "ggml_type", "bits", "sensitivity"} <= blocks[0].keys()
     assert all(b["sensitivity"] is not None and b["sensitivity"] >= 0 for b in blocks)
     table = json.loads((out / "plan.json").read_text())["sensitivity"]["entries"]
@@ -37,11 +60,11 @@ def test_report_holds_the_bit_map_with_the_measured_sensitivity(qublast):
     assert sum(kls[0] > kls[-1] for kls in by_part.values()) >= 55  # more bits, less KL, almost everywhere
 
 
-def test_the_file_respects_the_budget_and_beats_the_greedy_mix_in_llama_cpp(qublast, build_default):
+def test_at_the_size_of_llama_cpps_q4_k_m_it_has_lower_kld_in_llama_cpp(qublast, stock_q4_k_m):
     _, report = qublast
-    _, greedy = build_default(**BUDGET)  # rtn on the greedy mix
-    assert report["artifacts"][0]["bpw"] <= 4.5
-    assert report["quality"]["gguf"]["kld"] < 0.9 * greedy["quality"]["gguf"]["kld"]
+    bpw, stock = stock_q4_k_m
+    assert report["artifacts"][0]["bpw"] <= bpw
+    assert report["quality"]["gguf"]["kld"] < stock.kld
 
 
 def test_scaling_maps_shrink_activation_outliers(qublast):
@@ -50,4 +73,10 @@ def test_scaling_maps_shrink_activation_outliers(qublast):
     assert len(maps) == 4 * 30
     assert all(m["error_ratio"] <= 1.0 for m in maps)  # alpha = 0 is a candidate: never worse on its layer
     scaled = [m for m in maps if m["alpha"] > 0]
-    assert scaled and all(m["outlier_after"] < m["outlier_before"] for m in scaled)
+    # where each input channel has its own scale, a scale > 0 always lowers max/std there;
+    # attn_out's scale is folded into v, so one value channel's scale is shared by the query
+    # heads of its group and the ratio may rise a little when the output error falls
+    own_scales = [m for m in scaled if m["group"] != "attn_out"]
+    assert own_scales and all(m["outlier_after"] < m["outlier_before"] for m in own_scales)
+    mean = lambda key: sum(m[key] for m in maps) / len(maps)  # noqa: E731
+    assert mean("outlier_after") < 0.9 * mean("outlier_before")
