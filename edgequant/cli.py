@@ -93,11 +93,7 @@ def build(
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
                     eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads)
-    report = _run(run_build, opts, _progress(quiet or as_json))
-    if as_json:
-        typer.echo(json.dumps(report, indent=1))
-    else:
-        _print_summary(report)
+    _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
 
 @app.command()
@@ -120,11 +116,7 @@ def plan(
 
     opts = _options(model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens)
-    summary = _run(lambda: planned(opts, _progress(quiet or as_json)).summary())
-    if as_json:
-        typer.echo(json.dumps(summary, indent=1))
-    else:
-        _print_plan(summary)
+    _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 
 @app.command()
@@ -146,6 +138,14 @@ def devices(as_json: bool = typer.Option(False, "--json", help="Print the profil
         table.add_row(d.name, d.title, f"{d.ram_gb:g}", f"{d.usable_gb:g}", f"{d.bandwidth_gbs:g}", str(d.cpu_cores),
                       ", ".join(d.runtimes), str(d.default_ctx))
     Console().print(table)
+
+
+def _emit(result: dict, as_json: bool, show) -> None:
+    """A command's result: JSON on stdout for scripts, else ``show`` prints it for a person."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        show(result)
 
 
 def _print_plan(s: dict) -> None:

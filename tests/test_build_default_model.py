@@ -108,7 +108,7 @@ def test_exported_tokenizer_matches_the_models_own(build_default, default_model)
 def test_readme_build_command_makes_a_file_llama_cpp_chats_with(tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "edgequant.cli", "build", "--device", "jetson-orin", "--out", str(out),
-           "--eval-tokens", "1024", "--calib-tokens", "2048", "--quiet"]
+           "--eval-tokens", "1024", "--quiet"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
     assert {p.name for p in out.iterdir()} == {"model.gguf", "report.json", "plan.json"}
     report = json.loads((out / "report.json").read_text())
