@@ -89,7 +89,7 @@ def build(
     """Quantize MODEL for DEVICE, export model.gguf into OUT, and measure it against full precision."""
     from .pipeline import build as run_build
 
-    opts = _options(model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
+    opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
                     eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads)
@@ -114,7 +114,7 @@ def plan(
     """Print the budget, the type of every block part and the predicted size, memory and speed; write nothing."""
     from .pipeline import planned
 
-    opts = _options(model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
+    opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens)
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 

@@ -38,7 +38,7 @@ from .evaluation import (
 )
 from .methods import Method, get_method
 from .models import LoadedModel, load_model, read_gguf
-from .planning import Matrix, Plan, for_budget, smallest_bytes, uniform
+from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .sensitivity import Part, Sensitivity, split_parts
 from .smoothing import smooth
@@ -65,6 +65,12 @@ class BuildOptions:
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
     torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
     threads: int | None = None
+
+    def __post_init__(self):
+        """Mistyped names fail here, before the model is loaded or calibrated."""
+        get_method(self.method)
+        if self.ggml_type:
+            check_type_name(self.ggml_type)
 
 
 @dataclass

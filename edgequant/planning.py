@@ -102,9 +102,14 @@ def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
     return Plan({m.name: _ladder(m.cols)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
 
 
-def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
+def check_type_name(ggml_type: str) -> None:
+    """A one-line error for a type name we cannot write."""
     if ggml_type.upper() not in TYPES:
         raise EdgequantError(f"unknown ggml type {ggml_type!r}; known: {', '.join(TYPES)}")
+
+
+def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
+    check_type_name(ggml_type)
     types = {m.name: fitting_type(ggml_type, m.cols) for m in matrices}
     return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
 
