@@ -1,6 +1,6 @@
 """The stock llama.cpp ladder against our methods, at matching file sizes, measured in llama.cpp.
 
-    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all] [--out DIR]
+    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all|none] [--out DIR]
 
 1. Writes an F32 GGUF of the reference model, then llama.cpp's own mixes through
    ``llama_model_quantize`` (llama-cpp-python), each without and with an importance matrix
@@ -69,7 +69,7 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--ours-at", default="Q3_K_M,Q4_K_M",
-                    help="mixes at whose size our methods are built too ('all' for every mix; ~10 min per mix)")
+                    help="mixes at whose size our methods are built too ('all' for every mix, ~13 min each; 'none' for the stock files only)")
     ap.add_argument("--no-maps-at", default="Q3_K_M,Q4_K_M", help="mixes where QuBLAST also runs without maps")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ladder"))
     args = ap.parse_args()
