@@ -27,11 +27,11 @@ from pathlib import Path
 from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, default_gguf, read_text
 from edgequant.calibration import activation_stats
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
+from edgequant.evaluation import CachedLogits, TorchLogits, token_windows
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
 from runtimes.llama_quantize import quantize_stock, write_f32_copy
-from runtimes.llamacpp import LlamaCppLogits
+from runtimes.llamacpp import score_in_llama_cpp
 
 MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 OURS = {  # row label -> edgequant build options
@@ -54,11 +54,7 @@ def build_ours(out: Path, bpw: float, calib_tokens: int, options: list[str]) -> 
 
 
 def score(path: Path, windows, reference) -> dict:
-    runner = LlamaCppLogits(path, windows.shape[1])
-    try:
-        q = evaluate(runner, windows, reference, "llama.cpp")
-    finally:
-        runner.close()
+    q = score_in_llama_cpp(path, windows, reference)
     n_bytes, n_params = gguf_tensor_stats(path)
     return {"bpw": n_bytes * 8 / n_params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
 

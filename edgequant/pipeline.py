@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exporters.gguf import overhead_bytes, write_gguf
-from runtimes.llamacpp import LlamaCppLogits
+from runtimes.llamacpp import score_in_llama_cpp
 
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
@@ -269,12 +269,8 @@ def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> d
         with progress.step("evaluate torch simulation", len(windows)) as tick:
             quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
         del sim
-    runner = LlamaCppLogits(gguf_path, opts.ctx, opts.threads)
-    try:
-        with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
-            quality["gguf"] = evaluate(runner, windows, reference, "llama.cpp", tick).as_dict()
-    finally:
-        runner.close()
+    with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
+        quality["gguf"] = score_in_llama_cpp(gguf_path, windows, reference, opts.threads, tick).as_dict()
     return quality
 
 

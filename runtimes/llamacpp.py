@@ -49,6 +49,18 @@ class LlamaCppLogits:
         self.llm.close()
 
 
+def score_in_llama_cpp(path: Path, windows: np.ndarray, reference, n_threads: int | None = None, progress=None):
+    """Perplexity, KLD and top-1 of a GGUF file run in llama.cpp on ``windows`` (one window per
+    context), against the full-precision ``reference`` logits."""
+    from edgequant.evaluation import evaluate
+
+    runner = LlamaCppLogits(path, windows.shape[1], n_threads)
+    try:
+        return evaluate(runner, windows, reference, "llama.cpp", progress)
+    finally:
+        runner.close()
+
+
 def chat(path: Path, question: str, max_tokens: int = 48, n_threads: int | None = None) -> str:
     """Greedy answer to one user message, with the chat template stored in the file."""
     llm = _open(path, 1024, logits_all=False, n_threads=n_threads)

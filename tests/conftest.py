@@ -36,3 +36,20 @@ def build_default(default_model, reference, tmp_path_factory):
         return done[key]
 
     return run
+
+
+def score_stock_mix(tmp: Path, mix: str, tokenizer, reference, tokens: int = EVAL_TOKENS):
+    """llama.cpp's own ``mix`` of the reference model, made in ``tmp``: (bits per weight, its
+    llama.cpp quality on the first ``tokens`` of the evaluation text)."""
+    from edgequant.assets import EVALUATION_TEXT, default_gguf, read_text
+    from edgequant.evaluation import token_windows
+    from edgequant.pipeline import gguf_tensor_stats
+    from runtimes.llama_quantize import quantize_stock, write_f32_copy
+    from runtimes.llamacpp import score_in_llama_cpp
+
+    write_f32_copy(default_gguf(), tmp / "f32.gguf")
+    path = tmp / f"stock-{mix}.gguf"
+    quantize_stock(tmp / "f32.gguf", path, mix)
+    n_bytes, n_params = gguf_tensor_stats(path)
+    windows = token_windows(tokenizer, read_text(EVALUATION_TEXT), tokens)
+    return n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)

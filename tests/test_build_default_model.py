@@ -9,6 +9,7 @@ import pytest
 
 from edgequant.pipeline import gguf_tensor_stats
 from runtimes.llamacpp import chat
+from tests.conftest import score_stock_mix
 
 pytestmark = pytest.mark.slow
 
@@ -27,21 +28,14 @@ def test_uniform_q8_0_with_scaling_maps_is_within_half_a_percent_in_llama_cpp(bu
 
 
 def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build_default, default_model, reference, tmp_path):
-    from runtimes.llama_quantize import quantize_stock, write_f32_copy
-    from runtimes.llamacpp import LlamaCppLogits
-    from edgequant.assets import default_gguf, read_text
-    from edgequant.evaluation import evaluate, token_windows
-
     _, report = build_default(ggml_type="Q8_0")
     q = report["quality"]
     assert q["gguf"]["runtime"] == "llama.cpp"
     # the decoded weights alone are within 0.25%; llama.cpp adds its 8-bit activations on top
     assert relative_gap(q["gguf_sim"]["ppl"], q["fp"]["ppl"]) < 0.0025
     assert relative_gap(q["gguf"]["ppl"], q["fp"]["ppl"]) < 0.01
-    write_f32_copy(default_gguf(), tmp_path / "f32.gguf")
-    quantize_stock(tmp_path / "f32.gguf", tmp_path / "stock-q8_0.gguf", "Q8_0")
-    windows = token_windows(default_model.tokenizer, read_text("wiki.utf8"), report["text"]["evaluation"]["tokens"])
-    stock = evaluate(LlamaCppLogits(tmp_path / "stock-q8_0.gguf"), windows, reference, "llama.cpp")
+    _, stock = score_stock_mix(tmp_path, "Q8_0", default_model.tokenizer, reference,
+                               report["text"]["evaluation"]["tokens"])
     assert q["gguf"]["kld"] < stock.kld
 
 

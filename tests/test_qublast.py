@@ -6,29 +6,15 @@ import pytest
 
 from edgequant.pipeline import matrices_of
 from edgequant.sensitivity import Part, split_parts
+from tests.conftest import score_stock_mix
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def stock_q4_k_m(tmp_path_factory, default_model, reference):
-    """llama.cpp's own Q4_K_M of the reference model: its path, bits per weight and quality."""
-    from edgequant.assets import default_gguf, read_text
-    from edgequant.evaluation import evaluate, token_windows
-    from edgequant.pipeline import gguf_tensor_stats
-    from runtimes.llama_quantize import quantize_stock, write_f32_copy
-    from runtimes.llamacpp import LlamaCppLogits
-    from tests.conftest import EVAL_TOKENS
-
-    tmp = tmp_path_factory.mktemp("stock")
-    write_f32_copy(default_gguf(), tmp / "f32.gguf")
-    quantize_stock(tmp / "f32.gguf", tmp / "q4_k_m.gguf", "Q4_K_M")
-    n_bytes, n_params = gguf_tensor_stats(tmp / "q4_k_m.gguf")
-    windows = token_windows(default_model.tokenizer, read_text("wiki.utf8"), EVAL_TOKENS)
-    runner = LlamaCppLogits(tmp / "q4_k_m.gguf")
-    quality = evaluate(runner, windows, reference, "llama.cpp")
-    runner.close()
-    return n_bytes * 8 / n_params, quality
+    """llama.cpp's own Q4_K_M of the reference model: its bits per weight and quality."""
+    return score_stock_mix(tmp_path_factory.mktemp("stock"), "Q4_K_M", default_model.tokenizer, reference)
 
 
 @pytest.fixture(scope="module")
