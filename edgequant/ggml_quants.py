@@ -8,6 +8,9 @@ GPTQ can reuse the first one and choose the integer codes itself:
    dequantizer will compute, so a code ``q`` decodes to ``scale * level(q) + offset``.
 2. ``pack(grid, q)`` writes the codes and the stored scale fields in ggml's byte layout.
 
+``unpack(data)`` reads the bytes back into the same grid and codes, so other formats (the ONNX
+exporter) can reuse the very codes that llama.cpp runs.
+
 ``Grid.values(q)`` reproduces gguf-py's dequantizer bit for bit (same float32 operations),
 and the tests check exactly that. The scale search minimises the (importance-weighted)
 squared error directly: a set of candidate scales per sub-block, each refined by weighted
@@ -260,7 +263,18 @@ class QuantType:
         assert out.shape[1] == self.nbytes
         return out.reshape(rows, -1)
 
+    def unpack(self, data: np.ndarray) -> tuple[Grid, np.ndarray]:
+        """Inverse of ``pack``: bytes (rows, row_bytes) -> the grid and the codes (rows, cols)."""
+        rows = data.shape[0]
+        blocks = np.ascontiguousarray(data).reshape(-1, self.nbytes)
+        q, scale, offset = self._unpack_blocks(blocks)
+        grid = Grid(scale.reshape(rows, -1), offset.reshape(rows, -1), self.sub, self.qmin, self.qmax, self.levels, {})
+        return grid, q.reshape(rows, -1).astype(np.int32)
+
     def _fit_subblocks(self, x, w):  # -> scale (N,), offset (N,), fields
+        raise NotImplementedError
+
+    def _unpack_blocks(self, b):  # (nblocks, nbytes) -> codes (nblocks, block), scale and offset (nblocks, n_sub)
         raise NotImplementedError
 
     def _pack_blocks(self, q, fields):  # (nblocks, block) codes -> (nblocks, nbytes)
@@ -287,6 +301,27 @@ def _bits_of(q: np.ndarray, shift: int, width: int, groups: int) -> np.ndarray:
     return out
 
 
+def _f16(b: np.ndarray, at: int) -> np.ndarray:
+    """The fp16 field at byte ``at`` of each block, as float32 (nblocks, 1)."""
+    return np.ascontiguousarray(b[:, at : at + 2]).view(F16).astype(F32)
+
+
+def _unnibble(b: np.ndarray) -> np.ndarray:
+    """Inverse of ``_nibbles``: (N, k) bytes -> (N, 2k) values, low nibbles first."""
+    return np.concatenate([b & 15, b >> 4], axis=1).astype(np.int32)
+
+
+def _unbits(b: np.ndarray, width: int, groups: int) -> np.ndarray:
+    """Inverse of ``_bits_of`` (shift 0): (N, 32) bytes -> (N, groups*32) fields."""
+    return np.concatenate([(b >> (g * width)) & ((1 << width) - 1) for g in range(groups)], axis=1).astype(np.int32)
+
+
+def _both_halves(b: np.ndarray, unpack_half) -> np.ndarray:
+    """Inverse of ``_two_halves``: unpack each half of the bytes and join the 128-weight halves."""
+    half = b.shape[1] // 2
+    return np.concatenate([unpack_half(b[:, :half]), unpack_half(b[:, half:])], axis=1)
+
+
 class _Symmetric32(QuantType):
     """d (fp16) times a signed integer, one scale per 32 weights: Q4_0, Q5_0, Q8_0."""
 
@@ -303,6 +338,10 @@ class Q4_0(_Symmetric32):
     def _pack_blocks(self, q, f):
         return _u8(f["d"], _nibbles(q + 8))
 
+    def _unpack_blocks(self, b):
+        d = _f16(b, 0)
+        return _unnibble(b[:, 2:]) - 8, d, np.zeros_like(d)
+
 
 class Q5_0(_Symmetric32):
     ggml_type, nbytes, qmin, qmax = GGMLQuantizationType.Q5_0, 22, -16, 15
@@ -310,6 +349,10 @@ class Q5_0(_Symmetric32):
     def _pack_blocks(self, q, f):
         u = q + 16
         return _u8(f["d"], _high_bits32(u), _nibbles(u))
+
+    def _unpack_blocks(self, b):
+        d = _f16(b, 0)
+        return _unnibble(b[:, 6:]) + 16 * _unhigh_bits32(b[:, 2:6]) - 16, d, np.zeros_like(d)
 
 
 class Q8_0(_Symmetric32):
@@ -319,11 +362,21 @@ class Q8_0(_Symmetric32):
     def _pack_blocks(self, q, f):
         return _u8(f["d"], q.astype(np.int8))
 
+    def _unpack_blocks(self, b):
+        d = _f16(b, 0)
+        return b[:, 2:].view(np.int8).astype(np.int32), d, np.zeros_like(d)
+
 
 def _high_bits32(u: np.ndarray) -> np.ndarray:
     """Bit 4 of each of 32 codes as one little-endian uint32 (Q5_0/Q5_1's qh)."""
     bits = ((u >> 4) & 1).astype(np.uint32) << np.arange(32, dtype=np.uint32)
     return bits.sum(-1, dtype=np.uint32)[:, None]
+
+
+def _unhigh_bits32(b: np.ndarray) -> np.ndarray:
+    """Inverse of ``_high_bits32``: (N, 4) bytes -> (N, 32) bits."""
+    word = np.ascontiguousarray(b).view(np.uint32)
+    return ((word >> np.arange(32, dtype=np.uint32)) & 1).astype(np.int32)
 
 
 class IQ4_NL(_Symmetric32):
@@ -338,6 +391,10 @@ class IQ4_NL(_Symmetric32):
 
     def _pack_blocks(self, q, f):
         return _u8(f["d"], _nibbles(q))
+
+    def _unpack_blocks(self, b):
+        d = _f16(b, 0)
+        return _unnibble(b[:, 2:]), d, np.zeros_like(d)
 
 
 class _Affine32(QuantType):
@@ -358,12 +415,18 @@ class Q4_1(_Affine32):
     def _pack_blocks(self, q, f):
         return _u8(f["d"], f["m"], _nibbles(q))
 
+    def _unpack_blocks(self, b):
+        return _unnibble(b[:, 4:]), _f16(b, 0), _f16(b, 2)
+
 
 class Q5_1(_Affine32):
     ggml_type, nbytes, qmax = GGMLQuantizationType.Q5_1, 24, 31
 
     def _pack_blocks(self, q, f):
         return _u8(f["d"], f["m"], _high_bits32(q), _nibbles(q))
+
+    def _unpack_blocks(self, b):
+        return _unnibble(b[:, 8:]) + 16 * _unhigh_bits32(b[:, 4:8]), _f16(b, 0), _f16(b, 2)
 
 
 class _KQuant(QuantType):
@@ -397,6 +460,11 @@ class Q2_K(_KQuant):
         scales = (f["sc"] | f["mn"] << 4).astype(np.uint8)
         return _u8(scales, _two_halves(q, lambda h: _bits_of(h, 0, 2, 4)), f["d"], f["dmin"])
 
+    def _unpack_blocks(self, b):
+        sc, mn = (b[:, :16] & 15).astype(F32), (b[:, :16] >> 4).astype(F32)
+        q = _both_halves(b[:, 16:80], lambda h: _unbits(h, 2, 4))
+        return q, _f16(b, 80) * sc, -_f16(b, 82) * mn
+
 
 def _two_halves(q, pack_half):
     """Apply ``pack_half`` to weights 0..127 and 128..255 of each block and join the bytes."""
@@ -417,6 +485,15 @@ class Q3_K(_KQuant):
             hi |= ((s6[:, 4 * j : 4 * j + 4] >> 4) & 3) << (2 * j)
         return _u8(hmask, low, lo, hi, f["d"])
 
+    def _unpack_blocks(self, b):
+        high = _unbits(b[:, :32], 1, 8)
+        low = _both_halves(b[:, 32:96], lambda h: _unbits(h, 2, 4))
+        lo, hi = b[:, 96:104], b[:, 104:108]
+        s6 = np.concatenate([lo & 15, lo >> 4], axis=1).astype(np.int32)
+        s6 |= np.concatenate([(hi >> (2 * j)) & 3 for j in range(4)], axis=1).astype(np.int32) << 4
+        scale = _f16(b, 108) * (s6 - 32).astype(F32)
+        return low + 4 * high - 4, scale, np.zeros_like(scale)
+
 
 def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     """Eight 6-bit scales and eight 6-bit mins in Q4_K/Q5_K's 12 bytes."""
@@ -427,10 +504,29 @@ def _pack_k_scales(sc: np.ndarray, mn: np.ndarray) -> np.ndarray:
     return np.concatenate([b0, b1, b2], axis=1)
 
 
+def _unpack_k_scales(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Inverse of ``_pack_k_scales``: 12 bytes -> eight 6-bit scales and eight 6-bit mins."""
+    b0, b1, b2 = b[:, :4], b[:, 4:8], b[:, 8:12]
+    sc = np.concatenate([b0 & 63, (b2 & 15) | (b0 >> 6) << 4], axis=1)
+    mn = np.concatenate([b1 & 63, (b2 >> 4) | (b1 >> 6) << 4], axis=1)
+    return sc.astype(F32), mn.astype(F32)
+
+
+def _k_affine(b: np.ndarray, q: np.ndarray):
+    """Q4_K/Q5_K: codes plus d*sc scales and -dmin*m offsets from the block header."""
+    sc, mn = _unpack_k_scales(b[:, 4:16])
+    return q, _f16(b, 0) * sc, -_f16(b, 2) * mn
+
+
 def _k_nibbles(q: np.ndarray) -> np.ndarray:
     """Q4_K/Q5_K low nibbles: each 64 weights -> 32 bytes (first 32 low, next 32 high)."""
     n = q.shape[0]
     return _nibbles((q & 15).reshape(-1, 64)).reshape(n, 128)
+
+
+def _k_unnibbles(b: np.ndarray) -> np.ndarray:
+    """Inverse of ``_k_nibbles``."""
+    return _unnibble(b.reshape(-1, 32)).reshape(len(b), 256)
 
 
 class Q4_K(_KQuant):
@@ -439,12 +535,18 @@ class Q4_K(_KQuant):
     def _pack_blocks(self, q, f):
         return _u8(f["d"], f["dmin"], _pack_k_scales(f["sc"], f["mn"]), _k_nibbles(q))
 
+    def _unpack_blocks(self, b):
+        return _k_affine(b, _k_unnibbles(b[:, 16:]))
+
 
 class Q5_K(_KQuant):
     ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.Q5_K, 176, 32, 0, 31, 63
 
     def _pack_blocks(self, q, f):
         return _u8(f["d"], f["dmin"], _pack_k_scales(f["sc"], f["mn"]), _bits_of(q, 4, 1, 8), _k_nibbles(q))
+
+    def _unpack_blocks(self, b):
+        return _k_affine(b, _k_unnibbles(b[:, 48:]) + 16 * _unbits(b[:, 16:48], 1, 8))
 
 
 class Q6_K(_KQuant):
@@ -455,6 +557,12 @@ class Q6_K(_KQuant):
         ql = _two_halves(u, lambda h: _nibbles(h.reshape(-1, 128)))
         qh = _two_halves(u, lambda h: _bits_of(h, 4, 2, 4))
         return _u8(ql, qh, f["sc"].astype(np.int8), f["d"])
+
+    def _unpack_blocks(self, b):
+        low = _both_halves(b[:, :128], _unnibble)
+        high = _both_halves(b[:, 128:192], lambda h: _unbits(h, 2, 4))
+        scale = _f16(b, 208) * b[:, 192:208].view(np.int8).astype(F32)
+        return low + 16 * high - 32, scale, np.zeros_like(scale)
 
 
 TYPES: dict[str, QuantType] = {

@@ -81,3 +81,13 @@ def test_k_quants_refuse_rows_that_are_not_whole_super_blocks():
 def test_unknown_type_name_is_a_clear_error():
     with pytest.raises(ValueError, match="unknown ggml type"):
         get_type("Q7_K")
+
+
+@pytest.mark.parametrize("name", ALL)
+def test_unpack_reads_back_the_codes_and_grid_that_gguf_py_decodes(name):
+    qtype, w = TYPES[name], weights()
+    data = qtype.quantize(w)
+    grid, q = qtype.unpack(data)
+    assert q.min() >= qtype.qmin and q.max() <= qtype.qmax
+    np.testing.assert_array_equal(grid.values(q), decode(qtype, data, w.shape))
+    np.testing.assert_array_equal(qtype.pack(qtype.fit(w), q), data)  # the same codes pack to the same bytes
