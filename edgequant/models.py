@@ -152,18 +152,11 @@ def read_gguf(path: Path) -> gguf.GGUFReader:
 
 def load_gguf(path: Path) -> LoadedModel:
     """Dequantize every tensor of a GGUF file into a float32 transformers model."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     reader = read_gguf(path)
-    meta = _gguf_metadata(reader)
-    gguf_arch = meta.get("general.architecture", "?")
-    if gguf_arch not in _FROM_GGUF_ARCH:
-        raise EdgequantError(
-            f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(_FROM_GGUF_ARCH)}"
-        )
-    arch = architecture(_FROM_GGUF_ARCH[gguf_arch])
+    arch, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
-    config = AutoConfig.for_model(arch.model_type, **_config_from_gguf(meta, tensors))
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
     for hf_name in model.state_dict():
@@ -181,11 +174,32 @@ def load_gguf(path: Path) -> LoadedModel:
     model.load_state_dict(state, strict=False)
     if config.tie_word_embeddings:
         model.tie_weights()
+    return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path)
+
+
+def gguf_config(reader: gguf.GGUFReader):
+    """(Architecture, transformers config) described by a GGUF file's metadata."""
+    from transformers import AutoConfig
+
+    meta = _gguf_metadata(reader)
+    gguf_arch = meta.get("general.architecture", "?")
+    if gguf_arch not in _FROM_GGUF_ARCH:
+        raise EdgequantError(
+            f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(_FROM_GGUF_ARCH)}"
+        )
+    arch = architecture(_FROM_GGUF_ARCH[gguf_arch])
+    tensors = {t.name: t for t in reader.tensors}
+    return arch, AutoConfig.for_model(arch.model_type, **_config_from_gguf(meta, tensors))
+
+
+def gguf_tokenizer(path: Path):
+    """The tokenizer stored in a GGUF file, as a transformers tokenizer."""
+    from transformers import AutoTokenizer
+
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except Exception as e:
         raise EdgequantError(f"cannot read the tokenizer of {path}: {_first_line(e)}") from None
-    return LoadedModel(model.eval(), tokenizer, arch, path)
 
 
 def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
