@@ -82,17 +82,18 @@ def build(
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
-    threads: Optional[int] = typer.Option(None, help="llama.cpp threads (default: all cores)."),
+    threads: Optional[int] = typer.Option(None, help="llama.cpp / ONNX Runtime threads (default: all cores)."),
+    formats: str = typer.Option("gguf,onnx", help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
-    """Quantize MODEL for DEVICE, export model.gguf into OUT, and measure it against full precision."""
+    """Quantize MODEL for DEVICE, export model.gguf and onnx/ into OUT, and measure them against full precision."""
     from .pipeline import build as run_build
 
     opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
-                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads)
+                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats)
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
 
@@ -117,6 +118,49 @@ def plan(
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens)
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
+
+
+@app.command("eval")
+def eval_(
+    path: Path = typer.Argument(..., help="A .gguf file (run in llama.cpp) or an ONNX folder / .onnx file (run in ONNX Runtime)."),
+    reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision model to compare with (HF folder or .gguf; default: the built-in model)."),
+    eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
+    eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
+    eval_ctx: int = typer.Option(512, help="Evaluation window length."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores)."),
+    accuracy_level: Optional[int] = typer.Option(None, help="ONNX: override MatMulNBits accuracy_level (0 = float32 activations)."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+):
+    """Perplexity, KL divergence and top-1 agreement of a quantized file against full precision."""
+    from .pipeline import evaluate_file
+
+    result = _run(evaluate_file, path, reference, eval_text, eval_tokens, eval_ctx, threads, accuracy_level,
+                  _progress(quiet or as_json))
+    _emit(result, as_json, _print_quality)
+
+
+def _print_quality(result: dict) -> None:
+    q, t = result["quality"], result["text"]
+    kld = "" if q["kld"] is None else f", KLD {q['kld']:.4f} ± {q['kld_se']:.4f}, top-1 {q['top1']:.3f}"
+    typer.echo(f"{result['path']} in {q['runtime']}: ppl {q['ppl']:.3f} ± {q['ppl_se']:.3f}{kld} "
+               f"(vs {result['reference']}; {t['source']}, {t['tokens']} tokens, ctx {t['ctx']})")
+
+
+@app.command("export-onnx")
+def export_onnx_cmd(
+    gguf_file: Path = typer.Argument(..., help="A GGUF file (ours or any llama/qwen2/qwen3 GGUF in ggml types we read)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Output folder (replaced atomically)."),
+    accuracy_level: int = typer.Option(4, help="MatMulNBits accuracy_level: 4 = int8 activations (fast), 0 = float32."),
+    as_json: bool = JSON,
+):
+    """Write an ONNX Runtime / onnxruntime-genai folder that runs the GGUF file's own codes."""
+    from exporters.onnx import export_onnx
+
+    result = _run(export_onnx, gguf_file, out, None, accuracy_level)
+    _emit(result, as_json, lambda r: typer.echo(
+        f"{r['path']}: {r['bytes'] / 1e6:.1f} MB, {r['bpw']:.3f} bpw, MatMulNBits bits {r['bits_used']}; "
+        + ", ".join(f"{t} -> {m['bits']}-bit/{m['block_size']}" for t, m in r["mapping"].items())))
 
 
 @app.command()
@@ -178,10 +222,10 @@ def _print_summary(report: dict) -> None:
     q = report["quality"]
     fp = q["fp"]
     table.add_row("full precision", "torch", "32", "", f"{fp['ppl']:.3f}", "", "")
-    art = report["artifacts"][0]
-    for key in ("gguf_sim", "gguf"):
+    artifacts = {a["format"]: a for a in report["artifacts"]}
+    for key, fmt in (("gguf_sim", "gguf"), ("gguf", "gguf"), ("onnx", "onnx"), ("onnx_exact", "onnx")):
         if key in q:
-            r = q[key]
+            r, art = q[key], artifacts.get(fmt, {"path": "(gguf, not kept)", "bpw": float("nan"), "bytes": 0})
             table.add_row(art["path"], r["runtime"], f"{art['bpw']:.3f}", f"{art['bytes'] / 1e6:.1f}",
                           f"{r['ppl']:.3f}", f"{r['kld']:.4f}", f"{r['top1']:.3f}")
     Console().print(table)

@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from exporters.gguf import overhead_bytes, write_gguf
+from exporters.onnx import export_onnx
 from runtimes.llamacpp import score_in_llama_cpp
+from runtimes.ort import check_model, model_file, score_in_ort
 
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
@@ -44,6 +46,9 @@ from .sensitivity import Part, Sensitivity, split_parts
 from .smoothing import smooth
 
 
+FORMATS = ("gguf", "onnx")
+
+
 @dataclass
 class BuildOptions:
     model: str | None = None  # None / "default" -> the built-in model
@@ -65,12 +70,18 @@ class BuildOptions:
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
     torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
     threads: int | None = None
+    formats: tuple[str, ...] = FORMATS  # what goes into --out; the ONNX model is made from the GGUF's bytes
 
     def __post_init__(self):
         """Mistyped names fail here, before the model is loaded or calibrated."""
         get_method(self.method)
         if self.ggml_type:
             check_type_name(self.ggml_type)
+        if isinstance(self.formats, str):
+            self.formats = tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
+        unknown = set(self.formats) - set(FORMATS)
+        if unknown or not self.formats:
+            raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
 
 
 @dataclass
@@ -216,8 +227,15 @@ def build(
         gguf_path = stage / "model.gguf"
         with progress.step("export GGUF"):
             write_gguf(gguf_path, work, encoded, opts.method)
+        artifacts = [_artifact(gguf_path, "gguf", out)]
+        if "onnx" in opts.formats:
+            with progress.step("export ONNX"):
+                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", loaded.tokenizer), out))
         reference = reference or CachedLogits(TorchLogits(loaded.model))
-        quality = _evaluate(reference, work, encoded, gguf_path, windows, opts, progress)
+        quality = _evaluate(reference, work, encoded, stage, windows, opts, progress)
+        if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
+            gguf_path.unlink()
+            artifacts.pop(0)
         report = {
             "edgequant": __version__,
             "model": {"name": loaded.name, "path": str(loaded.path), "architecture": loaded.arch.model_type},
@@ -226,7 +244,7 @@ def build(
             "predicted": tgt.predict(plan),
             "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth,
                        "scaling_maps": maps is not None, "plan": plan.rule},
-            "artifacts": [_artifact(gguf_path, "gguf", out)],
+            "artifacts": artifacts,
             "quality": quality,
             "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
                       "note": "peak RSS of the building process so far"},
@@ -246,6 +264,34 @@ def build(
     return report
 
 
+def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str | None = None,
+                  eval_tokens: int = 8192, ctx: int = DEFAULT_CTX, threads: int | None = None,
+                  accuracy_level: int | None = None, progress: Progress | None = None) -> dict:
+    """``edgequant eval``: score a GGUF file (in llama.cpp) or an ONNX model (in ONNX Runtime)
+    against the full-precision ``reference_model`` on the evaluation text."""
+    progress = progress or Progress()
+    path = Path(path)
+    if not path.exists():
+        raise EdgequantError(f"not found: {path}")
+    is_onnx = path.is_dir() or path.suffix == ".onnx"
+    if is_onnx:  # a corrupt file fails here, before the reference model is loaded
+        check_model(model_file(path))
+    else:
+        read_gguf(path)
+    with progress.step("load reference model"):
+        loaded = load_model(reference_model)
+    label, text = load_text(eval_text, EVALUATION_TEXT)
+    windows = token_windows(loaded.tokenizer, text, eval_tokens, ctx)
+    reference = CachedLogits(TorchLogits(loaded.model))
+    with progress.step(f"evaluate {path.name}", len(windows)) as tick:
+        if is_onnx:
+            quality = score_in_ort(path, windows, reference, threads, accuracy_level, tick)
+        else:
+            quality = score_in_llama_cpp(path, windows, reference, threads, tick)
+    return {"path": str(path), "reference": loaded.name, "quality": quality.as_dict(),
+            "text": {"source": label, "tokens": int(windows.size), "ctx": ctx}}
+
+
 def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
     """The per-block bit map: one row per block part, with its measured sensitivity when known."""
     kl = {(e.part, e.option): e.kl for e in table.entries} if table else {}
@@ -258,8 +304,10 @@ def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
     return rows
 
 
-def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> dict:
-    """Quality of the file against the full-precision ``reference``; ``work`` is what was quantized."""
+def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress) -> dict:
+    """Quality of the files in ``stage`` against the full-precision ``reference``; ``work`` is
+    what was quantized. The ONNX model is scored as shipped and at accuracy_level 0 (float32
+    activations: the exact counterpart of the torch simulation)."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
         cached = lambda window: reference.log_probs(window).numpy()
@@ -269,8 +317,14 @@ def _evaluate(reference, work, encoded, gguf_path, windows, opts, progress) -> d
         with progress.step("evaluate torch simulation", len(windows)) as tick:
             quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
         del sim
-    with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
-        quality["gguf"] = score_in_llama_cpp(gguf_path, windows, reference, opts.threads, tick).as_dict()
+    if "gguf" in opts.formats:
+        with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
+            quality["gguf"] = score_in_llama_cpp(stage / "model.gguf", windows, reference, opts.threads, tick).as_dict()
+    if "onnx" in opts.formats:
+        for key, level in (("onnx", None), ("onnx_exact", 0)):
+            with progress.step(f"evaluate ONNX in onnxruntime{' (accuracy_level 0)' if level == 0 else ''}",
+                               len(windows)) as tick:
+                quality[key] = score_in_ort(stage / "onnx", windows, reference, opts.threads, level, tick).as_dict()
     return quality
 
 
@@ -299,6 +353,12 @@ def _artifact(path: Path, fmt: str, out: Path) -> dict:
         "bpw": n_bytes * 8 / n_params,
         "sha256": sha256(path),
     }
+
+
+def _onnx_artifact(exported: dict, out: Path) -> dict:
+    folder = Path(exported["path"])
+    return {**exported, "path": str(out / folder.name),
+            "sha256": {name: sha256(folder / name) for name in exported["files"]}}
 
 
 def sha256(path: Path) -> str:

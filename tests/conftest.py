@@ -9,6 +9,7 @@ from edgequant.pipeline import BuildOptions, build
 
 EVAL_TOKENS = 4096  # 8 windows of 512: enough to compare runtimes on the same text
 CALIB_TOKENS = 2048
+MIXED = {"bpw": 4.5, "formats": "gguf,onnx"}  # a mixed plan, exported to both formats; shared by several tests
 
 
 @pytest.fixture(scope="session")
@@ -24,14 +25,17 @@ def reference(default_model):
 
 @pytest.fixture(scope="session")
 def build_default(default_model, reference, tmp_path_factory):
-    """Build the default model once per set of options; returns (out dir, report)."""
+    """Build the default model once per set of options; returns (out dir, report). Builds write
+    the GGUF only unless the options ask for ``formats`` (the ONNX export and its two ORT
+    evaluations add about 20 s per build)."""
     done: dict = {}
 
     def run(**options):
         key = json.dumps(options, sort_keys=True)
         if key not in done:
             out = tmp_path_factory.mktemp("build") / "out"
-            opts = BuildOptions(out=out, **{"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, **options})
+            defaults = {"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, "formats": "gguf"}
+            opts = BuildOptions(out=out, **{**defaults, **options})
             done[key] = (Path(out), build(opts, loaded=default_model, reference=reference))
         return done[key]
 

@@ -81,3 +81,19 @@ def test_unknown_type_and_impossible_bpw(tmp_path):
     assert_clean_failure(edgequant("build", "--type", "Q7_K", "--out", tmp_path / "o", "-q"), "Q7_K")
     assert_clean_failure(edgequant("build", "--bpw", "2", "--out", tmp_path / "o", "-q"), "smallest mix")
     assert not (tmp_path / "o").exists()
+
+
+def test_unknown_format(tmp_path):
+    assert_clean_failure(edgequant("build", "--formats", "gguf,tflite", "--out", tmp_path / "o", "-q"), "tflite")
+    assert not (tmp_path / "o").exists()
+
+
+def test_eval_and_export_of_missing_or_truncated_files(tmp_path):
+    truncated = tmp_path / "cut.gguf"
+    with open(default_gguf(), "rb") as f:
+        truncated.write_bytes(f.read(5_000_000))
+    assert_clean_failure(edgequant("eval", tmp_path / "nope.gguf"), "not found")
+    assert_clean_failure(edgequant("eval", tmp_path / "nope-folder/"), "not found")
+    assert_clean_failure(edgequant("eval", truncated), "cut.gguf")
+    assert_clean_failure(edgequant("export-onnx", truncated, "--out", tmp_path / "onnx"), "cut.gguf")
+    assert not (tmp_path / "onnx").exists()

@@ -9,7 +9,8 @@ import pytest
 
 from edgequant.pipeline import gguf_tensor_stats
 from runtimes.llamacpp import chat
-from tests.conftest import score_stock_mix
+from runtimes.ort import OrtDecoder, genai_greedy
+from tests.conftest import MIXED, score_stock_mix
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +43,7 @@ def test_uniform_q8_0_is_near_full_precision_and_beats_llama_cpps_own_q8_0(build
 Q3_K = {"ggml_type": "Q3_K", "calib_tokens": 16384}  # the same build serves the GPTQ comparison
 
 
-@pytest.mark.parametrize("options", [Q3_K, {"bpw": 4.5}], ids=["Q3_K", "mixed-4.5"])
+@pytest.mark.parametrize("options", [Q3_K, MIXED], ids=["Q3_K", "mixed-4.5"])
 def test_llama_cpp_and_the_torch_simulation_agree(build_default, options):
     _, report = build_default(**options)
     q = report["quality"]
@@ -59,7 +60,7 @@ def test_k_quant_files_use_k_quants_where_rows_allow_and_llama_cpp_fallbacks_els
 
 
 def test_bpw_target_is_met_and_reported_as_measured_from_the_file(build_default):
-    out, report = build_default(bpw=4.5)
+    out, report = build_default(**MIXED)
     n_bytes, n_params = gguf_tensor_stats(out / "model.gguf")
     measured = n_bytes * 8 / n_params
     artifact = report["artifacts"][0]
@@ -71,7 +72,7 @@ def test_bpw_target_is_met_and_reported_as_measured_from_the_file(build_default)
 
 
 def test_report_and_plan_hold_what_a_reader_needs(build_default):
-    out, report = build_default(bpw=4.5)
+    out, report = build_default(**MIXED)
     on_disk = json.loads((out / "report.json").read_text())
     assert on_disk == report
     assert {"model", "method", "artifacts", "quality", "tensors", "text"} <= report.keys()
@@ -92,19 +93,19 @@ def test_exported_tokenizer_matches_the_models_own(build_default, default_model)
 
     from edgequant.assets import read_text
 
-    out, _ = build_default(bpw=4.5)
+    out, _ = build_default(**MIXED)
     text = read_text("wiki.utf8")[:20000]
     llm = Llama(str(out / "model.gguf"), vocab_only=True, verbose=False)
     ours = llm.tokenize(text.encode(), add_bos=False, special=False)
     assert ours == default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_readme_build_command_makes_a_file_llama_cpp_chats_with(tmp_path):
+def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_with(tmp_path, default_model):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "edgequant.cli", "build", "--device", "jetson-orin", "--out", str(out),
            "--eval-tokens", "1024", "--quiet"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert {p.name for p in out.iterdir()} == {"model.gguf", "report.json", "plan.json"}
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "plan.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["device"]["name"] == "jetson-orin-nano-8gb" and report["method"]["name"] == "qublast"
     predicted = report["predicted"]
@@ -112,3 +113,11 @@ def test_readme_build_command_makes_a_file_llama_cpp_chats_with(tmp_path):
     assert report["quality"]["gguf"]["kld"] < 0.01  # the budget does not bind: Q8_0 everywhere
     answer = chat(out / "model.gguf", "What is the capital of France?")
     assert "Paris" in answer
+    # the ONNX folder: onnxruntime-genai answers too, with exactly the tokens of our own ORT loop
+    prompt = default_model.tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+        tokenize=True, return_dict=True)["input_ids"]
+    genai = genai_greedy(out / "onnx", prompt, 32)
+    ours = OrtDecoder(out / "onnx").greedy(prompt, 32, eos=default_model.tokenizer.eos_token_id)
+    assert genai == ours
+    assert "Paris" in default_model.tokenizer.decode(genai)

@@ -13,6 +13,7 @@ from edgequant.budget import Shape, predict, resolve
 from edgequant.devices import load_device
 from edgequant.pipeline import matrices_of
 from edgequant.planning import knapsack
+from tests.conftest import MIXED
 from tests.test_bad_inputs import assert_clean_failure, edgequant
 
 
@@ -38,7 +39,7 @@ def _shape(loaded):
 
 
 def test_kv_cache_and_compute_buffer_match_what_llama_cpp_allocates(default_model, build_default):
-    out, _ = build_default(bpw=4.5)
+    out, _ = build_default(**MIXED)
     script = ("import llama_cpp, sys; llama_cpp.Llama(sys.argv[1], n_ctx=2048, n_threads=1, verbose=True)")
     log = subprocess.run([sys.executable, "-c", script, str(out / "model.gguf")], capture_output=True, text=True).stderr
     kv_mib = float(re.search(r"KV buffer size =\s*([\d.]+) MiB", log).group(1))
@@ -50,7 +51,7 @@ def test_kv_cache_and_compute_buffer_match_what_llama_cpp_allocates(default_mode
 
 
 def test_predicted_file_size_matches_the_exported_file_within_one_percent(build_default):
-    for options in ({"bpw": 4.5}, {"ggml_type": "Q8_0"}):
+    for options in (MIXED, {"ggml_type": "Q8_0"}):
         out, report = build_default(**options)
         real = (out / "model.gguf").stat().st_size
         assert report["predicted"]["file_bytes"] == pytest.approx(real, rel=0.01)

@@ -1,0 +1,138 @@
+"""Export a GGUF file as an ONNX Runtime model folder that onnxruntime-genai can also run.
+
+The ONNX weights come from the GGUF file's own bytes (see :mod:`exporters.onnx.nbits`), so the
+ONNX model runs the codes that were evaluated in llama.cpp. The folder holds ``model.onnx``
+(graph) + ``model.onnx.data`` (weights), ``genai_config.json`` and the tokenizer files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+
+from edgequant.atomic import atomic_dir
+from edgequant.errors import EdgequantError
+from edgequant.ggml_quants import TYPES
+from edgequant.models import gguf_config, gguf_tokenizer, permute_qk, qk_heads, read_gguf
+
+from .graph import decoder
+from .nbits import BlockQuantized, from_ggml
+
+MODEL_FILE = "model.onnx"
+DATA_FILE = "model.onnx.data"
+DEFAULT_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: ORT's fast CPU path
+
+
+def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
+    """Write the ONNX folder ``out_dir`` (atomically) from ``gguf_path``; return what was written.
+
+    ``tokenizer`` (a transformers tokenizer) defaults to the one stored in the GGUF file."""
+    gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    reader = read_gguf(gguf_path)
+    arch, config = gguf_config(reader)
+    weights, floats = {}, {}
+    for t in reader.tensors:
+        kind = t.tensor_type.name
+        if len(t.shape) == 1 or kind in ("F32", "F16"):
+            if len(t.shape) != 1:
+                raise EdgequantError(f"{t.name} is {kind}; the ONNX export needs every matrix quantized")
+            floats[t.name] = np.asarray(t.data, np.float32)
+            continue
+        if kind not in TYPES:
+            raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
+        w = from_ggml(kind, np.asarray(t.data))
+        heads = qk_heads(config, t.name)
+        if arch.permute_qk and heads:  # back to Hugging Face's rotary layout
+            w = _permuted_rows(w, heads)
+        weights[t.name] = w
+    model = decoder(config, weights, floats, rope_cache(config), accuracy_level)
+    tokenizer = tokenizer or gguf_tokenizer(gguf_path)
+    with atomic_dir(out_dir) as stage:
+        onnx.save_model(model, stage / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=DATA_FILE, size_threshold=1024)
+        tokenizer.save_pretrained(stage)
+        (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer), indent=1))
+    return summary(out_dir, weights, accuracy_level)
+
+
+def _permuted_rows(w: BlockQuantized, heads: int) -> BlockQuantized:
+    def rows(a):
+        return None if a is None else np.ascontiguousarray(permute_qk(a, heads, to_gguf=False))
+
+    return BlockQuantized(w.ggml_type, w.bits, w.block_size, rows(w.codes), rows(w.scales), rows(w.zero_points),
+                          w.max_abs_error)
+
+
+def rope_cache(config) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables (max_positions, head_dim / 2) from the architecture's own rotary module,
+    so every rope scaling that transformers knows is applied the same way."""
+    module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
+    rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
+    positions = torch.arange(config.max_position_embeddings)[None]
+    with torch.no_grad():
+        cos, sin = rotary_cls(config)(torch.zeros(1, dtype=torch.float32), positions)
+    half = cos.shape[-1] // 2
+    return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
+
+
+def genai_config(config, tokenizer) -> dict:
+    """What onnxruntime-genai needs to drive the decoder and its KV cache."""
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    eos = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
+    bos = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
+    return {
+        "model": {
+            "type": config.model_type,
+            "bos_token_id": bos,
+            "eos_token_id": eos,
+            "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
+            "vocab_size": config.vocab_size,
+            "context_length": config.max_position_embeddings,
+            "decoder": {
+                "filename": MODEL_FILE,
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "head_size": head_dim,
+                "hidden_size": config.hidden_size,
+                "num_attention_heads": config.num_attention_heads,
+                "num_key_value_heads": config.num_key_value_heads,
+                "num_hidden_layers": config.num_hidden_layers,
+                "inputs": {"input_ids": "input_ids", "attention_mask": "attention_mask",
+                           "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"},
+                "outputs": {"logits": "logits", "present_key_names": "present.%d.key",
+                            "present_value_names": "present.%d.value"},
+            },
+        },
+        "search": {"do_sample": False, "num_beams": 1, "max_length": config.max_position_embeddings,
+                   "past_present_share_buffer": True, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
+                   "repetition_penalty": 1.0, "min_length": 0, "num_return_sequences": 1, "early_stopping": True,
+                   "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
+    }
+
+
+def summary(out_dir: Path, weights: dict[str, BlockQuantized], accuracy_level: int) -> dict:
+    """Files, sizes and the ggml -> MatMulNBits mapping of an exported folder."""
+    mapping = {}
+    for w in weights.values():
+        m = mapping.setdefault(w.ggml_type, {"bits": w.bits, "block_size": w.block_size, "tensors": 0,
+                                             "zero_points": w.zero_points is not None, "max_abs_error": 0.0})
+        m["tensors"] += 1
+        m["max_abs_error"] = max(m["max_abs_error"], w.max_abs_error)
+    files = sorted(p for p in out_dir.iterdir() if p.is_file())
+    n_params = sum(w.codes.size for w in weights.values())
+    return {
+        "format": "onnx",
+        "path": str(out_dir),
+        "bytes": sum(p.stat().st_size for p in files),
+        "weight_bytes": sum(w.nbytes for w in weights.values()),
+        "bits_used": sorted(Counter(w.bits for w in weights.values())),
+        "accuracy_level": accuracy_level,
+        "mapping": mapping,
+        "bpw": sum(w.nbytes for w in weights.values()) * 8 / n_params,
+        "files": [p.name for p in files],
+    }

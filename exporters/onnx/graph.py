@@ -1,0 +1,141 @@
+"""The decoder as an ONNX graph for ONNX Runtime, built node by node with ``onnx.helper``.
+
+The graph follows the layout onnxruntime-genai expects of a llama-family decoder:
+
+    inputs   input_ids [batch, seq] int64, attention_mask [batch, total] int64,
+             past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim] float32
+    outputs  logits [batch, seq, vocab], present.{i}.key/.value [batch, kv_heads, total, head_dim]
+
+Per block: RMSNorm (``SimplifiedLayerNormalization``) -> q/k/v ``MatMulNBits`` (+ bias for qwen2,
+per-head q/k RMSNorm for qwen3) -> ``GroupQueryAttention`` (rotary inside, from a cos/sin cache;
+past and present KV) -> o ``MatMulNBits`` -> residual -> RMSNorm -> gate/up ``MatMulNBits`` ->
+SiLU(gate) * up -> down ``MatMulNBits`` -> residual. The token embedding is a
+``GatherBlockQuantized`` table; with tied embeddings it reads the very bytes of the output
+``MatMulNBits`` (one copy in the file).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from .nbits import BlockQuantized
+
+MS = "com.microsoft"
+OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
+
+
+class _Graph:
+    """Collects nodes and initializers; every helper returns the name of its output."""
+
+    def __init__(self, accuracy_level: int):
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.accuracy_level = accuracy_level
+
+    def const(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", outputs: list[str] | None = None, **attrs):
+        """Add a node; its output is named after the node unless ``outputs`` names several."""
+        self.nodes.append(helper.make_node(op_type, inputs, outputs or [name], name=name, domain=domain, **attrs))
+        return outputs or name
+
+    def rms_norm(self, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+        w = self.const(f"{name}.weight", weight.astype(np.float32))
+        return self.op("SimplifiedLayerNormalization", [x, w], name, epsilon=eps, axis=-1, stash_type=1)
+
+    def nbits_weight(self, name: str, w: BlockQuantized) -> list[str]:
+        """Initializers of one blockwise matrix: packed codes, scales (and zero points)."""
+        rows, cols = w.shape
+        blob = w.block_size * w.bits // 8
+        inputs = [self.const(f"{name}.qweight", w.packed.reshape(rows, cols // w.block_size, blob)),
+                  self.const(f"{name}.scales", w.scales)]
+        if w.zero_points is not None:
+            inputs.append(self.const(f"{name}.zero_points", w.zero_points))
+        return inputs
+
+    def matmul(self, x: str, name: str, w: BlockQuantized, weight_inputs: list[str] | None = None) -> str:
+        rows, cols = w.shape
+        return self.op("MatMulNBits", [x, *(weight_inputs or self.nbits_weight(name, w))], name, MS,
+                       K=cols, N=rows, bits=w.bits, block_size=w.block_size, accuracy_level=self.accuracy_level)
+
+
+def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.ndarray],
+            rope_cos_sin: tuple[np.ndarray, np.ndarray], accuracy_level: int = 4) -> onnx.ModelProto:
+    """The whole decoder. ``weights``/``floats`` are keyed by GGUF tensor names
+    (``blk.0.attn_q.weight``, ``output_norm.weight`` ...); ``rope_cos_sin`` are (max_pos, head_dim/2)."""
+    c = config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    eps = float(c.rms_norm_eps)
+    g = _Graph(accuracy_level)
+    cos = g.const("cos_cache", rope_cos_sin[0].astype(np.float32))
+    sin = g.const("sin_cache", rope_cos_sin[1].astype(np.float32))
+
+    # Attention bookkeeping from the mask, as GroupQueryAttention wants it.
+    mask_sum = g.op("ReduceSum", ["attention_mask", g.const("axis_1", np.array([1], np.int64))], "mask_sum", keepdims=0)
+    seqlens_k = g.op("Cast", [g.op("Sub", [mask_sum, g.const("one", np.array(1, np.int64))], "seqlens_minus_1")],
+                     "seqlens_k", to=TensorProto.INT32)
+    total = g.op("Gather", [g.op("Shape", ["attention_mask"], "mask_shape"), g.const("index_1", np.array(1, np.int64))],
+                 "total_len_i64", axis=0)
+    total = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
+
+    x, lm_head_inputs = _embedding(g, c, weights)
+    for i in range(c.num_hidden_layers):
+        p = f"blk.{i}"
+        h = g.rms_norm(x, floats[f"{p}.attn_norm.weight"], f"{p}.attn_norm", eps)
+        qkv = []
+        for part in ("q", "k", "v"):
+            y = g.matmul(h, f"{p}.attn_{part}", weights[f"{p}.attn_{part}.weight"])
+            if f"{p}.attn_{part}.bias" in floats:
+                y = g.op("Add", [y, g.const(f"{p}.attn_{part}.bias", floats[f"{p}.attn_{part}.bias"])], f"{p}.attn_{part}.add_bias")
+            if part in ("q", "k") and f"{p}.attn_{part}_norm.weight" in floats:  # qwen3: RMSNorm per head
+                heads = g.op("Reshape", [y, g.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, head_dim], np.int64))], f"{p}.{part}_heads")
+                y = g.rms_norm(heads, floats[f"{p}.attn_{part}_norm.weight"], f"{p}.attn_{part}_norm", eps)
+                y = g.op("Reshape", [y, g.const(f"{p}.{part}_flat_shape", np.array([0, 0, -1], np.int64))], f"{p}.{part}_flat")
+            qkv.append(y)
+        attn, _, _ = g.op(
+            "GroupQueryAttention",
+            [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
+            f"{p}.attention", MS, outputs=[f"{p}.attention", f"present.{i}.key", f"present.{i}.value"],
+            num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, scale=head_dim**-0.5,
+            do_rotary=1, rotary_interleaved=0, local_window_size=-1,
+        )
+        x = g.op("Add", [x, g.matmul(attn, f"{p}.attn_output", weights[f"{p}.attn_output.weight"])], f"{p}.attn_residual")
+        h = g.rms_norm(x, floats[f"{p}.ffn_norm.weight"], f"{p}.ffn_norm", eps)
+        gate = g.matmul(h, f"{p}.ffn_gate", weights[f"{p}.ffn_gate.weight"])
+        up = g.matmul(h, f"{p}.ffn_up", weights[f"{p}.ffn_up.weight"])
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.ffn_sigmoid")], f"{p}.ffn_silu")
+        y = g.matmul(g.op("Mul", [act, up], f"{p}.ffn_gated"), f"{p}.ffn_down", weights[f"{p}.ffn_down.weight"])
+        x = g.op("Add", [x, y], f"{p}.ffn_residual")
+    h = g.rms_norm(x, floats["output_norm.weight"], "output_norm", eps)
+    head = weights.get("output.weight", weights["token_embd.weight"])
+    g.matmul(h, "logits", head, lm_head_inputs)
+
+    kv_shape = ["batch_size", c.num_key_value_heads, "{}", head_dim]
+    inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
+              helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
+    outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])]
+    for i in range(c.num_hidden_layers):
+        for kind in ("key", "value"):
+            past = [d.format("past_sequence_length") if isinstance(d, str) else d for d in kv_shape]
+            present = [d.format("total_sequence_length") if isinstance(d, str) else d for d in kv_shape]
+            inputs.append(helper.make_tensor_value_info(f"past_key_values.{i}.{kind}", TensorProto.FLOAT, past))
+            outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
+    graph = helper.make_graph(g.nodes, "edgequant_decoder", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=OPSETS, producer_name="edgequant", ir_version=10)
+
+
+def _embedding(g: _Graph, c, weights: dict[str, BlockQuantized]) -> tuple[str, list[str] | None]:
+    """The token embedding lookup; with tied embeddings, also the output head's initializers."""
+    w = weights["token_embd.weight"]
+    rows, cols = w.shape
+    tied = "output.weight" not in weights
+    shared = g.nbits_weight("logits" if tied else "token_embd", w)
+    table = g.op("Reshape", [shared[0], g.const("token_embd.table_shape", np.array([rows, cols * w.bits // 8], np.int64))],
+                 "token_embd.table")
+    x = g.op("GatherBlockQuantized", [table, "input_ids", *shared[1:]], "token_embd", MS,
+             bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
+    return x, shared if tied else None

@@ -1,0 +1,105 @@
+"""GGUF tensors -> ONNX Runtime's blockwise formats (``MatMulNBits``, ``GatherBlockQuantized``).
+
+The ggml codes are reused, not re-rounded. ORT stores ``scale * (code - zero_point)`` per block
+of ``block_size`` weights with 2-, 4- or 8-bit unsigned codes, so:
+
+* **symmetric ggml types** (Q4_0, Q3_K, Q5_0, Q6_K, Q8_0, IQ4_NL: ``d * q``) map exactly: the
+  signed code (for IQ4_NL its codebook value, an int8) is shifted by the default zero point
+  ``2**(bits-1)``. Width: 4 bits when every code fits in -8..7 (Q4_0, Q3_K), else 8. The block is
+  the ggml sub-block (32, or 16 for Q3_K/Q6_K) and the scale is ggml's effective ``d`` (or
+  ``d * sub_scale``), kept in float32 so the product is exact.
+* **affine ggml types** (Q4_1, Q5_1, Q2_K, Q4_K, Q5_K: ``a * q - b``) have a float offset that no
+  integer zero point can hold at their own width. ORT's CPU kernel accepts float zero points only
+  for 2/4 bits and then runs 30-50x slower than with integer ones (measured on this host), so
+  these go to 8 bits: ``code = k * q + z0`` with ``scale = a / k`` and an integer zero point
+  ``round(k * b / a) + z0``, ``k`` as large as 8 bits allow (8 for 5-bit codes, 17 for 4-bit, 85
+  for 2-bit). The codes are still ggml's; only the offset is rounded, by at most ``a / (2k)``.
+  Every converted tensor records its largest deviation from the GGUF values.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from edgequant.ggml_quants import get_type
+
+F32 = np.float32
+
+
+@dataclass
+class BlockQuantized:
+    """One weight matrix (rows = output features) in ORT's blockwise layout."""
+
+    ggml_type: str
+    bits: int
+    block_size: int
+    codes: np.ndarray  # (rows, cols) unsigned codes, unpacked
+    scales: np.ndarray  # (rows, cols // block_size) float32
+    zero_points: np.ndarray | None  # (rows, cols // block_size) uint8, None = 2**(bits-1)
+    max_abs_error: float  # largest |ORT value - GGUF value| over the tensor
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.codes.shape
+
+    @property
+    def packed(self) -> np.ndarray:
+        """Codes packed little-end first: (rows, cols * bits / 8) uint8."""
+        per_byte = 8 // self.bits
+        c = self.codes.astype(np.uint8).reshape(self.shape[0], -1, per_byte)
+        out = np.zeros(c.shape[:2], np.uint8)
+        for i in range(per_byte):
+            out |= c[..., i] << (self.bits * i)
+        return out
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 matrix ORT computes with (at accuracy_level 0)."""
+        rows, cols = self.shape
+        zp = self.zero_points if self.zero_points is not None else np.full(self.scales.shape, 1 << (self.bits - 1))
+        blocks = self.codes.reshape(rows, -1, self.block_size).astype(F32) - zp[..., None].astype(F32)
+        return (blocks * self.scales[..., None]).reshape(rows, cols)
+
+    @property
+    def nbytes(self) -> int:
+        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        return self.codes.size * self.bits // 8 + self.scales.nbytes + zp
+
+
+def from_ggml(ggml_type: str, data: np.ndarray) -> BlockQuantized:
+    """Convert one GGUF tensor (bytes, shape (rows, row_bytes)) to ORT's blockwise form."""
+    qtype = get_type(ggml_type)
+    grid, q = qtype.unpack(data)
+    gguf_values = grid.values(q)
+    if qtype.levels is not None or qtype.qmin < 0:
+        signed = qtype.levels[q].astype(np.int32) if qtype.levels is not None else q
+        low, high = (qtype.levels.min(), qtype.levels.max()) if qtype.levels is not None else (qtype.qmin, qtype.qmax)
+        bits = 4 if -8 <= low and high <= 7 else 8
+        out = BlockQuantized(ggml_type, bits, grid.sub, signed + (1 << (bits - 1)), grid.scale.astype(F32), None, 0.0)
+    else:
+        out = _affine_to_8bit(ggml_type, grid, q)
+    out.max_abs_error = float(np.abs(out.dequantize() - gguf_values).max())
+    return out
+
+
+def _affine_to_8bit(ggml_type: str, grid, q: np.ndarray) -> BlockQuantized:
+    """``a * q + offset`` (q in 0..qmax) as ``(a / k) * (k * q + z0 - zp)`` with 8-bit codes."""
+    a, off = grid.scale.astype(np.float64), grid.offset.astype(np.float64)
+    k = np.zeros(a.shape, np.int64)
+    t = np.zeros(a.shape, np.int64)
+    z0 = np.zeros(a.shape, np.int64)
+    for kk in range(255 // grid.qmax, 0, -1):  # the largest k whose codes and zero point fit in a byte
+        with np.errstate(divide="ignore", invalid="ignore"):
+            tk = np.rint(np.where(a != 0, -off * kk / a, 0)).astype(np.int64)
+        zk = np.maximum(0, -tk)
+        ok = (k == 0) & (zk + kk * grid.qmax <= 255) & (zk + tk <= 255)
+        k[ok], t[ok], z0[ok] = kk, tk[ok], zk[ok]
+    if (k == 0).any():  # offsets beyond 255 steps: not produced by ggml's encoders
+        raise ValueError(f"{ggml_type}: a block's offset does not fit an 8-bit zero point")
+    scale = (a / k).astype(F32)
+    zp = z0 + t
+    flat = a == 0  # constant blocks: value = offset, written as -offset * (0 - 1)
+    scale[flat], zp[flat], z0[flat] = (-off[flat]).astype(F32), 1, 0
+    codes = np.repeat(k, grid.sub, axis=1) * q + np.repeat(z0, grid.sub, axis=1)
+    return BlockQuantized(ggml_type, 8, grid.sub, codes, scale, zp.astype(np.uint8), 0.0)
