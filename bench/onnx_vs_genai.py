@@ -24,7 +24,7 @@ from pathlib import Path
 
 from edgequant.assets import EVALUATION_TEXT, default_model_dir, read_text
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import CachedLogits, TorchLogits, token_windows
+from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
 from edgequant.models import load_model
 from runtimes.ort import OrtDecoder, score_in_ort, time_generation
 
@@ -77,13 +77,15 @@ def main() -> None:
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     reference = CachedLogits(TorchLogits(loaded.model))
+    fp = evaluate(lambda window: reference.log_probs(window).numpy(), windows, reference, "torch")
+    print(f"full precision (torch): ppl {fp.ppl:.3f} ± {fp.ppl_se:.2f}", flush=True)
     rows = []
     for label, folder in folders.items():
         q = score_in_ort(folder, windows, reference, args.threads)
         speed = time_generation(OrtDecoder(folder, args.threads))
         rows.append({"model": label, "MB": folder_mb(folder), **q.as_dict(), **speed})
         print(_line(rows[-1]), flush=True)
-    print(f"\nONNX Runtime, {args.threads} threads; wiki.utf8, {windows.size} tokens, ctx 512; "
+    print(f"\nONNX Runtime, {args.threads} threads; wiki.utf8, {windows.size} tokens, ctx 512 (full precision: ppl {fp.ppl:.3f}); "
           f"prefill {rows[0]['prompt_tokens']} tokens, decode {rows[0]['new_tokens']} steps, median of {rows[0]['repeats']}")
     print(f"{'model':<30} {'MB':>6} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'prefill/s':>9} {'decode/s':>8}")
     for r in rows:

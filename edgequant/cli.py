@@ -163,6 +163,90 @@ def export_onnx_cmd(
         + ", ".join(f"{t} -> {m['bits']}-bit/{m['block_size']}" for t, m in r["mapping"].items())))
 
 
+TARGET_HELP = "local, ssh://[user@]host[:port][/dir] or adb://[serial][/dir]"
+
+
+@app.command()
+def deploy(
+    folder: Path = typer.Argument(..., help="A build folder (with manifest.json)."),
+    to: str = typer.Option(..., "--to", help=f"Where to: {TARGET_HELP}."),
+    quiet: bool = QUIET,
+    as_json: bool = JSON,
+):
+    """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256."""
+    from .deploy import deploy as run_deploy
+
+    result = _run(run_deploy, folder, to).as_dict()
+    _emit(result, as_json, lambda r: typer.echo(
+        f"{r['target']}: sent {r['sent_bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s; copied {len(r['copied'])}, "
+        f"resumed {len(r['resumed'])}, already there {len(r['skipped'])}"))
+
+
+@app.command()
+def verify(
+    folder: Path = typer.Argument(..., help="A build folder (with manifest.json)."),
+    to: str = typer.Option(..., "--to", help=f"The device: {TARGET_HELP}."),
+    as_json: bool = JSON,
+):
+    """Check that the device holds every file of a build with the manifest's sha256 (exit 1 if not)."""
+    from .deploy import verify as run_verify
+
+    result = _run(run_verify, folder, to)
+    if as_json:
+        typer.echo(json.dumps(result, indent=1))
+    else:
+        for row in result["files"]:
+            state = "ok" if row["found"] == row["expected"] else ("missing" if row["found"] is None else "DIFFERENT")
+            typer.echo(f"{state:9} {row['path']}")
+    if not result["ok"]:
+        _fail(f"{result['target']} does not match the manifest; `edgequant deploy` fixes it")
+
+
+@app.command()
+def bench(
+    folder: Path = typer.Argument(..., help="A build folder."),
+    target: str = typer.Option("local", "--target", help=f"Where to run: {TARGET_HELP} (deploy first)."),
+    runtime: str = typer.Option("all", help="llama.cpp, ort or all."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores of the target)."),
+    python: Optional[str] = typer.Option(None, help="Python on the target that has the runtimes (default: python3; here: this one)."),
+    prompt_tokens: int = typer.Option(128, help="Prompt length (prefill)."),
+    gen_tokens: int = typer.Option(64, help="Tokens decoded after the prompt."),
+    repeats: int = typer.Option(3, help="Measured runs (after one warm-up run)."),
+    calibrate_profile: bool = typer.Option(False, "--calibrate-profile", help="Write device.calibrated.toml with the decode efficiency measured here."),
+    as_json: bool = JSON,
+):
+    """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime."""
+    from .bench import bench as run_bench, calibrate_profile as calibrate
+
+    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats)
+    if calibrate_profile:
+        result["calibrated_profile"] = str(_run(calibrate, folder, result))
+    _emit(result, as_json, _print_bench)
+
+
+def _print_bench(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    p = result.get("predicted") or {}
+    table = Table(title=f"{result['target']} ({result['results'][0]['device']['cpu']})")
+    for col in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "predicted decode tok/s"):
+        table.add_column(col)
+    for r in result["results"]:
+        predicted = f"{p['decode_tok_s']:.1f} ({result['device_profile']})" if p and r["runtime"] == "llama.cpp" else ""
+        table.add_row(f"{r['runtime']} {r['runtime_version']}", str(r["threads"]), f"{r['ttft_s']['median'] * 1e3:.1f}",
+                      _spread(r["prefill_tok_s"]), _spread(r["decode_tok_s"]), f"{r['peak_rss_bytes'] / 1e6:.0f}", predicted)
+    Console().print(table)
+    for runtime, why in result["skipped"].items():
+        typer.echo(f"skipped {runtime}: {why}")
+    if result.get("calibrated_profile"):
+        typer.echo(f"calibrated profile: {result['calibrated_profile']} (use it with --device)")
+
+
+def _spread(stat: dict) -> str:
+    return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
+
+
 @app.command()
 def devices(as_json: bool = typer.Option(False, "--json", help="Print the profiles as JSON.")):
     """List the device profiles (and this host, detected)."""

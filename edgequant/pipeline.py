@@ -8,7 +8,6 @@ that folder survives until the new one is complete).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import resource
@@ -28,6 +27,7 @@ from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
 from .budget import Budget, Shape, check_fits, predict, resolve
 from .calibration import ActivationStats, Calibration, activation_stats
+from .deploy import sha256, write_manifest
 from .devices import Device, load_device
 from .errors import EdgequantError
 from .evaluation import (
@@ -261,6 +261,7 @@ def build(
                      "sensitivity": table.as_dict() if table else None}
         (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
+        write_manifest(stage, {"edgequant": __version__, "model": loaded.name, "method": opts.method})
     return report
 
 
@@ -359,14 +360,6 @@ def _onnx_artifact(exported: dict, out: Path) -> dict:
     folder = Path(exported["path"])
     return {**exported, "path": str(out / folder.name),
             "sha256": {name: sha256(folder / name) for name in exported["files"]}}
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _check_writable(out: Path) -> None:

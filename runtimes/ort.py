@@ -106,14 +106,15 @@ class OrtDecoder:
         return self.step(np.asarray(window), self.empty_cache())[0]
 
     def greedy(self, prompt: list[int], max_new_tokens: int, eos: int | None = None) -> list[int]:
-        """Greedy continuation of ``prompt``: one prefill, then one token at a time."""
+        """Greedy continuation of ``prompt``: one prefill, then one token at a time, until ``eos``
+        (not included, as onnxruntime-genai leaves it out) or ``max_new_tokens``."""
         logits, cache = self.step(np.asarray(prompt), self.empty_cache())
         out: list[int] = []
         while len(out) < max_new_tokens:
             token = int(logits[-1].argmax())
-            out.append(token)
             if token == eos:
                 break
+            out.append(token)
             logits, cache = self.step(np.array([token]), cache)
         return out
 

@@ -105,7 +105,7 @@ def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_w
     cmd = [sys.executable, "-m", "edgequant.cli", "build", "--device", "jetson-orin", "--out", str(out),
            "--eval-tokens", "1024", "--quiet"]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "plan.json"}
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "plan.json", "manifest.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["device"]["name"] == "jetson-orin-nano-8gb" and report["method"]["name"] == "qublast"
     predicted = report["predicted"]

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Build llama.cpp's llama-bench from the llama.cpp copy vendored in the
+# llama-cpp-python sdist that matches the installed version, so llama-bench
+# numbers and our Python-binding numbers come from the same llama.cpp commit.
+#
+# Usage: bench/build_llama_bench.sh [OUT_DIR]   (default: bench-out/llama.cpp)
+# Env:   JOBS (default 2) parallel compile jobs.
+# The binary path is printed as the last (and only) line on stdout; build
+# logs go to stderr. Re-running is a no-op once the binary exists.
+set -euo pipefail
+
+OUT="${1:-bench-out/llama.cpp}"
+mkdir -p "$OUT"
+OUT="$(cd "$OUT" && pwd)"
+JOBS="${JOBS:-2}"
+
+# Ask the installed package for its version. Run from / so a llama_cpp
+# source tree in the current directory cannot shadow the installed one.
+VER="$(cd / && python3 -c 'import llama_cpp; print(llama_cpp.__version__)')"
+
+# One source/build dir per version: upgrading llama-cpp-python triggers a
+# fresh build instead of silently reusing an old binary.
+SRC="$OUT/llama_cpp_python-$VER"
+BUILD="$OUT/build-$VER"
+BIN="$BUILD/bin/llama-bench"
+
+if [[ ! -x "$BIN" ]]; then
+  {
+    # Source distribution only (never a wheel) - the wheel has no C++ sources.
+    if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then
+      python3 -m pip download --no-deps --no-binary :all: \
+        "llama-cpp-python==$VER" -d "$OUT/sdist"
+      tar -xzf "$OUT/sdist/llama_cpp_python-$VER.tar.gz" -C "$OUT"
+    fi
+
+    # CPU-only, static libs so the binary is self-contained. GGML_NATIVE=ON
+    # matches how pip compiled the installed package (its default on x86).
+    # Server/tests/examples/HTTPS are off: not needed for llama-bench and
+    # they only add build time. (LLAMA_CURL no longer exists in this tree.)
+    GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
+    cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${GEN[@]}" \
+      -DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_NATIVE=ON \
+      -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+      -DLLAMA_BUILD_SERVER=OFF -DLLAMA_OPENSSL=OFF
+    cmake --build "$BUILD" --target llama-bench -j "$JOBS"
+  } >&2
+fi
+
+echo "$BIN"

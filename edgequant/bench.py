@@ -1,0 +1,135 @@
+"""``edgequant bench``: run a build's artifacts in llama.cpp and ONNX Runtime, here or on a device.
+
+The measuring is done by ``runtimes/probe.py``, a self-contained script started with the target's
+own Python (here: this interpreter). On a device the artifacts must already be there with the
+manifest's hashes (``edgequant deploy``). Results go to ``bench.json`` and into ``report.json``
+beside the planner's prediction.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+from runtimes.remote import Target, Transport, parse_target, remote_path, transport
+
+from .atomic import write_text
+from .deploy import read_manifest, verify
+from .errors import EdgequantError
+
+PROBE = Path(__file__).resolve().parent.parent / "runtimes" / "probe.py"
+RUNTIMES = {"llama.cpp": "model.gguf", "ort": "onnx"}  # runtime -> artifact (relative to the build folder)
+INSTALL_HINT = {"llama.cpp": "pip install llama-cpp-python", "ort": "pip install onnxruntime numpy"}
+BENCH_TIMEOUT = 1800
+
+
+def bench(folder: Path, target_text: str = "local", runtime: str = "all", threads: int | None = None,
+          python: str | None = None, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3) -> dict:
+    """Measure every requested runtime whose artifact the build has; returns what bench.json holds."""
+    folder = Path(folder)
+    report = _read_report(folder)
+    target = parse_target(target_text)
+    wanted = list(RUNTIMES) if runtime == "all" else [runtime]
+    if any(r not in RUNTIMES for r in wanted):
+        raise EdgequantError(f"--runtime takes llama.cpp, ort or all, got {runtime!r}")
+    present = [r for r in wanted if (folder / RUNTIMES[r]).exists()]
+    if not present:
+        raise EdgequantError(f"{folder} has no {' or '.join(RUNTIMES[r] for r in wanted)} to bench")
+    link, probe, python = _prepare(folder, target, python)
+    have = _run_probe(link, python, probe, ["which"])
+    missing = [r for r in present if r not in have["runtimes"]]
+    runnable = [r for r in present if r in have["runtimes"]]
+    if not runnable:
+        hints = "; ".join(f"{r}: {INSTALL_HINT[r]}" for r in missing)
+        raise EdgequantError(f"{target} has no runtime to run {', '.join(missing)} with {python} ({hints})")
+    results = []
+    for r in runnable:
+        model = remote_path(target, RUNTIMES[r]) if target.scheme != "local" else str(folder / RUNTIMES[r])
+        args = [r, model, "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
+                "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
+        results.append(_run_probe(link, python, probe, args))
+    out = {"target": str(target), "python": python, "results": results,
+           "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
+           "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
+    write_text(folder / "bench.json", json.dumps(out, indent=1))
+    write_text(folder / "report.json", json.dumps({**report, "bench": out}, indent=1))
+    return out
+
+
+def _read_report(folder: Path) -> dict:
+    path = folder / "report.json"
+    if not path.is_file():
+        raise EdgequantError(f"{folder} is not a build folder (no report.json)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError:
+        raise EdgequantError(f"{path} is not valid JSON") from None
+
+
+def _prepare(folder: Path, target: Target, python: str | None) -> tuple[Transport, str, str]:
+    """The transport, where the probe script is on the target, and the Python that runs it."""
+    link = transport(target)
+    if target.scheme == "local":
+        return link, str(PROBE), python or sys.executable
+    read_manifest(folder)
+    check = verify(folder, str(target))
+    stale = [f["path"] for f in check["files"] if f["found"] != f["expected"]]
+    if stale:
+        raise EdgequantError(f"{target} does not hold this build ({', '.join(stale[:3])}{'...' if len(stale) > 3 else ''} "
+                             f"missing or different): run `edgequant deploy {folder} --to {target}` first")
+    probe = remote_path(target, ".edgequant-probe.py")
+    link.put_file(PROBE, probe)
+    return link, probe, python or "python3"
+
+
+def _run_probe(link: Transport, python: str, probe: str, args: list[str]) -> dict:
+    done = link.run([python, probe, *args], timeout=BENCH_TIMEOUT, check=False)
+    if done.returncode == 127:  # the shell found no such program
+        raise EdgequantError(f"{link.target}: cannot start {python} (install Python 3 with numpy there, or pass --python)")
+    if done.returncode:
+        raise EdgequantError(f"{link.target}: the probe failed: {_last(done.stderr)}")
+    try:
+        return json.loads(done.stdout.decode().strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        raise EdgequantError(f"{link.target}: the probe printed no result ({_last(done.stderr)})") from None
+
+
+def _last(stderr: bytes) -> str:
+    lines = [l for l in stderr.decode(errors="replace").splitlines() if l.strip()]
+    return lines[-1].strip() if lines else "no message"
+
+
+def calibrate_profile(folder: Path, result: dict) -> Path:
+    """Write ``device.calibrated.toml``: the build's device profile with ``decode_efficiency``
+    replaced by what the llama.cpp decode rate implies (weights read per token / measured time)."""
+    from .devices import load_device
+
+    report = _read_report(folder)
+    device = load_device(report["device"]["path"] or report["device"]["name"])
+    if device.path is None:
+        raise EdgequantError("--calibrate-profile needs a profile file (host is detected afresh on every run)")
+    llama = next((r for r in result["results"] if r["runtime"] == "llama.cpp"), None)
+    if llama is None:
+        raise EdgequantError("--calibrate-profile needs a llama.cpp measurement")
+    bytes_per_token = _weights_read_per_token(folder / "model.gguf")
+    efficiency = llama["decode_tok_s"]["median"] * bytes_per_token / (device.bandwidth_gbs * 1e9)
+    text = device.path.read_text()
+    text = re.sub(r"(?m)^decode_efficiency\s*=.*$", f"decode_efficiency = {efficiency:.3f}", text)
+    note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
+            f"{bytes_per_token / 1e6:.1f} MB of weights per token")
+    text = re.sub(r'(?m)^decode_efficiency\s*=\s*".*"$', f"decode_efficiency = {json.dumps(note)}", text)
+    out = folder / "device.calibrated.toml"
+    write_text(out, text)
+    return out
+
+
+def _weights_read_per_token(gguf_path: Path) -> int:
+    """Bytes of the file that one decoded token reads, as the planner counts them: all of it but
+    an untied input embedding (one row of it is read). The KV cache of a short bench is left out."""
+    from .models import read_gguf
+
+    tensors = {t.name: int(t.n_bytes) for t in read_gguf(gguf_path).tensors}
+    untied = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
+    return gguf_path.stat().st_size - untied
