@@ -116,7 +116,7 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
     bytes_per_token = _weights_read_per_token(folder / "model.gguf")
     efficiency = llama["decode_tok_s"]["median"] * bytes_per_token / (device.bandwidth_gbs * 1e9)
     text = device.path.read_text()
-    text = re.sub(r"(?m)^decode_efficiency\s*=.*$", f"decode_efficiency = {efficiency:.3f}", text)
+    text = re.sub(r"(?m)^decode_efficiency\s*=\s*[0-9.]+", f"decode_efficiency = {efficiency:.3f}", text)
     note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
             f"{bytes_per_token / 1e6:.1f} MB of weights per token")
     text = re.sub(r'(?m)^decode_efficiency\s*=\s*".*"$', f"decode_efficiency = {json.dumps(note)}", text)

@@ -190,3 +190,22 @@ def test_adb_commands_quote_every_argument():
     assert up[:4] == ["adb", "-s", "R5CT10ABC", "exec-in"]
     assert shlex.split(up[4]) == ["sh", "-c", 'cat >> "$1"', "edgequant", NASTY]
     assert Adb(parse_target("adb://")).command(["true"])[:2] == ["adb", "shell"]  # the only device
+
+
+@pytest.mark.slow
+def test_calibrated_profile_carries_the_measured_decode_efficiency(built, tmp_path):
+    from edgequant.bench import calibrate_profile
+    from edgequant.devices import load_device
+
+    jetson = load_device("jetson-orin")
+    folder = tmp_path / "build"
+    folder.mkdir()
+    os.symlink(built / "model.gguf", folder / "model.gguf")
+    (folder / "report.json").write_text(json.dumps({"device": jetson.as_dict()}))
+    measured = {"target": "ssh://jetson/~/m", "results": [{"runtime": "llama.cpp", "decode_tok_s": {"median": 100.0}}]}
+    calibrated = load_device(str(calibrate_profile(folder, measured)))
+    weights = (built / "model.gguf").stat().st_size  # tied embeddings: the whole file is read per token
+    assert calibrated.decode_efficiency == pytest.approx(100.0 * weights / (jetson.bandwidth_gbs * 1e9), abs=1e-3)
+    assert calibrated.effective_bandwidth / weights == pytest.approx(100.0, rel=0.01)  # the planner now predicts it
+    assert "measured by edgequant bench" in calibrated.sources["decode_efficiency"]
+    assert (calibrated.name, calibrated.usable_gb) == (jetson.name, jetson.usable_gb)
