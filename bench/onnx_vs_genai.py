@@ -26,7 +26,8 @@ from edgequant.assets import EVALUATION_TEXT, default_model_dir, read_text
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
 from edgequant.models import load_model
-from runtimes.ort import OrtDecoder, score_in_ort, time_generation
+from edgequant.bench import PROBE
+from runtimes.ort import score_in_ort
 
 OURS = {  # row label -> (output folder, edgequant build options)
     "edgequant Q4_0 rtn": ("edgequant-rtn", ["--method", "rtn"]),
@@ -58,6 +59,15 @@ def export_ours(out: Path, options: list[str], calib_tokens: int) -> Path:
     return out / "onnx"
 
 
+def speed(folder: Path, threads: int) -> dict:
+    """The probe that ``edgequant bench`` runs, in its own process: median prefill / decode tok/s."""
+    done = subprocess.run([sys.executable, str(PROBE), "ort", str(folder), "--threads", str(threads)],
+                          capture_output=True, text=True, check=True)
+    result = json.loads(done.stdout)
+    return {key: result[key]["median"] for key in ("prefill_tok_s", "decode_tok_s")} | {
+        "prompt_tokens": result["prompt_tokens"], "new_tokens": result["gen_tokens"], "repeats": result["repeats"]}
+
+
 def folder_mb(path: Path) -> float:
     return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
 
@@ -82,8 +92,7 @@ def main() -> None:
     rows = []
     for label, folder in folders.items():
         q = score_in_ort(folder, windows, reference, args.threads)
-        speed = time_generation(OrtDecoder(folder, args.threads))
-        rows.append({"model": label, "MB": folder_mb(folder), **q.as_dict(), **speed})
+        rows.append({"model": label, "MB": folder_mb(folder), **q.as_dict(), **speed(folder, args.threads)})
         print(_line(rows[-1]), flush=True)
     print(f"\nONNX Runtime, {args.threads} threads; wiki.utf8, {windows.size} tokens, ctx 512 (full precision: ppl {fp.ppl:.3f}); "
           f"prefill {rows[0]['prompt_tokens']} tokens, decode {rows[0]['new_tokens']} steps, median of {rows[0]['repeats']}")

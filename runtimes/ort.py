@@ -141,27 +141,3 @@ def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[i
         generator.generate_next_token()
     return [int(t) for t in generator.get_sequence(0)[len(prompt):]]
 
-
-def time_generation(decoder: OrtDecoder, prompt_tokens: int = 128, new_tokens: int = 64, repeats: int = 3) -> dict:
-    """Prefill and decode speed of ``decoder``: a random prompt of ``prompt_tokens``, then
-    ``new_tokens`` single-token steps; one warm-up run is discarded, the median of ``repeats`` kept."""
-    import statistics
-    import time
-
-    vocab = decoder.session.get_outputs()[0].shape[-1]
-    prompt = np.random.default_rng(0).integers(100, vocab if isinstance(vocab, int) else 32000, prompt_tokens)
-    prefill, decode = [], []
-    for run in range(repeats + 1):
-        start = time.perf_counter()
-        logits, cache = decoder.step(prompt, decoder.empty_cache())
-        t_prefill = time.perf_counter() - start
-        start = time.perf_counter()
-        for _ in range(new_tokens):
-            logits, cache = decoder.step(np.array([int(logits[-1].argmax())]), cache)
-        t_decode = time.perf_counter() - start
-        if run:  # run 0 warms up
-            prefill.append(prompt_tokens / t_prefill)
-            decode.append(new_tokens / t_decode)
-    return {"prefill_tok_s": statistics.median(prefill), "decode_tok_s": statistics.median(decode),
-            "prefill_spread": [min(prefill), max(prefill)], "decode_spread": [min(decode), max(decode)],
-            "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats}
