@@ -185,10 +185,10 @@ def deploy(
 @app.command()
 def verify(
     folder: Path = typer.Argument(..., help="A build folder (with manifest.json)."),
-    to: str = typer.Option(..., "--to", help=f"The device: {TARGET_HELP}."),
+    to: str = typer.Option("local", "--to", help=f"The device ({TARGET_HELP}); local checks the build folder itself."),
     as_json: bool = JSON,
 ):
-    """Check that the device holds every file of a build with the manifest's sha256 (exit 1 if not)."""
+    """Check every file of a build against the manifest's sha256, on a device or here (exit 1 if one differs)."""
     from .deploy import verify as run_verify
 
     result = _run(run_verify, folder, to)
@@ -199,7 +199,8 @@ def verify(
             state = "ok" if row["found"] == row["expected"] else ("missing" if row["found"] is None else "DIFFERENT")
             typer.echo(f"{state:9} {row['path']}")
     if not result["ok"]:
-        _fail(f"{result['target']} does not match the manifest; `edgequant deploy` fixes it")
+        fix = "rebuild it" if result["target"] == "local" else "`edgequant deploy` fixes it"
+        _fail(f"{result['target']} does not match the manifest; {fix}")
 
 
 @app.command()

@@ -105,11 +105,12 @@ def deploy(folder: Path, target_text: str, progress=None) -> DeployResult:
     return result
 
 
-def verify(folder: Path, target_text: str) -> dict:
-    """Compare every file's sha256 on the device with the manifest."""
+def verify(folder: Path, target_text: str = "local") -> dict:
+    """Compare every file's sha256 with the manifest: on the device, or (``local``) in the build folder itself."""
     manifest = read_manifest(Path(folder))
-    target = _remote(target_text)
-    paths = {e["path"]: remote_path(target, e["path"]) for e in manifest["files"]}
+    target = parse_target(target_text)
+    where = (lambda p: str(Path(folder) / p)) if target.scheme == "local" else (lambda p: remote_path(target, p))
+    paths = {e["path"]: where(e["path"]) for e in manifest["files"]}
     on_device = transport(target).sha256(list(paths.values()))
     rows = [{"path": e["path"], "expected": e["sha256"], "found": on_device[paths[e["path"]]]} for e in manifest["files"]]
     return {"target": str(target), "files": rows, "ok": all(r["found"] == r["expected"] for r in rows)}

@@ -261,7 +261,8 @@ def build(
                      "sensitivity": table.as_dict() if table else None}
         (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
-        write_manifest(stage, {"edgequant": __version__, "model": loaded.name, "method": opts.method})
+        write_manifest(stage, {"edgequant": __version__, "model": loaded.name, "method": opts.method,
+                               "versions": library_versions()})
     return report
 
 
@@ -331,6 +332,20 @@ def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress) ->
 
 def _name_pairs(loaded: LoadedModel):
     return [(hf, loaded.gguf_name(hf)) for hf, t in loaded.model.state_dict().items() if t.ndim == 2]
+
+
+def library_versions() -> dict[str, str | None]:
+    """Versions of what made and scored the files, for the manifest."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("edgequant", "torch", "transformers", "gguf", "onnx", "onnxruntime", "onnxruntime-genai",
+                 "llama-cpp-python"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def peak_rss_mb() -> float:

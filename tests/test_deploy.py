@@ -209,3 +209,27 @@ def test_calibrated_profile_carries_the_measured_decode_efficiency(built, tmp_pa
     assert calibrated.effective_bandwidth / weights == pytest.approx(100.0, rel=0.01)  # the planner now predicts it
     assert "measured by edgequant bench" in calibrated.sources["decode_efficiency"]
     assert (calibrated.name, calibrated.usable_gb) == (jetson.name, jetson.usable_gb)
+
+
+@pytest.mark.slow
+def test_manifest_hashes_the_shipped_files_and_local_verify_catches_one_changed_byte(built, tmp_path):
+    import shutil
+
+    from edgequant.deploy import sha256
+
+    manifest = json.loads((built / "manifest.json").read_text())
+    assert {f["path"] for f in manifest["files"]} >= {"model.gguf", "plan.json", "onnx/model.onnx", "onnx/model.onnx.data"}
+    for f in manifest["files"]:
+        assert sha256(built / f["path"]) == f["sha256"] and (built / f["path"]).stat().st_size == f["bytes"]
+    assert all(manifest["versions"][k] for k in ("edgequant", "torch", "transformers", "gguf", "onnxruntime", "llama-cpp-python"))
+    assert cli("verify", built).returncode == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(built, copy)
+    with open(copy / "model.gguf", "r+b") as f:
+        f.seek(1000)
+        byte = f.read(1)
+        f.seek(1000)
+        f.write(bytes([byte[0] ^ 1]))
+    r = cli("verify", copy)
+    assert_clean_failure(r, "does not match the manifest")
+    assert "DIFFERENT model.gguf" in r.stdout
