@@ -13,7 +13,7 @@ import re
 import sys
 from pathlib import Path
 
-from runtimes.remote import Target, Transport, parse_target, remote_path, transport
+from runtimes.remote import Target, Transport, last_line, parse_target, remote_path, transport
 
 from .atomic import write_text
 from .deploy import read_manifest, verify
@@ -89,16 +89,11 @@ def _run_probe(link: Transport, python: str, probe: str, args: list[str]) -> dic
     if done.returncode == 127:  # the shell found no such program
         raise EdgequantError(f"{link.target}: cannot start {python} (install Python 3 with numpy there, or pass --python)")
     if done.returncode:
-        raise EdgequantError(f"{link.target}: the probe failed: {_last(done.stderr)}")
+        raise EdgequantError(f"{link.target}: the probe failed: {last_line(done.stderr)}")
     try:
         return json.loads(done.stdout.decode().strip().splitlines()[-1])
     except (ValueError, IndexError):
-        raise EdgequantError(f"{link.target}: the probe printed no result ({_last(done.stderr)})") from None
-
-
-def _last(stderr: bytes) -> str:
-    lines = [l for l in stderr.decode(errors="replace").splitlines() if l.strip()]
-    return lines[-1].strip() if lines else "no message"
+        raise EdgequantError(f"{link.target}: the probe printed no result ({last_line(done.stderr)})") from None
 
 
 def calibrate_profile(folder: Path, result: dict) -> Path:

@@ -107,7 +107,7 @@ class Transport:
             raise EdgequantError(f"{e.filename} is not installed (needed for {self.target.scheme} targets)") from None
         self.raise_transport_error(done)
         if check and done.returncode:
-            raise EdgequantError(f"{self.target}: {shlex.join(argv[:3])} failed: {_last_line(done.stderr)}")
+            raise EdgequantError(f"{self.target}: {shlex.join(argv[:3])} failed: {last_line(done.stderr)}")
         return done
 
     def raise_transport_error(self, done: subprocess.CompletedProcess) -> None:
@@ -169,7 +169,7 @@ class Transport:
         done = subprocess.CompletedProcess(proc.args, proc.returncode, b"", err)
         self.raise_transport_error(done)
         if proc.returncode:
-            message = _last_line(err)
+            message = last_line(err)
             if "No space left" in message:
                 raise DeviceFull(f"{self.target}: the device is full (writing {remote_path})")
             raise EdgequantError(f"{self.target}: copying to {remote_path} failed: {message}")
@@ -208,7 +208,7 @@ class Ssh(Transport):
         for pattern, message in _SSH_ERRORS:
             if re.search(pattern, err, re.IGNORECASE):
                 raise EdgequantError(f"ssh {where}: {message}")
-        raise EdgequantError(f"ssh {where}: {_last_line(done.stderr)}")
+        raise EdgequantError(f"ssh {where}: {last_line(done.stderr)}")
 
 
 _SSH_ERRORS = [
@@ -241,7 +241,7 @@ class Adb(Transport):
     def raise_transport_error(self, done: subprocess.CompletedProcess) -> None:
         err = done.stderr.decode(errors="replace")
         if done.returncode and re.search(r"no devices/emulators found|device .* not found|device offline|unauthorized", err):
-            raise EdgequantError(f"adb {self.target.host or '(default device)'}: {_last_line(done.stderr)}")
+            raise EdgequantError(f"adb {self.target.host or '(default device)'}: {last_line(done.stderr)}")
 
 
 def transport(target: Target) -> Transport:
@@ -258,6 +258,6 @@ def part_name(path: str) -> str:
     return posixpath.join(head, f".{tail}.part")
 
 
-def _last_line(stderr: bytes) -> str:
+def last_line(stderr: bytes) -> str:
     lines = [l for l in stderr.decode(errors="replace").strip().splitlines() if l.strip()]
     return lines[-1].strip() if lines else "no error message"
