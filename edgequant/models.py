@@ -8,6 +8,10 @@ for its rotary kernel (the ``llama`` architecture does, qwen2/qwen3 do not).
 from __future__ import annotations
 
 import json
+import math
+import mmap
+import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -122,6 +126,7 @@ def load_model(spec: str | Path | None = None) -> LoadedModel:
 
 
 def load_hf_folder(path: Path) -> LoadedModel:
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     config_file = path / "config.json"
@@ -137,17 +142,143 @@ def load_hf_folder(path: Path) -> LoadedModel:
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise EdgequantError(f"cannot load {path}: {_first_line(e)}") from None
+    check_tokenizer(path, len(tokenizer), model.config.vocab_size)
     return LoadedModel(model.eval(), tokenizer, arch, path)
 
 
+def check_tokenizer(path: Path, n_tokens: int, vocab_size: int) -> None:
+    """A tokenizer that is not the model's own: more tokens than embedding rows, or far fewer (models
+    pad their embedding by a few hundred rows at most, so a tenth fewer means another vocabulary)."""
+    if n_tokens > vocab_size or n_tokens < 0.9 * vocab_size:
+        raise EdgequantError(f"{path}: the tokenizer has {n_tokens} tokens but the model's embedding has "
+                             f"{vocab_size} rows; is it this model's tokenizer?")
+
+
 def read_gguf(path: Path) -> gguf.GGUFReader:
-    """Open a GGUF file, turning any parse failure into a one-line error."""
+    """Open a GGUF file, turning any parse failure into a one-line error.
+
+    gguf-py trusts the counts and lengths in the header: a corrupt array length can make it loop
+    for ever. So the header is walked first (``_check_gguf_header``): the magic is b"GGUF", the
+    version 2 or 3, the key/value and tensor counts, every string and array fit in the file,
+    value and tensor types are known, and every tensor's data ends inside the file.
+    """
     try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 24:  # magic, version, tensor count, key/value count
+                raise EdgequantError(f"{path} is truncated: {size} bytes is too short for a GGUF header")
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+                _check_gguf_header(_GGUFCursor(path, buf))
         return gguf.GGUFReader(path)
+    except EdgequantError:
+        raise
     except Exception as e:  # gguf-py raises ValueError, IndexError, struct errors... on bad files
         raise EdgequantError(f"{path} is not a readable GGUF file ({_first_line(e)})") from None
+
+
+_GGUF_SCALARS = {  # GGUF value type -> struct format of one value
+    gguf.GGUFValueType.UINT8: "B", gguf.GGUFValueType.INT8: "b",
+    gguf.GGUFValueType.UINT16: "H", gguf.GGUFValueType.INT16: "h",
+    gguf.GGUFValueType.UINT32: "I", gguf.GGUFValueType.INT32: "i",
+    gguf.GGUFValueType.UINT64: "Q", gguf.GGUFValueType.INT64: "q",
+    gguf.GGUFValueType.FLOAT32: "f", gguf.GGUFValueType.FLOAT64: "d", gguf.GGUFValueType.BOOL: "?",
+}
+_GGML_MAX_DIMS = 4
+
+
+class _GGUFCursor:
+    """Reads a GGUF file's bytes in order, refusing to read past the end of the file."""
+
+    def __init__(self, path: Path, buf: mmap.mmap):
+        self.path, self.buf, self.pos, self.order = path, buf, 0, "<"
+
+    def error(self, what: str) -> EdgequantError:
+        return EdgequantError(f"{self.path} is corrupt: {what}")
+
+    def skip(self, n: int, what: str) -> int:
+        """Move past ``n`` bytes of ``what``; returns where they start."""
+        if n > len(self.buf) - self.pos:
+            raise EdgequantError(f"{self.path} is truncated: {what} runs past the end of the file")
+        self.pos += n
+        return self.pos - n
+
+    def read(self, fmt: str, what: str):
+        fmt = self.order + fmt
+        return struct.unpack_from(fmt, self.buf, self.skip(struct.calcsize(fmt), what))[0]
+
+    def string(self, what: str) -> str:
+        n = self.read("Q", what)
+        start = self.skip(n, what)
+        return _printable(self.buf[start : start + n])
+
+
+def _check_gguf_header(c: _GGUFCursor) -> None:
+    """Walk the header (see ``read_gguf``), raising EdgequantError at the first problem."""
+    magic = c.buf[:4]
+    if magic != b"GGUF":
+        raise EdgequantError(f"{c.path} is not a GGUF file (magic {magic!r})")
+    if not int.from_bytes(c.buf[4:8], "little") & 0xFFFF:
+        c.order = ">"  # a big-endian file, as gguf-py guesses it
+    c.pos = 4
+    version = c.read("I", "the version")
+    if version not in (2, 3):
+        raise EdgequantError(f"{c.path} has GGUF version {version}; only versions 2 and 3 are supported")
+    n_tensors, n_kv = c.read("Q", "the tensor count"), c.read("Q", "the key/value count")
+    if n_kv * 13 + n_tensors * 24 > len(c.buf) - c.pos:  # the smallest key/value and tensor info
+        raise c.error(f"{n_kv} key/values and {n_tensors} tensors cannot fit in {len(c.buf)} bytes")
+    alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+    for _ in range(n_kv):
+        key = c.string("a metadata key")
+        value = _skip_gguf_value(c, c.read("I", f"the type of {key}"), key)
+        if key == "general.alignment":
+            if not isinstance(value, int) or value <= 0 or value & (value - 1):
+                raise c.error(f"general.alignment is {value!r}, not a power of two")
+            alignment = value
+    tensors = [_gguf_tensor_info(c) for _ in range(n_tensors)]
+    data_start = -(-c.pos // alignment) * alignment
+    for name, n_bytes, offset in tensors:
+        if data_start + offset + n_bytes > len(c.buf):
+            raise EdgequantError(f"{c.path} is truncated: tensor {name} ends past the end of the file")
+
+
+def _skip_gguf_value(c: _GGUFCursor, vtype: int, key: str, in_array: bool = False):
+    """Move past one metadata value; returns it if it is a number."""
+    if vtype in _GGUF_SCALARS:
+        return c.read(_GGUF_SCALARS[vtype], key)
+    if vtype == gguf.GGUFValueType.STRING:
+        c.skip(c.read("Q", key), key)
+    elif vtype == gguf.GGUFValueType.ARRAY and not in_array:
+        item_type, n = c.read("I", key), c.read("Q", key)
+        if item_type in _GGUF_SCALARS:
+            c.skip(n * struct.calcsize(_GGUF_SCALARS[item_type]), key)
+        else:  # each string takes at least 8 bytes, so a corrupt n soon runs past the end
+            for _ in range(n):
+                _skip_gguf_value(c, item_type, key, in_array=True)
+    else:
+        raise c.error(f"metadata {key} has an unsupported value type {vtype}")
+
+
+def _gguf_tensor_info(c: _GGUFCursor) -> tuple[str, int, int]:
+    """Move past one tensor info; returns (name, size of its data, offset of its data)."""
+    name = c.string("a tensor name")
+    n_dims = c.read("I", f"tensor {name}")
+    if n_dims > _GGML_MAX_DIMS:
+        raise c.error(f"tensor {name} has {n_dims} dimensions")
+    dims = [c.read("Q", f"tensor {name}") for _ in range(n_dims)]
+    ggml_type = c.read("I", f"tensor {name}")
+    if ggml_type not in gguf.GGML_QUANT_SIZES:
+        raise c.error(f"tensor {name} has an unknown type {ggml_type}")
+    block, block_bytes = gguf.GGML_QUANT_SIZES[ggml_type]
+    return name, math.prod(dims) * block_bytes // block, c.read("Q", f"tensor {name}")
+
+
+def _printable(raw: bytes, limit: int = 60) -> str:
+    """A key or tensor name from a file, safe to put in a one-line message."""
+    text = raw.decode("utf-8", "replace")
+    text = text if text.isprintable() else repr(text)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def load_gguf(path: Path) -> LoadedModel:
@@ -178,18 +309,24 @@ def load_gguf(path: Path) -> LoadedModel:
 
 
 def gguf_config(reader: gguf.GGUFReader):
-    """(Architecture, transformers config) described by a GGUF file's metadata."""
+    """(Architecture, transformers config) described by a GGUF file's metadata; EdgequantError
+    if the architecture is unsupported or a size the config needs is missing or not positive."""
     from transformers import AutoConfig
 
     meta = _gguf_metadata(reader)
     gguf_arch = meta.get("general.architecture", "?")
-    if gguf_arch not in _FROM_GGUF_ARCH:
+    if not isinstance(gguf_arch, str) or gguf_arch not in _FROM_GGUF_ARCH:
         raise EdgequantError(
-            f"unsupported GGUF architecture {gguf_arch!r}; supported: {', '.join(_FROM_GGUF_ARCH)}"
+            f"unsupported GGUF architecture {gguf_arch!r:.60}; supported: {', '.join(_FROM_GGUF_ARCH)}"
         )
     arch = architecture(_FROM_GGUF_ARCH[gguf_arch])
     tensors = {t.name: t for t in reader.tensors}
-    return arch, AutoConfig.for_model(arch.model_type, **_config_from_gguf(meta, tensors))
+    where = getattr(reader.data, "filename", None) or "the GGUF file"
+    settings = _config_from_gguf(meta, tensors, where)
+    try:
+        return arch, AutoConfig.for_model(arch.model_type, **settings)
+    except Exception as e:  # transformers checks the sizes agree, e.g. heads divide the hidden size
+        raise EdgequantError(f"{where} has inconsistent model metadata ({_first_line(e.__cause__ or e)})") from None
 
 
 def gguf_tokenizer(path: Path):
@@ -214,26 +351,31 @@ def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
     return out
 
 
-def _config_from_gguf(meta: dict, tensors: dict) -> dict:
+def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -> dict:
     a = meta["general.architecture"]
 
-    def get(key, default=None):
-        return meta.get(f"{a}.{key}", default)
+    def get(key, default=None, kind=int):
+        value = meta.get(f"{a}.{key}", default)
+        if value is None:
+            raise EdgequantError(f"{where} lacks the metadata {a}.{key}")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            raise EdgequantError(f"{where} has a bad {a}.{key} ({value!r:.40}; expected a positive number)")
+        return kind(value)
 
     n_head = get("attention.head_count")
     hidden = get("embedding_length")
-    vocab = get("vocab_size") or tensors["token_embd.weight"].data.shape[0]
+    embd = tensors.get("token_embd.weight")
     cfg = dict(
-        vocab_size=int(vocab),
-        hidden_size=int(hidden),
-        intermediate_size=int(get("feed_forward_length")),
-        num_hidden_layers=int(get("block_count")),
-        num_attention_heads=int(n_head),
-        num_key_value_heads=int(get("attention.head_count_kv", n_head)),
-        head_dim=int(get("attention.key_length", hidden // n_head)),
-        max_position_embeddings=int(get("context_length", 2048)),
-        rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
+        vocab_size=get("vocab_size", embd.data.shape[0] if embd is not None and embd.data.ndim == 2 else None),
+        hidden_size=hidden,
+        intermediate_size=get("feed_forward_length"),
+        num_hidden_layers=get("block_count"),
+        num_attention_heads=n_head,
+        num_key_value_heads=get("attention.head_count_kv", n_head),
+        head_dim=get("attention.key_length", hidden // n_head),
+        max_position_embeddings=get("context_length", 2048),
+        rms_norm_eps=get("attention.layer_norm_rms_epsilon", 1e-6, float),
+        rope_theta=get("rope.freq_base", 10000.0, float),
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
