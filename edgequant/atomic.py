@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -35,12 +36,25 @@ def atomic_dir(final: Path) -> Iterator[Path]:
     tmp.chmod(0o755)
     try:
         yield tmp
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        _swap_in(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Put folder ``new`` at ``final`` with two renames, Ctrl-C held off in between, so an
+    interrupt leaves either the previous folder or the new one in place, never neither."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)  # left over from a machine that went down mid-swap
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        if final.exists():
+            os.replace(final, old)
+        os.replace(new, final)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def write_text(path: Path, text: str) -> None:
