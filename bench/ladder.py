@@ -11,7 +11,7 @@
    as its own ``edgequant build`` process, so its time and peak RSS are its own.
 3. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
    against the full-precision model) and prints one table sorted by bits per weight (also JSON
-   and CSV). QuBLAST's sensitivity table is measured once and then read from the cache.
+   and CSV; the JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's sensitivity table is measured once and then read from the cache.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from edgequant.errors import EdgequantError
 from edgequant.evaluation import CachedLogits, TorchLogits, token_windows
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
+from edgequant.report import ladder_file
 from runtimes.llama_quantize import quantize_stock, write_f32_copy
 from runtimes.llamacpp import score_in_llama_cpp
 
@@ -111,7 +112,7 @@ def main() -> None:
                 print(f"  {_outliers(report['scaling_maps'])}", flush=True)
 
     rows.sort(key=lambda r: r["bpw"])
-    _write(rows, args.out, windows.size)
+    _write(rows, args.out, windows.size, loaded.name)
 
 
 def _outliers(maps: list[dict]) -> str:
@@ -129,14 +130,17 @@ def _line(r: dict) -> str:
             f"{r['kld']:.4f} ±{r['kld_se']:.4f} {r['top1']:.3f} {r['seconds']:6.1f}s {rss}")
 
 
-def _write(rows: list[dict], out: Path, tokens: int) -> None:
+def _write(rows: list[dict], out: Path, tokens: int, model: str) -> None:
     header = (f"{'file':<48} {'bpw':>6} {'MB':>7} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'time':>7} "
               f"{'RSS MB':>7}")
     print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; RSS = peak RSS of our build process")
     print(header)
     for r in rows:
         print(_line(r))
-    (out / "ladder.json").write_text(json.dumps({"tokens": tokens, "rows": rows}, indent=1))
+    result = json.dumps({"model": model, "text": EVALUATION_TEXT, "tokens": tokens, "rows": rows}, indent=1)
+    (out / "ladder.json").write_text(result)
+    ladder_file(model).parent.mkdir(parents=True, exist_ok=True)
+    ladder_file(model).write_text(result)  # where report.html looks for llama.cpp's mixes
     with open(out / "ladder.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

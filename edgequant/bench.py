@@ -18,6 +18,8 @@ from runtimes.remote import Target, Transport, last_line, parse_target, remote_p
 from .atomic import write_text
 from .deploy import read_manifest, verify
 from .errors import EdgequantError
+from .progress import Progress
+from .report import write_report
 
 PROBE = Path(__file__).resolve().parent.parent / "runtimes" / "probe.py"
 RUNTIMES = {"llama.cpp": "model.gguf", "ort": "onnx"}  # runtime -> artifact (relative to the build folder)
@@ -26,7 +28,8 @@ BENCH_TIMEOUT = 1800
 
 
 def bench(folder: Path, target_text: str = "local", runtime: str = "all", threads: int | None = None,
-          python: str | None = None, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3) -> dict:
+          python: str | None = None, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3,
+          progress: Progress | None = None) -> dict:
     """Measure every requested runtime whose artifact the build has; returns what bench.json holds."""
     folder = Path(folder)
     report = _read_report(folder)
@@ -49,12 +52,14 @@ def bench(folder: Path, target_text: str = "local", runtime: str = "all", thread
         model = remote_path(target, RUNTIMES[r]) if target.scheme != "local" else str(folder / RUNTIMES[r])
         args = [r, model, "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
                 "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
-        results.append(_run_probe(link, python, probe, args))
+        with (progress or Progress()).step(f"bench {r} on {target} ({repeats} runs + warm-up)"):
+            results.append(_run_probe(link, python, probe, args))
     out = {"target": str(target), "python": python, "results": results,
            "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
            "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
     write_text(folder / "bench.json", json.dumps(out, indent=1))
     write_text(folder / "report.json", json.dumps({**report, "bench": out}, indent=1))
+    write_report(folder)
     return out
 
 
@@ -71,17 +76,24 @@ def _read_report(folder: Path) -> dict:
 def _prepare(folder: Path, target: Target, python: str | None) -> tuple[Transport, str, str]:
     """The transport, where the probe script is on the target, and the Python that runs it."""
     link = transport(target)
+    stale = _stale(folder, target)  # a corrupt file fails here, with its name, not inside a runtime
+    if stale and target.scheme == "local":
+        raise EdgequantError(f"{folder}: {stale} differ from manifest.json (corrupt or changed since the build): rebuild it")
+    if stale:
+        raise EdgequantError(f"{target} does not hold this build ({stale} missing or different): "
+                             f"run `edgequant deploy {folder} --to {target}` first")
     if target.scheme == "local":
         return link, str(PROBE), python or sys.executable
-    read_manifest(folder)
-    check = verify(folder, str(target))
-    stale = [f["path"] for f in check["files"] if f["found"] != f["expected"]]
-    if stale:
-        raise EdgequantError(f"{target} does not hold this build ({', '.join(stale[:3])}{'...' if len(stale) > 3 else ''} "
-                             f"missing or different): run `edgequant deploy {folder} --to {target}` first")
     probe = remote_path(target, ".edgequant-probe.py")
     link.put_file(PROBE, probe)
     return link, probe, python or "python3"
+
+
+def _stale(folder: Path, target: Target) -> str:
+    """The build's files that do not match the manifest on the target, as text ('' if none)."""
+    read_manifest(folder)
+    stale = [f["path"] for f in verify(folder, str(target))["files"] if f["found"] != f["expected"]]
+    return ", ".join(stale[:3]) + ("..." if len(stale) > 3 else "")
 
 
 def _run_probe(link: Transport, python: str, probe: str, args: list[str]) -> dict:

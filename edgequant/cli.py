@@ -163,7 +163,7 @@ def export_onnx_cmd(
         + ", ".join(f"{t} -> {m['bits']}-bit/{m['block_size']}" for t, m in r["mapping"].items())))
 
 
-TARGET_HELP = "local, ssh://[user@]host[:port][/dir] or adb://[serial][/dir]"
+TARGET_HELP = r"local, ssh://\[user@]host\[:port]\[/dir] or adb://\[serial]\[/dir]"  # \[: a bracket, not rich markup
 
 
 @app.command()
@@ -176,7 +176,7 @@ def deploy(
     """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256."""
     from .deploy import deploy as run_deploy
 
-    result = _run(run_deploy, folder, to).as_dict()
+    result = _run(run_deploy, folder, to, _progress(quiet or as_json)).as_dict()
     _emit(result, as_json, lambda r: typer.echo(
         f"{r['target']}: sent {r['sent_bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s; copied {len(r['copied'])}, "
         f"resumed {len(r['resumed'])}, already there {len(r['skipped'])}"))
@@ -214,12 +214,14 @@ def bench(
     gen_tokens: int = typer.Option(64, help="Tokens decoded after the prompt."),
     repeats: int = typer.Option(3, help="Measured runs (after one warm-up run)."),
     calibrate_profile: bool = typer.Option(False, "--calibrate-profile", help="Write device.calibrated.toml with the decode efficiency measured here."),
+    quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
     """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime."""
     from .bench import bench as run_bench, calibrate_profile as calibrate
 
-    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats)
+    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
+                  _progress(quiet or as_json))
     if calibrate_profile:
         result["calibrated_profile"] = str(_run(calibrate, folder, result))
     _emit(result, as_json, _print_bench)
@@ -246,6 +248,18 @@ def _print_bench(result: dict) -> None:
 
 def _spread(stat: dict) -> str:
     return f"{stat['median']:.1f} ({stat['min']:.1f}-{stat['max']:.1f})"
+
+
+@app.command()
+def report(
+    folder: Path = typer.Argument(..., help="A build folder (with report.json)."),
+    ladder: Optional[Path] = typer.Option(None, help="ladder.json from bench/ladder.py to plot llama.cpp's own mixes "
+                                          "(default: the last ladder run for the build's model, if any)."),
+):
+    """Write FOLDER/report.html again from its report.json, plan.json and bench results (and the ladder)."""
+    from .report import write_report
+
+    typer.echo(_run(write_report, folder, ladder))
 
 
 @app.command()

@@ -20,9 +20,10 @@ from runtimes.remote import DeviceFull, Target, Transport, part_name, parse_targ
 
 from .atomic import write_text
 from .errors import EdgequantError
+from .progress import Progress
 
 MANIFEST = "manifest.json"
-NOT_SHIPPED = {MANIFEST, "report.json", "bench.json", "device.calibrated.toml"}  # rewritten after the build
+NOT_SHIPPED = {MANIFEST, "report.json", "report.html", "bench.json", "device.calibrated.toml"}  # rewritten after the build
 
 
 def sha256(path: Path) -> str:
@@ -83,7 +84,7 @@ class DeployResult:
         return {**self.__dict__, "mb_per_s": rate}
 
 
-def deploy(folder: Path, target_text: str, progress=None) -> DeployResult:
+def deploy(folder: Path, target_text: str, progress: Progress | None = None) -> DeployResult:
     """Copy the build in ``folder`` to the target; returns what was sent, resumed and skipped."""
     folder = Path(folder)
     manifest = read_manifest(folder)
@@ -99,8 +100,9 @@ def deploy(folder: Path, target_text: str, progress=None) -> DeployResult:
     todo = [e for e in files if on_device[remote_path(target, e["path"])] != e["sha256"]]
     result.skipped = [e["path"] for e in files if e not in todo]
     _check_space(link, target, todo)
-    for entry in todo:
-        _copy_one(link, folder, target, entry, result, progress)
+    with (progress or Progress()).step(f"copy to {target}", sum(e["bytes"] for e in todo), in_bytes=True) as tick:
+        for entry in todo:
+            _copy_one(link, folder, target, entry, result, tick)
     result.seconds = time.time() - started
     return result
 

@@ -8,14 +8,18 @@ that folder survives until the new one is complete).
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import shutil
 import resource
 import tempfile
 import time
+from contextlib import contextmanager
 from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 from exporters.gguf import overhead_bytes, write_gguf
 from exporters.onnx import export_onnx
@@ -42,6 +46,7 @@ from .methods import Method, get_method
 from .models import LoadedModel, load_model, read_gguf
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
+from .report import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .smoothing import smooth
 
@@ -114,8 +119,7 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
     return matrices, n_all - sum(m.params for m in matrices)
 
 
-def target(loaded: LoadedModel, opts: BuildOptions) -> Target:
-    device = load_device(opts.device or "host")
+def target(loaded: LoadedModel, opts: BuildOptions, device: Device) -> Target:
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.config, sum(m.params for m in matrices) + other)
     file_overhead = overhead_bytes(loaded)
@@ -167,10 +171,11 @@ class Planned:
 def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None = None) -> Planned:
     """Load, target the device, calibrate and plan (measuring sensitivity where the method does)."""
     method = get_method(opts.method)
+    device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     if loaded is None:
         with progress.step("load model"):
             loaded = load_model(opts.model)
-    tgt = target(loaded, opts)
+    tgt = target(loaded, opts, device)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
     calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
@@ -223,7 +228,7 @@ def build(
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
         encoded = method.quantize(work, plan, calibration, tick)
 
-    with atomic_dir(out) as stage:
+    with atomic_dir(out) as stage, _write_errors(out, stage):
         gguf_path = stage / "model.gguf"
         with progress.step("export GGUF"):
             write_gguf(gguf_path, work, encoded, opts.method)
@@ -261,8 +266,11 @@ def build(
                      "sensitivity": table.as_dict() if table else None}
         (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
-        write_manifest(stage, {"edgequant": __version__, "model": loaded.name, "method": opts.method,
-                               "versions": library_versions()})
+        with progress.step("write report.html"):
+            write_report(stage, shown_as=out)
+        write_manifest(stage, {"edgequant": __version__, "model": report["model"], "device": tgt.device.name,
+                               "settings": settings(opts), "plan": {"rule": plan.rule, "bpw": plan.bpw, "file": "plan.json"},
+                               "text": report["text"], "versions": library_versions()})
     return report
 
 
@@ -334,6 +342,11 @@ def _name_pairs(loaded: LoadedModel):
     return [(hf, loaded.gguf_name(hf)) for hf, t in loaded.model.state_dict().items() if t.ndim == 2]
 
 
+def settings(opts: BuildOptions) -> dict:
+    """The build's options as given, for the manifest (enough to run the same build again)."""
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+
+
 def library_versions() -> dict[str, str | None]:
     """Versions of what made and scored the files, for the manifest."""
     from importlib.metadata import PackageNotFoundError, version
@@ -375,6 +388,19 @@ def _onnx_artifact(exported: dict, out: Path) -> dict:
     folder = Path(exported["path"])
     return {**exported, "path": str(out / folder.name),
             "sha256": {name: sha256(folder / name) for name in exported["files"]}}
+
+
+@contextmanager
+def _write_errors(out: Path, stage: Path) -> Iterator[None]:
+    """A failed write of the build becomes one line, checked while the staging folder still fills
+    the disk (numpy's short writes carry no errno, so a full disk is told by its free space)."""
+    try:
+        yield
+    except OSError as e:
+        free = shutil.disk_usage(stage).free
+        if e.errno == errno.ENOSPC or free < 64 << 20:
+            raise EdgequantError(f"no space left on the disk of {out} ({free / 1e6:.1f} MB free)") from None
+        raise EdgequantError(f"cannot write {out}: {e.strerror or e}") from None
 
 
 def _check_writable(out: Path) -> None:

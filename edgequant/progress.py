@@ -10,7 +10,9 @@ class Progress:
     """Silent progress: the interface the pipeline talks to."""
 
     @contextmanager
-    def step(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
+    def step(self, description: str, total: int | None = None, in_bytes: bool = False) -> Iterator[Callable[..., None]]:
+        """A long step; the yielded ``tick(amount=1)`` advances it towards ``total`` (None: unknown),
+        counted in bytes (shown as MB and MB/s) when ``in_bytes``."""
         yield lambda *_: None
 
 
@@ -23,15 +25,16 @@ class RichProgress(Progress):
         self.console = Console(stderr=True)
 
     @contextmanager
-    def step(self, description: str, total: int | None = None) -> Iterator[Callable[..., None]]:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
-        from rich.progress import TimeRemainingColumn
+    def step(self, description: str, total: int | None = None, in_bytes: bool = False) -> Iterator[Callable[..., None]]:
+        from rich.progress import BarColumn, DownloadColumn, MofNCompleteColumn, Progress as Bars, TextColumn
+        from rich.progress import TimeElapsedColumn, TimeRemainingColumn, TransferSpeedColumn
 
-        columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn()]
+        counts = [DownloadColumn(), TransferSpeedColumn()] if in_bytes else [MofNCompleteColumn()]
+        columns = [TextColumn("{task.description}"), BarColumn(), *counts, TimeElapsedColumn()]
         if total:
             columns.append(TimeRemainingColumn())
         with Bars(*columns, console=self.console, transient=False) as bars:
             task = bars.add_task(description, total=total)
-            yield lambda *_: bars.advance(task)
+            yield lambda amount=1: bars.advance(task, amount if isinstance(amount, int) else 1)
             if total is None:
                 bars.update(task, total=1, completed=1)
