@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,23 @@ from edgequant.pipeline import BuildOptions, build
 EVAL_TOKENS = 4096  # 8 windows of 512: enough to compare runtimes on the same text
 CALIB_TOKENS = 2048
 MIXED = {"bpw": 4.5, "formats": "gguf,onnx"}  # a mixed plan, exported to both formats; shared by several tests
+
+
+BAD_INPUTS = pytest.StashKey[dict]()
+
+
+@pytest.fixture
+def bad_input_messages(request) -> dict:
+    """Record a bad-input case's one-line message; all of them are listed at the end of the run."""
+    return request.config.stash.setdefault(BAD_INPUTS, {})
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    messages = config.stash.get(BAD_INPUTS, {})
+    if messages:
+        terminalreporter.section("bad-input matrix: case -> the one line edgequant printed")
+        for case, message in sorted(messages.items()):
+            terminalreporter.write_line(f"{case:<44} {message}")
 
 
 @pytest.fixture(scope="session")
@@ -40,6 +59,31 @@ def build_default(default_model, reference, tmp_path_factory):
         return done[key]
 
     return run
+
+
+@pytest.fixture(scope="session")
+def stock_q4_k_m(tmp_path_factory, default_model, reference):
+    """llama.cpp's own Q4_K_M of the reference model: its bits per weight and quality."""
+    return score_stock_mix(tmp_path_factory.mktemp("stock"), "Q4_K_M", default_model.tokenizer, reference)
+
+
+@pytest.fixture(scope="session")
+def qublast(build_default, stock_q4_k_m):
+    """The default method at llama.cpp's Q4_K_M size: a real mix, with its sensitivity table."""
+    # GPTQ, the rounding step, needs the default amount of calibration text (see test_gptq)
+    return build_default(method="qublast", bpw=stock_q4_k_m[0], calib_tokens=16384)
+
+
+README_BUILD = ["build", "--device", "jetson-orin", "--out", "{out}", "--eval-tokens", "1024", "--quiet"]
+
+
+@pytest.fixture(scope="session")
+def readme_build(tmp_path_factory):
+    """README's first command (`edgequant build --device jetson-orin`), run as a user runs it; its folder."""
+    out = tmp_path_factory.mktemp("readme") / "out"
+    cmd = [sys.executable, "-m", "edgequant.cli", *(a.format(out=out) for a in README_BUILD)]
+    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return out
 
 
 def score_stock_mix(tmp: Path, mix: str, tokenizer, reference, tokens: int = EVAL_TOKENS):

@@ -1,8 +1,6 @@
 """`edgequant build` on the real default model, measured in llama.cpp (slow: minutes)."""
 
 import json
-import subprocess
-import sys
 
 import gguf
 import pytest
@@ -100,12 +98,10 @@ def test_exported_tokenizer_matches_the_models_own(build_default, default_model)
     assert ours == default_model.tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
-def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_with(tmp_path, default_model):
-    out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "edgequant.cli", "build", "--device", "jetson-orin", "--out", str(out),
-           "--eval-tokens", "1024", "--quiet"]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
-    assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "plan.json", "manifest.json"}
+def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_with(readme_build, default_model):
+    out = readme_build
+    assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "report.html", "plan.json",
+                                                "manifest.json"}
     report = json.loads((out / "report.json").read_text())
     assert report["device"]["name"] == "jetson-orin-nano-8gb" and report["method"]["name"] == "qublast"
     predicted = report["predicted"]

@@ -6,21 +6,8 @@ import pytest
 
 from edgequant.pipeline import matrices_of
 from edgequant.sensitivity import Part, split_parts
-from tests.conftest import score_stock_mix
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def stock_q4_k_m(tmp_path_factory, default_model, reference):
-    """llama.cpp's own Q4_K_M of the reference model: its bits per weight and quality."""
-    return score_stock_mix(tmp_path_factory.mktemp("stock"), "Q4_K_M", default_model.tokenizer, reference)
-
-
-@pytest.fixture(scope="module")
-def qublast(build_default, stock_q4_k_m):
-    # GPTQ, the rounding step, needs the default amount of calibration text (see test_gptq)
-    return build_default(method="qublast", bpw=stock_q4_k_m[0], calib_tokens=16384)
 
 
 def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model):
