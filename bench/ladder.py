@@ -30,7 +30,7 @@ from edgequant.errors import EdgequantError
 from edgequant.evaluation import CachedLogits, TorchLogits, token_windows
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
-from edgequant.report import ladder_file
+from edgequant.reporting import ladder_file
 from runtimes.llama_quantize import quantize_stock, write_f32_copy
 from runtimes.llamacpp import score_in_llama_cpp
 

@@ -26,7 +26,7 @@ from edgequant.assets import EVALUATION_TEXT, default_model_dir, read_text
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
 from edgequant.models import load_model
-from edgequant.bench import PROBE
+from edgequant.benchmark import PROBE
 from runtimes.ort import score_in_ort
 
 OURS = {  # row label -> (output folder, edgequant build options)

@@ -57,14 +57,14 @@ def export_onnx(gguf_file, out, accuracy_level: int = 4) -> dict:
 
 def deploy(folder, to: str) -> dict:
     """``edgequant deploy``: copy a build to ``local``, ``ssh://...`` or ``adb://...``, checked by sha256."""
-    from .deploy import deploy as run
+    from .deployment import deploy as run
 
     return run(folder, to).as_dict()
 
 
 def verify(folder, to: str = "local") -> dict:
     """``edgequant verify``: every file of the build against the manifest (``result["ok"]``)."""
-    from .deploy import verify as run
+    from .deployment import verify as run
 
     return run(folder, to)
 
@@ -72,13 +72,13 @@ def verify(folder, to: str = "local") -> dict:
 def bench(folder, target: str = "local", **options) -> dict:
     """``edgequant bench``: TTFT, prefill/decode tok/s and peak RSS. Options: ``runtime``, ``threads``,
     ``python``, ``prompt_tokens``, ``gen_tokens``, ``repeats``."""
-    from .bench import bench as run
+    from .benchmark import bench as run
 
     return run(folder, target, **options)
 
 
 def report(folder, ladder=None):
     """``edgequant report``: (re)write ``folder/report.html``; returns its path."""
-    from .report import write_report
+    from .reporting import write_report
 
     return write_report(folder, ladder)

@@ -174,7 +174,7 @@ def deploy(
     as_json: bool = JSON,
 ):
     """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256."""
-    from .deploy import deploy as run_deploy
+    from .deployment import deploy as run_deploy
 
     result = _run(run_deploy, folder, to, _progress(quiet or as_json)).as_dict()
     _emit(result, as_json, lambda r: typer.echo(
@@ -189,7 +189,7 @@ def verify(
     as_json: bool = JSON,
 ):
     """Check every file of a build against the manifest's sha256, on a device or here (exit 1 if one differs)."""
-    from .deploy import verify as run_verify
+    from .deployment import verify as run_verify
 
     result = _run(run_verify, folder, to)
     if as_json:
@@ -218,7 +218,7 @@ def bench(
     as_json: bool = JSON,
 ):
     """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime."""
-    from .bench import bench as run_bench, calibrate_profile as calibrate
+    from .benchmark import bench as run_bench, calibrate_profile as calibrate
 
     result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
                   _progress(quiet or as_json))
@@ -257,7 +257,7 @@ def report(
                                           "(default: the last ladder run for the build's model, if any)."),
 ):
     """Write FOLDER/report.html again from its report.json, plan.json and bench results (and the ladder)."""
-    from .report import write_report
+    from .reporting import write_report
 
     typer.echo(_run(write_report, folder, ladder))
 

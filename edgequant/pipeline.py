@@ -31,7 +31,7 @@ from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
 from .budget import Budget, Shape, check_fits, predict, resolve
 from .calibration import ActivationStats, Calibration, activation_stats
-from .deploy import sha256, write_manifest
+from .deployment import sha256, write_manifest
 from .devices import Device, load_device
 from .errors import EdgequantError
 from .evaluation import (
@@ -46,7 +46,7 @@ from .methods import Method, get_method
 from .models import LoadedModel, load_model, read_gguf
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
-from .report import write_report
+from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .smoothing import smooth
 

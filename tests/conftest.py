@@ -74,15 +74,17 @@ def qublast(build_default, stock_q4_k_m):
     return build_default(method="qublast", bpw=stock_q4_k_m[0], calib_tokens=16384)
 
 
-README_BUILD = ["build", "--device", "jetson-orin", "--out", "{out}", "--eval-tokens", "1024", "--quiet"]
+README_BUILD = ["build", "--device", "jetson-orin", "--out", "{out}", "--eval-tokens", "1024", "--json"]
 
 
 @pytest.fixture(scope="session")
 def readme_build(tmp_path_factory):
-    """README's first command (`edgequant build --device jetson-orin`), run as a user runs it; its folder."""
+    """README's first command (`edgequant build --device jetson-orin`), run as a user runs it; its
+    folder. What it printed on stdout (``--json``) is kept beside it, in ``stdout.json``."""
     out = tmp_path_factory.mktemp("readme") / "out"
     cmd = [sys.executable, "-m", "edgequant.cli", *(a.format(out=out) for a in README_BUILD)]
-    subprocess.run(cmd, check=True, capture_output=True, text=True)
+    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    (out.parent / "stdout.json").write_text(done.stdout)
     return out
 
 

@@ -103,6 +103,7 @@ def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_w
     assert {p.name for p in out.iterdir()} == {"model.gguf", "onnx", "report.json", "report.html", "plan.json",
                                                 "manifest.json"}
     report = json.loads((out / "report.json").read_text())
+    assert json.loads((out.parent / "stdout.json").read_text()) == report  # --json: the report, on stdout
     assert report["device"]["name"] == "jetson-orin-nano-8gb" and report["method"]["name"] == "qublast"
     predicted = report["predicted"]
     assert predicted["fits"] and predicted["decode_tok_s"] > 0

@@ -72,6 +72,8 @@ def test_deploy_verify_and_bench_over_ssh(built, server, tmp_path):
         assert run["threads"] == 2 and run["device"]["cores"] >= 1 and run["device"]["ram_bytes"] > 0
     assert json.loads((built / "bench.json").read_text()) == result
     assert json.loads((built / "report.json").read_text())["bench"]["predicted"]["decode_tok_s"] > 0
+    page = (built / "report.html").read_text()  # the page is made again with the measurements
+    assert "Measured on ssh://" in page and f"{runs['llama.cpp']['decode_tok_s']['median']:.1f}" in page
 
 
 @pytest.mark.slow
@@ -194,7 +196,7 @@ def test_adb_commands_quote_every_argument():
 
 @pytest.mark.slow
 def test_calibrated_profile_carries_the_measured_decode_efficiency(built, tmp_path):
-    from edgequant.bench import calibrate_profile
+    from edgequant.benchmark import calibrate_profile
     from edgequant.devices import load_device
 
     jetson = load_device("jetson-orin")
@@ -215,7 +217,7 @@ def test_calibrated_profile_carries_the_measured_decode_efficiency(built, tmp_pa
 def test_manifest_hashes_the_shipped_files_and_local_verify_catches_one_changed_byte(built, tmp_path):
     import shutil
 
-    from edgequant.deploy import sha256
+    from edgequant.deployment import sha256
 
     manifest = json.loads((built / "manifest.json").read_text())
     assert {f["path"] for f in manifest["files"]} >= {"model.gguf", "plan.json", "onnx/model.onnx", "onnx/model.onnx.data"}

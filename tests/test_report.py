@@ -10,7 +10,7 @@ import pytest
 from matplotlib import colormaps
 from matplotlib.image import imread
 
-from edgequant.report import BITS_COLOURS, BITS_RANGE
+from edgequant.reporting import BITS_COLOURS, BITS_RANGE
 
 pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,10 +16,10 @@ from pathlib import Path
 from runtimes.remote import Target, Transport, last_line, parse_target, remote_path, transport
 
 from .atomic import write_text
-from .deploy import read_manifest, verify
+from .deployment import read_manifest, verify
 from .errors import EdgequantError
 from .progress import Progress
-from .report import write_report
+from .reporting import write_report
 
 PROBE = Path(__file__).resolve().parent.parent / "runtimes" / "probe.py"
 RUNTIMES = {"llama.cpp": "model.gguf", "ort": "onnx"}  # runtime -> artifact (relative to the build folder)
