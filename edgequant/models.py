@@ -288,14 +288,13 @@ def load_gguf(path: Path) -> LoadedModel:
     reader = read_gguf(path)
     arch, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
+    _check_shapes(path, arch, config, tensors)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     state = {}
     for hf_name in model.state_dict():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         name = gguf_name(arch, config.num_hidden_layers, hf_name)
-        if name not in tensors:
-            raise EdgequantError(f"{path} lacks tensor {name}")
         t = tensors[name]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
         heads = qk_heads(config, name)
@@ -306,6 +305,24 @@ def load_gguf(path: Path) -> LoadedModel:
     if config.tie_word_embeddings:
         model.tie_weights()
     return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path)
+
+
+def _check_shapes(path: Path, arch: Architecture, config, tensors: dict) -> None:
+    """Every weight the metadata implies is in the file with that shape, checked on a model built
+    on the meta device (no memory), so metadata that lies about sizes fails before any allocation."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    for hf_name, param in skeleton.state_dict().items():
+        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        name = gguf_name(arch, config.num_hidden_layers, hf_name)
+        if name not in tensors:
+            raise EdgequantError(f"{path} lacks tensor {name}")
+        stored = tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the row length first
+        if stored != tuple(param.shape):
+            raise EdgequantError(f"{path}: tensor {name} is {stored} but the metadata implies {tuple(param.shape)}")
 
 
 def gguf_config(reader: gguf.GGUFReader):

@@ -242,3 +242,20 @@ def mutations(draw, valid):
 def test_mutated_headers_fail_cleanly(valid, data):
     edits, cut = data.draw(mutations(valid))
     read_like_the_cli(valid.write(edits, cut))
+
+
+def test_metadata_that_lies_about_sizes_fails_before_the_model_is_allocated(tmp_path):
+    """feed_forward_length = 2**31 would mean a 10^12-parameter MLP: the shapes are checked on a
+    meta-device model first, so the load stops with one line instead of allocating."""
+    from edgequant.assets import default_gguf
+    from edgequant.models import load_gguf
+
+    real = read_gguf(default_gguf())
+    field = real.fields["llama.feed_forward_length"]
+    data = bytearray(default_gguf().read_bytes())
+    at = offset(real, field.parts[-1])
+    data[at : at + 4] = u32(2**31)
+    lying = tmp_path / "lying.gguf"
+    lying.write_bytes(bytes(data))
+    with pytest.raises(EdgequantError, match=r"tensor blk\.0\.ffn_gate\.weight is \(1536, 576\) but the metadata implies \(2147483648, 576\)"):
+        load_gguf(lying)
