@@ -36,6 +36,14 @@ def one_line_error(result) -> str:
     return lines[0]
 
 
+def assert_clean_failure(result, *words) -> str:
+    """A clean failure whose one line holds every one of ``words``; returns the line."""
+    message = one_line_error(result)
+    for word in words:
+        assert word in message, message
+    return message
+
+
 def quick_build(model, out, *extra):
     return ["build", "--model", model, "--out", out, "--quiet", "--method", "rtn", "--eval-tokens", "512",
             "--calib-tokens", "512", *extra]
