@@ -140,7 +140,7 @@ def test_full_device_leaves_no_file_under_its_final_name(built, server, tmp_path
     where = tmp_path / "board"
     where.mkdir()
     os.symlink("/dev/full", where / ".model.gguf.part")  # writes there fail with ENOSPC, as on a full disk
-    assert_clean_failure(cli("deploy", built, "--to", f"ssh://board{where}", env=server.env()), "full")
+    assert_clean_failure(cli("deploy", built, "--to", f"ssh://board{where}", "--quiet", env=server.env()), "full")
     assert not (where / "model.gguf").exists() and not os.path.lexists(where / ".model.gguf.part")
 
 
