@@ -340,7 +340,9 @@ def fetch_default():
     """Write the default model's float32 Hugging Face folder into the cache (done on first use anyway)."""
     from .assets import default_model_dir
 
-    typer.echo(_run(default_model_dir))
+    with _progress(False).step("write the default model's float32 folder (first use only)"):
+        folder = _run(default_model_dir)
+    typer.echo(folder)
 
 
 def main() -> None:

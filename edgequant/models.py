@@ -359,8 +359,8 @@ def gguf_tokenizer(path: Path):
 def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
     out = {}
     for key, field in reader.fields.items():
-        if key.startswith("tokenizer.ggml.") and key != "tokenizer.ggml.model":
-            continue  # large arrays; the tokenizer is read by transformers
+        if key.startswith("tokenizer.ggml.") and not key.endswith(("model", "_token_id")):
+            continue  # large arrays (the tokenizer is read by transformers); the special ids are kept
         try:
             out[key] = field.contents()
         except Exception:
