@@ -20,9 +20,9 @@ __version__ = "0.1.0"
 
 
 def _progress(show: bool):
-    from .progress import Progress, RichProgress
+    from .progress import bars
 
-    return RichProgress() if show else Progress()
+    return bars(show)
 
 
 def build(model: str | None = None, device: str | None = None, out="out", *, progress: bool = False, **options) -> dict:

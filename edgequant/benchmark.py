@@ -16,10 +16,10 @@ from pathlib import Path
 from runtimes.remote import Target, Transport, last_line, parse_target, remote_path, transport
 
 from .atomic import write_text
-from .deployment import read_manifest, verify
+from .deployment import verify
 from .errors import EdgequantError
 from .progress import Progress
-from .reporting import write_report
+from .reporting import read_json, write_report
 
 PROBE = Path(__file__).resolve().parent.parent / "runtimes" / "probe.py"
 RUNTIMES = {"llama.cpp": "model.gguf", "ort": "onnx"}  # runtime -> artifact (relative to the build folder)
@@ -64,13 +64,7 @@ def bench(folder: Path, target_text: str = "local", runtime: str = "all", thread
 
 
 def _read_report(folder: Path) -> dict:
-    path = folder / "report.json"
-    if not path.is_file():
-        raise EdgequantError(f"{folder} is not a build folder (no report.json)")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError:
-        raise EdgequantError(f"{path} is not valid JSON") from None
+    return read_json(folder / "report.json", "an edgequant build folder")
 
 
 def _prepare(folder: Path, target: Target, python: str | None) -> tuple[Transport, str, str]:
@@ -91,7 +85,6 @@ def _prepare(folder: Path, target: Target, python: str | None) -> tuple[Transpor
 
 def _stale(folder: Path, target: Target) -> str:
     """The build's files that do not match the manifest on the target, as text ('' if none)."""
-    read_manifest(folder)
     stale = [f["path"] for f in verify(folder, str(target))["files"] if f["found"] != f["expected"]]
     return ", ".join(stale[:3]) + ("..." if len(stale) > 3 else "")
 

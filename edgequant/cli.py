@@ -55,12 +55,9 @@ JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (i
 
 
 def _progress(quiet: bool):
-    from transformers.utils import logging as hf_logging
+    from .progress import bars
 
-    from .progress import Progress, RichProgress
-
-    hf_logging.disable_progress_bar()  # our own bars replace transformers' ones
-    return Progress() if quiet else RichProgress()
+    return bars(not quiet)
 
 
 @app.command()

@@ -11,8 +11,8 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import resource
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager

@@ -38,3 +38,11 @@ class RichProgress(Progress):
             yield lambda amount=1: bars.advance(task, amount if isinstance(amount, int) else 1)
             if total is None:
                 bars.update(task, total=1, completed=1)
+
+
+def bars(show: bool) -> Progress:
+    """Bars on stderr, or silence; either way transformers' own bars are off (ours replace them)."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    return RichProgress() if show else Progress()

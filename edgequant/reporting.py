@@ -32,10 +32,10 @@ def write_report(folder: Path, ladder: Path | None = None, shown_as: Path | None
     """(Re)write ``folder/report.html``; ``ladder`` defaults to the ladder results of the build's model.
     ``shown_as`` is the folder's name in the page's commands (the build writes into a staging folder)."""
     folder = Path(folder)
-    report = _read_json(folder / "report.json", "an edgequant build folder")
-    plan = _read_json(folder / "plan.json", "an edgequant build folder") if (folder / "plan.json").exists() else {}
+    report = read_json(folder / "report.json", "an edgequant build folder")
+    plan = read_json(folder / "plan.json", "an edgequant build folder") if (folder / "plan.json").exists() else {}
     ladder_path = Path(ladder) if ladder else ladder_file(report["model"]["name"])
-    rungs = _read_json(ladder_path, "a ladder.json from bench/ladder.py") if ladder or ladder_path.exists() else None
+    rungs = read_json(ladder_path, "a ladder.json from bench/ladder.py") if ladder or ladder_path.exists() else None
     if rungs and rungs.get("model") not in (None, report["model"]["name"]):
         rungs = None  # another model's ladder says nothing about this one
     page = folder / PAGE
@@ -43,7 +43,7 @@ def write_report(folder: Path, ladder: Path | None = None, shown_as: Path | None
     return page
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise EdgequantError(f"{path} not found (is it {what}?)")
     try:
