@@ -157,3 +157,25 @@ def _accumulate(sums: dict, gguf_name: str):
         sums[gguf_name] += x.T @ x
 
     return hook
+
+
+@torch.inference_mode()
+def linear_inputs(model: torch.nn.Module, windows: np.ndarray, paths: list[str], max_tokens: int) -> dict[str, torch.Tensor]:
+    """The inputs of the modules at ``paths`` (e.g. ``model.layers.3.mlp.down_proj``), up to
+    ``max_tokens`` rows each, from running the whole model on ``windows``."""
+    seen: dict[str, list[torch.Tensor]] = {p: [] for p in paths}
+
+    def hook_for(path):
+        def hook(_module, inputs, _output):
+            seen[path].append(inputs[0].reshape(-1, inputs[0].shape[-1]).float())
+
+        return hook
+
+    handles = [model.get_submodule(p).register_forward_hook(hook_for(p)) for p in paths]
+    try:
+        for window in windows[: max(1, -(-max_tokens // windows.shape[1]))]:
+            model(torch.from_numpy(window)[None], use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {p: torch.cat(v)[:max_tokens] for p, v in seen.items()}

@@ -30,6 +30,7 @@ class Quality:
     top1: float | None  # share of positions whose most likely token matches full precision
     tokens: int
     ctx: int
+    accuracy: float | None = None  # share of positions whose most likely token is the text's next token
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -84,11 +85,12 @@ def evaluate(
     progress: Callable[[], None] | None = None,
 ) -> Quality:
     """Score ``candidate`` on ``windows``; KL and top-1 need the full-precision ``reference``."""
-    nll, kl, agree = [], [], []
+    nll, kl, agree, hit = [], [], [], []
     for window in windows:
         logp = torch.log_softmax(torch.from_numpy(np.array(candidate(window), dtype=np.float32)), -1)[:-1]
         target = torch.from_numpy(window[1:])
         nll.append(-logp.gather(1, target[:, None])[:, 0])
+        hit.append((logp.argmax(-1) == target).float())
         if reference is not None:
             ref = reference.log_probs(window)[:-1]
             kl.append((ref.exp() * (ref - logp)).sum(-1))
@@ -97,7 +99,8 @@ def evaluate(
             progress()
     nll_all = torch.cat(nll).double()
     ppl = float(torch.exp(nll_all.mean()))
-    quality = Quality(runtime, ppl, ppl * _se(nll_all), None, None, None, int(nll_all.numel()), windows.shape[1])
+    quality = Quality(runtime, ppl, ppl * _se(nll_all), None, None, None, int(nll_all.numel()), windows.shape[1],
+                      float(torch.cat(hit).mean()))
     if reference is not None:
         kl_all = torch.cat(kl).double()
         quality.kld, quality.kld_se = float(kl_all.mean()), _se(kl_all)

@@ -1,0 +1,140 @@
+"""Weight-and-activation quantization (W4A4, W6A6, W8A8...) simulated exactly in torch.
+
+No runtime here executes 4-bit activations (llama.cpp rounds them to 8-bit blocks, ONNX
+Runtime's MatMulNBits to int8 or none), so WxAy settings are measured in a simulation:
+
+* weights of the seven matrices of every block (q, k, v, o, gate, up, down): asymmetric,
+  one scale and zero point per output row, the clipping ratio searched per row (least squared
+  error over 1.0, 0.95 ... 0.5);
+* their inputs: asymmetric, one scale per token (dynamic), clipped to ``a_clip`` of the range;
+* optionally the KV cache: keys after RoPE and values, one scale per token and head;
+* the embedding, norms, attention softmax and the output head stay in float32 (as in the
+  papers being reproduced).
+
+A method may leave a transform *online* (``online``: module path -> orthogonal matrix): the
+simulated matrix then computes ``Q(x @ M) @ Q(W @ M)^T``.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+CLIPS = torch.linspace(1.0, 0.5, 11)
+KV_ATTENTION = "edgequant_kv_quant"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """Bits of weights / activations / KV cache; ``None`` keeps float32."""
+
+    wbits: int | None = 4
+    abits: int | None = 4
+    kv_bits: int | None = None
+    a_clip: float | None = None  # None: 0.9 at 4 bits or fewer (RUQuant's choice), else 1.0 (no clipping)
+
+    @property
+    def act_clip(self) -> float:
+        if self.a_clip is not None:
+            return self.a_clip
+        return 0.9 if (self.abits or 16) <= 4 else 1.0
+
+    @property
+    def label(self) -> str:
+        w = f"W{self.wbits or 16}A{self.abits or 16}"
+        return w + (f"KV{self.kv_bits}" if self.kv_bits else "")
+
+
+@dataclass
+class Transformed:
+    """A method's transformed copy of the model: ``work`` computes what the original does (up to
+    a lossy method's own changes); ``online`` maps module paths to input transforms that could
+    not be folded (simulated, not exported); ``details`` goes into the report."""
+
+    work: object  # LoadedModel
+    online: dict[str, torch.Tensor] = field(default_factory=dict)
+    details: dict = field(default_factory=dict)
+
+
+def quantize(x: torch.Tensor, bits: int, clip: torch.Tensor | float = 1.0) -> torch.Tensor:
+    """Asymmetric round to nearest along the last dimension (range widened to include 0)."""
+    hi = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    lo = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+    zero = torch.round(-lo / scale)
+    return (torch.clamp(torch.round(x / scale) + zero, 0, 2**bits - 1) - zero) * scale
+
+
+def quantize_ste(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
+    """:func:`quantize` with straight-through rounding: gradients reach ``x`` and the scale."""
+    hi = x.amax(-1, keepdim=True).clamp(min=0) * clip
+    lo = x.amin(-1, keepdim=True).clamp(max=0) * clip
+    scale = ((hi - lo) / (2**bits - 1)).clamp(min=1e-8)
+    zero = torch.round(-lo / scale).detach()
+    y = x / scale
+    y = y + (torch.round(y) - y).detach()
+    return (torch.clamp(y + zero, 0, 2**bits - 1) - zero) * scale
+
+
+@torch.no_grad()
+def quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Each row on its own grid, with the clipping ratio of least squared error."""
+    best, best_err = w, torch.full((w.shape[0], 1), float("inf"))
+    for clip in CLIPS:
+        q = quantize(w, bits, float(clip))
+        err = (q - w).pow(2).sum(-1, keepdim=True)
+        better = err < best_err
+        best, best_err = torch.where(better, q, best), torch.where(better, err, best_err)
+    return best
+
+
+class QuantLinear(torch.nn.Module):
+    """A linear layer with fake-quantized weights and per-token fake-quantized inputs."""
+
+    def __init__(self, linear: torch.nn.Linear, setting: Setting, online: torch.Tensor | None = None):
+        super().__init__()
+        w = linear.weight.detach()
+        if online is not None:
+            w = (w.double() @ online.double()).float()
+            online = online.float()
+        self.register_buffer("weight", quantize_rows(w, setting.wbits) if setting.wbits else w.clone())
+        self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
+        self.online = online
+        self.abits, self.a_clip = setting.abits, setting.act_clip
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.online is not None:
+            x = x @ self.online
+        if self.abits:
+            x = quantize(x, self.abits, self.a_clip)
+        return F.linear(x, self.weight, self.bias)
+
+
+def _kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
+    """SDPA attention on keys (after RoPE) and values quantized per token and head."""
+    bits = module.config.edgequant_kv_bits
+    return sdpa_attention_forward(module, query, quantize(key, bits), quantize(value, bits), attention_mask, **kwargs)
+
+
+AttentionInterface.register(KV_ATTENTION, _kv_quant_attention)
+
+
+def fake_quantize(model: torch.nn.Module, setting: Setting, online: dict[str, torch.Tensor] | None = None):
+    """A copy of ``model`` computing every block's matrices at ``setting`` (the original is untouched)."""
+    sim = copy.deepcopy(model)
+    online = online or {}
+    for i, layer in enumerate(sim.model.layers):
+        for path, module in list(layer.named_modules()):
+            if isinstance(module, torch.nn.Linear):
+                parent, _, attr = path.rpartition(".")
+                quant = QuantLinear(module, setting, online.get(f"model.layers.{i}.{path}"))
+                setattr(layer.get_submodule(parent) if parent else layer, attr, quant)
+    if setting.kv_bits:
+        sim.config.edgequant_kv_bits = setting.kv_bits
+        sim.set_attn_implementation(KV_ATTENTION)
+    return sim
