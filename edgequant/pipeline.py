@@ -21,6 +21,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
 
+import torch
+
 from exporters.gguf import overhead_bytes, write_gguf
 from exporters.onnx import export_onnx
 from runtimes.llamacpp import score_in_llama_cpp
@@ -48,7 +50,8 @@ from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes,
 from .progress import Progress
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
-from .smoothing import smooth
+from .rotations import untie
+from .smoothing import llama_cpp_activations, smooth
 
 
 FORMATS = ("gguf", "onnx")
@@ -175,6 +178,8 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     if loaded is None:
         with progress.step("load model"):
             loaded = load_model(opts.model)
+    if method.unties and loaded.config.tie_word_embeddings:
+        loaded = untied_copy(loaded)
     tgt = target(loaded, opts, device)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
@@ -187,6 +192,13 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress)
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table)
+
+
+def untied_copy(loaded: LoadedModel) -> LoadedModel:
+    """A copy whose output head is its own matrix (the same function; the plan then counts both)."""
+    model = deepcopy(loaded.model)
+    untie(model)
+    return LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path)
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
@@ -217,11 +229,12 @@ def build(
     eval_label, eval_text = load_text(opts.eval_text, EVALUATION_TEXT)
     windows = token_windows(loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
 
-    work, maps = loaded, None
+    work, details = loaded, {}
     if method.transform and opts.scaling_maps:
-        work, maps = method.transform(loaded, plan, calibration, progress)
+        work, details = method.transform(loaded, plan, calibration, progress)
     elif opts.smooth:
         work = smoothed_copy(loaded, stats.absmax, opts.smooth)
+    maps = details.pop("scaling_maps", None)
     if work is not loaded and opts.use_importance:
         with progress.step("calibrate the transformed model", len(calib)) as tick:
             calibration = Calibration(calib, activation_stats(work, calib, tick).importance)
@@ -237,7 +250,7 @@ def build(
             with progress.step("export ONNX"):
                 artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", loaded.tokenizer), out))
         reference = reference or CachedLogits(TorchLogits(loaded.model))
-        quality = _evaluate(reference, work, encoded, stage, windows, opts, progress)
+        quality = _evaluate(reference, work, encoded, stage, windows, opts, progress, method.activation_aware)
         if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
             gguf_path.unlink()
             artifacts.pop(0)
@@ -254,7 +267,8 @@ def build(
             "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
                       "note": "peak RSS of the building process so far"},
             "blocks": blocks(plan, table),
-            "scaling_maps": [asdict(c) for c in maps] if maps else None,
+            "scaling_maps": maps,
+            "transform": details or None,
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
             "text": {
                 "calibration": {"source": p.calib_label, "tokens": int(calib.size)},
@@ -314,10 +328,11 @@ def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
     return rows
 
 
-def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress) -> dict:
+def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress, with_a8: bool = False) -> dict:
     """Quality of the files in ``stage`` against the full-precision ``reference``; ``work`` is
     what was quantized. The ONNX model is scored as shipped and at accuracy_level 0 (float32
-    activations: the exact counterpart of the torch simulation)."""
+    activations: the exact counterpart of the torch simulation). ``with_a8`` adds the torch
+    simulation with llama.cpp's 8-bit activation blocks (W4A8 as llama.cpp computes it)."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
         cached = lambda window: reference.log_probs(window).numpy()
@@ -326,6 +341,10 @@ def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress) ->
         sim = simulate(work.model, _name_pairs(work), encoded)
         with progress.step("evaluate torch simulation", len(windows)) as tick:
             quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
+        if with_a8:
+            with progress.step("evaluate torch simulation, 8-bit activations", len(windows)) as tick, \
+                    llama_cpp_activations(sim, _linear_types(work, encoded)):
+                quality["gguf_sim_a8"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
         del sim
     if "gguf" in opts.formats:
         with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
@@ -336,6 +355,18 @@ def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress) ->
                                len(windows)) as tick:
                 quality[key] = score_in_ort(stage / "onnx", windows, reference, opts.threads, level, tick).as_dict()
     return quality
+
+
+def _linear_types(loaded: LoadedModel, encoded) -> dict[str, str]:
+    """ggml type of every linear layer's weight, by module path (a tied head: the embedding's)."""
+    types = {}
+    for path, module in loaded.model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            hf = f"{path}.weight"
+            if hf == "lm_head.weight" and loaded.config.tie_word_embeddings:
+                hf = "model.embed_tokens.weight"
+            types[path] = encoded[loaded.gguf_name(hf)].ggml_type
+    return types
 
 
 def _name_pairs(loaded: LoadedModel):

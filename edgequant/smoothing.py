@@ -24,7 +24,8 @@ Two ways to choose ``s``:
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
@@ -124,6 +125,23 @@ def quantize_activations(x: torch.Tensor, block: int) -> torch.Tensor:
     d = xb.abs().amax(-1, keepdim=True) / 127
     q = torch.where(d > 0, torch.round(xb / d.clamp(min=1e-30)), 0.0)
     return (q * d).reshape(x.shape)
+
+
+@contextmanager
+def llama_cpp_activations(model: torch.nn.Module, types: dict[str, str]) -> Iterator[None]:
+    """While inside, every linear layer at a path in ``types`` rounds its input to the 8-bit
+    blocks llama.cpp's CPU dot products use for that weight type (Q8_K for K-quants, else Q8_0)."""
+
+    def hook_for(block):
+        return lambda _m, args: (quantize_activations(args[0].reshape(-1, args[0].shape[-1]), block).reshape(args[0].shape),)
+
+    handles = [model.get_submodule(path).register_forward_pre_hook(hook_for(ACTIVATION_BLOCK.get(t, 32)))
+               for path, t in types.items() if t not in ("F32", "F16", "BF16")]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def outlier_ratio(x: torch.Tensor) -> float:

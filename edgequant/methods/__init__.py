@@ -7,7 +7,13 @@ write. ``loaded.model`` is the full-precision reference: a method must not chang
 
 A method may also choose the plan itself (``allocate``, from measurements, within a byte
 budget) and fold an equivalence transform into a copy of the model before rounding
-(``transform``). Methods without ``allocate`` get the greedy prior of :mod:`edgequant.planning`.
+(``transform``, returning the copy and details for the report). Methods without ``allocate``
+get the greedy prior of :mod:`edgequant.planning`. Rotation methods ``untie`` the output head
+from the embedding before planning, so the plan (and the budget) counts both matrices.
+
+The activation-outlier methods (SpecQuant, RUQuant, the Hadamard baseline) are written for
+the WxAy simulation (:mod:`edgequant.activation_quant`); :func:`folded` turns one into a build
+transform: tuned for the runtimes' 8-bit activations, with what must stay online left out.
 """
 
 from __future__ import annotations
@@ -20,7 +26,10 @@ from ..errors import EdgequantError
 from ..ggml_quants import EncodedTensor
 from ..models import LoadedModel
 from ..planning import Plan
-from . import gptq, qublast, rtn
+from ..fakequant import Setting
+from . import gptq, hadamard, qublast, rtn, ruquant, specquant
+
+DEPLOYED = Setting(wbits=4, abits=8)  # what llama.cpp and ORT run: low-bit weights, 8-bit activations
 
 
 class Quantize(Protocol):
@@ -39,7 +48,9 @@ class Method:
     summary: str
     quantize: Quantize
     allocate: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> (Plan, table)
-    transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (LoadedModel copy, report rows)
+    transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (LoadedModel copy, details dict)
+    unties: bool = False  # the transform needs separate embedding and output matrices
+    activation_aware: bool = False  # also report the torch simulation with 8-bit activations (W4A8)
 
 
 METHODS: dict[str, Method] = {
@@ -49,10 +60,24 @@ METHODS: dict[str, Method] = {
                gptq.quantize, qublast.allocate, qublast.transform),
         Method("qublast-rtn", "QuBLAST with round-to-nearest as the rounding step",
                rtn.quantize, qublast.allocate, qublast.transform),
+        Method("specquant", "SmoothQuant migration + per-row low-frequency Fourier truncation, then GPTQ",
+               gptq.quantize, transform=lambda *a: folded(specquant.transform, *a), activation_aware=True),
+        Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded), then GPTQ",
+               gptq.quantize, transform=lambda *a: folded(ruquant.transform, *a), unties=True, activation_aware=True),
+        Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
+               gptq.quantize, transform=lambda *a: folded(hadamard.transform, *a), unties=True, activation_aware=True),
         Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize),
         Method("rtn", "round to nearest on the importance-weighted grid, greedy mix", rtn.quantize),
     )
 }
+
+
+def folded(transform, loaded, plan, calibration, progress):
+    """Run a simulation transform for a build: ``(model copy, details)``. Online transforms are
+    dropped (the copy is exact without them); SpecQuant fits its scales and cuts to the plan's types."""
+    options = {"ggml_types": plan.types} if transform is specquant.transform else {}
+    done = transform(loaded, calibration, DEPLOYED, progress, **options)
+    return done.work, {**done.details, "online": "none (left out of the exported files)"}
 
 
 def get_method(name: str) -> Method:

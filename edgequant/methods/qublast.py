@@ -14,6 +14,7 @@ maps, and GPTQ (or RTN) as the rounding step.
 from __future__ import annotations
 
 from copy import deepcopy
+from dataclasses import asdict
 
 from ..calibration import Calibration
 from ..errors import EdgequantError
@@ -21,7 +22,7 @@ from ..models import LoadedModel
 from ..planning import Matrix, Plan, knapsack
 from ..progress import Progress
 from ..sensitivity import Part, Sensitivity, cached_measure, n_measurements, split_parts
-from ..smoothing import ScaleChoice, search_scales
+from ..smoothing import search_scales
 
 SENSITIVITY_TOKENS = 512
 
@@ -61,9 +62,9 @@ def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params
 
 def transform(
     loaded: LoadedModel, plan: Plan, calibration: Calibration, progress: Progress
-) -> tuple[LoadedModel, list[ScaleChoice]]:
+) -> tuple[LoadedModel, dict]:
     """A copy of the model with the scaling maps searched for ``plan``'s types folded in."""
     work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
     with progress.step("search activation scaling maps", loaded.config.num_hidden_layers) as tick:
         choices = search_scales(work, calibration.windows, plan.types, progress=tick)
-    return work, choices
+    return work, {"scaling_maps": [asdict(c) for c in choices]}

@@ -1,0 +1,42 @@
+"""QuaRot-style random Hadamard rotations: the rotation baseline for weight-and-activation quantization.
+
+* the residual stream gets one randomised Hadamard matrix (order = hidden size), folded into
+  the embedding, every matrix reading or writing the stream and the output head
+  (:mod:`edgequant.rotations`);
+* each KV group's value heads get a Hadamard matrix of order head_dim, folded into v and o
+  (QuaRot's cross-head online Hadamard needs one of order n_heads, and 9 has none);
+* each block's down input gets a randomised Hadamard online (simulation only, as in RUQuant).
+"""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+
+import torch
+
+from ..calibration import Calibration
+from ..fakequant import Setting, Transformed
+from ..models import LoadedModel
+from ..progress import Progress
+from ..rotations import hadamard, prepare, random_hadamard, rotate_residual, rotate_value_heads
+from ..smoothing import kv_grouping
+
+SEED = 0
+
+
+def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
+    started = time.time()
+    gen = torch.Generator().manual_seed(SEED)
+    model = deepcopy(loaded.model)
+    config = model.config
+    _, head_dim = kv_grouping(config)
+    with progress.step("hadamard: rotate"):
+        prepare(model)
+        rotate_residual(model, random_hadamard(config.hidden_size, gen))
+        for layer in model.model.layers:
+            rotate_value_heads(layer, config, [hadamard(head_dim)] * config.num_key_value_heads)
+    online = {f"model.layers.{i}.mlp.down_proj": random_hadamard(config.intermediate_size, gen)
+              for i in range(config.num_hidden_layers)}
+    details = {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
+    return Transformed(LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path), online, details)

@@ -1,0 +1,197 @@
+"""RUQuant: block rotations that make activations uniform, then one tuned global Householder.
+
+Stage 1 (per site, from calibration activations). Split each activation row into blocks of B
+channels; one B x B orthogonal matrix R serves every block. R is grown greedily: the block
+holding the largest value is reflected (Householder) onto a random vector with uniform entries
+and the same length, then, ``ROUNDS`` times, the blocks' channels are shuffled and each pair of
+channels of the new largest block is turned (Givens) toward a uniform target. Spreading an
+outlier over the block this way makes the values closer to uniform, for which a uniform grid
+is the best quantizer (Lloyd-Max). After ``STEPS`` such steps the channels are dealt to the
+blocks in zig-zag order of their ranges (so every block gets big and small ones), a second R is
+grown, and a Householder reflection over the whole row sends the largest token toward a
+uniform target.
+
+Stage 2 tunes that global Householder vector with AdamW to minimise the error of the layer
+outputs after quantization (straight-through rounding), keeping the best vector seen.
+
+Where the transforms go (our deployable variant; the reference code keeps every transform
+online in each layer, which stock llama.cpp cannot run):
+
+* the residual stream gets ONE transform for all blocks (B = 64), computed from the pooled
+  inputs of every block's q/k/v and gate/up, and folded into the weights (:mod:`edgequant.rotations`);
+* each block's value heads get their own R per KV group (B = head_dim), folded into v and o;
+* each block's down input gets its own transform (B = 128), which must stay online: it is in
+  the simulation (``--wbits/--abits``), not in the exported files.
+"""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+
+import torch
+
+from ..calibration import Calibration, linear_inputs
+from ..fakequant import Setting, Transformed, quantize_ste
+from ..models import LoadedModel
+from ..progress import Progress
+from ..rotations import (block_diagonal, householder, pair_angles, prepare, reflect, reflection_onto, rotate_residual,
+                         rotate_value_heads, turn_pairs)
+from ..smoothing import kv_grouping
+
+STEPS = 16
+ROUNDS = 3
+RESIDUAL_BLOCK = 64
+DOWN_BLOCK = 128
+CALIB_TOKENS = 2048
+TUNE_TOKENS = 256
+TUNE_STEPS = 20
+TUNE_LR = 1e-2
+SEED = 444
+
+
+def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    return torch.rand(u.shape[0], generator=gen, dtype=torch.float64)
+
+
+def block_rotation(columns: torch.Tensor, gen: torch.Generator, steps: int = STEPS, rounds: int = ROUNDS) -> torch.Tensor:
+    """R (B x B, orthogonal) for blocks given as the columns of ``columns`` (B x N): ``R @ block``."""
+    xc = columns.double()
+    size = xc.shape[0]
+    r = torch.eye(size, dtype=torch.float64)
+
+    def largest():
+        return xc[:, xc.abs().amax(0).argmax()]
+
+    for _ in range(steps):
+        u = largest()
+        w = reflection_onto(u, _uniform_like(u, gen))
+        xc, r = reflect(xc, w), reflect(r, w)
+        for _ in range(rounds):
+            perm = torch.randperm(size, generator=gen)
+            xc, r = xc[perm], r[perm]
+            u = largest()
+            angle = pair_angles(u, _uniform_like(u, gen))
+            xc, r = turn_pairs(xc, angle), turn_pairs(r, angle)
+    return r
+
+
+def zigzag(absmax: torch.Tensor, block: int) -> torch.Tensor:
+    """Channel order dealing channels, largest range first, to the blocks in zig-zag order."""
+    n_blocks = len(absmax) // block
+    order = torch.argsort(absmax, descending=True)
+    slots = [[] for _ in range(n_blocks)]
+    for rank, channel in enumerate(order.tolist()):
+        pos = rank % n_blocks
+        slots[pos if (rank // n_blocks) % 2 == 0 else n_blocks - 1 - pos].append(channel)
+    return torch.tensor([c for s in slots for c in s])
+
+
+def _blockwise(x: torch.Tensor, block: int, gen) -> torch.Tensor:
+    """Row-convention transform ``x -> x @ M`` applying one stage-1 R to every block of ``x``."""
+    r = block_rotation(x.double().reshape(-1, block).T, gen)
+    return block_diagonal(r.T, x.shape[1] // block)
+
+
+def base_transform(x: torch.Tensor, block: int, gen) -> torch.Tensor:
+    """R_a on blocks, zig-zag permutation, R_b on blocks: ``x -> x @ M`` (d x d, orthogonal)."""
+    m = _blockwise(x, block, gen)
+    y = x.double() @ m
+    perm = torch.eye(x.shape[1], dtype=torch.float64)[:, zigzag(y.abs().amax(0), block)]
+    m = m @ perm
+    return m @ _blockwise(x.double() @ m, block, gen)
+
+
+def initial_reflection(x: torch.Tensor, gen) -> torch.Tensor:
+    """Householder vector sending the token of largest value toward a uniform target."""
+    u = x[x.abs().amax(1).argmax()].double()
+    return reflection_onto(u, _uniform_like(u, gen))
+
+
+def site_transform(x: torch.Tensor, block: int, gen) -> torch.Tensor:
+    """The full stage-1 transform of one site (no tuning): base transform, then global reflection."""
+    m = base_transform(x, block, gen)
+    return m @ householder(initial_reflection(x.double() @ m, gen))
+
+
+def _reflect(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ householder(w)`` as a rank-1 update."""
+    return x - 2 * torch.outer(x @ w, w) / w.dot(w)
+
+
+def tune_reflection(w0: torch.Tensor, sites: list[tuple[torch.Tensor, torch.Tensor]], setting: Setting,
+                    steps: int = TUNE_STEPS, lr: float = TUNE_LR) -> tuple[torch.Tensor, list[float]]:
+    """Stage 2: the Householder vector (start ``w0``) minimising the summed relative error of
+    ``Q(x H) Q(W H)^T`` against ``x W^T`` over ``sites`` = [(x, W)]; returns it and the losses."""
+    targets = [x @ w.T for x, w in sites]
+    vec = torch.nn.Parameter(w0.float().clone())
+    opt = torch.optim.AdamW([vec], lr=lr, weight_decay=0)
+    wbits, abits = setting.wbits or 8, setting.abits or 8
+
+    def loss_of(v):
+        total = 0.0
+        for (x, w), target in zip(sites, targets):
+            out = quantize_ste(_reflect(x, v), abits, setting.act_clip) @ quantize_ste(_reflect(w, v), wbits).T
+            total = total + (out - target).pow(2).sum() / target.pow(2).sum()
+        return total / len(sites)
+
+    best, best_loss, losses = vec.detach().clone(), float("inf"), []
+    for _ in range(steps + 1):
+        with torch.enable_grad():
+            loss = loss_of(vec)
+        losses.append(loss.item())
+        if losses[-1] < best_loss:
+            best, best_loss = vec.detach().clone(), losses[-1]
+        opt.zero_grad()
+        with torch.enable_grad():
+            loss.backward()
+        opt.step()
+    return best.double(), losses
+
+
+def _paths(n_layers: int, sub: str) -> list[str]:
+    return [f"model.layers.{i}.{sub}" for i in range(n_layers)]
+
+
+def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
+    """A rotated copy of the model (FP-equivalent) plus the online down transforms."""
+    started = time.time()
+    gen = torch.Generator().manual_seed(SEED)
+    model = deepcopy(loaded.model)
+    prepare(model)
+    config, n = model.config, model.config.num_hidden_layers
+    attn_in, ffn_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj")
+    o_in, down_in = _paths(n, "self_attn.o_proj"), _paths(n, "mlp.down_proj")
+    with progress.step("ruquant: collect activations"):
+        acts = linear_inputs(model, calibration.windows, attn_in + ffn_in + o_in + down_in, CALIB_TOKENS)
+
+    with progress.step("ruquant: residual rotation (stage 1)"):
+        per_site = max(1, CALIB_TOKENS * 4 // (2 * n))
+        pooled = torch.cat([acts[p][:per_site] for p in attn_in + ffn_in])
+        base = base_transform(pooled, RESIDUAL_BLOCK, gen)
+        w0 = initial_reflection(pooled.double() @ base, gen)
+    with progress.step("ruquant: tune the global Householder (stage 2)"):
+        sites = []
+        for i, layer in enumerate(model.model.layers):
+            a, m = layer.self_attn, layer.mlp
+            for path, mats in ((attn_in[i], (a.q_proj, a.k_proj, a.v_proj)), (ffn_in[i], (m.gate_proj, m.up_proj))):
+                w = torch.cat([lin.weight.detach() for lin in mats]).double() @ base
+                sites.append(((acts[path][:TUNE_TOKENS].double() @ base).float(), w.float()))
+        tuned, losses = tune_reflection(w0, sites, setting)
+    rotate_residual(model, base @ householder(tuned))
+
+    group, head_dim = kv_grouping(config)
+    online = {}
+    with progress.step("ruquant: value-head and down transforms", n) as tick:
+        for i, layer in enumerate(model.model.layers):
+            heads = acts[o_in[i]].double().reshape(-1, config.num_key_value_heads, group, head_dim)
+            per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T
+                         for g in range(config.num_key_value_heads)]
+            rotate_value_heads(layer, config, per_group)
+            online[f"{down_in[i]}"] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
+            tick()
+    work = LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path)
+    details = {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1,
+               "tuned_for": setting.label, "seconds": time.time() - started,
+               "online": "down_proj input (simulation only)"}
+    return Transformed(work, online, details)
