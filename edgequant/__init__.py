@@ -6,6 +6,7 @@ The Python API mirrors the command line; each function returns what ``--json`` p
     plan = edgequant.plan(device="raspberry-pi-5-8gb", bpw=4.5)   # nothing written
     report = edgequant.build(device="jetson-orin", out="out")     # out/model.gguf, out/onnx/, report...
     edgequant.evaluate("out/model.gguf")                          # perplexity / KLD in llama.cpp
+    edgequant.simulate("ruquant", wbits=4, abits=4)               # W4A4 in a torch simulation
     edgequant.deploy("out", "ssh://me@board/home/me/eq"); edgequant.bench("out", "ssh://me@board/home/me/eq")
 
 Keyword options are those of ``edgequant.pipeline.BuildOptions`` (``method``, ``ggml_type``,
@@ -46,6 +47,17 @@ def evaluate(path, reference: str | None = None, *, progress: bool = False, **op
     from .pipeline import evaluate_file
 
     return evaluate_file(path, reference, progress=_progress(progress), **options)
+
+
+def simulate(method: str = "rtn", wbits: int | None = 4, abits: int | None = 4, kv_bits: int | None = None,
+             model: str | None = None, *, progress: bool = False, **options) -> dict:
+    """``edgequant eval --wbits --abits``: a method's weight-and-activation quantization simulated in
+    torch (rtn, smoothquant, hadamard, specquant, ruquant). Options: ``eval_text``, ``eval_tokens``,
+    ``ctx``, ``calib_tokens``, ``energy`` (SpecQuant)."""
+    from .activation_quant import simulate as run
+    from .fakequant import Setting
+
+    return run(method, Setting(wbits, abits, kv_bits), model, progress=_progress(progress), **options)
 
 
 def export_onnx(gguf_file, out, accuracy_level: int = 4) -> dict:

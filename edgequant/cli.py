@@ -42,7 +42,8 @@ def _options(**kw):
 
 MODEL = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct).")
 DEVICE = typer.Option(None, "--device", "-d", help="Device profile name or alias (see `edgequant devices`), or a .toml file. Default: host.")
-METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix).")
+METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix); "
+                      "specquant, ruquant or hadamard (activation-outlier transforms folded in, then GPTQ on the greedy mix).")
 TYPE = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K (must fit the device).")
 BPW = typer.Option(None, help="Cap on bits per weight (tensor data over all parameters).")
 BUDGET_MB = typer.Option(None, help="Cap on the GGUF file size in MB (1e6 bytes).")
@@ -119,22 +120,59 @@ def plan(
 
 @app.command("eval")
 def eval_(
-    path: Path = typer.Argument(..., help="A .gguf file (run in llama.cpp) or an ONNX folder / .onnx file (run in ONNX Runtime)."),
+    path: Optional[Path] = typer.Argument(None, help="A .gguf file (run in llama.cpp) or an ONNX folder / .onnx file (run in ONNX Runtime). "
+                                          "With --wbits/--abits: the model to simulate (default: the built-in one)."),
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision model to compare with (HF folder or .gguf; default: the built-in model)."),
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores)."),
     accuracy_level: Optional[int] = typer.Option(None, help="ONNX: override MatMulNBits accuracy_level (0 = float32 activations)."),
+    wbits: Optional[int] = typer.Option(None, help="Simulate in torch: weight bits (per output row) of every block matrix."),
+    abits: Optional[int] = typer.Option(None, help="Simulate in torch: activation bits (per token) of every block matrix's input."),
+    kv_bits: Optional[int] = typer.Option(None, help="Simulate in torch: KV cache bits (per token and head)."),
+    method: str = typer.Option("rtn", help="Simulate in torch after this transform: rtn (none), smoothquant, hadamard, specquant or ruquant."),
+    spec_energy: str = typer.Option("auto", help="SpecQuant: share of each row's spectral energy kept, or auto (chosen per row)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
-    """Perplexity, KL divergence and top-1 agreement of a quantized file against full precision."""
+    """Perplexity, KL divergence and top-1 agreement against full precision: of a quantized file
+    in its runtime, or (--wbits/--abits) of a method's weight-and-activation quantization simulated in torch."""
+    progress = _progress(quiet or as_json)
+    if wbits is not None or abits is not None or kv_bits is not None:
+        from .activation_quant import simulate
+        from .fakequant import Setting
+
+        options = {"energy": _energy(spec_energy)} if method == "specquant" else {}
+        result = _run(simulate, method, Setting(wbits, abits, kv_bits), str(path) if path else None,
+                      eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, progress=progress, **options)
+        _emit(result, as_json, _print_simulation)
+        return
+    if path is None:
+        _fail("give a .gguf file or ONNX folder to evaluate, or --wbits/--abits to simulate")
     from .pipeline import evaluate_file
 
-    result = _run(evaluate_file, path, reference, eval_text, eval_tokens, eval_ctx, threads, accuracy_level,
-                  _progress(quiet or as_json))
+    result = _run(evaluate_file, path, reference, eval_text, eval_tokens, eval_ctx, threads, accuracy_level, progress)
     _emit(result, as_json, _print_quality)
+
+
+def _energy(value: str):
+    if value == "auto":
+        return value
+    try:
+        energy = float(value)
+    except ValueError:
+        energy = -1.0
+    if not 0 < energy <= 1:
+        _fail(f"--spec-energy takes a share in (0, 1] or auto, not {value!r}")
+    return energy
+
+
+def _print_simulation(result: dict) -> None:
+    q = result["quality"]
+    typer.echo(f"{result['method']} {result['setting']} (torch simulation): ppl {q['ppl']:.3f} ± {q['ppl_se']:.3f}, "
+               f"KLD {q['kld']:.4f} ± {q['kld_se']:.4f}, top-1 {q['top1']:.3f}, transform {result['transform_seconds']:.1f} s "
+               f"({result['text']['tokens']} tokens of {result['text']['source']})")
 
 
 def _print_quality(result: dict) -> None:

@@ -43,6 +43,31 @@ def reference(default_model):
 
 
 @pytest.fixture(scope="session")
+def calib_windows(default_model):
+    from edgequant.assets import CALIBRATION_TEXT, load_text
+    from edgequant.evaluation import token_windows
+
+    return token_windows(default_model.tokenizer, load_text(None, CALIBRATION_TEXT)[1], CALIB_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def rotated(default_model, calib_windows) -> dict:
+    """The Hadamard baseline's and RUQuant's transforms of the default model (RUQuant tuned for
+    W4A4), each computed once per session."""
+    from edgequant.activation_quant import transform
+    from edgequant.calibration import Calibration
+    from edgequant.fakequant import Setting
+    from edgequant.progress import Progress
+
+    class Lazy(dict):
+        def __missing__(self, method):
+            self[method] = transform(method, default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress())
+            return self[method]
+
+    return Lazy()
+
+
+@pytest.fixture(scope="session")
 def build_default(default_model, reference, tmp_path_factory):
     """Build the default model once per set of options; returns (out dir, report). Builds write
     the GGUF only unless the options ask for ``formats`` (the ONNX export and its two ORT

@@ -21,6 +21,14 @@ def test_bad_input_raises_the_one_line_error():
         edgequant.plan(device="pi-zero")
 
 
+def test_simulate_returns_the_quality_of_a_weight_and_activation_setting():
+    result = edgequant.simulate("rtn", wbits=8, abits=8, eval_tokens=512)
+    assert result["setting"] == "W8A8" and result["text"]["tokens"] == 512
+    assert 0 < result["quality"]["kld"] < 0.1
+    with pytest.raises(EdgequantError, match="omniquant"):
+        edgequant.simulate("omniquant")
+
+
 def test_verify_evaluate_and_report_on_a_build(readme_build):
     assert edgequant.verify(readme_build)["ok"]
     result = edgequant.evaluate(readme_build / "model.gguf", eval_tokens=512)

@@ -1,0 +1,87 @@
+"""``edgequant eval --wbits W --abits A``: a method's transform, then the exact WxAy simulation.
+
+Every method runs through the same harness (:mod:`edgequant.fakequant`): the same quantizers,
+the same calibration windows, the same evaluation windows. ``rtn`` is no transform at all;
+``smoothquant`` is SmoothQuant's migration (alpha 0.5) on every block's four input groups.
+"""
+
+from __future__ import annotations
+
+import time
+from copy import deepcopy
+from dataclasses import replace
+
+from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
+from .calibration import Calibration, activation_stats
+from .errors import EdgequantError
+from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, token_windows
+from .fakequant import Setting, Transformed, fake_quantize
+from .methods import hadamard, ruquant, specquant
+from .models import LoadedModel, load_model
+from .progress import Progress
+from .smoothing import smooth
+
+SMOOTHQUANT_ALPHA = 0.5
+
+
+def _none(loaded, calibration, setting, progress) -> Transformed:
+    return Transformed(loaded)
+
+
+def _smoothquant(loaded, calibration, setting, progress) -> Transformed:
+    work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    with progress.step("smoothquant: activation ranges", len(calibration.windows)) as tick:
+        smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTHQUANT_ALPHA)
+    return Transformed(work, details={"alpha": SMOOTHQUANT_ALPHA})
+
+
+TRANSFORMS = {
+    "rtn": _none,
+    "smoothquant": _smoothquant,
+    "hadamard": hadamard.transform,
+    "specquant": specquant.transform,
+    "ruquant": ruquant.transform,
+}
+
+
+def check_method(name: str) -> str:
+    base = name.removesuffix("-folded")
+    if base not in TRANSFORMS:
+        raise EdgequantError(f"--wbits/--abits simulate {', '.join(TRANSFORMS)} (ruquant and hadamard also as "
+                             f"NAME-folded, without the online down transform); not {name!r}")
+    return base
+
+
+def transform(name: str, loaded, calibration, setting, progress, **options) -> Transformed:
+    """``name``'s transform; ``NAME-folded`` is the same without its online transforms (what ships)."""
+    base = check_method(name)
+    done = TRANSFORMS[base](loaded, calibration, setting, progress, **options)
+    return replace(done, online={}) if name != base else done
+
+
+def simulate(method: str, setting: Setting, model: str | None = None, calib_tokens: int = 4096,
+             eval_text: str | None = None, eval_tokens: int = 8192, ctx: int = DEFAULT_CTX,
+             progress: Progress | None = None, loaded: LoadedModel | None = None,
+             reference: CachedLogits | None = None, **options) -> dict:
+    """Quality of ``method`` at ``setting`` against full precision, and how long the transform took."""
+    progress = progress or Progress()
+    check_method(method)
+    if any(b is not None and not 2 <= b <= 8 for b in (setting.wbits, setting.abits, setting.kv_bits)):
+        raise EdgequantError("--wbits, --abits and --kv-bits take 2 to 8 bits")
+    if loaded is None:
+        with progress.step("load model"):
+            loaded = load_model(model)
+    _, calib_text = load_text(None, CALIBRATION_TEXT)
+    calibration = Calibration(token_windows(loaded.tokenizer, calib_text, calib_tokens, ctx), {})
+    label, text = load_text(eval_text, EVALUATION_TEXT)
+    windows = token_windows(loaded.tokenizer, text, eval_tokens, ctx)
+    started = time.time()
+    done = transform(method, loaded, calibration, setting, progress, **options)
+    seconds = time.time() - started
+    sim = fake_quantize(done.work.model, setting, done.online)
+    reference = reference or CachedLogits(TorchLogits(loaded.model))
+    with progress.step(f"evaluate {method} {setting.label}", len(windows)) as tick:
+        quality = evaluate(TorchLogits(sim), windows, reference, "torch", tick)
+    return {"method": method, "setting": setting.label, "quality": quality.as_dict(), "transform_seconds": seconds,
+            "details": done.details, "online_transforms": len(done.online),
+            "reference": loaded.name, "text": {"source": label, "tokens": int(windows.size), "ctx": ctx}}

@@ -1,0 +1,124 @@
+"""The transforms of SpecQuant, RUQuant and the Hadamard baseline: orthogonal or invertible,
+and folded into the model without changing what it computes (real default model, float32)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from edgequant import rotations as R
+from edgequant.fakequant import Setting, fake_quantize, quantize, quantize_rows
+from edgequant.methods import hadamard, ruquant, specquant
+
+GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
+
+
+@pytest.mark.parametrize("n", [2, 12, 64, 72, 576, 1536])
+def test_hadamard_matrices_are_orthonormal_with_equal_magnitudes(n):
+    h = R.hadamard(n)
+    assert R.is_orthogonal(h)
+    assert torch.allclose(h.abs(), torch.full_like(h, n**-0.5))
+
+
+def test_there_is_no_hadamard_matrix_of_order_nine():
+    with pytest.raises(ValueError, match="order 9"):
+        R.hadamard(9)
+
+
+def test_householder_reflection_is_orthogonal_symmetric_and_sends_u_to_the_target():
+    u, t = torch.randn(64, generator=GEN(), dtype=torch.float64), torch.rand(64, generator=GEN(1), dtype=torch.float64)
+    h = R.householder(R.reflection_onto(u, t))
+    assert R.is_orthogonal(h) and torch.allclose(h, h.T) and torch.allclose(h @ h, torch.eye(64, dtype=torch.float64))
+    assert torch.allclose(h @ u, t * u.norm() / t.norm())
+
+
+def test_givens_rotations_are_orthogonal_and_turn_each_pair_toward_its_target():
+    u, t = torch.randn(16, generator=GEN(), dtype=torch.float64), torch.rand(16, generator=GEN(1), dtype=torch.float64)
+    g = R.givens_onto(u, t)
+    assert R.is_orthogonal(g) and torch.linalg.det(g) > 0
+    turned, pairs_t = (g @ u).reshape(-1, 2), t.reshape(-1, 2)
+    assert torch.allclose(turned / turned.norm(dim=1, keepdim=True), pairs_t / pairs_t.norm(dim=1, keepdim=True))
+
+
+def test_ruquant_block_rotation_is_orthogonal_and_shrinks_the_largest_value():
+    x = torch.randn(4096, 64, generator=GEN(), dtype=torch.float64)
+    x[:, 3] *= 30  # an outlier channel, as in real activations
+    r = ruquant.block_rotation(x.T, GEN())
+    assert R.is_orthogonal(r)
+    assert (x @ r.T).abs().max() < 0.5 * x.abs().max()
+
+
+def test_ruquant_site_transform_with_zigzag_is_orthogonal():
+    x = torch.randn(512, 256, generator=GEN(), dtype=torch.float64)
+    x[:, :5] *= 20
+    perm = ruquant.zigzag(x.abs().amax(0), 64)
+    assert sorted(perm.tolist()) == list(range(256))
+    assert R.is_orthogonal(ruquant.site_transform(x, 64, GEN()))
+
+
+def test_tuned_householder_is_never_worse_than_its_start():
+    x = torch.randn(256, 128, generator=GEN())
+    x[:, 7] *= 25
+    w = torch.randn(96, 128, generator=GEN(1))
+    start = ruquant.initial_reflection(x, GEN())
+    _, losses = ruquant.tune_reflection(start, [(x, w)], Setting(4, 4), steps=5)
+    assert min(losses) <= losses[0]
+
+
+def test_spectral_truncation_keeps_the_asked_energy_and_is_the_identity_at_one():
+    w = torch.randn(32, 576, generator=GEN(), dtype=torch.float64)
+    assert torch.equal(specquant.bins_kept(w, 1.0), torch.full((32,), 289))
+    assert torch.allclose(specquant.truncate(w, specquant.bins_kept(w, 1.0)), w)
+    cut = specquant.truncate(w, specquant.bins_kept(w, 0.9))
+    kept = cut.pow(2).sum(1) / w.pow(2).sum(1)  # Parseval: the energy left in the weights
+    assert (kept >= 0.9 - 1e-9).all() and (kept < 0.95).all()
+
+
+def test_per_row_truncation_never_rounds_worse_than_no_truncation():
+    w = torch.randn(64, 576, generator=GEN(), dtype=torch.float64)
+    rounding = lambda m: quantize_rows(m.float(), 4).double()  # noqa: E731
+    best, share = specquant.low_pass(w, rounding, None)
+    assert ((rounding(best) - w).pow(2).sum(1) <= (rounding(w) - w).pow(2).sum(1) + 1e-9).all()
+    assert set(share.tolist()) <= set(specquant.ENERGIES)
+
+
+def test_quantizers_use_at_most_two_to_the_bits_levels_per_row():
+    x = torch.randn(8, 1000, generator=GEN())
+    for bits in (4, 6):
+        q = quantize(x, bits)
+        assert all(len(torch.unique(row)) <= 2**bits for row in q)
+        assert (q - x).abs().max() < (x.amax() - x.amin()) / 2**bits
+
+
+def _max_logit_difference(a, b, window) -> float:
+    with torch.no_grad():
+        ids = torch.from_numpy(window)[None]
+        return float((a(ids, use_cache=False).logits - b(ids, use_cache=False).logits).abs().max())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hadamard", "ruquant"])
+def test_folded_rotations_leave_the_model_unchanged(method, rotated, calib_windows, default_model):
+    done = rotated[method]
+    assert not done.work.config.tie_word_embeddings
+    assert _max_logit_difference(done.work.model, default_model.model, calib_windows[-1]) < 1e-3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["hadamard", "ruquant"])
+def test_online_down_transforms_are_exact_without_rounding(method, rotated, calib_windows, default_model):
+    done = rotated[method]
+    assert len(done.online) == default_model.config.num_hidden_layers
+    assert all(R.is_orthogonal(m) for m in done.online.values())
+    sim = fake_quantize(done.work.model, Setting(None, None), done.online)
+    assert _max_logit_difference(sim, default_model.model, calib_windows[-1]) < 1e-3
+
+
+@pytest.mark.slow
+def test_smoothing_alone_leaves_the_model_unchanged(default_model, calib_windows):
+    from edgequant.calibration import Calibration
+    from edgequant.progress import Progress
+
+    done = specquant.transform(default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress(), energy=1.0)
+    assert done.details["mean_bins_kept"] == 1.0
+    assert _max_logit_difference(done.work.model, default_model.model, calib_windows[-1]) < 1e-3
