@@ -1,13 +1,14 @@
 """Weight-and-activation quantization of the default model: every method in the same torch simulation.
 
-    python bench/activation_quant.py [--eval-tokens 20480] [--settings W4A4,W6A6] [--json FILE]
+    python bench/activation_quant.py [--eval-tokens 20480] [--settings W4A4,W6A6,W6A6-gptq] [--methods ...] [--json FILE]
 
 Rows: full precision, then RTN (no transform), SmoothQuant (alpha 0.5), the QuaRot-style random
 Hadamard rotations, SpecQuant and RUQuant, each at every setting (default W4A4 and W6A6). The
 harness is :mod:`edgequant.fakequant` (weights per output row, activations per token, both
 asymmetric; embedding, norms, attention and the output head in float32); transforms are
 calibrated on 4096 tokens of the built-in c4 text and scored on the first ``--eval-tokens``
-tokens of wiki.utf8 in windows of 512. "top-1 acc kept" is the share of positions whose most
+tokens of wiki.utf8 in windows of 512. A ``-gptq`` setting rounds the weights with GPTQ on the same
+per-row grids (sequential, on the calibration text) instead of to nearest. "top-1 acc kept" is the share of positions whose most
 likely token is the text's next token, over the same share at full precision. "transform s"
 is the wall time of the method's transform (RUQuant: stages 1 and 2) on this machine.
 A second table sweeps SpecQuant's energy share (what the truncation does on its own).
@@ -30,8 +31,11 @@ ENERGIES = ("auto", 1.0, 0.9999, 0.999, 0.99)
 
 
 def setting(label: str) -> Setting:
-    w, a = label.upper().lstrip("W").split("A")
-    return Setting(int(w), int(a))
+    """``W4A4`` -> Setting(4, 4); 16 bits means float32 (``W16A6``: activations only);
+    ``W6A6-gptq``: the weights rounded by GPTQ instead of to nearest."""
+    bits, _, rounding = label.upper().partition("-")
+    w, a = (int(b) for b in bits.lstrip("W").split("A"))
+    return Setting(None if w == 16 else w, None if a == 16 else a, gptq=rounding == "GPTQ")
 
 
 def row(label: str, method: str, q: dict, fp: dict, seconds: float | None) -> str:

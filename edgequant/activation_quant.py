@@ -12,11 +12,14 @@ from copy import deepcopy
 from dataclasses import replace
 
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
-from .calibration import Calibration, activation_stats
+import torch
+
+from .calibration import Calibration, activation_stats, block_inputs, run_block
 from .errors import EdgequantError
 from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, token_windows
-from .fakequant import Setting, Transformed, fake_quantize
+from .fakequant import QuantLinear, RowGrid, Setting, Transformed, fake_quantize
 from .methods import hadamard, ruquant, specquant
+from .methods.gptq import gptq
 from .models import LoadedModel, load_model
 from .progress import Progress
 from .smoothing import smooth
@@ -59,6 +62,37 @@ def transform(name: str, loaded, calibration, setting, progress, **options) -> T
     return replace(done, online={}) if name != base else done
 
 
+@torch.no_grad()
+def gptq_weights(sim: torch.nn.Module, windows, bits: int, progress=None) -> None:
+    """Round the weights of ``sim`` (from :func:`fake_quantize` with ``gptq``) block by block with
+    GPTQ on the per-row grids, each block calibrated on the outputs of the blocks already
+    rounded, and on its matrices' inputs as they see them (online transform and activation
+    rounding included)."""
+    hidden, kwargs = block_inputs(sim, windows)
+    for layer in sim.model.layers:
+        matrices = [m for m in layer.modules() if isinstance(m, QuantLinear)]
+        sums = {id(m): torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for m in matrices}
+
+        def accumulate(module, args):
+            x = module.prepare(args[0]).reshape(-1, module.weight.shape[1]).double()
+            sums[id(module)] += x.T @ x
+
+        hooks = [m.register_forward_pre_hook(accumulate) for m in matrices]
+        try:
+            for h in hidden:
+                run_block(layer, h, kwargs)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        n = sum(h.shape[0] * h.shape[1] for h in hidden)
+        for m in matrices:
+            codes, grid = gptq(m.weight, (sums[id(m)] / n).float(), RowGrid(bits))
+            m.weight.copy_(torch.from_numpy(grid.values(codes)))
+        hidden = [run_block(layer, h, kwargs) for h in hidden]
+        if progress:
+            progress()
+
+
 def simulate(method: str, setting: Setting, model: str | None = None, calib_tokens: int = 4096,
              eval_text: str | None = None, eval_tokens: int = 8192, ctx: int = DEFAULT_CTX,
              progress: Progress | None = None, loaded: LoadedModel | None = None,
@@ -79,6 +113,9 @@ def simulate(method: str, setting: Setting, model: str | None = None, calib_toke
     done = transform(method, loaded, calibration, setting, progress, **options)
     seconds = time.time() - started
     sim = fake_quantize(done.work.model, setting, done.online)
+    if setting.gptq and setting.wbits:
+        with progress.step("gptq on the simulated grids", sim.config.num_hidden_layers) as tick:
+            gptq_weights(sim, calibration.windows, setting.wbits, tick)
     reference = reference or CachedLogits(TorchLogits(loaded.model))
     with progress.step(f"evaluate {method} {setting.label}", len(windows)) as tick:
         quality = evaluate(TorchLogits(sim), windows, reference, "torch", tick)

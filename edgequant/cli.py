@@ -131,6 +131,7 @@ def eval_(
     wbits: Optional[int] = typer.Option(None, help="Simulate in torch: weight bits (per output row) of every block matrix."),
     abits: Optional[int] = typer.Option(None, help="Simulate in torch: activation bits (per token) of every block matrix's input."),
     kv_bits: Optional[int] = typer.Option(None, help="Simulate in torch: KV cache bits (per token and head)."),
+    gptq: bool = typer.Option(False, "--gptq", help="Simulate in torch: round the weights with GPTQ on the same grids (default: to nearest)."),
     method: str = typer.Option("rtn", help="Simulate in torch after this transform: rtn (none), smoothquant, hadamard, specquant or ruquant."),
     spec_energy: str = typer.Option("auto", help="SpecQuant: share of each row's spectral energy kept, or auto (chosen per row)."),
     quiet: bool = QUIET,
@@ -144,7 +145,7 @@ def eval_(
         from .fakequant import Setting
 
         options = {"energy": _energy(spec_energy)} if method == "specquant" else {}
-        result = _run(simulate, method, Setting(wbits, abits, kv_bits), str(path) if path else None,
+        result = _run(simulate, method, Setting(wbits, abits, kv_bits, gptq), str(path) if path else None,
                       eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, progress=progress, **options)
         _emit(result, as_json, _print_simulation)
         return

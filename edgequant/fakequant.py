@@ -18,12 +18,14 @@ simulated matrix then computes ``Q(x @ M) @ Q(W @ M)^T``.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from .ggml_quants import Grid
 
 CLIPS = torch.linspace(1.0, 0.5, 11)
 KV_ATTENTION = "edgequant_kv_quant"
@@ -36,6 +38,7 @@ class Setting:
     wbits: int | None = 4
     abits: int | None = 4
     kv_bits: int | None = None
+    gptq: bool = False  # weights rounded by GPTQ on the same grids (sequential, on calibration text)
     a_clip: float | None = None  # None: 0.9 at 4 bits or fewer (RUQuant's choice), else 1.0 (no clipping)
 
     @property
@@ -47,7 +50,7 @@ class Setting:
     @property
     def label(self) -> str:
         w = f"W{self.wbits or 16}A{self.abits or 16}"
-        return w + (f"KV{self.kv_bits}" if self.kv_bits else "")
+        return w + (f"KV{self.kv_bits}" if self.kv_bits else "") + (" GPTQ" if self.gptq and self.wbits else "")
 
 
 @dataclass
@@ -81,16 +84,36 @@ def quantize_ste(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
     return (torch.clamp(y + zero, 0, 2**bits - 1) - zero) * scale
 
 
+def _best_clips(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Per row, the clipping ratio (of ``CLIPS``) whose rounding has the least squared error."""
+    best_clip, best_err = torch.ones(w.shape[0], 1), torch.full((w.shape[0], 1), float("inf"))
+    for clip in CLIPS:
+        err = (quantize(w, bits, float(clip)) - w).pow(2).sum(-1, keepdim=True)
+        better = err < best_err
+        best_clip, best_err = torch.where(better, clip, best_clip), torch.where(better, err, best_err)
+    return best_clip
+
+
 @torch.no_grad()
 def quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
     """Each row on its own grid, with the clipping ratio of least squared error."""
-    best, best_err = w, torch.full((w.shape[0], 1), float("inf"))
-    for clip in CLIPS:
-        q = quantize(w, bits, float(clip))
-        err = (q - w).pow(2).sum(-1, keepdim=True)
-        better = err < best_err
-        best, best_err = torch.where(better, q, best), torch.where(better, err, best_err)
-    return best
+    return quantize(w, bits, _best_clips(w, bits))
+
+
+class RowGrid:
+    """:func:`quantize_rows`'s grids as an :class:`edgequant.ggml_quants.Grid`, so that GPTQ
+    (:func:`edgequant.methods.gptq.gptq`) can choose the codes on them."""
+
+    def __init__(self, bits: int):
+        self.bits = bits
+
+    def fit(self, w, importance=None) -> Grid:
+        w = torch.as_tensor(w).float()
+        clip = _best_clips(w, self.bits)
+        hi, lo = w.amax(-1, keepdim=True).clamp(min=0) * clip, w.amin(-1, keepdim=True).clamp(max=0) * clip
+        scale = ((hi - lo) / (2**self.bits - 1)).clamp(min=1e-8)
+        offset = -torch.round(-lo / scale) * scale
+        return Grid(scale.numpy(), offset.numpy(), w.shape[1], 0, 2**self.bits - 1, None, {})
 
 
 class QuantLinear(torch.nn.Module):
@@ -107,12 +130,16 @@ class QuantLinear(torch.nn.Module):
         self.online = online
         self.abits, self.a_clip = setting.abits, setting.act_clip
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the matrix sees it: transformed online, then rounded."""
         if self.online is not None:
             x = x @ self.online
         if self.abits:
             x = quantize(x, self.abits, self.a_clip)
-        return F.linear(x, self.weight, self.bias)
+        return x
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(self.prepare(x), self.weight, self.bias)
 
 
 def _kv_quant_attention(module, query, key, value, attention_mask, **kwargs):
@@ -125,14 +152,16 @@ AttentionInterface.register(KV_ATTENTION, _kv_quant_attention)
 
 
 def fake_quantize(model: torch.nn.Module, setting: Setting, online: dict[str, torch.Tensor] | None = None):
-    """A copy of ``model`` computing every block's matrices at ``setting`` (the original is untouched)."""
+    """A copy of ``model`` computing every block's matrices at ``setting`` (the original is untouched).
+    With ``setting.gptq`` the weights are left in float here; :func:`edgequant.activation_quant.gptq_weights` rounds them."""
     sim = copy.deepcopy(model)
     online = online or {}
     for i, layer in enumerate(sim.model.layers):
         for path, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 parent, _, attr = path.rpartition(".")
-                quant = QuantLinear(module, setting, online.get(f"model.layers.{i}.{path}"))
+                quant = QuantLinear(module, replace(setting, wbits=None) if setting.gptq else setting,
+                                    online.get(f"model.layers.{i}.{path}"))
                 setattr(layer.get_submodule(parent) if parent else layer, attr, quant)
     if setting.kv_bits:
         sim.config.edgequant_kv_bits = setting.kv_bits

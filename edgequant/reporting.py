@@ -112,8 +112,18 @@ def _summary(report: dict) -> str:
         "evaluation text": f"{report['text']['evaluation']['source']}, {report['text']['evaluation']['tokens']} tokens",
         "build": f"{report['build']['seconds'] / 60:.1f} min, peak RSS {report['build']['peak_rss_mb']:.0f} MB",
     }
+    if report.get("transform"):
+        items["transform"] = _transform_line(report["transform"])
     cells = "".join(f"<div><b>{escape(k)}</b>{escape(v)}</div>" for k, v in items.items())
     return f'<section id="summary" class="card">{cells}</section>\n'
+
+
+def _transform_line(details: dict) -> str:
+    """The transform's details (SpecQuant's cut, RUQuant's stage 2...) as ``key value`` pairs."""
+    def show(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    return " · ".join(f"{k.replace('_', ' ')} {show(v)}" for k, v in details.items())
 
 
 def _measured_decode(report: dict) -> float | None:

@@ -46,14 +46,20 @@ def test_at_w4a4_specquant_and_ruquant_beat_rtn_and_smoothquant(w4a4, method, ba
     assert w4a4[method] < w4a4[baseline] - 0.1, w4a4  # KLD's standard error here is about 0.05
 
 
-def test_ruquant_at_w6a6_keeps_most_of_full_precision_top1_accuracy(default_model, eval_windows, reference, rotated):
+def test_ruquant_at_w6a6_keeps_most_of_full_precision_top1_accuracy(default_model, calib_windows, eval_windows,
+                                                                     reference, rotated):
+    """Issue 9 asks for 99%: bench/activation_quant.py measures 97.6% with weights rounded to
+    nearest and 98.8% with GPTQ weights (20480 tokens). 2048 tokens are too few to test 99% without
+    flakiness, so these bounds guard against regressions."""
+    from edgequant.activation_quant import gptq_weights
+
     done = rotated["ruquant"]
     fp = evaluate(TorchLogits(default_model.model), eval_windows, reference)
-    q = evaluate(TorchLogits(fake_quantize(done.work.model, Setting(6, 6), done.online)), eval_windows, reference)
-    # issue 9 asks for 99%; measured here 96.9-98.1% on 2048 tokens (bench/activation_quant.py
-    # gives the 20k-token figure): this bound guards against regressions, the issue stays open on it
-    assert q.accuracy >= 0.95 * fp.accuracy, (q.accuracy, fp.accuracy, q.top1)
-    assert q.kld < 0.12
+    sim = fake_quantize(done.work.model, Setting(6, 6, gptq=True), done.online)
+    gptq_weights(sim, calib_windows, 6)
+    q = evaluate(TorchLogits(sim), eval_windows, reference)
+    assert q.accuracy >= 0.98 * fp.accuracy, (q.accuracy, fp.accuracy, q.top1)
+    assert q.kld < 0.07
 
 
 def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_model, eval_windows, reference):

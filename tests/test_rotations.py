@@ -90,6 +90,14 @@ def test_quantizers_use_at_most_two_to_the_bits_levels_per_row():
         assert (q - x).abs().max() < (x.amax() - x.amin()) / 2**bits
 
 
+def test_gptq_rounds_on_exactly_the_grids_of_round_to_nearest():
+    from edgequant.fakequant import RowGrid
+
+    w = torch.randn(16, 256, generator=GEN())
+    grid = RowGrid(4).fit(w.numpy())
+    assert torch.allclose(torch.from_numpy(grid.values(grid.round(w.numpy()))), quantize_rows(w, 4), atol=1e-6)
+
+
 def _max_logit_difference(a, b, window) -> float:
     with torch.no_grad():
         ids = torch.from_numpy(window)[None]
