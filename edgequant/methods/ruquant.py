@@ -43,7 +43,8 @@ STEPS = 16
 ROUNDS = 3
 RESIDUAL_BLOCK = 64
 DOWN_BLOCK = 128
-CALIB_TOKENS = 2048
+CALIB_TOKENS = 2048  # per site
+POOLED_TOKENS = 8192  # for the residual transform, over all blocks
 TUNE_TOKENS = 256
 TUNE_STEPS = 20
 TUNE_LR = 1e-2
@@ -51,6 +52,7 @@ SEED = 444
 
 
 def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A target for ``u``: entries drawn from U[0, 1), as in the reference code."""
     return torch.rand(u.shape[0], generator=gen, dtype=torch.float64)
 
 
@@ -166,7 +168,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         acts = linear_inputs(model, calibration.windows, attn_in + ffn_in + o_in + down_in, CALIB_TOKENS)
 
     with progress.step("ruquant: residual rotation (stage 1)"):
-        per_site = max(1, CALIB_TOKENS * 4 // (2 * n))
+        per_site = max(1, POOLED_TOKENS // (2 * n))  # the same number of tokens from every block's two sites
         pooled = torch.cat([acts[p][:per_site] for p in attn_in + ffn_in])
         base = base_transform(pooled, RESIDUAL_BLOCK, gen)
         w0 = initial_reflection(pooled.double() @ base, gen)
@@ -188,7 +190,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
             per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T
                          for g in range(config.num_key_value_heads)]
             rotate_value_heads(layer, config, per_group)
-            online[f"{down_in[i]}"] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
+            online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
             tick()
     work = LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path)
     details = {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1,
