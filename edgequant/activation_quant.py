@@ -8,7 +8,6 @@ the same calibration windows, the same evaluation windows. ``rtn`` is no transfo
 from __future__ import annotations
 
 import time
-from copy import deepcopy
 from dataclasses import replace
 
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
@@ -32,7 +31,7 @@ def _none(loaded, calibration, setting, progress) -> Transformed:
 
 
 def _smoothquant(loaded, calibration, setting, progress) -> Transformed:
-    work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    work = loaded.copy()
     with progress.step("smoothquant: activation ranges", len(calibration.windows)) as tick:
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTHQUANT_ALPHA)
     return Transformed(work, details={"alpha": SMOOTHQUANT_ALPHA})

@@ -7,6 +7,8 @@ for its rotary kernel (the ``llama`` architecture does, qwen2/qwen3 do not).
 
 from __future__ import annotations
 
+import copy
+
 import json
 import math
 import mmap
@@ -67,6 +69,10 @@ class LoadedModel:
     @property
     def config(self):
         return self.model.config
+
+    def copy(self) -> "LoadedModel":
+        """The same model with its own weights (transforms change the copy; the original stays the reference)."""
+        return LoadedModel(copy.deepcopy(self.model), self.tokenizer, self.arch, self.path)
 
     @property
     def name(self) -> str:

@@ -16,7 +16,6 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from copy import deepcopy
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Iterator
@@ -196,14 +195,14 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
 
 def untied_copy(loaded: LoadedModel) -> LoadedModel:
     """A copy whose output head is its own matrix (the same function; the plan then counts both)."""
-    model = deepcopy(loaded.model)
-    untie(model)
-    return LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path)
+    copy = loaded.copy()
+    untie(copy.model)
+    return copy
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
     """A copy of the model with activation scaling maps folded in (the original stays the reference)."""
-    copy = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    copy = loaded.copy()
     smooth(copy, ranges, alpha)
     return copy
 

@@ -8,7 +8,7 @@ import torch
 
 from edgequant import rotations as R
 from edgequant.fakequant import Setting, fake_quantize, quantize, quantize_rows
-from edgequant.methods import hadamard, ruquant, specquant
+from edgequant.methods import ruquant, specquant
 
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
 

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import time
-from copy import deepcopy
 
 import torch
 
@@ -28,7 +27,8 @@ SEED = 0
 def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
-    model = deepcopy(loaded.model)
+    work = loaded.copy()
+    model = work.model
     config = model.config
     _, head_dim = kv_grouping(config)
     with progress.step("hadamard: rotate"):
@@ -39,4 +39,4 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     online = {f"model.layers.{i}.mlp.down_proj": random_hadamard(config.intermediate_size, gen)
               for i in range(config.num_hidden_layers)}
     details = {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
-    return Transformed(LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path), online, details)
+    return Transformed(work, online, details)

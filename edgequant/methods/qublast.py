@@ -13,7 +13,6 @@ maps, and GPTQ (or RTN) as the rounding step.
 
 from __future__ import annotations
 
-from copy import deepcopy
 from dataclasses import asdict
 
 from ..calibration import Calibration
@@ -64,7 +63,7 @@ def transform(
     loaded: LoadedModel, plan: Plan, calibration: Calibration, progress: Progress
 ) -> tuple[LoadedModel, dict]:
     """A copy of the model with the scaling maps searched for ``plan``'s types folded in."""
-    work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    work = loaded.copy()
     with progress.step("search activation scaling maps", loaded.config.num_hidden_layers) as tick:
         choices = search_scales(work, calibration.windows, plan.types, progress=tick)
     return work, {"scaling_maps": [asdict(c) for c in choices]}

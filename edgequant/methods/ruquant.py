@@ -27,7 +27,6 @@ online in each layer, which stock llama.cpp cannot run):
 from __future__ import annotations
 
 import time
-from copy import deepcopy
 
 import torch
 
@@ -159,7 +158,8 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     """A rotated copy of the model (FP-equivalent) plus the online down transforms."""
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
-    model = deepcopy(loaded.model)
+    work = loaded.copy()
+    model = work.model
     prepare(model)
     config, n = model.config, model.config.num_hidden_layers
     attn_in, ffn_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj")
@@ -192,7 +192,6 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
             rotate_value_heads(layer, config, per_group)
             online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
             tick()
-    work = LoadedModel(model, loaded.tokenizer, loaded.arch, loaded.path)
     details = {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1,
                "tuned_for": setting.label, "seconds": time.time() - started,
                "online": "down_proj input (simulation only)"}

@@ -22,7 +22,6 @@ instead of one alpha, and the cuts are chosen for each matrix's ggml type.
 from __future__ import annotations
 
 from collections.abc import Callable
-from copy import deepcopy
 
 import numpy as np
 import torch
@@ -87,7 +86,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     ``ggml_types`` (a build's plan), for the files: the scales are then searched against
     llama.cpp's rounding (QuBLAST's maps, :func:`edgequant.smoothing.search_scales`) and the
     cuts chosen for each matrix's ggml type."""
-    work = LoadedModel(deepcopy(loaded.model), loaded.tokenizer, loaded.arch, loaded.path)
+    work = loaded.copy()
     windows = calibration.windows[:CALIB_WINDOWS]
     if ggml_types:
         with progress.step("specquant: scaling maps for the plan", loaded.config.num_hidden_layers) as tick:
