@@ -57,10 +57,7 @@ def activation_stats(
     handles = []
     for module_name, module in model.named_modules():
         if isinstance(module, torch.nn.Linear):
-            hf_name = f"{module_name}.weight"
-            if hf_name == "lm_head.weight" and model.config.tie_word_embeddings:
-                hf_name = "model.embed_tokens.weight"
-            handles.append(module.register_forward_hook(hook_for(loaded.gguf_name(hf_name))))
+            handles.append(module.register_forward_hook(hook_for(loaded.linear_weight_name(module_name))))
     try:
         for window in windows:
             model(torch.from_numpy(window)[None], use_cache=False)

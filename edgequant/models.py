@@ -82,6 +82,14 @@ class LoadedModel:
         """GGUF tensor name of a state-dict entry, e.g. model.layers.0.mlp.down_proj.weight -> blk.0.ffn_down.weight."""
         return gguf_name(self.arch, self.config.num_hidden_layers, hf_name)
 
+    def linear_weight_name(self, module_path: str) -> str:
+        """GGUF name of the weight a linear layer uses, e.g. ``lm_head`` -> ``output.weight``
+        (``token_embd.weight`` when the head is tied to the embedding)."""
+        hf_name = f"{module_path}.weight"
+        if hf_name == "lm_head.weight" and self.config.tie_word_embeddings:
+            hf_name = "model.embed_tokens.weight"
+        return self.gguf_name(hf_name)
+
     def matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(GGUF name, weight) of every 2-D weight that gets quantized, in state-dict order."""
         for hf_name, t in self.model.state_dict().items():

@@ -358,14 +358,8 @@ def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress, wi
 
 def _linear_types(loaded: LoadedModel, encoded) -> dict[str, str]:
     """ggml type of every linear layer's weight, by module path (a tied head: the embedding's)."""
-    types = {}
-    for path, module in loaded.model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            hf = f"{path}.weight"
-            if hf == "lm_head.weight" and loaded.config.tie_word_embeddings:
-                hf = "model.embed_tokens.weight"
-            types[path] = encoded[loaded.gguf_name(hf)].ggml_type
-    return types
+    return {path: encoded[loaded.linear_weight_name(path)].ggml_type
+            for path, module in loaded.model.named_modules() if isinstance(module, torch.nn.Linear)}
 
 
 def _name_pairs(loaded: LoadedModel):
