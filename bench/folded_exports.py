@@ -4,8 +4,8 @@
 
 Each row is ``edgequant build --budget-mb B --method M --formats gguf,onnx`` (default calibration:
 16384 c4 tokens; evaluation: 8192 wiki tokens, ctx 512), so every file fits the same budget and
-the planner spends it as it can (the rotation methods carry a separate output head, which the
-tied GPTQ build does not). Columns: the GGUF's size, its perplexity and KLD in llama.cpp, the
+the planner spends it as it can (the Hadamard baseline carries a separate output head, which
+the tied GPTQ build does not). Columns: the GGUF's size, its perplexity and KLD in llama.cpp, the
 torch simulation of the same bytes with llama.cpp's 8-bit activation blocks ("sim W·A8") and
 the ratio of the two perplexities, the ONNX model in ONNX Runtime as shipped, and the build time.
 """

@@ -8,8 +8,9 @@ write. ``loaded.model`` is the full-precision reference: a method must not chang
 A method may also choose the plan itself (``allocate``, from measurements, within a byte
 budget) and fold an equivalence transform into a copy of the model before rounding
 (``transform``, returning the copy and details for the report). Methods without ``allocate``
-get the greedy prior of :mod:`edgequant.planning`. Rotation methods ``untie`` the output head
-from the embedding before planning, so the plan (and the budget) counts both matrices.
+get the greedy prior of :mod:`edgequant.planning`. A method that ``unties`` (the Hadamard
+baseline) gets its own output head before planning, so the plan and the budget count both
+matrices; RUQuant instead leaves a tied model's residual stream alone.
 
 The activation-outlier methods (SpecQuant, RUQuant, the Hadamard baseline) are written for
 the WxAy simulation (:mod:`edgequant.activation_quant`); :func:`folded` turns one into a build
@@ -53,6 +54,24 @@ class Method:
     activation_aware: bool = False  # also report the torch simulation with 8-bit activations (W4A8)
 
 
+def folded(transform, options: Callable[[LoadedModel, Plan], dict] = lambda loaded, plan: {}):
+    """A build transform ``(loaded, plan, calibration, progress) -> (model copy, details)`` from a
+    simulation transform, run for the deployed regime with ``options(loaded, plan)``. Online
+    transforms are dropped: the copy is exact without them."""
+
+    def run(loaded, plan, calibration, progress):
+        done = transform(loaded, calibration, DEPLOYED, progress, **options(loaded, plan))
+        return done.work, {**done.details, "online": "none (left out of the exported files)"}
+
+    return run
+
+
+def _ruquant_options(loaded: LoadedModel, plan: Plan) -> dict:
+    """A tied output head stays tied: rotating the residual stream would need a second
+    vocab x hidden matrix in the file (21% of the default model), so only the value heads turn."""
+    return {"residual": not loaded.config.tie_word_embeddings}
+
+
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
@@ -61,23 +80,16 @@ METHODS: dict[str, Method] = {
         Method("qublast-rtn", "QuBLAST with round-to-nearest as the rounding step",
                rtn.quantize, qublast.allocate, qublast.transform),
         Method("specquant", "SmoothQuant migration + per-row low-frequency Fourier truncation, then GPTQ",
-               gptq.quantize, transform=lambda *a: folded(specquant.transform, *a), activation_aware=True),
+               gptq.quantize, transform=folded(specquant.transform, lambda loaded, plan: {"ggml_types": plan.types}),
+               activation_aware=True),
         Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded), then GPTQ",
-               gptq.quantize, transform=lambda *a: folded(ruquant.transform, *a), unties=True, activation_aware=True),
+               gptq.quantize, transform=folded(ruquant.transform, _ruquant_options), activation_aware=True),
         Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
-               gptq.quantize, transform=lambda *a: folded(hadamard.transform, *a), unties=True, activation_aware=True),
+               gptq.quantize, transform=folded(hadamard.transform), unties=True, activation_aware=True),
         Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize),
         Method("rtn", "round to nearest on the importance-weighted grid, greedy mix", rtn.quantize),
     )
 }
-
-
-def folded(transform, loaded, plan, calibration, progress):
-    """Run a simulation transform for a build: ``(model copy, details)``. Online transforms are
-    dropped (the copy is exact without them); SpecQuant fits its scales and cuts to the plan's types."""
-    options = {"ggml_types": plan.types} if transform is specquant.transform else {}
-    done = transform(loaded, calibration, DEPLOYED, progress, **options)
-    return done.work, {**done.details, "online": "none (left out of the exported files)"}
 
 
 def get_method(name: str) -> Method:

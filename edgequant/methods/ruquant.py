@@ -22,6 +22,9 @@ online in each layer, which stock llama.cpp cannot run):
 * each block's value heads get their own R per KV group (B = head_dim), folded into v and o;
 * each block's down input gets its own transform (B = 128), which must stay online: it is in
   the simulation (``--wbits/--abits``), not in the exported files.
+
+A build of a model whose output head is tied to the embedding skips the residual transform
+(``residual=False``): folding it would need a second vocab x hidden matrix in the file.
 """
 
 from __future__ import annotations
@@ -154,19 +157,43 @@ def _paths(n_layers: int, sub: str) -> list[str]:
     return [f"model.layers.{i}.{sub}" for i in range(n_layers)]
 
 
-def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
-    """A rotated copy of the model (FP-equivalent) plus the online down transforms."""
+def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
+              residual: bool = True) -> Transformed:
+    """A rotated copy of the model (FP-equivalent) plus the online down transforms. Without
+    ``residual`` the residual stream is left alone (and a tied output head stays tied)."""
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
     work = loaded.copy()
     model = work.model
-    prepare(model)
     config, n = model.config, model.config.num_hidden_layers
     attn_in, ffn_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj")
     o_in, down_in = _paths(n, "self_attn.o_proj"), _paths(n, "mlp.down_proj")
+    if residual:
+        prepare(model)  # the residual sites' inputs are then the plain x / rms(x) the rotation sees
     with progress.step("ruquant: collect activations"):
-        acts = linear_inputs(model, calibration.windows, attn_in + ffn_in + o_in + down_in, CALIB_TOKENS)
+        acts = linear_inputs(model, calibration.windows, (attn_in + ffn_in if residual else []) + o_in + down_in,
+                             CALIB_TOKENS)
+    details = {"residual": residual}
+    if residual:
+        details |= _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress)
+    group, head_dim = kv_grouping(config)
+    online = {}
+    with progress.step("ruquant: value-head and down transforms", n) as tick:
+        for i, layer in enumerate(model.model.layers):
+            heads = acts[o_in[i]].double().reshape(-1, config.num_key_value_heads, group, head_dim)
+            per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T
+                         for g in range(config.num_key_value_heads)]
+            rotate_value_heads(layer, config, per_group)
+            online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
+            tick()
+    details |= {"tuned_for": setting.label, "seconds": time.time() - started,
+                "online": "down_proj input (simulation only)"}
+    return Transformed(work, online, details)
 
+
+def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> dict:
+    """Stage 1 on the pooled residual-stream inputs, stage 2's tuned reflection, folded in."""
+    n = len(attn_in)
     with progress.step("ruquant: residual rotation (stage 1)"):
         per_site = max(1, POOLED_TOKENS // (2 * n))  # the same number of tokens from every block's two sites
         pooled = torch.cat([acts[p][:per_site] for p in attn_in + ffn_in])
@@ -181,18 +208,4 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
                 sites.append(((acts[path][:TUNE_TOKENS].double() @ base).float(), w.float()))
         tuned, losses = tune_reflection(w0, sites, setting)
     rotate_residual(model, base @ householder(tuned))
-
-    group, head_dim = kv_grouping(config)
-    online = {}
-    with progress.step("ruquant: value-head and down transforms", n) as tick:
-        for i, layer in enumerate(model.model.layers):
-            heads = acts[o_in[i]].double().reshape(-1, config.num_key_value_heads, group, head_dim)
-            per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T
-                         for g in range(config.num_key_value_heads)]
-            rotate_value_heads(layer, config, per_group)
-            online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
-            tick()
-    details = {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1,
-               "tuned_for": setting.label, "seconds": time.time() - started,
-               "online": "down_proj input (simulation only)"}
-    return Transformed(work, online, details)
+    return {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1}
