@@ -13,7 +13,7 @@ from dataclasses import replace
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 import torch
 
-from .calibration import Calibration, activation_stats, block_inputs, run_block
+from .calibration import Calibration, activation_stats, block_input_grams, block_inputs, run_block
 from .errors import EdgequantError
 from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, token_windows
 from .fakequant import QuantLinear, RowGrid, Setting, Transformed, fake_quantize
@@ -69,23 +69,10 @@ def gptq_weights(sim: torch.nn.Module, windows, bits: int, progress=None) -> Non
     rounding included)."""
     hidden, kwargs = block_inputs(sim, windows)
     for layer in sim.model.layers:
-        matrices = [m for m in layer.modules() if isinstance(m, QuantLinear)]
-        sums = {id(m): torch.zeros(m.weight.shape[1], m.weight.shape[1], dtype=torch.float64) for m in matrices}
-
-        def accumulate(module, args):
-            x = module.prepare(args[0]).reshape(-1, module.weight.shape[1]).double()
-            sums[id(module)] += x.T @ x
-
-        hooks = [m.register_forward_pre_hook(accumulate) for m in matrices]
-        try:
-            for h in hidden:
-                run_block(layer, h, kwargs)
-        finally:
-            for hook in hooks:
-                hook.remove()
-        n = sum(h.shape[0] * h.shape[1] for h in hidden)
-        for m in matrices:
-            codes, grid = gptq(m.weight, (sums[id(m)] / n).float(), RowGrid(bits))
+        matrices = {id(m): m for m in layer.modules() if isinstance(m, QuantLinear)}
+        grams = block_input_grams(layer, hidden, kwargs, matrices, seen_as=lambda m, x: m.prepare(x))
+        for key, m in matrices.items():
+            codes, grid = gptq(m.weight, grams[key].float(), RowGrid(bits))
             m.weight.copy_(torch.from_numpy(grid.values(codes)))
         hidden = [run_block(layer, h, kwargs) for h in hidden]
         if progress:

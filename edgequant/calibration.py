@@ -123,37 +123,39 @@ def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np
     """
     hidden, kwargs = block_inputs(model, windows)
     for i, block in enumerate(model.model.layers):
-        sums: dict[str, torch.Tensor] = {}
-        handles = []
-        for sub_name, module in block.named_modules():
-            if isinstance(module, torch.nn.Linear):
-                gguf = loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight")
-                handles.append(module.register_forward_hook(_accumulate(sums, gguf)))
-        try:
-            for h in hidden:
-                run_block(block, h, kwargs)
-        finally:
-            for handle in handles:
-                handle.remove()
-        n_tokens = sum(h.shape[0] * h.shape[1] for h in hidden)
-        yield BlockHessians(i, {name: (s / n_tokens).float() for name, s in sums.items()})
-        del sums
+        linears = {loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight"): module
+                   for sub_name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
+        grams = block_input_grams(block, hidden, kwargs, linears)
+        yield BlockHessians(i, {name: g.float() for name, g in grams.items()})
+        del grams
         hidden = [run_block(block, h, kwargs) for h in hidden]
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
     x = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
     yield BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()})
 
 
-def _accumulate(sums: dict, gguf_name: str):
-    """A forward hook adding x^T x of the module's input into ``sums[gguf_name]``."""
+def block_input_grams(block, hidden: list[torch.Tensor], kwargs: dict, modules: dict,
+                      seen_as=lambda module, x: x) -> dict:
+    """E[x x^T] (float64) of the inputs of ``modules`` (key -> module inside ``block``) while
+    ``block`` runs on ``hidden``; ``seen_as(module, x)`` is the input as the module uses it."""
+    sums, counts = {}, {}
 
-    def hook(_module, inputs, _output):
-        x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
-        if gguf_name not in sums:
-            sums[gguf_name] = torch.zeros(x.shape[1], x.shape[1], dtype=torch.float64)
-        sums[gguf_name] += x.T @ x
+    def hook_for(key):
+        def hook(module, args):
+            x = seen_as(module, args[0])
+            x = x.reshape(-1, x.shape[-1]).double()
+            sums[key] = sums.get(key, 0) + x.T @ x
+            counts[key] = counts.get(key, 0) + x.shape[0]
+        return hook
 
-    return hook
+    hooks = [module.register_forward_pre_hook(hook_for(key)) for key, module in modules.items()]
+    try:
+        for h in hidden:
+            run_block(block, h, kwargs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return {key: sums[key] / counts[key] for key in sums}
 
 
 @torch.inference_mode()

@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 from edgequant.ggml_quants import TYPES
 from exporters.onnx.graph import OPSETS
 from exporters.onnx.nbits import from_ggml
-from runtimes.ort import OrtDecoder, genai_greedy
+from runtimes.ort import OrtDecoder
 from tests.conftest import MIXED
 from tests.test_bad_inputs import assert_clean_failure, edgequant
 from tests.test_ggml_quants import weights
