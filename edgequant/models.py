@@ -8,6 +8,8 @@ for its rotary kernel (the ``llama`` architecture does, qwen2/qwen3 do not).
 from __future__ import annotations
 
 import copy
+import tempfile
+from contextlib import contextmanager
 
 import json
 import math
@@ -45,7 +47,8 @@ ARCHITECTURES = {
         Architecture("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
     )
 }
-_FROM_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
+_FROM_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "deci": "llama"}  # deci: blocks sized one by one
+PER_BLOCK_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
 
 
 def architecture(model_type: str) -> Architecture:
@@ -113,12 +116,15 @@ def permute_qk(w: np.ndarray, n_heads: int, *, to_gguf: bool) -> np.ndarray:
     return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def qk_heads(config, gguf_tensor_name: str) -> int | None:
-    """Number of heads to permute by, for q/k projection weights, else None."""
-    if gguf_tensor_name.endswith("attn_q.weight"):
-        return config.num_attention_heads
-    if gguf_tensor_name.endswith("attn_k.weight"):
-        return config.num_key_value_heads
+def head_dim(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def qk_heads(config, gguf_tensor_name: str, rows: int) -> int | None:
+    """Number of heads to permute by, for q/k projection weights of ``rows`` rows, else None
+    (counted from the rows: a pruned block has fewer heads than the config says)."""
+    if gguf_tensor_name.endswith(("attn_q.weight", "attn_k.weight")):
+        return rows // head_dim(config)
     return None
 
 
@@ -304,6 +310,7 @@ def load_gguf(path: Path) -> LoadedModel:
     tensors = {t.name: t for t in reader.tensors}
     _check_shapes(path, arch, config, tensors)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    _resize_blocks(model)
     state = {}
     for hf_name in model.state_dict():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
@@ -311,7 +318,7 @@ def load_gguf(path: Path) -> LoadedModel:
         name = gguf_name(arch, config.num_hidden_layers, hf_name)
         t = tensors[name]
         w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
-        heads = qk_heads(config, name)
+        heads = qk_heads(config, name, w.shape[0])
         if arch.permute_qk and heads:
             w = permute_qk(w, heads, to_gguf=False)
         state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
@@ -328,6 +335,7 @@ def _check_shapes(path: Path, arch: Architecture, config, tensors: dict) -> None
 
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
+        _resize_blocks(skeleton)
     for hf_name, param in skeleton.state_dict().items():
         if hf_name == "lm_head.weight" and config.tie_word_embeddings:
             continue
@@ -364,10 +372,33 @@ def gguf_tokenizer(path: Path):
     """The tokenizer stored in a GGUF file, as a transformers tokenizer."""
     from transformers import AutoTokenizer
 
+    path = Path(path)
     try:
-        return AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _readable_by_transformers(path) as readable:
+            return AutoTokenizer.from_pretrained(readable.parent, gguf_file=readable.name)
     except Exception as e:
         raise EdgequantError(f"cannot read the tokenizer of {path}: {_first_line(e)}") from None
+
+
+@contextmanager
+def _readable_by_transformers(path: Path):
+    """``path``, or for an architecture transformers does not know (``deci``), a temporary GGUF
+    holding only its tokenizer under the ``llama`` architecture."""
+    reader = gguf.GGUFReader(path)
+    if reader.fields["general.architecture"].contents() != "deci":
+        yield path
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        header = Path(tmp) / "tokenizer.gguf"
+        writer = gguf.GGUFWriter(header, "llama")
+        for key, field in reader.fields.items():
+            if key.startswith("tokenizer."):
+                sub_type = field.types[1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+                writer.add_key_value(key, field.contents(), field.types[0], sub_type)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        yield header
 
 
 def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
@@ -382,11 +413,27 @@ def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
     return out
 
 
+def _resize_blocks(model) -> None:
+    """Give each block the sizes the file's per-block metadata says (a pruned model)."""
+    sizes = getattr(model.config, "edgequant_block_shapes", None)
+    if sizes:
+        from .pruning import BlockShape, resize_blocks
+
+        resize_blocks(model, [BlockShape(*s) for s in sizes])
+
+
 def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -> dict:
     a = meta["general.architecture"]
+    per_block = {}
+    for key in PER_BLOCK_KEYS:  # arrays (one entry per block): the config takes the largest
+        value = meta.get(f"{a}.{key}")
+        if isinstance(value, list):
+            if not value or not all(isinstance(v, int) and v > 0 for v in value):
+                raise EdgequantError(f"{where} has a bad {a}.{key} ({value!r:.40}; expected positive numbers)")
+            per_block[key] = value
 
     def get(key, default=None, kind=int):
-        value = meta.get(f"{a}.{key}", default)
+        value = max(per_block[key]) if key in per_block else meta.get(f"{a}.{key}", default)
         if value is None:
             raise EdgequantError(f"{where} lacks the metadata {a}.{key}")
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
@@ -413,7 +460,24 @@ def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -
     )
     if a == "qwen2":
         cfg.pop("head_dim")
+    if per_block:
+        cfg["edgequant_block_shapes"] = _block_shapes(per_block, cfg, where)
     return cfg
+
+
+def _block_shapes(per_block: dict, cfg: dict, where: str) -> list[list[int]]:
+    """[FFN width, heads, KV heads] of each block, from the arrays (or the scalars) of the file."""
+    n = cfg["num_hidden_layers"]
+    columns = []
+    for key, scalar in zip(PER_BLOCK_KEYS, ("intermediate_size", "num_attention_heads", "num_key_value_heads")):
+        values = per_block.get(key, [cfg[scalar]] * n)
+        if len(values) != n:
+            raise EdgequantError(f"{where}: {key} has {len(values)} entries for {n} blocks")
+        columns.append(values)
+    ratio = cfg["num_attention_heads"] // cfg["num_key_value_heads"]
+    if any(h != kv * ratio for h, kv in zip(columns[1], columns[2])):
+        raise EdgequantError(f"{where}: every block must keep {ratio} query heads per KV head")
+    return [list(s) for s in zip(*columns)]
 
 
 def _first_line(e: BaseException) -> str:

@@ -47,6 +47,7 @@ from .methods import Method, get_method
 from .models import LoadedModel, load_model, read_gguf
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
+from .pruning import Pruning, prune, shapes
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
@@ -78,6 +79,7 @@ class BuildOptions:
     torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
     threads: int | None = None
     formats: tuple[str, ...] = FORMATS  # what goes into --out; the ONNX model is made from the GGUF's bytes
+    pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
 
     def __post_init__(self):
         """Mistyped names fail here, before the model is loaded or calibrated."""
@@ -155,6 +157,7 @@ class Planned:
     stats: ActivationStats | None
     plan: Plan
     table: Sensitivity | None
+    reference: LoadedModel  # full precision; ``loaded`` is the model to quantize (pruned, if asked)
 
     def summary(self) -> dict:
         """What ``edgequant plan`` prints: budget, bit map, predicted size / memory / speed."""
@@ -179,18 +182,23 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
             loaded = load_model(opts.model)
     if method.unties and loaded.config.tie_word_embeddings:
         loaded = untied_copy(loaded)
+    reference = loaded
+    calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
+    calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
+    if opts.pruning:
+        opts.pruning.check(loaded.config)
+        with progress.step("prune and refit"):
+            loaded = prune(loaded, opts.pruning, calib)
     tgt = target(loaded, opts, device)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
-    calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
-    calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
     stats = None
     if opts.use_importance or opts.smooth or method.allocate:
         with progress.step("calibrate", len(calib)) as tick:
             stats = activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress)
-    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table)
+    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference)
 
 
 def untied_copy(loaded: LoadedModel) -> LoadedModel:
@@ -198,6 +206,13 @@ def untied_copy(loaded: LoadedModel) -> LoadedModel:
     copy = loaded.copy()
     untie(copy.model)
     return copy
+
+
+def _pruning_report(pruning: Pruning | None, pruned: LoadedModel) -> dict | None:
+    """What was pruned, and every block's sizes after it (in the file's block order)."""
+    if pruning is None:
+        return None
+    return {**pruning.as_dict(), "blocks": [vars(s) for s in shapes(pruned.model)]}
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
@@ -248,7 +263,7 @@ def build(
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
                 artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", loaded.tokenizer), out))
-        reference = reference or CachedLogits(TorchLogits(loaded.model))
+        reference = reference or CachedLogits(TorchLogits(p.reference.model))
         quality = _evaluate(reference, work, encoded, stage, windows, opts, progress, method.activation_aware)
         if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
             gguf_path.unlink()
@@ -268,6 +283,7 @@ def build(
             "blocks": blocks(plan, table),
             "scaling_maps": maps,
             "transform": details or None,
+            "pruning": _pruning_report(opts.pruning, loaded),
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
             "text": {
                 "calibration": {"source": p.calib_label, "tokens": int(calib.size)},

@@ -59,6 +59,9 @@ def render(report: dict, plan: dict, ladder: dict | None, folder: Path) -> str:
         _summary(report),
         _section("Bit map", "bitmap", _bitmap_svg(report["blocks"]),
                  "Bits per weight of every block part (attention q/k/v/o, MLP gate/up/down), with its ggml type."),
+        *([_section("Pruning", "pruning", _pruning_table(report["pruning"]),
+                    "What each block of the file keeps: FFN channels, query heads, KV heads (pruned ones in bold).")]
+          if report.get("pruning") else []),
         _section("Size and quality", "size-quality", _size_quality_svg(report, ladder), _ladder_note(report, ladder)),
         _section("Sensitivity", "sensitivity", _sensitivity_table(report, plan),
                  "KL divergence of the model's output when only that part is quantized to that type "
@@ -245,6 +248,21 @@ def _part_order(part: str) -> tuple[int, str]:
     """'embd' first, then '0.attn', '0.ffn', '1.attn'... in block order."""
     index, _, name = part.partition(".")
     return (int(index), name) if index.isdigit() else (-1, part)
+
+
+def _pruning_table(pruning: dict) -> str:
+    """Every block's sizes after pruning (the file's block numbering), and the blocks removed."""
+    full = {key: max(b[key] for b in pruning["blocks"]) for key in ("ffn", "heads", "kv_heads")}
+
+    def cell(block, key):
+        value = str(block[key])
+        return f"<td><b>{value}</b></td>" if block[key] < full[key] else f"<td>{value}</td>"
+
+    head = "".join(f"<th>{h}</th>" for h in ("block", "FFN channels", "heads", "KV heads"))
+    rows = "".join(f"<tr><td>{i}</td>{cell(b, 'ffn')}{cell(b, 'heads')}{cell(b, 'kv_heads')}</tr>"
+                   for i, b in enumerate(pruning["blocks"]))
+    removed = ", ".join(map(str, pruning["removed"])) or "none"
+    return f"<p>Blocks removed (original numbering): {removed}.</p><table><tr>{head}</tr>{rows}</table>"
 
 
 def _bench_table(report: dict) -> str:

@@ -19,14 +19,17 @@ from edgequant import __version__
 from edgequant.atomic import atomic_path
 from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
-from edgequant.models import LoadedModel, permute_qk, qk_heads
+from edgequant.models import LoadedModel, head_dim, permute_qk, qk_heads
+from edgequant.pruning import is_pruned, shapes
+
+PER_BLOCK_ARCH = "deci"  # llama.cpp's llama-family architecture that sizes every block on its own
 
 
 def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
     """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes."""
     path = Path(path)
     with atomic_path(path) as tmp:
-        writer = gguf.GGUFWriter(tmp, loaded.arch.gguf_name)
+        writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
         _add_metadata(writer, loaded, method)
         _add_tokenizer(writer, loaded)
         _add_tensors(writer, loaded, encoded)
@@ -43,7 +46,7 @@ def overhead_bytes(loaded: LoadedModel) -> int:
     alignment padding (estimated as half the alignment)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "header.gguf"
-        writer = gguf.GGUFWriter(path, loaded.arch.gguf_name)
+        writer = gguf.GGUFWriter(path, gguf_arch(loaded))
         _add_metadata(writer, loaded, "edgequant")
         _add_tokenizer(writer, loaded)
         writer.write_header_to_file()
@@ -56,23 +59,40 @@ def overhead_bytes(loaded: LoadedModel) -> int:
     return size
 
 
+def gguf_arch(loaded: LoadedModel) -> str:
+    """The file's architecture: the model's own, or ``deci`` when its blocks differ in size
+    (llama.cpp's ``llama`` loader sizes every block like the first)."""
+    if not is_pruned(loaded.model):
+        return loaded.arch.gguf_name
+    if not loaded.arch.permute_qk:
+        raise EdgequantError(f"blocks of different sizes export to GGUF for llama-family models only, "
+                             f"not {loaded.arch.model_type}")
+    return PER_BLOCK_ARCH
+
+
 def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
     c = loaded.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dim = head_dim(c)
     w.add_name(loaded.name)
     w.add_string("general.quantized_by", f"edgequant {__version__}")
     w.add_string("edgequant.method", method)
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
+    if is_pruned(loaded.model):  # one entry per block
+        sizes = shapes(loaded.model)
+        w.add_feed_forward_length([s.ffn for s in sizes])
+        w.add_head_count([s.heads for s in sizes])
+        w.add_head_count_kv([s.kv_heads for s in sizes])
+    else:
+        w.add_feed_forward_length(c.intermediate_size)
+        w.add_head_count(c.num_attention_heads)
+        w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(head_dim)
-    if head_dim * c.num_attention_heads != c.hidden_size:
-        w.add_key_length(head_dim)
-        w.add_value_length(head_dim)
+    w.add_rope_dimension_count(dim)
+    if dim * c.num_attention_heads != c.hidden_size or is_pruned(loaded.model):
+        w.add_key_length(dim)
+        w.add_value_length(dim)
     rope = _rope_parameters(c)
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", "default")
@@ -97,8 +117,8 @@ def llama3_rope_factors(config) -> np.ndarray | None:
     rope = _rope_parameters(config)
     if rope.get("rope_type") != "llama3":
         return None
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    dim = head_dim(config)
+    freqs = 1.0 / rope["rope_theta"] ** (np.arange(0, dim, 2, dtype=np.float64) / dim)
     wavelen = 2 * np.pi / freqs
     old_ctx = rope["original_max_position_embeddings"]
     low_wl, high_wl = old_ctx / rope["low_freq_factor"], old_ctx / rope["high_freq_factor"]
@@ -174,7 +194,7 @@ def _add_tensors(w: gguf.GGUFWriter, loaded: LoadedModel, encoded: dict[str, Enc
             continue
         enc = encoded[name]
         data = enc.data
-        heads = qk_heads(loaded.config, name)
+        heads = qk_heads(loaded.config, name, data.shape[0])
         if loaded.arch.permute_qk and heads:
             data = permute_qk(data, heads, to_gguf=True)
         qtype = gguf.GGMLQuantizationType[enc.ggml_type]

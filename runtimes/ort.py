@@ -83,14 +83,14 @@ class OrtDecoder:
         self.session = open_session(path, n_threads, accuracy_level)
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
-        _, self.kv_heads, _, self.head_dim = past[0].shape  # [batch, kv_heads, past, head_dim]
-        if not isinstance(self.head_dim, int):  # a symbolic dim (genai's builder): its config says
+        self.kv_shapes = {i.name: (1, i.shape[1], 0, i.shape[3]) for i in past}  # [batch, kv_heads, past, head_dim]
+        if not all(isinstance(d, int) for s in self.kv_shapes.values() for d in s):  # symbolic dims (genai's builder)
             decoder = json.loads((model_file(path).parent / "genai_config.json").read_text())["model"]["decoder"]
-            self.kv_heads, self.head_dim = decoder["num_key_value_heads"], decoder["head_size"]
+            self.kv_shapes = {n: (1, decoder["num_key_value_heads"], 0, decoder["head_size"]) for n in self.past_names}
         self.output_names = [o.name for o in self.session.get_outputs()]
 
     def empty_cache(self) -> dict[str, np.ndarray]:
-        return {n: np.zeros((1, self.kv_heads, 0, self.head_dim), np.float32) for n in self.past_names}
+        return {n: np.zeros(shape, np.float32) for n, shape in self.kv_shapes.items()}
 
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run ``ids`` (n,) after ``cache``: logits (n, vocab) and the grown cache."""

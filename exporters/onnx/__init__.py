@@ -47,7 +47,7 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
         if kind not in TYPES:
             raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
         w = from_ggml(kind, np.asarray(t.data))
-        heads = qk_heads(config, t.name)
+        heads = qk_heads(config, t.name, w.shape[0])
         if arch.permute_qk and heads:  # back to Hugging Face's rotary layout
             w = _permuted_rows(w, heads)
         weights[t.name] = w

@@ -20,6 +20,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from edgequant.models import head_dim
+
 from .nbits import BlockQuantized
 
 MS = "com.microsoft"
@@ -68,7 +70,9 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
     """The whole decoder. ``weights``/``floats`` are keyed by GGUF tensor names
     (``blk.0.attn_q.weight``, ``output_norm.weight`` ...); ``rope_cos_sin`` are (max_pos, head_dim/2)."""
     c = config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    dim = head_dim(c)
+    n_heads = [weights[f"blk.{i}.attn_q.weight"].shape[0] // dim for i in range(c.num_hidden_layers)]  # per block:
+    n_kv_heads = [weights[f"blk.{i}.attn_k.weight"].shape[0] // dim for i in range(c.num_hidden_layers)]  # pruned ones differ
     eps = float(c.rms_norm_eps)
     g = _Graph(accuracy_level)
     cos = g.const("cos_cache", rope_cos_sin[0].astype(np.float32))
@@ -92,7 +96,7 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
             if f"{p}.attn_{part}.bias" in floats:
                 y = g.op("Add", [y, g.const(f"{p}.attn_{part}.bias", floats[f"{p}.attn_{part}.bias"])], f"{p}.attn_{part}.add_bias")
             if part in ("q", "k") and f"{p}.attn_{part}_norm.weight" in floats:  # qwen3: RMSNorm per head
-                heads = g.op("Reshape", [y, g.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, head_dim], np.int64))], f"{p}.{part}_heads")
+                heads = g.op("Reshape", [y, g.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, dim], np.int64))], f"{p}.{part}_heads")
                 y = g.rms_norm(heads, floats[f"{p}.attn_{part}_norm.weight"], f"{p}.attn_{part}_norm", eps)
                 y = g.op("Reshape", [y, g.const(f"{p}.{part}_flat_shape", np.array([0, 0, -1], np.int64))], f"{p}.{part}_flat")
             qkv.append(y)
@@ -100,7 +104,7 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
             "GroupQueryAttention",
             [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
             f"{p}.attention", MS, outputs=[f"{p}.attention", f"present.{i}.key", f"present.{i}.value"],
-            num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, scale=head_dim**-0.5,
+            num_heads=n_heads[i], kv_num_heads=n_kv_heads[i], scale=dim**-0.5,
             do_rotary=1, rotary_interleaved=0, local_window_size=-1,
         )
         x = g.op("Add", [x, g.matmul(attn, f"{p}.attn_output", weights[f"{p}.attn_output.weight"])], f"{p}.attn_residual")
@@ -114,11 +118,11 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
     head = weights.get("output.weight", weights["token_embd.weight"])
     g.matmul(h, "logits", head, lm_head_inputs)
 
-    kv_shape = ["batch_size", c.num_key_value_heads, "{}", head_dim]
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
     outputs = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])]
     for i in range(c.num_hidden_layers):
+        kv_shape = ["batch_size", n_kv_heads[i], "{}", dim]
         for kind in ("key", "value"):
             past = [d.format("past_sequence_length") if isinstance(d, str) else d for d in kv_shape]
             present = [d.format("total_sequence_length") if isinstance(d, str) else d for d in kv_shape]
