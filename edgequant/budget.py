@@ -3,7 +3,7 @@
 Memory while running in llama.cpp (CPU) = weights + KV cache + runtime overhead:
 
 * weights: the GGUF file (tensor bytes of the plan + metadata), memory-mapped;
-* KV cache: ``n_layer * 2 * n_kv_heads * head_dim * ctx * 2`` bytes (f16 K and V);
+* KV cache: ``2 * kv_heads * head_dim * ctx * 2`` bytes (f16 K and V; KV heads summed over blocks);
 * overhead: llama.cpp's compute buffer, dominated by the logits of one micro-batch
   (``n_vocab * n_ubatch * 4`` bytes), plus graph buffers and the process itself.
   Measured on the host for SmolLM2-135M at ``n_ctx=2048`` (llama-cpp-python 0.3.36, verbose load):
@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 
 from .devices import Device
 from .errors import EdgequantError
+from .models import block_shapes, head_dim
 
 N_UBATCH = 512
 GRAPH_BYTES = int(3.4 * 2**20) + 28_000_000  # measured, see above
@@ -35,21 +36,20 @@ COMPUTE_EFFICIENCY = 0.3
 class Shape:
     """What the memory and speed models need to know of a model."""
 
-    n_layer: int
-    n_kv_heads: int
+    kv_heads: int  # summed over blocks (a pruned model's blocks may differ)
     head_dim: int
     n_vocab: int
     params: int
     tied: bool
 
     @classmethod
-    def of(cls, config, params: int) -> Shape:
-        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return cls(config.num_hidden_layers, config.num_key_value_heads, head_dim, config.vocab_size,
+    def of(cls, model, params: int) -> Shape:
+        config = model.config
+        return cls(sum(s.kv_heads for s in block_shapes(model)), head_dim(config), config.vocab_size,
                    params, bool(config.tie_word_embeddings))
 
     def kv_bytes(self, ctx: int) -> int:
-        return self.n_layer * 2 * self.n_kv_heads * self.head_dim * ctx * 2
+        return 2 * self.kv_heads * self.head_dim * ctx * 2
 
     def overhead_bytes(self) -> int:
         return 4 * self.n_vocab * N_UBATCH + 4 * self.n_vocab + GRAPH_BYTES

@@ -120,6 +120,53 @@ def head_dim(config) -> int:
     return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
 
 
+@dataclass(frozen=True)
+class BlockShape:
+    """The sizes of one transformer block: FFN width, query heads, KV heads."""
+
+    ffn: int
+    heads: int
+    kv_heads: int
+
+    @classmethod
+    def of_config(cls, config) -> "BlockShape":
+        return cls(config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
+
+
+def block_shapes(model) -> list[BlockShape]:
+    """Each block's sizes, read from its matrices (a pruned model's blocks differ)."""
+    dim = head_dim(model.config)
+    return [BlockShape(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features // dim,
+                       layer.self_attn.k_proj.out_features // dim) for layer in model.model.layers]
+
+
+def sizes_differ(model) -> bool:
+    """Whether any block's sizes differ from the config's (the file then needs per-block sizes)."""
+    full = BlockShape.of_config(model.config)
+    return any(s != full for s in block_shapes(model))
+
+
+def resize_blocks(model, sizes: list[BlockShape]) -> None:
+    """Give each block new matrices of the sizes ``sizes`` (a pruned model's skeleton, to load
+    its weights into; created on the device of the old ones, ``meta`` included)."""
+    c, dim = model.config, head_dim(model.config)
+    for layer, size in zip(model.model.layers, sizes):
+        a, m = layer.self_attn, layer.mlp
+        like = a.q_proj.weight
+
+        def new(n_in, n_out, bias):
+            return torch.nn.Linear(n_in, n_out, bias=bias, device=like.device, dtype=like.dtype)
+
+        qkv_bias = a.q_proj.bias is not None
+        a.q_proj = new(c.hidden_size, size.heads * dim, qkv_bias)
+        a.k_proj = new(c.hidden_size, size.kv_heads * dim, qkv_bias)
+        a.v_proj = new(c.hidden_size, size.kv_heads * dim, qkv_bias)
+        a.o_proj = new(size.heads * dim, c.hidden_size, a.o_proj.bias is not None)
+        mlp_bias = m.gate_proj.bias is not None
+        m.gate_proj, m.up_proj = new(c.hidden_size, size.ffn, mlp_bias), new(c.hidden_size, size.ffn, mlp_bias)
+        m.down_proj = new(size.ffn, c.hidden_size, m.down_proj.bias is not None)
+
+
 def qk_heads(config, gguf_tensor_name: str, rows: int) -> int | None:
     """Number of heads to permute by, for q/k projection weights of ``rows`` rows, else None
     (counted from the rows: a pruned block has fewer heads than the config says)."""
@@ -414,12 +461,12 @@ def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
 
 
 def _resize_blocks(model) -> None:
-    """Give each block the sizes the file's per-block metadata says (a pruned model)."""
+    """Give each block the sizes the file's per-block metadata says (a pruned model); from then
+    on the matrices themselves say it, so the config forgets the list."""
     sizes = getattr(model.config, "edgequant_block_shapes", None)
     if sizes:
-        from .pruning import BlockShape, resize_blocks
-
         resize_blocks(model, [BlockShape(*s) for s in sizes])
+        del model.config.edgequant_block_shapes
 
 
 def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -> dict:

@@ -44,10 +44,10 @@ from .evaluation import (
     token_windows,
 )
 from .methods import Method, get_method
-from .models import LoadedModel, load_model, read_gguf
+from .models import BlockShape, LoadedModel, block_shapes, load_model, read_gguf
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
-from .pruning import Pruning, prune, shapes
+from .pruning import Pruning, prune
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
@@ -88,6 +88,8 @@ class BuildOptions:
             check_type_name(self.ggml_type)
         if isinstance(self.formats, str):
             self.formats = tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
+        if self.pruning is not None and not isinstance(self.pruning, Pruning):
+            raise EdgequantError("pruning takes an edgequant.pruning.Pruning")
         unknown = set(self.formats) - set(FORMATS)
         if unknown or not self.formats:
             raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
@@ -125,7 +127,7 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
 
 def target(loaded: LoadedModel, opts: BuildOptions, device: Device) -> Target:
     matrices, other = matrices_of(loaded)
-    shape = Shape.of(loaded.config, sum(m.params for m in matrices) + other)
+    shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
     file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
                      file_overhead=file_overhead)
@@ -186,7 +188,9 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
     calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
     if opts.pruning:
-        opts.pruning.check(loaded.config)
+        opts.pruning.check(loaded.model)
+        if not loaded.arch.permute_qk:  # before the work: only llama.cpp's deci sizes blocks one by one
+            raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.arch.model_type}")
         with progress.step("prune and refit"):
             loaded = prune(loaded, opts.pruning, calib)
     tgt = target(loaded, opts, device)
@@ -212,7 +216,8 @@ def _pruning_report(pruning: Pruning | None, pruned: LoadedModel) -> dict | None
     """What was pruned, and every block's sizes after it (in the file's block order)."""
     if pruning is None:
         return None
-    return {**pruning.as_dict(), "blocks": [vars(s) for s in shapes(pruned.model)]}
+    return {**pruning.as_dict(), "blocks": [vars(s) for s in block_shapes(pruned.model)],
+            "unpruned": vars(BlockShape.of_config(pruned.config))}
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:

@@ -252,7 +252,7 @@ def _part_order(part: str) -> tuple[int, str]:
 
 def _pruning_table(pruning: dict) -> str:
     """Every block's sizes after pruning (the file's block numbering), and the blocks removed."""
-    full = {key: max(b[key] for b in pruning["blocks"]) for key in ("ffn", "heads", "kv_heads")}
+    full = pruning["unpruned"]
 
     def cell(block, key):
         value = str(block[key])

@@ -33,7 +33,7 @@ import torch
 
 from .calibration import block_inputs, run_block
 from .ggml_quants import get_type
-from .models import LoadedModel
+from .models import LoadedModel, head_dim
 
 
 @dataclass(frozen=True)
@@ -56,20 +56,18 @@ ALPHAS = (0.0, 0.125, 0.25, 0.5)  # 0.75 and 1 were never chosen on the default 
 
 def kv_grouping(config) -> tuple[int, int]:
     """(query heads per kv head, head dim): o's columns are value channels repeated per query head."""
-    group = config.num_attention_heads // config.num_key_value_heads
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return group, head_dim
+    return config.num_attention_heads // config.num_key_value_heads, head_dim(config)
 
 
 def per_value_channel(config, per_o_column: torch.Tensor) -> torch.Tensor:
     """Reduce a statistic over o's input columns to one per value channel (max over query heads)."""
     group, head_dim = kv_grouping(config)
-    return per_o_column.reshape(config.num_key_value_heads, group, head_dim).amax(1).reshape(-1)
+    return per_o_column.reshape(-1, group, head_dim).amax(1).reshape(-1)  # -1: a pruned block has fewer KV heads
 
 
 def per_o_column(config, per_value: torch.Tensor) -> torch.Tensor:
     group, head_dim = kv_grouping(config)
-    return per_value.reshape(config.num_key_value_heads, 1, head_dim).expand(-1, group, -1).reshape(-1)
+    return per_value.reshape(-1, 1, head_dim).expand(-1, group, -1).reshape(-1)
 
 
 @torch.no_grad()

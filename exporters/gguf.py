@@ -19,8 +19,7 @@ from edgequant import __version__
 from edgequant.atomic import atomic_path
 from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
-from edgequant.models import LoadedModel, head_dim, permute_qk, qk_heads
-from edgequant.pruning import is_pruned, shapes
+from edgequant.models import LoadedModel, block_shapes, head_dim, permute_qk, qk_heads, sizes_differ
 
 PER_BLOCK_ARCH = "deci"  # llama.cpp's llama-family architecture that sizes every block on its own
 
@@ -62,7 +61,7 @@ def overhead_bytes(loaded: LoadedModel) -> int:
 def gguf_arch(loaded: LoadedModel) -> str:
     """The file's architecture: the model's own, or ``deci`` when its blocks differ in size
     (llama.cpp's ``llama`` loader sizes every block like the first)."""
-    if not is_pruned(loaded.model):
+    if not sizes_differ(loaded.model):
         return loaded.arch.gguf_name
     if not loaded.arch.permute_qk:
         raise EdgequantError(f"blocks of different sizes export to GGUF for llama-family models only, "
@@ -79,8 +78,9 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
     w.add_block_count(c.num_hidden_layers)
     w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
-    if is_pruned(loaded.model):  # one entry per block
-        sizes = shapes(loaded.model)
+    per_block = sizes_differ(loaded.model)
+    if per_block:  # one entry per block
+        sizes = block_shapes(loaded.model)
         w.add_feed_forward_length([s.ffn for s in sizes])
         w.add_head_count([s.heads for s in sizes])
         w.add_head_count_kv([s.kv_heads for s in sizes])
@@ -90,7 +90,7 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
         w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_dimension_count(dim)
-    if dim * c.num_attention_heads != c.hidden_size or is_pruned(loaded.model):
+    if dim * c.num_attention_heads != c.hidden_size or per_block:
         w.add_key_length(dim)
         w.add_value_length(dim)
     rope = _rope_parameters(c)

@@ -91,9 +91,12 @@ class Ort:
         opts.log_severity_level = 4
         self.session = ort.InferenceSession(os.path.join(path, "model.onnx"), opts, providers=["CPUExecutionProvider"])
         config = json.load(open(os.path.join(path, "genai_config.json")))["model"]
-        self.kv = (config["decoder"]["num_key_value_heads"], config["decoder"]["head_size"])
         self.vocab = config["vocab_size"]
-        self.past = [i.name for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
+        self.past = [i.name for i in past]
+        decoder = config["decoder"]  # a symbolic dimension (genai's builder): its config says
+        self.kv = {i.name: (i.shape[1] if isinstance(i.shape[1], int) else decoder["num_key_value_heads"],
+                            i.shape[3] if isinstance(i.shape[3], int) else decoder["head_size"]) for i in past}
         self.outputs = [o.name for o in self.session.get_outputs()]
 
     def _run(self, tokens: list[int]) -> int:
@@ -106,7 +109,7 @@ class Ort:
         return int(out["logits"][0, -1].argmax())
 
     def prefill(self, tokens: list[int]) -> int:
-        self.cache = {n: self.np.zeros((1, self.kv[0], 0, self.kv[1]), self.np.float32) for n in self.past}
+        self.cache = {n: self.np.zeros((1, self.kv[n][0], 0, self.kv[n][1]), self.np.float32) for n in self.past}
         return self._run(tokens)
 
     def decode(self, token: int) -> int:

@@ -35,7 +35,7 @@ def test_knapsack_is_exact_against_brute_force():
 
 def _shape(loaded):
     matrices, other = matrices_of(loaded)
-    return Shape.of(loaded.config, sum(m.params for m in matrices) + other)
+    return Shape.of(loaded.model, sum(m.params for m in matrices) + other)
 
 
 def test_kv_cache_and_compute_buffer_match_what_llama_cpp_allocates(default_model, build_default):

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from edgequant.errors import EdgequantError
-from edgequant.models import load_model, read_gguf
+from edgequant.models import BlockShape, block_shapes, load_model, read_gguf
 from edgequant.pipeline import BuildOptions, build
-from edgequant.pruning import BlockShape, Pruning, prune, refit, shapes
+from edgequant.pruning import Pruning, prune, refit
 from runtimes.llamacpp import chat
 
 from .conftest import CALIB_TOKENS, EVAL_TOKENS
@@ -31,11 +31,13 @@ def test_refit_is_the_least_squares_fit_of_the_original_output():
 
 
 def test_a_pruning_that_names_missing_blocks_or_leaves_nothing_is_refused(default_model):
-    config = default_model.config
     for bad in (Pruning(removed=tuple(range(30))), Pruning(ffn={30: [0]}), Pruning(kv_groups={2: []}),
-                Pruning(kv_groups={2: [3]}), Pruning(ffn={1: [0, 0]})):
+                Pruning(kv_groups={2: [3]}), Pruning(ffn={1: [0, 0]}), Pruning(ffn={1: [0.5]}),
+                Pruning(removed=("3",))):
         with pytest.raises(EdgequantError):
-            bad.check(config)
+            bad.check(default_model.model)
+    with pytest.raises(EdgequantError, match="Pruning"):
+        BuildOptions(pruning={"removed": [3]})
 
 
 @pytest.mark.slow
@@ -51,7 +53,7 @@ def test_refitting_brings_the_pruned_model_closer_to_the_original(default_model,
 
     plain = prune(default_model, pruning, calib_windows[1:], refitted=False)
     fitted = prune(default_model, pruning, calib_windows[1:])
-    assert shapes(fitted.model)[0] == BlockShape(768, 9, 3) and shapes(fitted.model)[1] == BlockShape(1536, 6, 2)
+    assert block_shapes(fitted.model)[0] == BlockShape(768, 9, 3) and block_shapes(fitted.model)[1] == BlockShape(1536, 6, 2)
     assert kl(fitted.model) < 0.8 * kl(plain.model)
 
 
@@ -92,6 +94,8 @@ def test_the_pruned_gguf_chats_and_loads_back(pruned_build):
     out, report = pruned_build
     assert "Paris" in chat(out / "model.gguf", "What is the capital of France?")
     loaded = load_model(out / "model.gguf")
-    assert [vars(s) for s in shapes(loaded.model)] == report["pruning"]["blocks"]
+    assert [vars(s) for s in block_shapes(loaded.model)] == report["pruning"]["blocks"]
+    with pytest.raises(EdgequantError, match="below 2"):  # checked against the blocks as loaded
+        Pruning(kv_groups={5: [2]}).check(loaded.model)
     ids = torch.arange(100, 164)[None]
     assert np.isfinite(loaded.model(ids).logits.detach().numpy()).all()

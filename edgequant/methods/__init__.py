@@ -82,7 +82,8 @@ METHODS: dict[str, Method] = {
         Method("specquant", "SmoothQuant migration + per-row low-frequency Fourier truncation, then GPTQ",
                gptq.quantize, transform=folded(specquant.transform, lambda loaded, plan: {"ggml_types": plan.types}),
                activation_aware=True),
-        Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded), then GPTQ",
+        Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded; a tied "
+               "model's build turns only the value heads), then GPTQ",
                gptq.quantize, transform=folded(ruquant.transform, _ruquant_options), activation_aware=True),
         Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
                gptq.quantize, transform=folded(hadamard.transform), unties=True, activation_aware=True),

@@ -35,8 +35,8 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         prepare(model)
         rotate_residual(model, random_hadamard(config.hidden_size, gen))
         for layer in model.model.layers:
-            rotate_value_heads(layer, config, [hadamard(head_dim)] * config.num_key_value_heads)
-    online = {f"model.layers.{i}.mlp.down_proj": random_hadamard(config.intermediate_size, gen)
-              for i in range(config.num_hidden_layers)}
+            rotate_value_heads(layer, config, [hadamard(head_dim)] * (layer.self_attn.k_proj.out_features // head_dim))
+    online = {f"model.layers.{i}.mlp.down_proj": random_hadamard(layer.mlp.down_proj.in_features, gen)
+              for i, layer in enumerate(model.model.layers)}
     details = {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
     return Transformed(work, online, details)

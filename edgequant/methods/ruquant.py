@@ -180,14 +180,13 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     online = {}
     with progress.step("ruquant: value-head and down transforms", n) as tick:
         for i, layer in enumerate(model.model.layers):
-            heads = acts[o_in[i]].double().reshape(-1, config.num_key_value_heads, group, head_dim)
-            per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T
-                         for g in range(config.num_key_value_heads)]
+            kv_heads = layer.self_attn.k_proj.out_features // head_dim  # fewer in a pruned block
+            heads = acts[o_in[i]].double().reshape(-1, kv_heads, group, head_dim)
+            per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T for g in range(kv_heads)]
             rotate_value_heads(layer, config, per_group)
             online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
             tick()
-    details |= {"tuned_for": setting.label, "seconds": time.time() - started,
-                "online": "down_proj input (simulation only)"}
+    details |= {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
     return Transformed(work, online, details)
 
 
@@ -208,4 +207,5 @@ def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> di
                 sites.append(((acts[path][:TUNE_TOKENS].double() @ base).float(), w.float()))
         tuned, losses = tune_reflection(w0, sites, setting)
     rotate_residual(model, base @ householder(tuned))
-    return {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1}
+    return {"stage2_loss_start": losses[0], "stage2_loss_best": min(losses), "stage2_steps": len(losses) - 1,
+            "tuned_for": setting.label}

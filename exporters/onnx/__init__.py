@@ -19,7 +19,7 @@ import torch
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import TYPES
-from edgequant.models import gguf_config, gguf_tokenizer, permute_qk, qk_heads, read_gguf
+from edgequant.models import gguf_config, gguf_tokenizer, head_dim, permute_qk, qk_heads, read_gguf
 
 from .graph import decoder
 from .nbits import BlockQuantized, from_ggml
@@ -83,7 +83,7 @@ def rope_cache(config) -> tuple[np.ndarray, np.ndarray]:
 
 def genai_config(config, tokenizer) -> dict:
     """What onnxruntime-genai needs to drive the decoder and its KV cache."""
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dim = head_dim(config)
     eos = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
     bos = tokenizer.bos_token_id if config.bos_token_id is None else config.bos_token_id
     return {
@@ -97,7 +97,7 @@ def genai_config(config, tokenizer) -> dict:
             "decoder": {
                 "filename": MODEL_FILE,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
-                "head_size": head_dim,
+                "head_size": dim,
                 "hidden_size": config.hidden_size,
                 "num_attention_heads": config.num_attention_heads,
                 "num_key_value_heads": config.num_key_value_heads,
