@@ -8,14 +8,13 @@ for its rotary kernel (the ``llama`` architecture does, qwen2/qwen3 do not).
 from __future__ import annotations
 
 import copy
-import tempfile
-from contextlib import contextmanager
-
 import json
 import math
 import mmap
 import os
 import struct
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -461,12 +460,12 @@ def _gguf_metadata(reader: gguf.GGUFReader) -> dict:
 
 
 def _resize_blocks(model) -> None:
-    """Give each block the sizes the file's per-block metadata says (a pruned model); from then
-    on the matrices themselves say it, so the config forgets the list."""
+    """Give each block the sizes the file's per-block metadata says (a pruned model). The list
+    stays in the config, which the shape check's skeleton and the model share; everything after
+    loading reads the sizes from the matrices (:func:`block_shapes`)."""
     sizes = getattr(model.config, "edgequant_block_shapes", None)
     if sizes:
         resize_blocks(model, [BlockShape(*s) for s in sizes])
-        del model.config.edgequant_block_shapes
 
 
 def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -> dict:
