@@ -1,6 +1,7 @@
 """The stock llama.cpp ladder against our methods, at matching file sizes, measured in llama.cpp.
 
-    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all|none] [--out DIR]
+    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all|none]
+                           [--ours rtn,gptq,qublast,joint,...] [--bpw-points 2.5,3.0] [--out DIR]
 
 1. Writes an F32 GGUF of the reference model, then llama.cpp's own mixes through
    ``llama_model_quantize`` (llama-cpp-python), each without and with an importance matrix
@@ -9,7 +10,10 @@
    without its activation scaling maps, where ``--no-maps-at`` lists the mix) at the stock
    file's bits per weight (``--bpw``), so rows compare at the same size. Each of our builds runs
    as its own ``edgequant build`` process, so its time and peak RSS are its own.
-3. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
+3. At each of ``--bpw-points`` (bits per weight; below the stock ladder's sizes), builds
+   ``--method joint`` (pruning + mixed precision) and QuBLAST, which is skipped with its own
+   error where no unpruned mix is that small.
+4. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
    against the full-precision model) and prints one table sorted by bits per weight (also JSON
    and CSV; the JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's sensitivity table is measured once and then read from the cache.
 """
@@ -40,7 +44,9 @@ OURS = {  # row label -> edgequant build options
     "rtn + importance": ["--method", "rtn"],
     "gptq": ["--method", "gptq"],
     "qublast": ["--method", "qublast"],
+    "joint": ["--method", "joint"],
 }
+AT_POINTS = {"joint": OURS["joint"], "qublast": OURS["qublast"]}
 NO_MAPS = ["--method", "qublast", "--no-maps"]
 
 
@@ -54,10 +60,12 @@ def build_ours(out: Path, bpw: float, calib_tokens: int, options: list[str]) -> 
     return json.loads(done.stdout)
 
 
-def score(path: Path, windows, reference) -> dict:
+def score(path: Path, windows, reference, params: int) -> dict:
+    """llama.cpp's quality of the file, its size, and its bits per weight counted over the
+    reference model's ``params`` (for a pruned file: the equivalent at equal size)."""
     q = score_in_llama_cpp(path, windows, reference)
-    n_bytes, n_params = gguf_tensor_stats(path)
-    return {"bpw": n_bytes * 8 / n_params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
+    n_bytes, _ = gguf_tensor_stats(path)
+    return {"bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
 
 
 def main() -> None:
@@ -67,6 +75,8 @@ def main() -> None:
     ap.add_argument("--mixes", default=",".join(MIXES))
     ap.add_argument("--ours-at", default="Q3_K_M,Q4_K_M",
                     help="mixes at whose size our methods are built too ('all' for every mix, ~13 min each; 'none' for the stock files only)")
+    ap.add_argument("--ours", default=",".join(OURS), help=f"which of our builds to make at the mixes' sizes ({', '.join(OURS)})")
+    ap.add_argument("--bpw-points", default="", help="bits per weight where joint and QuBLAST are built too, e.g. 2.5,3.0")
     ap.add_argument("--no-maps-at", default="Q3_K_M,Q4_K_M", help="mixes where QuBLAST also runs without maps")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ladder"))
     args = ap.parse_args()
@@ -79,6 +89,7 @@ def main() -> None:
     f32 = args.out / "reference-f32.gguf"
     if not f32.exists():
         write_f32_copy(default_gguf(), f32)
+    params = sum(p.numel() for p in loaded.model.parameters())
     imatrix = {k: v for k, v in activation_stats(loaded, calib).importance.items() if k.startswith("blk.")}
 
     rows = []
@@ -89,30 +100,54 @@ def main() -> None:
             quantize_stock(f32, path, mix, imatrix=imatrix if with_imatrix else None)
             made = time.time() - start
             rows.append({"file": f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else ""),
-                         "seconds": made, "peak_rss_mb": None, **score(path, windows, reference)})
+                         "seconds": made, "peak_rss_mb": None, **score(path, windows, reference, params)})
             print(_line(rows[-1]), flush=True)
         if args.ours_at != "all" and mix not in args.ours_at.split(","):
             continue
         target = rows[-2]["bpw"]  # the size of the plain stock mix
-        ours = dict(OURS)
+        ours = {label: OURS[label] for label in args.ours.split(",")}
         if mix in args.no_maps_at.split(","):
             ours["qublast without maps"] = NO_MAPS
         for label, options in ours.items():
-            name = f"edgequant {label} @ {mix} size"
-            out = args.out / f"ours-{label.replace(' ', '')}-{mix}"
-            try:
-                report = build_ours(out, target, args.calib_tokens, options)
-            except EdgequantError as e:  # e.g. a size below our smallest mix
-                print(f"{name}: skipped ({e})", flush=True)
-                continue
-            rows.append({"file": name, "seconds": report["build"]["seconds"],
-                         "peak_rss_mb": report["build"]["peak_rss_mb"], **score(out / "model.gguf", windows, reference)})
-            print(_line(rows[-1]), flush=True)
-            if report.get("scaling_maps"):
-                print(f"  {_outliers(report['scaling_maps'])}", flush=True)
+            rows += build_and_score(f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}",
+                                    target, args, options, windows, reference, params)
+    for point in filter(None, args.bpw_points.split(",")):
+        for label, options in AT_POINTS.items():
+            rows += build_and_score(f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw",
+                                    float(point), args, options, windows, reference, params)
 
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size, loaded.name)
+
+
+def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], windows, reference,
+                    params: int) -> list[dict]:
+    """One of our builds at ``bpw`` scored in llama.cpp: its row, or none when it cannot be made."""
+    try:
+        report = build_ours(out, bpw, args.calib_tokens, options)
+    except EdgequantError as e:  # e.g. a size below our smallest mix
+        print(f"{name}: skipped ({e})", flush=True)
+        return []
+    row = {"file": name, "seconds": report["build"]["seconds"], "peak_rss_mb": report["build"]["peak_rss_mb"],
+           **score(out / "model.gguf", windows, reference, params)}
+    print(_line(row), flush=True)
+    if report.get("scaling_maps"):
+        print(f"  {_outliers(report['scaling_maps'])}", flush=True)
+    if (report.get("pruning") or {}).get("search"):
+        print(f"  {_pruned(report['pruning'])}", flush=True)
+    return [row]
+
+
+def _pruned(pruning: dict) -> str:
+    """One line on what the joint search pruned."""
+    search = pruning["search"]
+    if "blocks" not in pruning:
+        return f"joint search {search['seconds']:.0f} s: nothing pruned"
+    full = pruning["unpruned"]
+    ffn = sum(b["ffn"] for b in pruning["blocks"]) / (full["ffn"] * (len(pruning["blocks"]) + len(pruning["removed"])))
+    kv = sum(b["kv_heads"] for b in pruning["blocks"]) / (full["kv_heads"] * (len(pruning["blocks"]) + len(pruning["removed"])))
+    return (f"joint search {search['seconds']:.0f} s: {len(pruning['removed'])} blocks removed "
+            f"({', '.join(map(str, pruning['removed'])) or '-'}), FFN channels kept {ffn:.0%}, KV heads kept {kv:.0%}")
 
 
 def _outliers(maps: list[dict]) -> str:
@@ -133,7 +168,8 @@ def _line(r: dict) -> str:
 def _write(rows: list[dict], out: Path, tokens: int, model: str) -> None:
     header = (f"{'file':<48} {'bpw':>6} {'MB':>7} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'time':>7} "
               f"{'RSS MB':>7}")
-    print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; RSS = peak RSS of our build process")
+    print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; bpw = tensor bytes x 8 / the reference model's "
+          "parameters (a pruned file's equivalent at equal size); RSS = peak RSS of our build process")
     print(header)
     for r in rows:
         print(_line(r))

@@ -76,15 +76,18 @@ def resolve(
     min_tok_s: float | None = None,
     embd_bytes: int = 0,
     file_overhead: int = 0,
+    bpw_params: int | None = None,
 ) -> Budget:
     """The largest file allowed. ``embd_bytes`` is the (untied) embedding's share not read per
-    token; ``file_overhead`` the GGUF bytes besides tensor data (bits per weight count tensors)."""
+    token; ``file_overhead`` the GGUF bytes besides tensor data (bits per weight count tensors);
+    ``bpw_params`` the parameters ``bpw`` is counted over (default the shape's: a pruned model
+    counts its unpruned parameters, so that its bits per weight are the equivalent at equal size)."""
     ctx = ctx or device.default_ctx
     limits = {f"memory of {device.name}": device.usable_bytes - shape.kv_bytes(ctx) - shape.overhead_bytes()}
     if budget_mb is not None:
         limits["--budget-mb"] = int(budget_mb * 1e6)
     if bpw is not None:
-        limits["--bpw"] = int(bpw * shape.params / 8) + file_overhead
+        limits["--bpw"] = int(bpw * (bpw_params or shape.params) / 8) + file_overhead
     if min_tok_s is not None:
         limits["--min-tok-s"] = int(device.effective_bandwidth / min_tok_s) - shape.kv_bytes(ctx) + embd_bytes
     binding = min(limits, key=limits.get)

@@ -135,15 +135,16 @@ def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np
 
 
 def block_input_grams(block, hidden: list[torch.Tensor], kwargs: dict, modules: dict,
-                      seen_as=lambda module, x: x) -> dict:
-    """E[x x^T] (float64) of the inputs of ``modules`` (key -> module inside ``block``) while
-    ``block`` runs on ``hidden``; ``seen_as(module, x)`` is the input as the module uses it."""
+                      seen_as=lambda module, x: x, dtype=torch.float64) -> dict:
+    """E[x x^T] (float64, or ``dtype``) of the inputs of ``modules`` (key -> module inside
+    ``block``) while ``block`` runs on ``hidden``; ``seen_as(module, x)`` is the input as the
+    module uses it."""
     sums, counts = {}, {}
 
     def hook_for(key):
         def hook(module, args):
             x = seen_as(module, args[0])
-            x = x.reshape(-1, x.shape[-1]).double()
+            x = x.reshape(-1, x.shape[-1]).to(dtype)
             sums[key] = sums.get(key, 0) + x.T @ x
             counts[key] = counts.get(key, 0) + x.shape[0]
         return hook

@@ -43,7 +43,8 @@ def _options(**kw):
 MODEL = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct).")
 DEVICE = typer.Option(None, "--device", "-d", help="Device profile name or alias (see `edgequant devices`), or a .toml file. Default: host.")
 METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix); "
-                      "specquant, ruquant or hadamard (activation-outlier transforms folded in, then GPTQ on the greedy mix).")
+                      "specquant, ruquant or hadamard (activation-outlier transforms folded in, then GPTQ on the greedy mix); "
+                      "joint (structural pruning + mixed precision searched together, for budgets below the smallest mix).")
 TYPE = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K (must fit the device).")
 BPW = typer.Option(None, help="Cap on bits per weight (tensor data over all parameters).")
 BUDGET_MB = typer.Option(None, help="Cap on the GGUF file size in MB (1e6 bytes).")
@@ -342,6 +343,10 @@ def _print_plan(s: dict) -> None:
         kl = "" if r["sensitivity"] is None else f"{r['sensitivity']:.2e}"
         table.add_row("embd" if r["index"] < 0 else str(r["index"]), r["part"], r["ggml_type"], f"{r['bits']:.2f}", kl)
     console.print(table)
+    if s.get("pruning") and "blocks" in s["pruning"]:
+        pruned = s["pruning"]
+        sizes = ", ".join(f"{i}: ffn {b['ffn']} kv {b['kv_heads']}" for i, b in enumerate(pruned["blocks"]))
+        console.print(f"pruned: blocks removed {pruned['removed'] or 'none'}; kept blocks (renumbered) {sizes}")
     console.print(f"predicted: {p['file_bytes'] / 1e6:.1f} MB file ({s['bpw']:.3f} bpw), {p['memory_bytes'] / 1e6:.0f} MB "
                   f"of {p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s, "
                   f"prefill {p['prefill_tok_s']:.0f} tok/s")

@@ -131,12 +131,17 @@ class BlockShape:
     def of_config(cls, config) -> "BlockShape":
         return cls(config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
 
+    @classmethod
+    def of_layer(cls, layer, config) -> "BlockShape":
+        """The sizes of one block as its matrices have them."""
+        dim = head_dim(config)
+        return cls(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features // dim,
+                   layer.self_attn.k_proj.out_features // dim)
+
 
 def block_shapes(model) -> list[BlockShape]:
     """Each block's sizes, read from its matrices (a pruned model's blocks differ)."""
-    dim = head_dim(model.config)
-    return [BlockShape(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features // dim,
-                       layer.self_attn.k_proj.out_features // dim) for layer in model.model.layers]
+    return [BlockShape.of_layer(layer, model.config) for layer in model.model.layers]
 
 
 def sizes_differ(model) -> bool:

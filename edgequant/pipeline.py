@@ -44,6 +44,7 @@ from .evaluation import (
     token_windows,
 )
 from .methods import Method, get_method
+from .methods.joint import Choice
 from .models import BlockShape, LoadedModel, block_shapes, load_model, read_gguf
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
@@ -83,7 +84,9 @@ class BuildOptions:
 
     def __post_init__(self):
         """Mistyped names fail here, before the model is loaded or calibrated."""
-        get_method(self.method)
+        if get_method(self.method).search and (self.ggml_type or self.pruning):
+            raise EdgequantError(f"--method {self.method} chooses the pruning and the types itself "
+                                 "(no --type, no pruning given)")
         if self.ggml_type:
             check_type_name(self.ggml_type)
         if isinstance(self.formats, str):
@@ -125,20 +128,27 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
     return matrices, n_all - sum(m.params for m in matrices)
 
 
-def target(loaded: LoadedModel, opts: BuildOptions, device: Device) -> Target:
+def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned: LoadedModel | None = None) -> Target:
+    """The budget for ``loaded`` on ``device``; a pruned model counts ``--bpw`` over the
+    parameters of the ``unpruned`` one."""
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
     file_overhead = overhead_bytes(loaded)
+    bpw_params = sum(p.numel() for p in unpruned.model.parameters()) if unpruned else None
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
-                     file_overhead=file_overhead)
+                     file_overhead=file_overhead, bpw_params=bpw_params)
     return Target(device, shape, budget, file_overhead)
 
 
-def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress):
-    """(plan, sensitivity table or None) within the target's budget."""
+def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress,
+              choice: Choice | None = None):
+    """(plan, sensitivity table or None) within the target's budget (``choice``: the joint search's types)."""
     matrices, other = matrices_of(loaded)
     if ggml_type:
         plan, table = uniform(matrices, other, ggml_type), None
+    elif choice:
+        plan, table = Plan(choice.types(matrices), matrices, other, "joint: least modelled KL within "
+                           f"{tgt.max_tensor_bytes / 1e6:.2f} MB"), None
     elif method.allocate:
         plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress)
     else:
@@ -160,6 +170,8 @@ class Planned:
     plan: Plan
     table: Sensitivity | None
     reference: LoadedModel  # full precision; ``loaded`` is the model to quantize (pruned, if asked)
+    pruning: Pruning | None = None  # what was pruned (asked for, or chosen by the joint search)
+    search: dict | None = None  # the joint search's details
 
     def summary(self) -> dict:
         """What ``edgequant plan`` prints: budget, bit map, predicted size / memory / speed."""
@@ -172,6 +184,7 @@ class Planned:
             "bpw": self.plan.bpw,
             "predicted": self.target.predict(self.plan),
             "blocks": blocks(self.plan, self.table),
+            "pruning": _pruning_report(self.pruning, self.loaded, self.search),
         }
 
 
@@ -187,13 +200,17 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     reference = loaded
     calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
     calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
-    if opts.pruning:
-        opts.pruning.check(loaded.model)
+    pruning, choice = opts.pruning, None
+    if method.search:
+        choice = _search(loaded, method, opts, device, calib, progress)
+        pruning = choice.pruning
+    if pruning:
+        pruning.check(loaded.model)
         if not loaded.arch.permute_qk:  # before the work: only llama.cpp's deci sizes blocks one by one
             raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.arch.model_type}")
         with progress.step("prune and refit"):
-            loaded = prune(loaded, opts.pruning, calib)
-    tgt = target(loaded, opts, device)
+            loaded = prune(loaded, pruning, calib)
+    tgt = target(loaded, opts, device, reference if pruning else None)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
     stats = None
@@ -201,8 +218,18 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
         with progress.step("calibrate", len(calib)) as tick:
             stats = activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
-    plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress)
-    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference)
+    plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
+    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference,
+                   pruning or None, choice.details if choice else None)
+
+
+def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Device, calib, progress) -> Choice:
+    """The joint search on the unpruned model, within the budget the unpruned model's target gives
+    (a pruned model's KV cache is smaller, so its memory budget can only grow)."""
+    tgt = target(loaded, opts, device)
+    with progress.step("calibrate", len(calib)) as tick:
+        importance = activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
+    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance), progress)
 
 
 def untied_copy(loaded: LoadedModel) -> LoadedModel:
@@ -212,12 +239,13 @@ def untied_copy(loaded: LoadedModel) -> LoadedModel:
     return copy
 
 
-def _pruning_report(pruning: Pruning | None, pruned: LoadedModel) -> dict | None:
-    """What was pruned, and every block's sizes after it (in the file's block order)."""
+def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict | None) -> dict | None:
+    """What was pruned, every block's sizes after it (in the file's block order), and the joint
+    search that chose it (if one did)."""
     if pruning is None:
-        return None
+        return {"search": search} if search else None
     return {**pruning.as_dict(), "blocks": [vars(s) for s in block_shapes(pruned.model)],
-            "unpruned": vars(BlockShape.of_config(pruned.config))}
+            "unpruned": vars(BlockShape.of_config(pruned.config)), "search": search}
 
 
 def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
@@ -288,7 +316,7 @@ def build(
             "blocks": blocks(plan, table),
             "scaling_maps": maps,
             "transform": details or None,
-            "pruning": _pruning_report(opts.pruning, loaded),
+            "pruning": _pruning_report(p.pruning, loaded, p.search),
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
             "text": {
                 "calibration": {"source": p.calib_label, "tokens": int(calib.size)},

@@ -61,6 +61,10 @@ class Pruning:
                     raise EdgequantError(f"block {block}: the {what} kept must be distinct indices below "
                                          f"{limit(block)}, and at least one")
 
+    def __bool__(self) -> bool:
+        """Whether anything is pruned at all."""
+        return bool(self.ffn or self.kv_groups or self.removed)
+
     def as_dict(self) -> dict:
         return {"ffn_channels_kept": {str(b): len(k) for b, k in sorted(self.ffn.items())},
                 "kv_groups_kept": {str(b): sorted(k) for b, k in sorted(self.kv_groups.items())},
@@ -82,15 +86,22 @@ def prune(loaded: LoadedModel, pruning: Pruning, windows: np.ndarray, refitted: 
     for i, layer in enumerate(model.model.layers):
         if i in pruning.removed:
             continue  # its input goes on to the next block unchanged
-        if i in pruning.kv_groups:
-            gram = _input_gram(layer, layer.self_attn.o_proj, hidden, kwargs) if refitted else None
-            _prune_heads(layer.self_attn, model.config, sorted(pruning.kv_groups[i]), gram)
-        if i in pruning.ffn:
-            gram = _input_gram(layer, layer.mlp.down_proj, hidden, kwargs) if refitted else None
-            _prune_ffn(layer.mlp, sorted(pruning.ffn[i]), gram)
+        prune_block(layer, model.config, pruning.kv_groups.get(i), pruning.ffn.get(i), hidden, kwargs, refitted)
         hidden = [run_block(layer, h, kwargs) for h in hidden]
     _remove_blocks(model, set(pruning.removed))
     return work
+
+
+def prune_block(layer, config, kv_groups: list[int] | None, ffn: list[int] | None, hidden: list[torch.Tensor],
+                kwargs: dict, refitted: bool = True) -> None:
+    """Prune one block in place to the KV groups and FFN channels kept (None: all), refitting
+    ``o_proj`` then ``down_proj`` on the block's inputs ``hidden``."""
+    if kv_groups is not None:
+        gram = _input_gram(layer, layer.self_attn.o_proj, hidden, kwargs) if refitted else None
+        prune_heads(layer.self_attn, config, sorted(kv_groups), gram)
+    if ffn is not None:
+        gram = _input_gram(layer, layer.mlp.down_proj, hidden, kwargs) if refitted else None
+        prune_ffn(layer.mlp, sorted(ffn), gram)
 
 
 def _input_gram(layer, module, hidden, kwargs) -> torch.Tensor:
@@ -104,6 +115,7 @@ def refit(w: torch.Tensor, gram: torch.Tensor | None, kept: torch.Tensor, damp: 
     ``gram``, the kept columns as they are."""
     if gram is None:
         return w[:, kept].clone()
+    gram = gram.double()
     g_kk = gram[kept][:, kept]
     g_kk = g_kk + damp * g_kk.diagonal().mean() * torch.eye(len(kept), dtype=gram.dtype)
     rhs = w.double() @ gram[:, kept]
@@ -122,13 +134,15 @@ def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> torch.nn.Linear:
     return _linear(lin.weight[rows], None if lin.bias is None else lin.bias[rows])
 
 
-def _prune_ffn(mlp, keep: list[int], gram: torch.Tensor | None) -> None:
+def prune_ffn(mlp, keep: list[int], gram: torch.Tensor | None) -> None:
+    """Keep FFN channels ``keep``; ``down_proj`` refitted on input moments ``gram`` (None: sliced)."""
     kept = torch.tensor(keep)
     mlp.down_proj = _linear(refit(mlp.down_proj.weight, gram, kept), mlp.down_proj.bias)
     mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, kept), _rows(mlp.up_proj, kept)
 
 
-def _prune_heads(attn, config, groups: list[int], gram: torch.Tensor | None) -> None:
+def prune_heads(attn, config, groups: list[int], gram: torch.Tensor | None) -> None:
+    """Keep KV groups ``groups`` and their query heads; ``o_proj`` refitted as in :func:`prune_ffn`."""
     per_group, head_dim = kv_grouping(config)
     kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups])
     q_rows = torch.cat([torch.arange(g * per_group * head_dim, (g + 1) * per_group * head_dim) for g in groups])

@@ -56,9 +56,13 @@ class Part:
         """Distinct type assignments, one per candidate type, smallest first."""
         seen: dict[tuple, dict[str, str]] = {}
         for t in CANDIDATES:
-            types = {m.name: _stand_in(t, m.cols) for m in self.matrices}
+            types = self.types_for(t)
             seen.setdefault(tuple(types.values()), types)
         return sorted(seen.values(), key=self.nbytes)
+
+    def types_for(self, candidate: str) -> dict[str, str]:
+        """Each matrix's type when the part takes ``candidate`` (its stand-in where the blocks do not fit)."""
+        return {m.name: stand_in(candidate, m.cols) for m in self.matrices}
 
     def nbytes(self, types: dict[str, str]) -> int:
         return sum(m.params // get_type(types[m.name]).block * get_type(types[m.name]).nbytes for m in self.matrices)
@@ -68,7 +72,8 @@ class Part:
         return "/".join(dict.fromkeys(types.values()))
 
 
-def _stand_in(t: str, cols: int) -> str:
+def stand_in(t: str, cols: int) -> str:
+    """The type a matrix with rows of ``cols`` weights gets for candidate ``t``."""
     t = fitting_type(t, cols)
     return AFFINE_TO_SYMMETRIC.get(t, t)
 
@@ -115,12 +120,12 @@ class Sensitivity:
         return cls([Entry(**e) for e in d["entries"]], d["tokens"])
 
 
-def _kl(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
+def kl_divergence(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
     logp = torch.log_softmax(logits.float(), -1)
     return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
 
 
-class _Tail:
+class Tail:
     """Runs the model from block ``start`` to the logits, on cached hidden states."""
 
     def __init__(self, model, kwargs):
@@ -147,13 +152,13 @@ def measure(
     tokens = torch.from_numpy(windows)
     ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in tokens]
     hidden, kwargs = block_inputs(model, windows)
-    tail = _Tail(model, kwargs)
+    tail = Tail(model, kwargs)
     entries = []
 
     def kl_of(part: Part) -> float:
         if part.block < 0:
-            return float(np.mean([_kl(r, model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
-        return float(np.mean([_kl(r, tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
+            return float(np.mean([kl_divergence(r, model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+        return float(np.mean([kl_divergence(r, tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
 
     hidden_at: dict[int, list[torch.Tensor]] = {}
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):

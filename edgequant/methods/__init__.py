@@ -6,7 +6,7 @@ and E[x^2] per input column (may be empty). The result is the exact bytes that t
 write. ``loaded.model`` is the full-precision reference: a method must not change it.
 
 A method may also choose the plan itself (``allocate``, from measurements, within a byte
-budget) and fold an equivalence transform into a copy of the model before rounding
+budget), or the pruning and the plan together (``search``, returning a :class:`.joint.Choice`), and fold an equivalence transform into a copy of the model before rounding
 (``transform``, returning the copy and details for the report). Methods without ``allocate``
 get the greedy prior of :mod:`edgequant.planning`. A method that ``unties`` (the Hadamard
 baseline) gets its own output head before planning, so the plan and the budget count both
@@ -28,7 +28,7 @@ from ..ggml_quants import EncodedTensor
 from ..models import LoadedModel
 from ..planning import Plan
 from ..fakequant import Setting
-from . import gptq, hadamard, qublast, rtn, ruquant, specquant
+from . import gptq, hadamard, joint, qublast, rtn, ruquant, specquant
 
 DEPLOYED = Setting(wbits=4, abits=8)  # what llama.cpp and ORT run: low-bit weights, 8-bit activations
 
@@ -50,6 +50,7 @@ class Method:
     quantize: Quantize
     allocate: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> (Plan, table)
     transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (LoadedModel copy, details dict)
+    search: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> joint.Choice
     unties: bool = False  # the transform needs separate embedding and output matrices
     activation_aware: bool = False  # also report the torch simulation with 8-bit activations (W4A8)
 
@@ -77,6 +78,8 @@ METHODS: dict[str, Method] = {
     for m in (
         Method("qublast", "sensitivity-planned mixed precision + activation scaling maps + GPTQ",
                gptq.quantize, qublast.allocate, qublast.transform),
+        Method("joint", "structural pruning + mixed precision searched together against the output's KL, "
+               "then QuBLAST's scaling maps and GPTQ", gptq.quantize, transform=qublast.transform, search=joint.search),
         Method("qublast-rtn", "QuBLAST with round-to-nearest as the rounding step",
                rtn.quantize, qublast.allocate, qublast.transform),
         Method("specquant", "SmoothQuant migration + per-row low-frequency Fourier truncation, then GPTQ",

@@ -1,0 +1,456 @@
+"""Joint structural pruning + mixed precision (``--method joint``), chosen by the error at the
+model's output.
+
+Each block becomes one *option*: removed, or kept with an FFN width (a multiple of 256, so that
+``ffn_down``'s rows still take K-quants), a number of KV groups (each with the query heads that
+read it), and a ggml type for its attention part and one for its MLP part (QuBLAST's candidates).
+The embedding is one more item, with its type options. The search picks one option per item so
+that the KL divergence of the model's output from the full-precision model on calibration text
+is least, within the planner's bytes (multiple-choice knapsack, :func:`edgequant.planning.knapsack`).
+
+1. **Estimate** every change of every block cheaply, in KL units: a Fisher estimate
+   ``KL ~ 1/2 sum F (dy)^2 / T`` of the change ``dy`` it makes to the block's output, with ``F``
+   the diagonal Fisher information of the output distribution at that block's output
+   (squared gradients of the log-likelihood of labels sampled from the model itself, one
+   backward pass). Which FFN channels and KV groups go is decided by a Taylor-style score,
+   ``E[z_j^2] ||W[:, j]||^2`` at the output projection's inputs z (the output energy each
+   carries), and the projection is refitted by least squares (:mod:`edgequant.pruning`). A kept
+   block's estimate is the sum of its changes' estimates.
+2. **Walk** the blocks in order. The blocks before b are committed (pruned, refitted and rounded
+   with RTN on the importance grid to their picks), so their errors are in b's inputs. The
+   knapsack over b, the later blocks and the embedding, with the bytes left, points at one of b's
+   options; that option and its neighbours in size are built and *measured*: the model's output
+   KL with b's prefix committed, run to the end, minus that with b left as it is. The knapsack
+   then picks among the measured ones, and b is committed. The ratio of measured to estimated
+   KL so far rescales the later blocks' estimates.
+
+The embedding's options are measured end to end on the full-precision model. The build then
+prunes with the full calibration text, plans the types picked here, and runs QuBLAST's scaling
+maps and GPTQ (see :mod:`.qublast`).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field, replace
+from itertools import product
+
+import numpy as np
+import torch
+
+from ..calibration import Calibration, block_input_grams, block_inputs, run_block
+from ..errors import EdgequantError
+from ..ggml_quants import get_type
+from ..models import BlockShape, LoadedModel, head_dim, sizes_differ
+from ..planning import Matrix, knapsack
+from ..progress import Progress
+from ..pruning import Pruning, prune_ffn, prune_heads
+from ..sensitivity import CANDIDATES, Part, Tail, kl_divergence, split_parts, stand_in
+from ..smoothing import kv_grouping
+
+WIDTH_STEP = 256
+FIT_TOKENS = 4096  # calibration tokens the search's refits and channel scores are measured on
+PROBE_TOKENS = 512  # further calibration tokens every KL is measured (or estimated) on (held out of the refits)
+NEIGHBOURS = 2  # options measured on each side (in size) of the one the estimates point at
+FISHER_SAMPLES = 2  # label samples per window for the Fisher estimate
+HEADER_MARGIN = 4096  # bytes kept back for the per-block arrays of a pruned GGUF's header
+ROLES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+         "mlp.down_proj": "ffn_down"}
+
+
+@dataclass(frozen=True)
+class Option:
+    """What one block becomes, its bytes (with its norms) and its KL (estimated or measured)."""
+
+    removed: bool
+    shape: BlockShape | None = None  # sizes kept (None when removed)
+    attn: str | None = None  # candidate type of the attention part, e.g. "Q4_K" (stand-ins per matrix)
+    mlp: str | None = None
+    bytes: int = 0
+    kl: float = 0.0
+    measured: bool = False
+
+    def label(self) -> str:
+        if self.removed:
+            return "removed"
+        return f"ffn {self.shape.ffn}, kv {self.shape.kv_heads}, attn {self.attn}, mlp {self.mlp}"
+
+
+@dataclass
+class Changes:
+    """The estimated KL each change of one block adds at the output (nats/token), and which
+    inputs of its output projections go first."""
+
+    ffn: dict[int, float]  # width kept -> KL
+    kv: dict[int, float]  # KV groups kept -> KL
+    removed: float
+    attn: dict[str, float]  # candidate type -> KL of rounding the attention part to it
+    mlp: dict[str, float]
+    ffn_order: list[int]  # FFN channels, most important first
+    kv_order: list[int]  # KV groups, most important first
+    grams: dict[str, torch.Tensor]  # E[z z^T] at the inputs of o_proj ("o") and down_proj ("down"), for refits
+
+
+@dataclass
+class Choice:
+    """The search's answer: what to prune, and the types of what is left."""
+
+    pruning: Pruning
+    options: dict[int, Option]  # original block -> its option
+    embd: dict[str, str]  # types of the matrices outside the blocks
+    details: dict = field(default_factory=dict)
+
+    def types(self, matrices: list[Matrix]) -> dict[str, str]:
+        """Each matrix's type in the pruned model (whose blocks are renumbered past removed ones)."""
+        kept = [b for b in sorted(self.options) if not self.options[b].removed]
+        out = {}
+        for m in matrices:
+            fields = m.name.split(".")
+            if fields[0] != "blk":
+                out[m.name] = self.embd[m.name]
+                continue
+            option = self.options[kept[int(fields[1])]]
+            out[m.name] = stand_in(option.attn if fields[2].startswith("attn") else option.mlp, m.cols)
+        return out
+
+
+@torch.no_grad()
+def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_bytes: int,
+           calibration: Calibration, progress: Progress) -> Choice:
+    """The pruning and types of least output KL within ``max_bytes`` of tensors."""
+    started = time.time()
+    model = loaded.model
+    if not loaded.arch.permute_qk:
+        raise EdgequantError(f"--method joint prunes llama-family models only, not {loaded.arch.model_type}")
+    if sizes_differ(model):
+        raise EdgequantError("--method joint starts from an unpruned model; this one is pruned already")
+    budget = max_bytes - HEADER_MARGIN
+    parts = split_parts(matrices)
+    embd = next(p for p in parts if p.block < 0)
+    space = _Space(loaded, parts)
+    fixed = 4 * other_params - space.norm_bytes * space.n  # the final norm
+    kept_block = min(o.bytes for b in range(space.n) for o in space.options(b) if not o.removed)
+    smallest = kept_block + embd.nbytes(embd.options()[0]) + fixed  # one block is all pruning may leave
+    if smallest > budget:
+        raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is below what pruning can reach, "
+                             f"{smallest / 1e6:.1f} MB")
+    ctx = calibration.windows.shape[1]
+    windows = calibration.windows[: max(1, (FIT_TOKENS + PROBE_TOKENS) // ctx)]
+    n_probe = max(1, min(PROBE_TOKENS // ctx, len(windows) // 2))
+    probe = _Probe(loaded, windows[len(windows) - n_probe:], calibration.importance, disjoint=len(windows) > 1)
+    states, kwargs = block_inputs(model, windows)
+
+    with progress.step("joint search: estimate every change", space.n + 1) as tick:
+        embd_options = [(embd.nbytes(t), probe.embedding_kl(embd, t)) for t in embd.options()]
+        tick()
+        first, h = [], states
+        for b, layer in enumerate(model.model.layers):
+            first.append(probe.estimate(b, layer, h, kwargs))
+            h = [run_block(layer, x, kwargs) for x in h]
+            tick()
+
+    picked: dict[int, Option] = {}
+    kept: dict[int, tuple[list[int] | None, list[int] | None]] = {}
+    scale = _Ratio()
+    used = fixed
+    with progress.step("joint search: walk the blocks", space.n) as tick:
+        for b, layer in enumerate(model.model.layers):
+            now = probe.estimate(b, layer, states, kwargs)
+            later = [[(o.bytes, o.kl) for o in space.options(c, first[c], scale.value)] for c in range(b + 1, space.n)]
+            mine = space.options(b, now, scale.value)
+            if b + 1 == space.n and all(o.removed for o in picked.values()):
+                mine = [o for o in mine if not o.removed]  # the last block left stays
+            at = _solve([[(o.bytes, o.kl) for o in mine], *later, embd_options], budget - used)[0]
+            base = probe.kl([run_block(layer, x, kwargs) for x in probe.of(states)], b + 1, kwargs)
+            built, measured = [], []
+            for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
+                variant, keep = _realise(loaded, b, layer, o, now, calibration.importance)
+                out = [run_block(variant, x, kwargs) for x in probe.of(states)] if variant else probe.of(states)
+                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base), measured=True))
+                built.append((variant, keep))
+                scale.add(measured[-1].kl, o.kl / scale.value)
+            chosen = _solve([[(o.bytes, o.kl) for o in measured], *later, embd_options], budget - used)
+            picked[b], (variant, kept[b]) = measured[chosen[0]], built[chosen[0]]
+            used += picked[b].bytes
+            if variant is not None:
+                states = [run_block(variant, x, kwargs) for x in states]
+            tick()
+    embd_types = embd.options()[chosen[-1]]
+    pruning = Pruning(ffn={b: f for b, (_, f) in kept.items() if f is not None},
+                      kv_groups={b: g for b, (g, _) in kept.items() if g is not None},
+                      removed=tuple(b for b, o in picked.items() if o.removed))
+    details = {
+        "seconds": time.time() - started,
+        "measurements": probe.runs,
+        "probe_tokens": int(probe.tokens),
+        "fit_tokens": int(sum(x.shape[1] for x in probe.fit(states))),
+        "measured_kl": sum(o.kl for o in picked.values()) + embd_options[chosen[-1]][1],
+        "estimate_scale": scale.value,
+        "planned_bytes": used + embd_options[chosen[-1]][0],
+        "blocks": [{"index": b, "option": o.label(), "bytes": o.bytes, "kl": o.kl} for b, o in picked.items()],
+        "embedding": Part.label(embd_types),
+    }
+    return Choice(pruning, picked, embd_types, details)
+
+
+def _solve(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
+    chosen = knapsack(items, budget)
+    if chosen is None:
+        raise EdgequantError(f"joint search: nothing fits the {budget / 1e6:.2f} MB left")
+    return chosen
+
+
+def widths(full: int) -> list[int]:
+    """FFN widths a block can keep: all, or a multiple of 256 below it."""
+    return [full, *range((full - 1) // WIDTH_STEP * WIDTH_STEP, 0, -WIDTH_STEP)]
+
+
+class _Space:
+    """Every option of every block: its exact bytes, and its estimated KL from its changes'."""
+
+    def __init__(self, loaded: LoadedModel, parts: list[Part]):
+        config = loaded.config
+        self.full = BlockShape.of_config(config)
+        self.per_group, self.dim = kv_grouping(config)
+        self.matrices: dict[int, list[Matrix]] = {}
+        for p in parts:
+            if p.block >= 0:
+                self.matrices.setdefault(p.block, []).extend(p.matrices)
+        self.n = len(self.matrices)
+        self.norm_bytes = 4 * sum(t.numel() for t in loaded.model.model.layers[0].parameters() if t.ndim == 1)
+
+    def options(self, b: int, changes: Changes | None = None, scale: float = 1.0) -> list[Option]:
+        """Block ``b``'s options that no smaller one matches, smallest first (without
+        ``changes``: every shape at its smallest types, for sizes only)."""
+        options = [Option(True, kl=scale * changes.removed if changes else 0.0)]
+        full_attn, full_mlp = self._parts(b, self.full)
+        for width, kv in product(widths(self.full.ffn), range(self.full.kv_heads, 0, -1)):
+            shape = BlockShape(width, kv * self.per_group, kv)
+            attn, mlp = self._parts(b, shape)
+            if changes is None:
+                size = attn.nbytes(attn.types_for(CANDIDATES[0])) + mlp.nbytes(mlp.types_for(CANDIDATES[0]))
+                options.append(Option(False, shape, CANDIDATES[0], CANDIDATES[0], size + self.norm_bytes))
+                continue
+            for a, m in product(changes.attn, changes.mlp):
+                kl = (changes.ffn[width] + changes.kv[kv] + changes.attn[a] * attn.params / full_attn.params
+                      + changes.mlp[m] * mlp.params / full_mlp.params)
+                size = attn.nbytes(attn.types_for(a)) + mlp.nbytes(mlp.types_for(m)) + self.norm_bytes
+                options.append(Option(False, shape, a, m, size, scale * kl))
+        return _pareto(options) if changes else options
+
+    def _parts(self, b: int, s: BlockShape) -> tuple[Part, Part]:
+        """Block ``b``'s attention and MLP parts at sizes ``s``."""
+        d = self.dim
+        sized = {"attn_q": lambda m: (s.heads * d, m.cols), "attn_k": lambda m: (s.kv_heads * d, m.cols),
+                 "attn_v": lambda m: (s.kv_heads * d, m.cols), "attn_output": lambda m: (m.rows, s.heads * d),
+                 "ffn_gate": lambda m: (s.ffn, m.cols), "ffn_up": lambda m: (s.ffn, m.cols),
+                 "ffn_down": lambda m: (m.rows, s.ffn)}
+        ms = [Matrix(m.name, *sized[m.role](m)) for m in self.matrices[b]]
+        return (Part(b, "attn", tuple(m for m in ms if m.role.startswith("attn"))),
+                Part(b, "ffn", tuple(m for m in ms if m.role.startswith("ffn"))))
+
+
+def _pareto(options: list[Option]) -> list[Option]:
+    """Smallest first, keeping an option only when its KL is below every smaller one's."""
+    kept, best = [], np.inf
+    for o in sorted(options, key=lambda o: (o.bytes, o.kl)):
+        if o.kl < best or not kept:
+            kept.append(o)
+            best = o.kl
+    return kept
+
+
+class _Ratio:
+    """Measured over estimated KL, summed over every option measured so far (1 before any)."""
+
+    def __init__(self):
+        self.measured = self.estimated = 0.0
+
+    def add(self, measured: float, estimated: float) -> None:
+        self.measured += measured
+        self.estimated += estimated
+
+    @property
+    def value(self) -> float:
+        if self.measured <= 0 or self.estimated <= 0:
+            return 1.0
+        return float(np.clip(self.measured / self.estimated, 0.1, 10.0))
+
+
+class _Probe:
+    """KL at the model's output on a few calibration windows: measured by running the rest of
+    the model from cached states, or estimated with the Fisher information at a block's output."""
+
+    def __init__(self, loaded: LoadedModel, windows: np.ndarray, importance: dict[str, np.ndarray], disjoint: bool):
+        """``windows`` are the last of the search's windows; ``disjoint``: the others are the fit
+        windows (else, with a single window, it is both)."""
+        self.loaded, self.importance, self.disjoint = loaded, importance, disjoint
+        self.tokens, self.n = windows.size, len(windows)
+        model = loaded.model
+        self.ids = torch.from_numpy(windows)
+        self.ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in self.ids]
+        self.fisher = _fisher(model, self.ids)
+        self.runs = 0
+
+    def of(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The probe windows' states among all the search's."""
+        return states[len(states) - self.n:]
+
+    def fit(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        """The states the refits and channel scores are measured on."""
+        return states[: len(states) - self.n] if self.disjoint else states
+
+    def kl(self, hidden: list[torch.Tensor], start: int, kwargs: dict) -> float:
+        """Measured: the output KL when blocks ``start``.. run on ``hidden``."""
+        self.runs += 1
+        tail = Tail(self.loaded.model, kwargs)
+        return float(np.mean([kl_divergence(r, tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
+
+    def embedding_kl(self, part: Part, types: dict[str, str]) -> float:
+        """Measured: the output KL with only the embedding/output matrices rounded to ``types``."""
+        params = {self.loaded.gguf_name(n): p for n, p in self.loaded.model.named_parameters(remove_duplicate=False)
+                  if p.ndim == 2}
+        saved = {m.name: params[m.name].detach().clone() for m in part.matrices}
+        try:
+            for m in part.matrices:
+                q = get_type(types[m.name]).dequantized(saved[m.name].numpy(), self.importance.get(m.name))
+                params[m.name].data.copy_(torch.from_numpy(q))
+            self.runs += 1
+            return float(np.mean([kl_divergence(r, self.loaded.model(t[None], use_cache=False).logits[0])
+                                  for r, t in zip(self.ref, self.ids)]))
+        finally:
+            for m in part.matrices:
+                params[m.name].data.copy_(saved[m.name])
+
+    def estimate(self, b: int, layer, states: list[torch.Tensor], kwargs: dict) -> Changes:
+        """Estimated: what each change of block ``b`` (``layer``, on inputs ``states``) adds."""
+        config = self.loaded.config
+        inputs = self.of(states)
+        outputs = [run_block(layer, x, kwargs) for x in inputs]
+
+        def cost(variant) -> float:
+            new = inputs if variant is None else [run_block(variant, x, kwargs) for x in inputs]
+            return float(sum(0.5 * (f * (y - z)[0] ** 2).sum() for f, y, z in zip(self.fisher[b], new, outputs))
+                         / self.tokens)
+
+        grams = block_input_grams(layer, self.fit(states), kwargs, {"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj},
+                                  dtype=torch.float32)
+        ffn_order = _order(grams["down"], layer.mlp.down_proj.weight)
+        per_group, dim = kv_grouping(config)
+        group_scores = _scores(grams["o"], layer.self_attn.o_proj.weight).reshape(-1, per_group * dim).sum(1)
+        kv_order = torch.argsort(group_scores, descending=True).tolist()
+        shape = BlockShape.of_layer(layer, config)
+
+        def narrowed(width: int):
+            variant = copy.deepcopy(layer)
+            prune_ffn(variant.mlp, sorted(ffn_order[:width]), grams["down"])
+            return variant
+
+        def fewer_groups(kv: int):
+            variant = copy.deepcopy(layer)
+            prune_heads(variant.self_attn, config, sorted(kv_order[:kv]), grams["o"])
+            return variant
+
+        rounded = {}
+        for kind in ("attn", "ffn"):
+            paths = [p for p in ROLES if ROLES[p].startswith(kind)]
+            part = Part(b, kind, tuple(Matrix(self.loaded.gguf_name(f"model.layers.{b}.{p}.weight"),
+                                              *layer.get_submodule(p).weight.shape) for p in paths))
+            rounded[kind] = {}
+            for candidate in _distinct_candidates(part):
+                variant = copy.deepcopy(layer)
+                _round(variant, {p: stand_in(candidate, layer.get_submodule(p).in_features) for p in paths},
+                       {p: self.importance.get(m.name) for p, m in zip(paths, part.matrices)})
+                rounded[kind][candidate] = cost(variant)
+        return Changes(ffn={shape.ffn: 0.0} | {w: cost(narrowed(w)) for w in widths(shape.ffn)[1:]},
+                       kv={shape.kv_heads: 0.0} | {g: cost(fewer_groups(g)) for g in range(shape.kv_heads - 1, 0, -1)},
+                       removed=cost(None), attn=rounded["attn"], mlp=rounded["ffn"],
+                       ffn_order=ffn_order, kv_order=kv_order, grams=grams)
+
+
+def _fisher(model, ids: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Per block and window, the diagonal Fisher information of the output distribution with
+    respect to the block's output, (tokens, hidden): mean squared gradient of the log-likelihood
+    of labels sampled from the model's own next-token distribution."""
+    gen = torch.Generator().manual_seed(0)
+    per_block: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    for window in ids:
+        outputs = []
+        hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
+                 for layer in model.model.layers]
+        try:
+            with torch.enable_grad():
+                logp = torch.log_softmax(model(window[None], use_cache=False).logits[0].float(), -1)
+                squares = [torch.zeros(o.shape[1:]) for o in outputs]
+                for s in range(FISHER_SAMPLES):
+                    labels = torch.multinomial(logp.detach().exp(), 1, generator=gen)
+                    grads = torch.autograd.grad(logp.gather(1, labels).sum(), outputs, retain_graph=s + 1 < FISHER_SAMPLES)
+                    for sq, g in zip(squares, grads):
+                        sq += g[0] ** 2 / FISHER_SAMPLES
+        finally:
+            for h in hooks:
+                h.remove()
+        for block, sq in zip(per_block, squares):
+            block.append(sq)
+    return per_block
+
+
+def _distinct_candidates(part: Part) -> list[str]:
+    """One candidate type name per distinct assignment of the part's matrices."""
+    seen = {}
+    for candidate in CANDIDATES:
+        seen.setdefault(tuple(part.types_for(candidate).values()), candidate)
+    return list(seen.values())
+
+
+def _scores(gram: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """Output energy each input column carries: E[z_j^2] ||W[:, j]||^2."""
+    return gram.diagonal().float() * (w.float() ** 2).sum(0)
+
+
+def _order(gram: torch.Tensor, w: torch.Tensor) -> list[int]:
+    return torch.argsort(_scores(gram, w), descending=True).tolist()
+
+
+def _round(layer, types: dict[str, str], importance: dict[str, np.ndarray | None]) -> None:
+    """Round the layer's matrices at ``types`` (by module path) in place, RTN on the importance grid."""
+    for path, t in types.items():
+        lin = layer.get_submodule(path)
+        q = get_type(t).dequantized(lin.weight.detach().numpy(), importance.get(path))
+        lin.weight.data = torch.from_numpy(q)
+
+
+def _realise(loaded: LoadedModel, b: int, layer, option: Option, changes: Changes,
+             importance: dict[str, np.ndarray]):
+    """(block ``layer`` made into ``option``: a pruned, refitted and rounded copy, or None when
+    removed; (KV groups, FFN channels) kept, None where all are)."""
+    if option.removed:
+        return None, (None, None)
+    config = loaded.config
+    per_group, dim = kv_grouping(config)
+    full = BlockShape.of_layer(layer, config)
+    groups = sorted(changes.kv_order[: option.shape.kv_heads]) if option.shape.kv_heads < full.kv_heads else None
+    channels = sorted(changes.ffn_order[: option.shape.ffn]) if option.shape.ffn < full.ffn else None
+    variant = copy.deepcopy(layer)  # refitted on the moments of the block as it is (the build refits exactly)
+    if groups is not None:
+        prune_heads(variant.self_attn, config, groups, changes.grams["o"])
+    if channels is not None:
+        prune_ffn(variant.mlp, channels, changes.grams["down"])
+    columns = {"self_attn.o_proj": _query_columns(groups, per_group, dim), "mlp.down_proj": channels}
+    types, weights = {}, {}
+    for path, role in ROLES.items():
+        types[path] = stand_in(option.attn if role.startswith("attn") else option.mlp,
+                               variant.get_submodule(path).in_features)
+        imp, kept = importance.get(loaded.gguf_name(f"model.layers.{b}.{path}.weight")), columns.get(path)
+        weights[path] = imp[kept] if imp is not None and kept is not None else imp
+    _round(variant, types, weights)
+    return variant, (groups, channels)
+
+
+def _query_columns(groups: list[int] | None, per_group: int, dim: int) -> list[int] | None:
+    """o_proj's input columns that belong to the query heads of KV ``groups``."""
+    if groups is None:
+        return None
+    return [g * per_group * dim + i for g in groups for i in range(per_group * dim)]

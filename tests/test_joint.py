@@ -1,0 +1,73 @@
+"""``--method joint``: what to prune and how many bits to keep, chosen in one search against the
+model's output, shipped as a per-block GGUF (llama.cpp's ``deci``) and an ONNX graph of the
+smaller matrices."""
+
+import pytest
+
+from edgequant.methods.joint import Option, _pareto, widths
+from edgequant.models import BlockShape, read_gguf
+from edgequant.pipeline import matrices_of
+from edgequant.planning import smallest_bytes
+from runtimes.llamacpp import chat
+
+BPW = 3.0  # below the smallest unpruned mix of the default model (~4.1 bpw)
+
+
+def test_ffn_widths_step_by_256_so_that_down_rows_still_take_k_quants():
+    assert widths(1536) == [1536, 1280, 1024, 768, 512, 256]
+    assert widths(1000) == [1000, 768, 512, 256]
+
+
+def test_an_option_is_kept_only_when_every_smaller_one_costs_more():
+    shape = BlockShape(1536, 9, 3)
+    removed = Option(True, kl=0.9)
+    small = Option(False, shape, "Q2_K", "Q2_K", bytes=100, kl=0.2)
+    worse_and_larger = Option(False, shape, "Q3_K", "Q3_K", bytes=150, kl=0.3)
+    large = Option(False, shape, "Q8_0", "Q8_0", bytes=300, kl=0.01)
+    assert _pareto([large, worse_and_larger, small, removed]) == [removed, small, large]
+
+
+@pytest.fixture(scope="module")
+def joint_build(build_default):
+    return build_default(method="joint", bpw=BPW, formats="gguf,onnx")
+
+
+@pytest.mark.slow
+def test_a_size_no_unpruned_mix_reaches_is_met_by_pruning(joint_build, default_model):
+    _, report = joint_build
+    params = sum(p.numel() for p in default_model.model.parameters())
+    tensor_bytes = report["artifacts"][0]["tensor_bytes"]
+    assert tensor_bytes * 8 / params <= BPW
+    assert tensor_bytes < smallest_bytes(*matrices_of(default_model))
+    pruning = report["pruning"]
+    assert pruning["removed"] or pruning["ffn_channels_kept"] or pruning["kv_groups_kept"]
+    search = pruning["search"]
+    assert search["seconds"] > 0 and search["measurements"] > 2 * default_model.config.num_hidden_layers
+    assert search["planned_bytes"] <= tensor_bytes + 4096  # the plan the build carried out is the search's
+
+
+@pytest.mark.slow
+def test_llama_cpp_and_onnx_runtime_compute_the_searched_model_as_torch_does(joint_build):
+    _, report = joint_build
+    q = report["quality"]
+    assert abs(q["gguf"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["gguf"], q["gguf_sim"])
+    assert abs(q["onnx_exact"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["onnx_exact"], q["gguf_sim"])
+    assert q["gguf"]["kld"] < 1.0  # loose: heavy pruning, but still a language model (measured ~0.5)
+
+
+@pytest.mark.slow
+def test_the_searched_gguf_sizes_blocks_one_by_one_and_chats(joint_build):
+    out, report = joint_build
+    reader = read_gguf(out / "model.gguf")
+    assert reader.fields["general.architecture"].contents() == "deci"
+    ffn = reader.fields["deci.feed_forward_length"].contents()
+    assert list(ffn) == [b["ffn"] for b in report["pruning"]["blocks"]]
+    assert chat(out / "model.gguf", "What is the capital of France?").strip()
+
+
+@pytest.mark.slow
+def test_the_report_shows_the_pruning_beside_the_bit_map_and_the_search_time(joint_build):
+    out, report = joint_build
+    page = (out / "report.html").read_text()
+    assert page.index('id="bitmap"') < page.index('id="pruning"') < page.index('id="size-quality"')
+    assert f"Chosen by the joint search in {report['pruning']['search']['seconds']:.0f} s" in page
