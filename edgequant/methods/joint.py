@@ -158,11 +158,11 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     with progress.step("joint search: walk the blocks", space.n) as tick:
         for b, layer in enumerate(model.model.layers):
             now = probe.estimate(b, layer, states, kwargs)
-            later = [[(o.bytes, o.kl) for o in space.options(c, first[c], scale.value)] for c in range(b + 1, space.n)]
-            mine = space.options(b, now, scale.value)
+            later = [[(o.bytes, scale.value * o.kl) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
+            mine = space.options(b, now)
             if b + 1 == space.n and all(o.removed for o in picked.values()):
                 mine = [o for o in mine if not o.removed]  # the last block left stays
-            at = _solve([[(o.bytes, o.kl) for o in mine], *later, embd_options], budget - used)[0]
+            at = _solve([[(o.bytes, scale.value * o.kl) for o in mine], *later, embd_options], budget - used)[0]
             base = probe.kl([run_block(layer, x, kwargs) for x in probe.of(states)], b + 1, kwargs)
             built, measured = [], []
             for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
@@ -170,7 +170,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
                 out = [run_block(variant, x, kwargs) for x in probe.of(states)] if variant else probe.of(states)
                 measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base), measured=True))
                 built.append((variant, keep))
-                scale.add(measured[-1].kl, o.kl / scale.value)
+                scale.add(measured[-1].kl, o.kl)
             chosen = _solve([[(o.bytes, o.kl) for o in measured], *later, embd_options], budget - used)
             picked[b], (variant, kept[b]) = measured[chosen[0]], built[chosen[0]]
             used += picked[b].bytes
@@ -221,10 +221,10 @@ class _Space:
         self.n = len(self.matrices)
         self.norm_bytes = 4 * sum(t.numel() for t in loaded.model.model.layers[0].parameters() if t.ndim == 1)
 
-    def options(self, b: int, changes: Changes | None = None, scale: float = 1.0) -> list[Option]:
+    def options(self, b: int, changes: Changes | None = None) -> list[Option]:
         """Block ``b``'s options that no smaller one matches, smallest first (without
         ``changes``: every shape at its smallest types, for sizes only)."""
-        options = [Option(True, kl=scale * changes.removed if changes else 0.0)]
+        options = [Option(True, kl=changes.removed if changes else 0.0)]
         full_attn, full_mlp = self._parts(b, self.full)
         for width, kv in product(widths(self.full.ffn), range(self.full.kv_heads, 0, -1)):
             shape = BlockShape(width, kv * self.per_group, kv)
@@ -237,7 +237,7 @@ class _Space:
                 kl = (changes.ffn[width] + changes.kv[kv] + changes.attn[a] * attn.params / full_attn.params
                       + changes.mlp[m] * mlp.params / full_mlp.params)
                 size = attn.nbytes(attn.types_for(a)) + mlp.nbytes(mlp.types_for(m)) + self.norm_bytes
-                options.append(Option(False, shape, a, m, size, scale * kl))
+                options.append(Option(False, shape, a, m, size, kl))
         return _pareto(options) if changes else options
 
     def _parts(self, b: int, s: BlockShape) -> tuple[Part, Part]:
