@@ -147,7 +147,7 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
     if ggml_type:
         plan, table = uniform(matrices, other, ggml_type), None
     elif choice:
-        plan, table = Plan(choice.types(matrices), matrices, other, "joint: least modelled KL within "
+        plan, table = Plan(choice.types(matrices), matrices, other, "joint: pruning and types searched against the output KL within "
                            f"{tgt.max_tensor_bytes / 1e6:.2f} MB"), None
     elif method.allocate:
         plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress)
