@@ -4,10 +4,11 @@ smaller matrices."""
 
 import pytest
 
-from edgequant.methods.joint import Option, _pareto, widths
+from edgequant.methods.joint import Option, _pareto, _type_costs, widths
 from edgequant.models import BlockShape, read_gguf
 from edgequant.pipeline import matrices_of
-from edgequant.planning import smallest_bytes
+from edgequant.planning import Matrix, smallest_bytes
+from edgequant.sensitivity import Entry, Part, Sensitivity, split_parts
 from runtimes.llamacpp import chat
 
 BPW = 3.0  # below the smallest unpruned mix of the default model (~4.1 bpw)
@@ -25,6 +26,18 @@ def test_an_option_is_kept_only_when_every_smaller_one_costs_more():
     worse_and_larger = Option(False, shape, "Q3_K", "Q3_K", bytes=150, kl=0.3)
     large = Option(False, shape, "Q8_0", "Q8_0", bytes=300, kl=0.01)
     assert _pareto([large, worse_and_larger, small, removed]) == [removed, small, large]
+
+
+def test_the_types_cost_what_qublasts_table_measured_for_the_part():
+    parts = split_parts([Matrix("blk.0.attn_q.weight", 576, 576), Matrix("blk.0.ffn_down.weight", 576, 1536),
+                         Matrix("token_embd.weight", 49152, 576)])
+    entries = [Entry(p.key, Part.label(t), t, p.nbytes(t), kl=1.0 / p.nbytes(t)) for p in parts for t in p.options()]
+    costs = _type_costs(parts, Sensitivity(entries, 512))
+    # 576-wide rows take no K-quant: Q2_K and Q3_K both stand in as IQ4_NL, so one entry costs both
+    assert costs[0]["attn"]["Q2_K"] == 1.0 / parts[0].nbytes({"blk.0.attn_q.weight": "IQ4_NL"})
+    assert "Q3_K" not in costs[0]["attn"]
+    assert costs[0]["ffn"]["Q3_K"] == 1.0 / parts[1].nbytes({"blk.0.ffn_down.weight": "Q3_K"})
+    assert len(costs[0]["ffn"]) == 6 and -1 not in costs
 
 
 @pytest.fixture(scope="module")

@@ -14,17 +14,21 @@ is least, within the planner's bytes (multiple-choice knapsack, :func:`edgequant
    (squared gradients of the log-likelihood of labels sampled from the model itself, one
    backward pass). Which FFN channels and KV groups go is decided by a Taylor-style score,
    ``E[z_j^2] ||W[:, j]||^2`` at the output projection's inputs z (the output energy each
-   carries), and the projection is refitted by least squares (:mod:`edgequant.pruning`). A kept
-   block's estimate is the sum of its changes' estimates.
+   carries), and the projection is refitted by least squares (:mod:`edgequant.pruning`). The
+   types' costs are not estimated but measured: QuBLAST's sensitivity table (each part rounded
+   alone, KL at the output; :mod:`edgequant.sensitivity`), scaled by the share of the part's
+   weights a pruned shape keeps. A kept block's estimate is the sum of its changes' costs, so
+   where pruning does not pay the search starts from QuBLAST's own allocation.
 2. **Walk** the blocks in order. The blocks before b are committed (pruned, refitted and rounded
    with RTN on the importance grid to their picks), so their errors are in b's inputs. The
    knapsack over b, the later blocks and the embedding, with the bytes left, points at one of b's
    options; that option and its neighbours in size are built and *measured*: the model's output
    KL with b's prefix committed, run to the end, minus that with b left as it is. The knapsack
-   then picks among the measured ones, and b is committed. The ratio of measured to estimated
-   KL so far rescales the later blocks' estimates.
+   then picks among the measured ones, and b is committed. How far the pruning estimates were
+   off so far (a pruned option's measured KL less its types' cost, over its estimate) rescales
+   the later blocks' pruning estimates.
 
-The embedding's options are measured end to end on the full-precision model. The build then
+The embedding's options come from the same table. The build then
 prunes with the full calibration text, plans the types picked here, and runs QuBLAST's scaling
 maps and GPTQ (see :mod:`.qublast`).
 """
@@ -46,8 +50,10 @@ from ..models import BlockShape, LoadedModel, head_dim, sizes_differ
 from ..planning import Matrix, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
-from ..sensitivity import CANDIDATES, Part, Tail, kl_divergence, split_parts, stand_in
+from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, cached_measure, n_measurements, split_parts, stand_in
+from ..sensitivity import kl_divergence
 from ..smoothing import kv_grouping
+from .qublast import SENSITIVITY_TOKENS
 
 WIDTH_STEP = 256
 FIT_TOKENS = 4096  # calibration tokens the search's refits and channel scores are measured on
@@ -71,6 +77,11 @@ class Option:
     bytes: int = 0
     kl: float = 0.0
     measured: bool = False
+    estimated: float = 0.0  # the share of ``kl`` that is a Fisher estimate (the pruning's), not measured
+
+    def scaled(self, ratio: float) -> float:
+        """``kl`` with its estimated share multiplied by ``ratio``."""
+        return self.kl + (ratio - 1.0) * self.estimated
 
     def label(self) -> str:
         if self.removed:
@@ -137,17 +148,20 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is below what pruning can reach, "
                              f"{smallest / 1e6:.1f} MB")
     ctx = calibration.windows.shape[1]
+    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
+        table = cached_measure(loaded, parts, calibration.windows[: max(1, SENSITIVITY_TOKENS // ctx)],
+                               calibration.importance, tick)
+    costs = _type_costs(parts, table)
+    embd_options = [(e.bytes, e.kl) for e in table.by_part()[embd.key]]  # in embd.options() order
     windows = calibration.windows[: max(1, (FIT_TOKENS + PROBE_TOKENS) // ctx)]
     n_probe = max(1, min(PROBE_TOKENS // ctx, len(windows) // 2))
     probe = _Probe(loaded, windows[len(windows) - n_probe:], calibration.importance, disjoint=len(windows) > 1)
     states, kwargs = block_inputs(model, windows)
 
-    with progress.step("joint search: estimate every change", space.n + 1) as tick:
-        embd_options = [(embd.nbytes(t), probe.embedding_kl(embd, t)) for t in embd.options()]
-        tick()
+    with progress.step("joint search: estimate every change", space.n) as tick:
         first, h = [], states
         for b, layer in enumerate(model.model.layers):
-            first.append(probe.estimate(b, layer, h, kwargs))
+            first.append(probe.estimate(b, layer, h, kwargs, costs[b]))
             h = [run_block(layer, x, kwargs) for x in h]
             tick()
 
@@ -157,20 +171,21 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     used = fixed
     with progress.step("joint search: walk the blocks", space.n) as tick:
         for b, layer in enumerate(model.model.layers):
-            now = probe.estimate(b, layer, states, kwargs)
-            later = [[(o.bytes, scale.value * o.kl) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
+            now = probe.estimate(b, layer, states, kwargs, costs[b])
+            later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
             mine = space.options(b, now)
             if b + 1 == space.n and all(o.removed for o in picked.values()):
                 mine = [o for o in mine if not o.removed]  # the last block left stays
-            at = _solve([[(o.bytes, scale.value * o.kl) for o in mine], *later, embd_options], budget - used)[0]
+            at = _solve([[(o.bytes, o.scaled(scale.value)) for o in mine], *later, embd_options], budget - used)[0]
             base = probe.kl([run_block(layer, x, kwargs) for x in probe.of(states)], b + 1, kwargs)
             built, measured = [], []
             for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
                 variant, keep = _realise(loaded, b, layer, o, now, calibration.importance)
                 out = [run_block(variant, x, kwargs) for x in probe.of(states)] if variant else probe.of(states)
-                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base), measured=True))
+                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base), measured=True, estimated=0.0))
                 built.append((variant, keep))
-                scale.add(measured[-1].kl, o.kl)
+                if o.estimated > 0:  # what the pruning cost beyond its types' measured cost, against its estimate
+                    scale.add(measured[-1].kl - (o.kl - o.estimated), o.estimated)
             chosen = _solve([[(o.bytes, o.kl) for o in measured], *later, embd_options], budget - used)
             picked[b], (variant, kept[b]) = measured[chosen[0]], built[chosen[0]]
             used += picked[b].bytes
@@ -193,6 +208,18 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         "embedding": Part.label(embd_types),
     }
     return Choice(pruning, picked, embd_types, details)
+
+
+def _type_costs(parts: list[Part], table: Sensitivity) -> dict[int, dict[str, dict[str, float]]]:
+    """Block -> part kind ("attn" / "ffn") -> candidate type -> the table's KL of that part at it."""
+    entries = table.by_part()
+    out: dict[int, dict[str, dict[str, float]]] = {}
+    for p in parts:
+        if p.block < 0:
+            continue
+        kl = {tuple(e.types.values()): e.kl for e in entries[p.key]}
+        out.setdefault(p.block, {})[p.kind] = {c: kl[tuple(p.types_for(c).values())] for c in _distinct_candidates(p)}
+    return out
 
 
 def _solve(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
@@ -224,7 +251,8 @@ class _Space:
     def options(self, b: int, changes: Changes | None = None) -> list[Option]:
         """Block ``b``'s options that no smaller one matches, smallest first (without
         ``changes``: every shape at its smallest types, for sizes only)."""
-        options = [Option(True, kl=changes.removed if changes else 0.0)]
+        removal = changes.removed if changes else 0.0
+        options = [Option(True, kl=removal, estimated=removal)]
         full_attn, full_mlp = self._parts(b, self.full)
         for width, kv in product(widths(self.full.ffn), range(self.full.kv_heads, 0, -1)):
             shape = BlockShape(width, kv * self.per_group, kv)
@@ -234,10 +262,10 @@ class _Space:
                 options.append(Option(False, shape, CANDIDATES[0], CANDIDATES[0], size + self.norm_bytes))
                 continue
             for a, m in product(changes.attn, changes.mlp):
-                kl = (changes.ffn[width] + changes.kv[kv] + changes.attn[a] * attn.params / full_attn.params
-                      + changes.mlp[m] * mlp.params / full_mlp.params)
+                pruned = changes.ffn[width] + changes.kv[kv]
+                kl = pruned + changes.attn[a] * attn.params / full_attn.params + changes.mlp[m] * mlp.params / full_mlp.params
                 size = attn.nbytes(attn.types_for(a)) + mlp.nbytes(mlp.types_for(m)) + self.norm_bytes
-                options.append(Option(False, shape, a, m, size, kl))
+                options.append(Option(False, shape, a, m, size, kl, estimated=pruned))
         return _pareto(options) if changes else options
 
     def _parts(self, b: int, s: BlockShape) -> tuple[Part, Part]:
@@ -263,7 +291,8 @@ def _pareto(options: list[Option]) -> list[Option]:
 
 
 class _Ratio:
-    """Measured over estimated KL, summed over every option measured so far (1 before any)."""
+    """How far the Fisher estimates of pruning are off: summed over every pruned option measured
+    so far, its measured KL less its types' (measured) cost, over its estimate (1 before any)."""
 
     def __init__(self):
         self.measured = self.estimated = 0.0
@@ -308,24 +337,10 @@ class _Probe:
         tail = Tail(self.loaded.model, kwargs)
         return float(np.mean([kl_divergence(r, tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
 
-    def embedding_kl(self, part: Part, types: dict[str, str]) -> float:
-        """Measured: the output KL with only the embedding/output matrices rounded to ``types``."""
-        params = {self.loaded.gguf_name(n): p for n, p in self.loaded.model.named_parameters(remove_duplicate=False)
-                  if p.ndim == 2}
-        saved = {m.name: params[m.name].detach().clone() for m in part.matrices}
-        try:
-            for m in part.matrices:
-                q = get_type(types[m.name]).dequantized(saved[m.name].numpy(), self.importance.get(m.name))
-                params[m.name].data.copy_(torch.from_numpy(q))
-            self.runs += 1
-            return float(np.mean([kl_divergence(r, self.loaded.model(t[None], use_cache=False).logits[0])
-                                  for r, t in zip(self.ref, self.ids)]))
-        finally:
-            for m in part.matrices:
-                params[m.name].data.copy_(saved[m.name])
-
-    def estimate(self, b: int, layer, states: list[torch.Tensor], kwargs: dict) -> Changes:
-        """Estimated: what each change of block ``b`` (``layer``, on inputs ``states``) adds."""
+    def estimate(self, b: int, layer, states: list[torch.Tensor], kwargs: dict,
+                 types: dict[str, dict[str, float]]) -> Changes:
+        """Estimated: what each pruning of block ``b`` (``layer``, on inputs ``states``) adds;
+        ``types``: the measured costs of its parts' types (see :func:`_type_costs`)."""
         config = self.loaded.config
         inputs = self.of(states)
         outputs = [run_block(layer, x, kwargs) for x in inputs]
@@ -353,20 +368,9 @@ class _Probe:
             prune_heads(variant.self_attn, config, sorted(kv_order[:kv]), grams["o"])
             return variant
 
-        rounded = {}
-        for kind in ("attn", "ffn"):
-            paths = [p for p in ROLES if ROLES[p].startswith(kind)]
-            part = Part(b, kind, tuple(Matrix(self.loaded.gguf_name(f"model.layers.{b}.{p}.weight"),
-                                              *layer.get_submodule(p).weight.shape) for p in paths))
-            rounded[kind] = {}
-            for candidate in _distinct_candidates(part):
-                variant = copy.deepcopy(layer)
-                _round(variant, {p: stand_in(candidate, layer.get_submodule(p).in_features) for p in paths},
-                       {p: self.importance.get(m.name) for p, m in zip(paths, part.matrices)})
-                rounded[kind][candidate] = cost(variant)
         return Changes(ffn={shape.ffn: 0.0} | {w: cost(narrowed(w)) for w in widths(shape.ffn)[1:]},
                        kv={shape.kv_heads: 0.0} | {g: cost(fewer_groups(g)) for g in range(shape.kv_heads - 1, 0, -1)},
-                       removed=cost(None), attn=rounded["attn"], mlp=rounded["ffn"],
+                       removed=cost(None), attn=types["attn"], mlp=types["ffn"],
                        ffn_order=ffn_order, kv_order=kv_order, grams=grams)
 
 
