@@ -8,7 +8,8 @@ harness is :mod:`edgequant.fakequant` (weights per output row, activations per t
 asymmetric; embedding, norms, attention and the output head in float32); transforms are
 calibrated on 4096 tokens of the built-in c4 text and scored on the first ``--eval-tokens``
 tokens of wiki.utf8 in windows of 512. A ``-gptq`` setting rounds the weights with GPTQ on the same
-per-row grids (sequential, on the calibration text) instead of to nearest. "top-1 acc kept" is the share of positions whose most
+per-row grids (sequential, on the calibration text) instead of to nearest; a ``-g32`` setting gives
+every 32 weights of a row their own grid (as the runtimes' blocks do) instead of one per row. "top-1 acc kept" is the share of positions whose most
 likely token is the text's next token, over the same share at full precision. "transform s"
 is the wall time of the method's transform (RUQuant: stages 1 and 2) on this machine.
 A second table sweeps SpecQuant's energy share (what the truncation does on its own).
@@ -32,10 +33,12 @@ ENERGIES = ("auto", 1.0, 0.9999, 0.999, 0.99)
 
 def setting(label: str) -> Setting:
     """``W4A4`` -> Setting(4, 4); 16 bits means float32 (``W16A6``: activations only);
-    ``W6A6-gptq``: the weights rounded by GPTQ instead of to nearest."""
-    bits, _, rounding = label.upper().partition("-")
+    ``W6A6-gptq``: the weights rounded by GPTQ instead of to nearest; ``W6A6-g32``: one weight
+    grid per 32 weights of a row instead of per row (both: ``W6A6-gptq-g32``)."""
+    bits, *suffixes = label.upper().split("-")
     w, a = (int(b) for b in bits.lstrip("W").split("A"))
-    return Setting(None if w == 16 else w, None if a == 16 else a, gptq=rounding == "GPTQ")
+    group = next((int(x[1:]) for x in suffixes if x.startswith("G") and x[1:].isdigit()), None)
+    return Setting(None if w == 16 else w, None if a == 16 else a, gptq="GPTQ" in suffixes, w_group=group)
 
 
 def row(label: str, method: str, q: dict, fp: dict, seconds: float | None) -> str:

@@ -50,14 +50,16 @@ def evaluate(path, reference: str | None = None, *, progress: bool = False, **op
 
 
 def simulate(method: str = "rtn", wbits: int | None = 4, abits: int | None = 4, kv_bits: int | None = None,
-             model: str | None = None, *, gptq: bool = False, progress: bool = False, **options) -> dict:
+             model: str | None = None, *, gptq: bool = False, w_group: int | None = None, progress: bool = False,
+             **options) -> dict:
     """``edgequant eval --wbits --abits``: a method's weight-and-activation quantization simulated in
-    torch (rtn, smoothquant, hadamard, specquant, ruquant), weights rounded to nearest or by ``gptq``. Options: ``eval_text``, ``eval_tokens``,
+    torch (rtn, smoothquant, hadamard, specquant, ruquant), weights rounded to nearest or by ``gptq``,
+    one grid per row or per ``w_group`` weights of a row. Options: ``eval_text``, ``eval_tokens``,
     ``ctx``, ``calib_tokens``, ``energy`` (SpecQuant)."""
     from .activation_quant import simulate as run
     from .fakequant import Setting
 
-    return run(method, Setting(wbits, abits, kv_bits, gptq), model, progress=_progress(progress), **options)
+    return run(method, Setting(wbits, abits, kv_bits, gptq, w_group=w_group), model, progress=_progress(progress), **options)
 
 
 def export_onnx(gguf_file, out, accuracy_level: int = 4) -> dict:

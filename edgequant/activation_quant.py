@@ -62,7 +62,7 @@ def transform(name: str, loaded, calibration, setting, progress, **options) -> T
 
 
 @torch.no_grad()
-def gptq_weights(sim: torch.nn.Module, windows, bits: int, progress=None) -> None:
+def gptq_weights(sim: torch.nn.Module, windows, bits: int, group: int | None = None, progress=None) -> None:
     """Round the weights of ``sim`` (from :func:`fake_quantize` with ``gptq``) block by block with
     GPTQ on the per-row grids, each block calibrated on the outputs of the blocks already
     rounded, and on its matrices' inputs as they see them (online transform and activation
@@ -72,7 +72,7 @@ def gptq_weights(sim: torch.nn.Module, windows, bits: int, progress=None) -> Non
         matrices = {id(m): m for m in layer.modules() if isinstance(m, QuantLinear)}
         grams = block_input_grams(layer, hidden, kwargs, matrices, seen_as=lambda m, x: m.prepare(x))
         for key, m in matrices.items():
-            codes, grid = gptq(m.weight, grams[key].float(), RowGrid(bits))
+            codes, grid = gptq(m.weight, grams[key].float(), RowGrid(bits, group))
             m.weight.copy_(torch.from_numpy(grid.values(codes)))
         hidden = [run_block(layer, h, kwargs) for h in hidden]
         if progress:
@@ -101,7 +101,7 @@ def simulate(method: str, setting: Setting, model: str | None = None, calib_toke
     sim = fake_quantize(done.work.model, setting, done.online)
     if setting.gptq and setting.wbits:
         with progress.step("gptq on the simulated grids", sim.config.num_hidden_layers) as tick:
-            gptq_weights(sim, calibration.windows, setting.wbits, tick)
+            gptq_weights(sim, calibration.windows, setting.wbits, setting.w_group, tick)
     reference = reference or CachedLogits(TorchLogits(loaded.model))
     with progress.step(f"evaluate {method} {setting.label}", len(windows)) as tick:
         quality = evaluate(TorchLogits(sim), windows, reference, "torch", tick)

@@ -133,6 +133,7 @@ def eval_(
     abits: Optional[int] = typer.Option(None, help="Simulate in torch: activation bits (per token) of every block matrix's input."),
     kv_bits: Optional[int] = typer.Option(None, help="Simulate in torch: KV cache bits (per token and head)."),
     gptq: bool = typer.Option(False, "--gptq", help="Simulate in torch: round the weights with GPTQ on the same grids (default: to nearest)."),
+    w_group: Optional[int] = typer.Option(None, help="Simulate in torch: one weight grid per this many weights of a row, as ggml's blocks (default: one per row)."),
     method: str = typer.Option("rtn", help="Simulate in torch after this transform: rtn (none), smoothquant, hadamard, specquant or ruquant."),
     spec_energy: str = typer.Option("auto", help="SpecQuant: share of each row's spectral energy kept, or auto (chosen per row)."),
     quiet: bool = QUIET,
@@ -146,7 +147,7 @@ def eval_(
         from .fakequant import Setting
 
         options = {"energy": _energy(spec_energy)} if method == "specquant" else {}
-        result = _run(simulate, method, Setting(wbits, abits, kv_bits, gptq), str(path) if path else None,
+        result = _run(simulate, method, Setting(wbits, abits, kv_bits, gptq, w_group=w_group), str(path) if path else None,
                       eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, progress=progress, **options)
         _emit(result, as_json, _print_simulation)
         return

@@ -4,8 +4,9 @@ No runtime here executes 4-bit activations (llama.cpp rounds them to 8-bit block
 Runtime's MatMulNBits to int8 or none), so WxAy settings are measured in a simulation:
 
 * weights of the seven matrices of every block (q, k, v, o, gate, up, down): asymmetric,
-  one scale and zero point per output row, the clipping ratio searched per row (least squared
-  error over 1.0, 0.95 ... 0.5);
+  one scale and zero point per output row (or, with ``w_group``, per run of that many weights
+  of a row, as ggml's and MatMulNBits' blocks are), the clipping ratio searched per row or group
+  (least squared error over 1.0, 0.95 ... 0.5);
 * their inputs: asymmetric, one scale per token (dynamic), clipped to ``a_clip`` of the range;
 * optionally the KV cache: keys after RoPE and values, one scale per token and head;
 * the embedding, norms, attention softmax and the output head stay in float32 (as in the
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .errors import EdgequantError
 from .ggml_quants import Grid
 
 CLIPS = torch.linspace(1.0, 0.5, 11)
@@ -40,6 +42,7 @@ class Setting:
     kv_bits: int | None = None
     gptq: bool = False  # weights rounded by GPTQ on the same grids (sequential, on calibration text)
     a_clip: float | None = None  # None: 0.9 at 4 bits or fewer (RUQuant's choice), else 1.0 (no clipping)
+    w_group: int | None = None  # weights: one grid per this many weights of a row (None: one per row)
 
     @property
     def act_clip(self) -> float:
@@ -50,7 +53,8 @@ class Setting:
     @property
     def label(self) -> str:
         w = f"W{self.wbits or 16}A{self.abits or 16}"
-        return w + (f"KV{self.kv_bits}" if self.kv_bits else "") + (" GPTQ" if self.gptq and self.wbits else "")
+        return (w + (f"KV{self.kv_bits}" if self.kv_bits else "") + (" GPTQ" if self.gptq and self.wbits else "")
+                + (f" g{self.w_group}" if self.w_group and self.wbits else ""))
 
 
 @dataclass
@@ -85,8 +89,9 @@ def quantize_ste(x: torch.Tensor, bits: int, clip: float = 1.0) -> torch.Tensor:
 
 
 def _best_clips(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Per row, the clipping ratio (of ``CLIPS``) whose rounding has the least squared error."""
-    best_clip, best_err = torch.ones(w.shape[0], 1), torch.full((w.shape[0], 1), float("inf"))
+    """Per row (along the last dimension), the clipping ratio (of ``CLIPS``) whose rounding has
+    the least squared error."""
+    best_clip, best_err = torch.ones(*w.shape[:-1], 1), torch.full((*w.shape[:-1], 1), float("inf"))
     for clip in CLIPS:
         err = (quantize(w, bits, float(clip)) - w).pow(2).sum(-1, keepdim=True)
         better = err < best_err
@@ -94,26 +99,36 @@ def _best_clips(w: torch.Tensor, bits: int) -> torch.Tensor:
     return best_clip
 
 
+def _groups(w: torch.Tensor, group: int | None) -> torch.Tensor:
+    """(rows, cols) -> (rows, cols // group, group): the runs of weights that share a grid."""
+    group = group or w.shape[-1]
+    if w.shape[-1] % group:
+        raise EdgequantError(f"weight groups of {group} do not divide rows of {w.shape[-1]} weights")
+    return w.reshape(w.shape[0], -1, group)
+
+
 @torch.no_grad()
-def quantize_rows(w: torch.Tensor, bits: int) -> torch.Tensor:
-    """Each row on its own grid, with the clipping ratio of least squared error."""
-    return quantize(w, bits, _best_clips(w, bits))
+def quantize_rows(w: torch.Tensor, bits: int, group: int | None = None) -> torch.Tensor:
+    """Each row (or run of ``group`` weights of a row) on its own grid, with the clipping ratio
+    of least squared error."""
+    runs = _groups(w, group)
+    return quantize(runs, bits, _best_clips(runs, bits)).reshape(w.shape)
 
 
 class RowGrid:
     """:func:`quantize_rows`'s grids as an :class:`edgequant.ggml_quants.Grid`, so that GPTQ
     (:func:`edgequant.methods.gptq.gptq`) can choose the codes on them."""
 
-    def __init__(self, bits: int):
-        self.bits = bits
+    def __init__(self, bits: int, group: int | None = None):
+        self.bits, self.group = bits, group
 
     def fit(self, w, importance=None) -> Grid:
-        w = torch.as_tensor(w).float()
-        clip = _best_clips(w, self.bits)
-        hi, lo = w.amax(-1, keepdim=True).clamp(min=0) * clip, w.amin(-1, keepdim=True).clamp(max=0) * clip
+        runs = _groups(torch.as_tensor(w).float(), self.group)
+        clip = _best_clips(runs, self.bits)
+        hi, lo = runs.amax(-1, keepdim=True).clamp(min=0) * clip, runs.amin(-1, keepdim=True).clamp(max=0) * clip
         scale = ((hi - lo) / (2**self.bits - 1)).clamp(min=1e-8)
         offset = -torch.round(-lo / scale) * scale
-        return Grid(scale.numpy(), offset.numpy(), w.shape[1], 0, 2**self.bits - 1, None, {})
+        return Grid(scale[..., 0].numpy(), offset[..., 0].numpy(), runs.shape[-1], 0, 2**self.bits - 1, None, {})
 
 
 class QuantLinear(torch.nn.Module):
@@ -125,7 +140,7 @@ class QuantLinear(torch.nn.Module):
         if online is not None:
             w = (w.double() @ online.double()).float()
             online = online.float()
-        self.register_buffer("weight", quantize_rows(w, setting.wbits) if setting.wbits else w.clone())
+        self.register_buffer("weight", quantize_rows(w, setting.wbits, setting.w_group) if setting.wbits else w.clone())
         self.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().clone())
         self.online = online
         self.abits, self.a_clip = setting.abits, setting.act_clip

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from edgequant import rotations as R
+from edgequant.errors import EdgequantError
 from edgequant.fakequant import Setting, fake_quantize, quantize, quantize_rows
 from edgequant.methods import ruquant, specquant
 
@@ -90,12 +91,23 @@ def test_quantizers_use_at_most_two_to_the_bits_levels_per_row():
         assert (q - x).abs().max() < (x.amax() - x.amin()) / 2**bits
 
 
-def test_gptq_rounds_on_exactly_the_grids_of_round_to_nearest():
+@pytest.mark.parametrize("group", [None, 32])
+def test_gptq_rounds_on_exactly_the_grids_of_round_to_nearest(group):
     from edgequant.fakequant import RowGrid
 
     w = torch.randn(16, 256, generator=GEN())
-    grid = RowGrid(4).fit(w.numpy())
-    assert torch.allclose(torch.from_numpy(grid.values(grid.round(w.numpy()))), quantize_rows(w, 4), atol=1e-6)
+    grid = RowGrid(4, group).fit(w.numpy())
+    assert torch.allclose(torch.from_numpy(grid.values(grid.round(w.numpy()))), quantize_rows(w, 4, group), atol=1e-6)
+
+
+def test_weight_groups_give_every_run_of_a_row_its_own_grid():
+    w = torch.randn(4, 64, generator=GEN())
+    w[:, :32] *= 100  # a loud first half would set one per-row grid too coarse for the quiet second half
+    per_row, per_group = quantize_rows(w, 4), quantize_rows(w, 4, 32)
+    assert (per_group - w)[:, 32:].abs().max() < 0.1 * (per_row - w)[:, 32:].abs().max()
+    assert all(len(torch.unique(run)) <= 16 for run in per_group.reshape(-1, 32))
+    with pytest.raises(EdgequantError, match="do not divide"):
+        quantize_rows(w, 4, 48)
 
 
 def _max_logit_difference(a, b, window) -> float:
