@@ -46,14 +46,13 @@ import torch
 from ..calibration import Calibration, block_input_grams, block_inputs, run_block
 from ..errors import EdgequantError
 from ..ggml_quants import get_type
-from ..models import BlockShape, LoadedModel, head_dim, sizes_differ
+from ..models import BlockShape, LoadedModel, sizes_differ
 from ..planning import Matrix, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
-from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, cached_measure, n_measurements, split_parts, stand_in
-from ..sensitivity import kl_divergence
+from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, kl_divergence, split_parts, stand_in
 from ..smoothing import kv_grouping
-from .qublast import SENSITIVITY_TOKENS
+from .qublast import measure_table
 
 WIDTH_STEP = 256
 FIT_TOKENS = 4096  # calibration tokens the search's refits and channel scores are measured on
@@ -148,14 +147,12 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is below what pruning can reach, "
                              f"{smallest / 1e6:.1f} MB")
     ctx = calibration.windows.shape[1]
-    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
-        table = cached_measure(loaded, parts, calibration.windows[: max(1, SENSITIVITY_TOKENS // ctx)],
-                               calibration.importance, tick)
+    table = measure_table(loaded, parts, calibration, progress)
     costs = _type_costs(parts, table)
     embd_options = [(e.bytes, e.kl) for e in table.by_part()[embd.key]]  # in embd.options() order
     windows = calibration.windows[: max(1, (FIT_TOKENS + PROBE_TOKENS) // ctx)]
     n_probe = max(1, min(PROBE_TOKENS // ctx, len(windows) // 2))
-    probe = _Probe(loaded, windows[len(windows) - n_probe:], calibration.importance, disjoint=len(windows) > 1)
+    probe = _Probe(loaded, windows[len(windows) - n_probe:], disjoint=len(windows) > 1)
     states, kwargs = block_inputs(model, windows)
 
     with progress.step("joint search: estimate every change", space.n) as tick:
@@ -312,15 +309,15 @@ class _Probe:
     """KL at the model's output on a few calibration windows: measured by running the rest of
     the model from cached states, or estimated with the Fisher information at a block's output."""
 
-    def __init__(self, loaded: LoadedModel, windows: np.ndarray, importance: dict[str, np.ndarray], disjoint: bool):
+    def __init__(self, loaded: LoadedModel, windows: np.ndarray, disjoint: bool):
         """``windows`` are the last of the search's windows; ``disjoint``: the others are the fit
         windows (else, with a single window, it is both)."""
-        self.loaded, self.importance, self.disjoint = loaded, importance, disjoint
+        self.loaded, self.disjoint = loaded, disjoint
         self.tokens, self.n = windows.size, len(windows)
         model = loaded.model
-        self.ids = torch.from_numpy(windows)
-        self.ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in self.ids]
-        self.fisher = _fisher(model, self.ids)
+        ids = torch.from_numpy(windows)
+        self.ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in ids]
+        self.fisher = _fisher(model, ids)
         self.runs = 0
 
     def of(self, states: list[torch.Tensor]) -> list[torch.Tensor]:

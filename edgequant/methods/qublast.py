@@ -44,14 +44,19 @@ def allocate(
     if smallest > max_bytes:
         raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is below the smallest mix, "
                              f"{smallest / 1e6:.1f} MB")
-    windows = calibration.windows[: max(1, SENSITIVITY_TOKENS // calibration.windows.shape[1])]
-    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
-        table = cached_measure(loaded, parts, windows, calibration.importance, tick)
+    table = measure_table(loaded, parts, calibration, progress)
     entries = table.by_part()
     options = [[(e.bytes, e.kl) for e in entries[p.key]] for p in parts]
     chosen = knapsack(options, max_bytes - other_bytes)
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
     return _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"), table
+
+
+def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
+    """The sensitivity table of ``parts`` on the first calibration tokens (cached: the joint search reads the same one)."""
+    windows = calibration.windows[: max(1, SENSITIVITY_TOKENS // calibration.windows.shape[1])]
+    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
+        return cached_measure(loaded, parts, windows, calibration.importance, tick)
 
 
 def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params, rule) -> Plan:
