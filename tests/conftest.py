@@ -12,6 +12,10 @@ from edgequant.pipeline import BuildOptions, build
 EVAL_TOKENS = 4096  # 8 windows of 512: enough to compare runtimes on the same text
 CALIB_TOKENS = 2048
 MIXED = {"bpw": 4.5, "formats": "gguf,onnx"}  # a mixed plan, exported to both formats; shared by several tests
+# What the chat tests ask. The full-precision model answers "The capital city of France is Paris."
+# with a lead of 0.73 nats or more for every greedy token; "What is the capital of France?" has a
+# lead of 0.08 nats on its first token, and CI's CPU flipped it to a French list without Paris.
+QUESTION = "Name the capital city of France."
 
 
 BAD_INPUTS = pytest.StashKey[dict]()

@@ -8,7 +8,7 @@ import pytest
 from edgequant.pipeline import gguf_tensor_stats
 from runtimes.llamacpp import chat
 from runtimes.ort import OrtDecoder, genai_greedy
-from tests.conftest import MIXED, score_stock_mix
+from tests.conftest import MIXED, QUESTION, score_stock_mix
 
 pytestmark = pytest.mark.slow
 
@@ -108,11 +108,11 @@ def test_readme_build_command_makes_files_llama_cpp_and_onnxruntime_genai_chat_w
     predicted = report["predicted"]
     assert predicted["fits"] and predicted["decode_tok_s"] > 0
     assert report["quality"]["gguf"]["kld"] < 0.01  # the budget does not bind: Q8_0 everywhere
-    answer = chat(out / "model.gguf", "What is the capital of France?")
+    answer = chat(out / "model.gguf", QUESTION)
     assert "Paris" in answer
     # the ONNX folder: onnxruntime-genai answers too, with exactly the tokens of our own ORT loop
     prompt = default_model.tokenizer.apply_chat_template(
-        [{"role": "user", "content": "What is the capital of France?"}], add_generation_prompt=True,
+        [{"role": "user", "content": QUESTION}], add_generation_prompt=True,
         tokenize=True, return_dict=True)["input_ids"]
     genai = genai_greedy(out / "onnx", prompt, 32)
     ours = OrtDecoder(out / "onnx").greedy(prompt, 32, eos=default_model.tokenizer.eos_token_id)

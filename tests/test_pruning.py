@@ -11,7 +11,7 @@ from edgequant.pipeline import BuildOptions, build
 from edgequant.pruning import Pruning, prune, refit
 from runtimes.llamacpp import chat
 
-from .conftest import CALIB_TOKENS, EVAL_TOKENS
+from .conftest import CALIB_TOKENS, EVAL_TOKENS, QUESTION
 
 # FFN of block 3 to 768 channels (every other one), of block 10 to 512; block 5 keeps KV groups
 # 0 and 2 (6 query heads), block 12 group 1 (3 heads); block 20 goes.
@@ -92,7 +92,7 @@ def test_llama_cpp_and_onnx_runtime_compute_the_pruned_model_as_torch_does(prune
 @pytest.mark.slow
 def test_the_pruned_gguf_chats_and_loads_back(pruned_build):
     out, report = pruned_build
-    assert "Paris" in chat(out / "model.gguf", "What is the capital of France?")
+    assert "Paris" in chat(out / "model.gguf", QUESTION)
     loaded = load_model(out / "model.gguf")
     assert [vars(s) for s in block_shapes(loaded.model)] == report["pruning"]["blocks"]
     with pytest.raises(EdgequantError, match="below 2"):  # checked against the blocks as loaded
