@@ -3,6 +3,8 @@
 Every method runs through the same harness (:mod:`edgequant.fakequant`): the same quantizers,
 the same calibration windows, the same evaluation windows. ``rtn`` is no transform at all;
 ``smoothquant`` is SmoothQuant's migration (alpha 0.5) on every block's four input groups.
+``NAME-folded`` (ruquant, hadamard) is the form a build ships: folded into the weights, nothing
+left online.
 """
 
 from __future__ import annotations
@@ -44,21 +46,25 @@ TRANSFORMS = {
     "specquant": specquant.transform,
     "ruquant": ruquant.transform,
 }
+FOLDED = {  # the deployable forms: what stays online in TRANSFORMS is dropped or folded
+    "hadamard-folded": hadamard.transform,
+    "ruquant-folded": ruquant.folded_transform,
+}
 
 
 def check_method(name: str) -> str:
-    base = name.removesuffix("-folded")
-    if base not in TRANSFORMS:
+    if name not in TRANSFORMS and name not in FOLDED:
         raise EdgequantError(f"--wbits/--abits simulate {', '.join(TRANSFORMS)} (ruquant and hadamard also as "
-                             f"NAME-folded, without the online down transform); not {name!r}")
-    return base
+                             f"NAME-folded, the form a build ships: nothing online); not {name!r}")
+    return name
 
 
 def transform(name: str, loaded, calibration, setting, progress, **options) -> Transformed:
-    """``name``'s transform; ``NAME-folded`` is the same without its online transforms (what ships)."""
-    base = check_method(name)
-    done = TRANSFORMS[base](loaded, calibration, setting, progress, **options)
-    return replace(done, online={}) if name != base else done
+    """``name``'s transform; a ``NAME-folded`` one keeps nothing online (what ships)."""
+    check_method(name)
+    if name in FOLDED:
+        return replace(FOLDED[name](loaded, calibration, setting, progress, **options), online={})
+    return TRANSFORMS[name](loaded, calibration, setting, progress, **options)
 
 
 @torch.no_grad()

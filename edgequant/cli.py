@@ -134,7 +134,7 @@ def eval_(
     kv_bits: Optional[int] = typer.Option(None, help="Simulate in torch: KV cache bits (per token and head)."),
     gptq: bool = typer.Option(False, "--gptq", help="Simulate in torch: round the weights with GPTQ on the same grids (default: to nearest)."),
     w_group: Optional[int] = typer.Option(None, help="Simulate in torch: one weight grid per this many weights of a row, as ggml's blocks (default: one per row)."),
-    method: str = typer.Option("rtn", help="Simulate in torch after this transform: rtn (none), smoothquant, hadamard, specquant or ruquant."),
+    method: str = typer.Option("rtn", help="Simulate in torch after this transform: rtn (none), smoothquant, hadamard, specquant or ruquant; hadamard-folded or ruquant-folded: the form a build ships (nothing online)."),
     spec_energy: str = typer.Option("auto", help="SpecQuant: share of each row's spectral energy kept, or auto (chosen per row)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,

@@ -48,9 +48,9 @@ def test_at_w4a4_specquant_and_ruquant_beat_rtn_and_smoothquant(w4a4, method, ba
 
 def test_ruquant_at_w6a6_keeps_most_of_full_precision_top1_accuracy(default_model, calib_windows, eval_windows,
                                                                      reference, rotated):
-    """Issue 9 asks for 99%: bench/activation_quant.py measures 97.6% with weights rounded to
-    nearest and 98.8% with GPTQ weights (20480 tokens). 2048 tokens are too few to test 99% without
-    flakiness, so these bounds guard against regressions."""
+    """Issue 9 asks for 99%: bench/activation_quant.py measures 99.0% with weights rounded to
+    nearest and 99.2% with GPTQ weights (20480 tokens, KLD 0.034 and 0.033). On 2048 tokens the
+    accuracy moves by about 1%, so 98% is the bound here; the KLD bound catches a regression."""
     from edgequant.activation_quant import gptq_weights
 
     done = rotated["ruquant"]
@@ -59,7 +59,7 @@ def test_ruquant_at_w6a6_keeps_most_of_full_precision_top1_accuracy(default_mode
     gptq_weights(sim, calib_windows, 6)
     q = evaluate(TorchLogits(sim), eval_windows, reference)
     assert q.accuracy >= 0.98 * fp.accuracy, (q.accuracy, fp.accuracy, q.top1)
-    assert q.kld < 0.07
+    assert q.kld < 0.05, q.kld
 
 
 def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_model, eval_windows, reference):

@@ -54,7 +54,9 @@ def test_ruquant_site_transform_with_zigzag_is_orthogonal():
     x[:, :5] *= 20
     perm = ruquant.zigzag(x.abs().amax(0), 64)
     assert sorted(perm.tolist()) == list(range(256))
-    assert R.is_orthogonal(ruquant.site_transform(x, 64, GEN()))
+    w = torch.randn(96, 256, generator=GEN(1), dtype=torch.float64)
+    m, _ = ruquant.tuned_site_transform(x, w, 64, Setting(4, 4), GEN())
+    assert R.is_orthogonal(m)
 
 
 def test_tuned_householder_is_never_worse_than_its_start():
@@ -117,7 +119,7 @@ def _max_logit_difference(a, b, window) -> float:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["hadamard", "ruquant"])
+@pytest.mark.parametrize("method", ["hadamard", "ruquant-folded"])
 def test_folded_rotations_leave_the_model_unchanged(method, rotated, calib_windows, default_model):
     done = rotated[method]
     assert not done.work.config.tie_word_embeddings
@@ -125,10 +127,13 @@ def test_folded_rotations_leave_the_model_unchanged(method, rotated, calib_windo
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["hadamard", "ruquant"])
-def test_online_down_transforms_are_exact_without_rounding(method, rotated, calib_windows, default_model):
+@pytest.mark.parametrize("method, per_block", [("hadamard", 1), ("ruquant", 7)])
+def test_online_transforms_are_orthogonal_and_exact_without_rounding(method, per_block, rotated, calib_windows,
+                                                                      default_model):
+    """Hadamard leaves the down input's transform online; RUQuant as published leaves every
+    matrix's input transform online (q, k and v share one, as do gate and up)."""
     done = rotated[method]
-    assert len(done.online) == default_model.config.num_hidden_layers
+    assert len(done.online) == per_block * default_model.config.num_hidden_layers
     assert all(R.is_orthogonal(m) for m in done.online.values())
     sim = fake_quantize(done.work.model, Setting(None, None), done.online)
     assert _max_logit_difference(sim, default_model.model, calib_windows[-1]) < 1e-3

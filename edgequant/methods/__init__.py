@@ -87,7 +87,7 @@ METHODS: dict[str, Method] = {
                activation_aware=True),
         Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded; a tied "
                "model's build turns only the value heads), then GPTQ",
-               gptq.quantize, transform=folded(ruquant.transform, _ruquant_options), activation_aware=True),
+               gptq.quantize, transform=folded(ruquant.folded_transform, _ruquant_options), activation_aware=True),
         Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
                gptq.quantize, transform=folded(hadamard.transform), unties=True, activation_aware=True),
         Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize),

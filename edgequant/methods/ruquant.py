@@ -14,32 +14,34 @@ uniform target.
 Stage 2 tunes that global Householder vector with AdamW to minimise the error of the layer
 outputs after quantization (straight-through rounding), keeping the best vector seen.
 
-Where the transforms go (our deployable variant; the reference code keeps every transform
-online in each layer, which stock llama.cpp cannot run):
+Two placements:
 
-* the residual stream gets ONE transform for all blocks (B = 64), computed from the pooled
-  inputs of every block's q/k/v and gate/up, and folded into the weights (:mod:`edgequant.rotations`);
-* each block's value heads get their own R per KV group (B = head_dim), folded into v and o;
-* each block's down input gets its own transform (B = 128), which must stay online: it is in
-  the simulation (``--wbits/--abits``), not in the exported files.
-
-A build of a model whose output head is tied to the embedding skips the residual transform
-(``residual=False``): folding it would need a second vocab x hidden matrix in the file.
+* :func:`transform` is RUQuant as its authors' code runs it (the simulation's ``ruquant``):
+  SmoothQuant's migration (alpha 0.6) folded in, then every input site of every block (q/k/v,
+  o, gate/up, down) gets its own stage-1 transform (B = 64; 128 on the down input) and its own
+  tuned reflection, all applied online: 4 transforms per block that stock llama.cpp cannot run.
+* :func:`folded_transform` is what ships (``ruquant-folded`` in the simulation, ``build --method
+  ruquant``): ONE transform (B = 64) for the residual stream, computed from the pooled q/k/v and
+  gate/up inputs of every block, and each block's value heads turned per KV group (B = head_dim),
+  all folded into the weights (:mod:`edgequant.rotations`). A model whose output head is tied to
+  the embedding keeps only the value-head turns (``residual=False``): folding the residual
+  transform would need a second vocab x hidden matrix in the file.
 """
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
 
-from ..calibration import Calibration, linear_inputs
+from ..calibration import Calibration, activation_stats, linear_inputs
 from ..fakequant import Setting, Transformed, quantize_ste
 from ..models import LoadedModel
 from ..progress import Progress
 from ..rotations import (block_diagonal, householder, pair_angles, prepare, reflect, reflection_onto, rotate_residual,
                          rotate_value_heads, turn_pairs)
-from ..smoothing import kv_grouping
+from ..smoothing import kv_grouping, smooth
 
 STEPS = 16
 ROUNDS = 3
@@ -51,6 +53,13 @@ TUNE_TOKENS = 256
 TUNE_STEPS = 20
 TUNE_LR = 1e-2
 SEED = 444
+SMOOTH_ALPHA = 0.6  # the reference scripts' migration strength at W6A6
+SITES = (  # (input site, the matrices reading it)
+    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
+    ("self_attn.o_proj", ("self_attn.o_proj",)),
+    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
+    ("mlp.down_proj", ("mlp.down_proj",)),
+)
 
 
 def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -112,12 +121,6 @@ def initial_reflection(x: torch.Tensor, gen) -> torch.Tensor:
     return reflection_onto(u, _uniform_like(u, gen))
 
 
-def site_transform(x: torch.Tensor, block: int, gen) -> torch.Tensor:
-    """The full stage-1 transform of one site (no tuning): base transform, then global reflection."""
-    m = base_transform(x, block, gen)
-    return m @ householder(initial_reflection(x.double() @ m, gen))
-
-
 def _reflect(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """``x @ householder(w)`` as a rank-1 update."""
     return x - 2 * torch.outer(x @ w, w) / w.dot(w)
@@ -157,37 +160,75 @@ def _paths(n_layers: int, sub: str) -> list[str]:
     return [f"model.layers.{i}.{sub}" for i in range(n_layers)]
 
 
-def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
-              residual: bool = True) -> Transformed:
-    """A rotated copy of the model (FP-equivalent) plus the online down transforms. Without
-    ``residual`` the residual stream is left alone (and a tied output head stays tied)."""
+def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
+    """RUQuant as published: a smoothed copy of the model (FP-equivalent) and, for every input site
+    of every block, its stage-1 transform with a reflection tuned for ``setting``, left online."""
+    started = time.time()
+    gen = torch.Generator().manual_seed(SEED)
+    work = loaded.copy()
+    with progress.step("ruquant: smoothing (alpha %.1f)" % SMOOTH_ALPHA, len(calibration.windows)) as tick:
+        smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTH_ALPHA)
+    layers = work.model.model.layers
+    with progress.step("ruquant: collect activations"):
+        acts = linear_inputs(work.model, calibration.windows,
+                             [f"model.layers.{i}.{site}" for i in range(len(layers)) for site, _ in SITES], CALIB_TOKENS)
+    online, start_loss, best_loss = {}, [], []
+    with progress.step("ruquant: per-site transforms, tuned", len(layers)) as tick:
+        for i, layer in enumerate(layers):
+            for site, consumers in SITES:
+                x = acts[f"model.layers.{i}.{site}"]
+                w = torch.cat([layer.get_submodule(c).weight.detach() for c in consumers])
+                block = DOWN_BLOCK if site == "mlp.down_proj" else RESIDUAL_BLOCK
+                m, losses = tuned_site_transform(x, w, math.gcd(block, x.shape[1]), setting, gen)
+                online |= {f"model.layers.{i}.{c}": m for c in consumers}
+                start_loss.append(losses[0])
+                best_loss.append(min(losses))
+            tick()
+    return Transformed(work, online, {
+        "placement": "reference: smoothing folded, every site's transform online", "smoothing_alpha": SMOOTH_ALPHA,
+        "stage2_loss_start": sum(start_loss) / len(start_loss), "stage2_loss_best": sum(best_loss) / len(best_loss),
+        "tuned_for": setting.label, "seconds": time.time() - started,
+        "online": f"{len(SITES)} per block (q/k/v, o, gate/up and down inputs)"})
+
+
+def tuned_site_transform(x: torch.Tensor, w: torch.Tensor, block: int, setting: Setting,
+                         gen) -> tuple[torch.Tensor, list[float]]:
+    """One site's ``x -> x @ M``: stage 1 on its inputs ``x``, then the global reflection tuned
+    (stage 2) on the first tokens against the weights ``w`` that read it; also stage 2's losses."""
+    base = base_transform(x, block, gen)
+    start = initial_reflection(x.double() @ base, gen)
+    tuned, losses = tune_reflection(start, [((x[:TUNE_TOKENS].double() @ base).float(), (w.double() @ base).float())],
+                                    setting)
+    return base @ householder(tuned), losses
+
+
+def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
+                     residual: bool = True) -> Transformed:
+    """The deployable RUQuant: a rotated copy of the model computing what the original does, with
+    nothing left online. Without ``residual`` the residual stream is left alone (and a tied output
+    head stays tied)."""
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
     work = loaded.copy()
     model = work.model
     config, n = model.config, model.config.num_hidden_layers
-    attn_in, ffn_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj")
-    o_in, down_in = _paths(n, "self_attn.o_proj"), _paths(n, "mlp.down_proj")
+    attn_in, ffn_in, o_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj"), _paths(n, "self_attn.o_proj")
     if residual:
         prepare(model)  # the residual sites' inputs are then the plain x / rms(x) the rotation sees
     with progress.step("ruquant: collect activations"):
-        acts = linear_inputs(model, calibration.windows, (attn_in + ffn_in if residual else []) + o_in + down_in,
-                             CALIB_TOKENS)
+        acts = linear_inputs(model, calibration.windows, (attn_in + ffn_in if residual else []) + o_in, CALIB_TOKENS)
     details = {"residual": residual}
     if residual:
         details |= _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress)
     group, head_dim = kv_grouping(config)
-    online = {}
-    with progress.step("ruquant: value-head and down transforms", n) as tick:
+    with progress.step("ruquant: value-head transforms", n) as tick:
         for i, layer in enumerate(model.model.layers):
             kv_heads = layer.self_attn.k_proj.out_features // head_dim  # fewer in a pruned block
             heads = acts[o_in[i]].double().reshape(-1, kv_heads, group, head_dim)
             per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T for g in range(kv_heads)]
             rotate_value_heads(layer, config, per_group)
-            online[down_in[i]] = site_transform(acts[down_in[i]], DOWN_BLOCK, gen)
             tick()
-    details |= {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
-    return Transformed(work, online, details)
+    return Transformed(work, {}, details | {"seconds": time.time() - started, "online": "none"})
 
 
 def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> dict:
