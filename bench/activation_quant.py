@@ -11,7 +11,8 @@ tokens of wiki.utf8 in windows of 512. A ``-gptq`` setting rounds the weights wi
 per-row grids (sequential, on the calibration text) instead of to nearest; a ``-g32`` setting gives
 every 32 weights of a row their own grid (as the runtimes' blocks do) instead of one per row. "top-1 acc kept" is the share of positions whose most
 likely token is the text's next token, over the same share at full precision. "transform s"
-is the wall time of the method's transform (RUQuant: stages 1 and 2) on this machine.
+is the wall time of the method's transform (RUQuant: smoothing, then stages 1 and 2 at every site)
+on this machine. ``--methods`` also takes hadamard-folded and ruquant-folded, the forms builds ship.
 A second table sweeps SpecQuant's energy share (what the truncation does on its own).
 """
 

@@ -53,7 +53,8 @@ def simulate(method: str = "rtn", wbits: int | None = 4, abits: int | None = 4, 
              model: str | None = None, *, gptq: bool = False, w_group: int | None = None, progress: bool = False,
              **options) -> dict:
     """``edgequant eval --wbits --abits``: a method's weight-and-activation quantization simulated in
-    torch (rtn, smoothquant, hadamard, specquant, ruquant), weights rounded to nearest or by ``gptq``,
+    torch (rtn, smoothquant, hadamard, specquant, ruquant; hadamard-folded and ruquant-folded are
+    the forms builds ship), weights rounded to nearest or by ``gptq``,
     one grid per row or per ``w_group`` weights of a row. Options: ``eval_text``, ``eval_tokens``,
     ``ctx``, ``calib_tokens``, ``energy`` (SpecQuant)."""
     from .activation_quant import simulate as run

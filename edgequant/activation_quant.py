@@ -52,11 +52,10 @@ FOLDED = {  # the deployable forms: what stays online in TRANSFORMS is dropped o
 }
 
 
-def check_method(name: str) -> str:
+def check_method(name: str) -> None:
     if name not in TRANSFORMS and name not in FOLDED:
-        raise EdgequantError(f"--wbits/--abits simulate {', '.join(TRANSFORMS)} (ruquant and hadamard also as "
-                             f"NAME-folded, the form a build ships: nothing online); not {name!r}")
-    return name
+        raise EdgequantError(f"--wbits/--abits simulate {', '.join([*TRANSFORMS, *FOLDED])} (NAME-folded: the form "
+                             f"a build ships, nothing online); not {name!r}")
 
 
 def transform(name: str, loaded, calibration, setting, progress, **options) -> Transformed:

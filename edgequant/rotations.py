@@ -18,6 +18,10 @@ Where a transform goes (the model must be untied and norm-folded first, :func:`p
   and o's columns of every query head reading it (``W_o[:, h] -> W_o[:, h] @ M_g``).
 * the input of down: SwiGLU is not linear, so this one stays *online* (applied to the
   activations at run time); llama.cpp cannot run it, so it exists in the simulation only.
+
+A method may also choose to keep transforms online that could be folded: RUQuant's published
+placement gives every input site of every block its own transform (see
+:mod:`edgequant.methods.ruquant`); that too is simulated, and builds ship the folded placement.
 """
 
 from __future__ import annotations

@@ -49,7 +49,7 @@ def test_ruquant_block_rotation_is_orthogonal_and_shrinks_the_largest_value():
     assert (x @ r.T).abs().max() < 0.5 * x.abs().max()
 
 
-def test_ruquant_site_transform_with_zigzag_is_orthogonal():
+def test_ruquant_tuned_site_transform_with_zigzag_is_orthogonal():
     x = torch.randn(512, 256, generator=GEN(), dtype=torch.float64)
     x[:, :5] *= 20
     perm = ruquant.zigzag(x.abs().amax(0), 64)
@@ -134,6 +134,12 @@ def test_online_transforms_are_orthogonal_and_exact_without_rounding(method, per
     matrix's input transform online (q, k and v share one, as do gate and up)."""
     done = rotated[method]
     assert len(done.online) == per_block * default_model.config.num_hidden_layers
+    if method == "ruquant":
+        layer = "model.layers.5."
+        shared = [done.online[layer + m] for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
+        assert shared[0] is shared[1] is shared[2]
+        assert done.online[layer + "mlp.gate_proj"] is done.online[layer + "mlp.up_proj"]
+        assert len({id(m) for m in done.online.values()}) == 4 * default_model.config.num_hidden_layers
     assert all(R.is_orthogonal(m) for m in done.online.values())
     sim = fake_quantize(done.work.model, Setting(None, None), done.online)
     assert _max_logit_difference(sim, default_model.model, calib_windows[-1]) < 1e-3
@@ -147,3 +153,10 @@ def test_smoothing_alone_leaves_the_model_unchanged(default_model, calib_windows
     done = specquant.transform(default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress(), energy=1.0)
     assert done.details["mean_bins_kept"] == 1.0
     assert _max_logit_difference(done.work.model, default_model.model, calib_windows[-1]) < 1e-3
+
+
+def test_ruquant_block_size_falls_back_to_a_common_divisor_and_refuses_tiny_blocks():
+    assert ruquant.site_block(576, 64) == 64 and ruquant.site_block(1536, 128) == 128
+    assert ruquant.site_block(4864, 128) == 128 and ruquant.site_block(1120, 64) == 32
+    with pytest.raises(EdgequantError, match="577-wide"):
+        ruquant.site_block(577, 64)

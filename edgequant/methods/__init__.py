@@ -13,8 +13,9 @@ baseline) gets its own output head before planning, so the plan and the budget c
 matrices; RUQuant instead leaves a tied model's residual stream alone.
 
 The activation-outlier methods (SpecQuant, RUQuant, the Hadamard baseline) are written for
-the WxAy simulation (:mod:`edgequant.activation_quant`); :func:`folded` turns one into a build
-transform: tuned for the runtimes' 8-bit activations, with what must stay online left out.
+the WxAy simulation (:mod:`edgequant.activation_quant`); :func:`folded` turns a deployable one
+(SpecQuant's, Hadamard's, ``ruquant.folded_transform``) into a build transform: tuned for the
+runtimes' 8-bit activations, with what must stay online left out.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ class Method:
 
 def folded(transform, options: Callable[[LoadedModel, Plan], dict] = lambda loaded, plan: {}):
     """A build transform ``(loaded, plan, calibration, progress) -> (model copy, details)`` from a
-    simulation transform, run for the deployed regime with ``options(loaded, plan)``. Online
+    deployable simulation transform, run for the deployed regime with ``options(loaded, plan)``. Online
     transforms are dropped: the copy is exact without them."""
 
     def run(loaded, plan, calibration, progress):

@@ -5,7 +5,8 @@
   (:mod:`edgequant.rotations`);
 * each KV group's value heads get a Hadamard matrix of order head_dim, folded into v and o
   (QuaRot's cross-head online Hadamard needs one of order n_heads, and 9 has none);
-* each block's down input gets a randomised Hadamard online (simulation only, as in RUQuant).
+* each block's down input gets a randomised Hadamard online (simulation only; ``hadamard-folded``
+  and builds leave it out).
 """
 
 from __future__ import annotations

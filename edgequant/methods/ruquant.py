@@ -38,6 +38,7 @@ import torch
 from ..calibration import Calibration, activation_stats, linear_inputs
 from ..fakequant import Setting, Transformed, quantize_ste
 from ..models import LoadedModel
+from ..errors import EdgequantError
 from ..progress import Progress
 from ..rotations import (block_diagonal, householder, pair_angles, prepare, reflect, reflection_onto, rotate_residual,
                          rotate_value_heads, turn_pairs)
@@ -46,19 +47,19 @@ from ..smoothing import kv_grouping, smooth
 STEPS = 16
 ROUNDS = 3
 RESIDUAL_BLOCK = 64
-DOWN_BLOCK = 128
 CALIB_TOKENS = 2048  # per site
 POOLED_TOKENS = 8192  # for the residual transform, over all blocks
 TUNE_TOKENS = 256
 TUNE_STEPS = 20
 TUNE_LR = 1e-2
 SEED = 444
-SMOOTH_ALPHA = 0.6  # the reference scripts' migration strength at W6A6
-SITES = (  # (input site, the matrices reading it)
-    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")),
-    ("self_attn.o_proj", ("self_attn.o_proj",)),
-    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj")),
-    ("mlp.down_proj", ("mlp.down_proj",)),
+SMOOTH_ALPHA = 0.6  # the reference scripts' setting at W6A6; used at every setting here
+MIN_BLOCK = 16
+SITES = (  # (input site, the matrices reading it, block size B)
+    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 64),
+    ("self_attn.o_proj", ("self_attn.o_proj",), 64),
+    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj"), 64),
+    ("mlp.down_proj", ("mlp.down_proj",), 128),
 )
 
 
@@ -67,7 +68,8 @@ def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return torch.rand(u.shape[0], generator=gen, dtype=torch.float64)
 
 
-def block_rotation(columns: torch.Tensor, gen: torch.Generator, steps: int = STEPS, rounds: int = ROUNDS) -> torch.Tensor:
+def block_rotation(columns: torch.Tensor, gen: torch.Generator, steps: int = STEPS,
+                   rounds: int = ROUNDS) -> torch.Tensor:
     """R (B x B, orthogonal) for blocks given as the columns of ``columns`` (B x N): ``R @ block``."""
     xc = columns.double()
     size = xc.shape[0]
@@ -156,6 +158,26 @@ def tune_reflection(w0: torch.Tensor, sites: list[tuple[torch.Tensor, torch.Tens
     return best.double(), losses
 
 
+def tuned_site_transform(x: torch.Tensor, w: torch.Tensor, block: int, setting: Setting,
+                         gen) -> tuple[torch.Tensor, list[float]]:
+    """One site's ``x -> x @ M``: stage 1 on its inputs ``x``, then the global reflection tuned
+    (stage 2) on the first tokens against the weights ``w`` that read it; also stage 2's losses."""
+    base = base_transform(x, block, gen)
+    start = initial_reflection(x.double() @ base, gen)
+    tuned, losses = tune_reflection(start, [((x[:TUNE_TOKENS].double() @ base).float(), (w.double() @ base).float())],
+                                    setting)
+    return base @ householder(tuned), losses
+
+
+def site_block(width: int, preferred: int) -> int:
+    """The block size B for a ``width``-wide input: ``preferred`` if it divides the width, else
+    their largest common divisor, which must still be at least ``MIN_BLOCK``."""
+    block = math.gcd(preferred, width)
+    if block < MIN_BLOCK:
+        raise EdgequantError(f"ruquant: a {width}-wide input splits into no blocks of {MIN_BLOCK} or more channels")
+    return block
+
+
 def _paths(n_layers: int, sub: str) -> list[str]:
     return [f"model.layers.{i}.{sub}" for i in range(n_layers)]
 
@@ -170,16 +192,15 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTH_ALPHA)
     layers = work.model.model.layers
     with progress.step("ruquant: collect activations"):
-        acts = linear_inputs(work.model, calibration.windows,
-                             [f"model.layers.{i}.{site}" for i in range(len(layers)) for site, _ in SITES], CALIB_TOKENS)
+        paths = [p for site, _, _ in SITES for p in _paths(len(layers), site)]
+        acts = linear_inputs(work.model, calibration.windows, paths, CALIB_TOKENS)
     online, start_loss, best_loss = {}, [], []
     with progress.step("ruquant: per-site transforms, tuned", len(layers)) as tick:
         for i, layer in enumerate(layers):
-            for site, consumers in SITES:
+            for site, consumers, block in SITES:
                 x = acts[f"model.layers.{i}.{site}"]
                 w = torch.cat([layer.get_submodule(c).weight.detach() for c in consumers])
-                block = DOWN_BLOCK if site == "mlp.down_proj" else RESIDUAL_BLOCK
-                m, losses = tuned_site_transform(x, w, math.gcd(block, x.shape[1]), setting, gen)
+                m, losses = tuned_site_transform(x, w, site_block(x.shape[1], block), setting, gen)
                 online |= {f"model.layers.{i}.{c}": m for c in consumers}
                 start_loss.append(losses[0])
                 best_loss.append(min(losses))
@@ -188,18 +209,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         "placement": "reference: smoothing folded, every site's transform online", "smoothing_alpha": SMOOTH_ALPHA,
         "stage2_loss_start": sum(start_loss) / len(start_loss), "stage2_loss_best": sum(best_loss) / len(best_loss),
         "tuned_for": setting.label, "seconds": time.time() - started,
-        "online": f"{len(SITES)} per block (q/k/v, o, gate/up and down inputs)"})
-
-
-def tuned_site_transform(x: torch.Tensor, w: torch.Tensor, block: int, setting: Setting,
-                         gen) -> tuple[torch.Tensor, list[float]]:
-    """One site's ``x -> x @ M``: stage 1 on its inputs ``x``, then the global reflection tuned
-    (stage 2) on the first tokens against the weights ``w`` that read it; also stage 2's losses."""
-    base = base_transform(x, block, gen)
-    start = initial_reflection(x.double() @ base, gen)
-    tuned, losses = tune_reflection(start, [((x[:TUNE_TOKENS].double() @ base).float(), (w.double() @ base).float())],
-                                    setting)
-    return base @ householder(tuned), losses
+        "online": f"{len(SITES)} per block, on the q/k/v, o, gate/up and down inputs (7 matrices)"})
 
 
 def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
@@ -237,7 +247,7 @@ def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> di
     with progress.step("ruquant: residual rotation (stage 1)"):
         per_site = max(1, POOLED_TOKENS // (2 * n))  # the same number of tokens from every block's two sites
         pooled = torch.cat([acts[p][:per_site] for p in attn_in + ffn_in])
-        base = base_transform(pooled, RESIDUAL_BLOCK, gen)
+        base = base_transform(pooled, site_block(pooled.shape[1], RESIDUAL_BLOCK), gen)
         w0 = initial_reflection(pooled.double() @ base, gen)
     with progress.step("ruquant: tune the global Householder (stage 2)"):
         sites = []
