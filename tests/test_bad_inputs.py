@@ -228,7 +228,10 @@ def test_ctrl_c_keeps_the_previous_build(step, after_line, delay, readme_build, 
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     cmd = [sys.executable, "-m", "edgequant.cli", *quick_build("default", out, "--formats", "gguf,onnx")]
     cmd.remove("--quiet")  # the bars' lines on stderr say which step is running
-    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    # A suite started in the background (``cmd &``) inherits an ignored SIGINT, and Python then
+    # keeps ignoring it; the build should meet Ctrl-C as a terminal user's process does.
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
