@@ -37,12 +37,12 @@ import torch
 
 from ..calibration import Calibration, activation_stats, linear_inputs
 from ..fakequant import Setting, Transformed, quantize_ste
-from ..models import LoadedModel
 from ..errors import EdgequantError
+from ..models import LoadedModel
 from ..progress import Progress
 from ..rotations import (block_diagonal, householder, pair_angles, prepare, reflect, reflection_onto, rotate_residual,
                          rotate_value_heads, turn_pairs)
-from ..smoothing import kv_grouping, smooth
+from ..smoothing import GROUPS, kv_grouping, smooth
 
 STEPS = 16
 ROUNDS = 3
@@ -55,12 +55,7 @@ TUNE_LR = 1e-2
 SEED = 444
 SMOOTH_ALPHA = 0.6  # the reference scripts' setting at W6A6; used at every setting here
 MIN_BLOCK = 16
-SITES = (  # (input site, the matrices reading it, block size B)
-    ("self_attn.q_proj", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), 64),
-    ("self_attn.o_proj", ("self_attn.o_proj",), 64),
-    ("mlp.gate_proj", ("mlp.gate_proj", "mlp.up_proj"), 64),
-    ("mlp.down_proj", ("mlp.down_proj",), 128),
-)
+SITE_BLOCK = {"attn_in": 64, "attn_out": 64, "ffn_in": 64, "ffn_out": 128}  # B per input site (smoothing.GROUPS)
 
 
 def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -192,16 +187,16 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTH_ALPHA)
     layers = work.model.model.layers
     with progress.step("ruquant: collect activations"):
-        paths = [p for site, _, _ in SITES for p in _paths(len(layers), site)]
+        paths = [p for g in GROUPS for p in _paths(len(layers), g.consumers[0])]
         acts = linear_inputs(work.model, calibration.windows, paths, CALIB_TOKENS)
     online, start_loss, best_loss = {}, [], []
     with progress.step("ruquant: per-site transforms, tuned", len(layers)) as tick:
         for i, layer in enumerate(layers):
-            for site, consumers, block in SITES:
-                x = acts[f"model.layers.{i}.{site}"]
-                w = torch.cat([layer.get_submodule(c).weight.detach() for c in consumers])
-                m, losses = tuned_site_transform(x, w, site_block(x.shape[1], block), setting, gen)
-                online |= {f"model.layers.{i}.{c}": m for c in consumers}
+            for g in GROUPS:  # the site is the consumers' shared input
+                x = acts[f"model.layers.{i}.{g.consumers[0]}"]
+                w = torch.cat([t.detach() for t in g.weights(layer)])
+                m, losses = tuned_site_transform(x, w, site_block(x.shape[1], SITE_BLOCK[g.key]), setting, gen)
+                online |= {f"model.layers.{i}.{c}": m for c in g.consumers}
                 start_loss.append(losses[0])
                 best_loss.append(min(losses))
             tick()
@@ -209,7 +204,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         "placement": "reference: smoothing folded, every site's transform online", "smoothing_alpha": SMOOTH_ALPHA,
         "stage2_loss_start": sum(start_loss) / len(start_loss), "stage2_loss_best": sum(best_loss) / len(best_loss),
         "tuned_for": setting.label, "seconds": time.time() - started,
-        "online": f"{len(SITES)} per block, on the q/k/v, o, gate/up and down inputs (7 matrices)"})
+        "online": f"{len(GROUPS)} per block, on the q/k/v, o, gate/up and down inputs (7 matrices)"})
 
 
 def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
