@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from edgequant.errors import EdgequantError
-from edgequant.models import read_gguf
+from edgequant.models import gguf_tensor_infos
 
 
 def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
@@ -17,7 +17,7 @@ def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
     path = Path(path)
     if not path.is_file():
         raise EdgequantError(f"GGUF file not found: {path}")
-    read_gguf(path)  # a clean one-line error for a truncated or corrupt file
+    gguf_tensor_infos(path)  # a clean one-line error for a truncated or corrupt file
     try:
         return Llama(
             model_path=str(path),
