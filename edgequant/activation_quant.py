@@ -16,7 +16,7 @@ from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 import torch
 
 from .calibration import Calibration, activation_stats, block_input_grams, block_inputs, run_block
-from .errors import EdgequantError
+from .errors import EdgequantError, check_number
 from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, token_windows
 from .fakequant import QuantLinear, RowGrid, Setting, Transformed, fake_quantize
 from .methods import hadamard, ruquant, specquant
@@ -93,6 +93,9 @@ def simulate(method: str, setting: Setting, model: str | None = None, calib_toke
     check_method(method)
     if any(b is not None and not 2 <= b <= 8 for b in (setting.wbits, setting.abits, setting.kv_bits)):
         raise EdgequantError("--wbits, --abits and --kv-bits take 2 to 8 bits")
+    for option, value, least in (("--w-group", setting.w_group, 2), ("--calib-tokens", calib_tokens, 1),
+                                 ("--eval-tokens", eval_tokens, 1), ("--eval-ctx", ctx, 2)):
+        check_number(option, value, at_least=least)
     if loaded is None:
         with progress.step("load model"):
             loaded = load_model(model)

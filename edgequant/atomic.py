@@ -42,19 +42,52 @@ def atomic_dir(final: Path) -> Iterator[Path]:
         raise
 
 
+class InterruptedAfterSwap(KeyboardInterrupt):
+    """Ctrl-C (or SIGTERM) arrived while a finished folder was being swapped in: the swap was
+    completed first, so the new folder is in place and whole."""
+
+    def __init__(self, final: Path):
+        super().__init__(str(final))
+        self.final = final
+
+
 def _swap_in(new: Path, final: Path) -> None:
-    """Put folder ``new`` at ``final`` with two renames, Ctrl-C held off in between, so an
-    interrupt leaves either the previous folder or the new one in place, never neither."""
+    """Put folder ``new`` at ``final`` with two renames, so an interrupt leaves either the
+    previous folder or the new one in place, never neither. Ctrl-C and SIGTERM are held off
+    until the renames and the removal of the previous folder are done; one that came meanwhile
+    is then raised as :class:`InterruptedAfterSwap`."""
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)  # left over from a machine that went down mid-swap
-    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
-    try:
+    with _signals_held() as held:
         if final.exists():
             os.replace(final, old)
         os.replace(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    if held:
+        raise InterruptedAfterSwap(final)
+
+
+@contextmanager
+def _signals_held() -> Iterator[list[int]]:
+    """Record SIGINT/SIGTERM instead of acting on them while the block runs; yields the list of
+    the signals that came. (Outside the main thread, where handlers cannot be set, they are
+    blocked at the thread level and act when the block ends.)"""
+    held: list[int] = []
+    signals = (signal.SIGINT, signal.SIGTERM)
+    try:
+        previous = {s: signal.signal(s, lambda number, _frame: held.append(number)) for s in signals}
+    except ValueError:  # not the main thread
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, set(signals))
+        try:
+            yield held
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        return
+    try:
+        yield held
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-    shutil.rmtree(old, ignore_errors=True)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def write_text(path: Path, text: str) -> None:

@@ -17,7 +17,7 @@ from runtimes.remote import Target, Transport, last_line, parse_target, remote_p
 
 from .atomic import write_text
 from .deployment import verify
-from .errors import EdgequantError
+from .errors import EdgequantError, check_number
 from .progress import Progress
 from .reporting import read_json, write_report
 
@@ -32,6 +32,9 @@ def bench(folder: Path, target_text: str = "local", runtime: str = "all", thread
           progress: Progress | None = None) -> dict:
     """Measure every requested runtime whose artifact the build has; returns what bench.json holds."""
     folder = Path(folder)
+    for option, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--gen-tokens", gen_tokens),
+                          ("--repeats", repeats)):
+        check_number(option, value, at_least=1)
     report = _read_report(folder)
     target = parse_target(target_text)
     wanted = list(RUNTIMES) if runtime == "all" else [runtime]
@@ -115,6 +118,11 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
         raise EdgequantError("--calibrate-profile needs a llama.cpp measurement")
     bytes_per_token = _weights_read_per_token(folder / "model.gguf")
     efficiency = llama["decode_tok_s"]["median"] * bytes_per_token / (device.bandwidth_gbs * 1e9)
+    if efficiency > 1:
+        raise EdgequantError(f"the measured decode rate ({llama['decode_tok_s']['median']:.0f} tok/s over "
+                             f"{bytes_per_token / 1e6:.1f} MB) is {efficiency:.2f}x the {device.bandwidth_gbs:g} GB/s of "
+                             f"{device.name}: the model fits in the CPU's caches, or that profile is not this device's; "
+                             "no profile written")
     text = device.path.read_text()
     text = re.sub(r"(?m)^decode_efficiency\s*=\s*[0-9.]+", f"decode_efficiency = {efficiency:.3f}", text)
     note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
@@ -128,8 +136,8 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
 def _weights_read_per_token(gguf_path: Path) -> int:
     """Bytes of the file that one decoded token reads, as the planner counts them: all of it but
     an untied input embedding (one row of it is read). The KV cache of a short bench is left out."""
-    from .models import read_gguf
+    from .models import gguf_tensor_infos
 
-    tensors = {t.name: int(t.n_bytes) for t in read_gguf(gguf_path).tensors}
+    tensors = {t.name: t.n_bytes for t in gguf_tensor_infos(gguf_path)}
     untied = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
     return gguf_path.stat().st_size - untied

@@ -17,7 +17,7 @@ import onnx
 import torch
 
 from edgequant.atomic import atomic_dir
-from edgequant.errors import EdgequantError
+from edgequant.errors import EdgequantError, check_number
 from edgequant.ggml_quants import TYPES
 from edgequant.models import gguf_config, gguf_tokenizer, head_dim, permute_qk, qk_heads, read_gguf
 
@@ -34,6 +34,7 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
 
     ``tokenizer`` (a transformers tokenizer) defaults to the one stored in the GGUF file."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
+    check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
     arch, config = gguf_config(reader)
     weights, floats = {}, {}
