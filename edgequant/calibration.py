@@ -70,6 +70,30 @@ def activation_stats(
     return ActivationStats(importance, absmax)
 
 
+def cached_activation_stats(loaded: LoadedModel, windows: np.ndarray,
+                            progress: Callable[[], None] | None = None) -> ActivationStats:
+    """:func:`activation_stats`, remembered under the cache dir by the model, the windows and this
+    module's code: ``edgequant plan`` and every build after it on the same text calibrate once."""
+    from safetensors.torch import load_file, save_file
+
+    from .atomic import atomic_path
+    from .measured import cache_path, code_of
+
+    path = cache_path("calibration", loaded, code_of(__name__), windows.tobytes(), suffix=".safetensors")
+    if path.is_file():
+        saved = load_file(path)
+        for _ in windows if progress else ():  # the step is done: its bar says so
+            progress()
+        pick = lambda kind: {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(kind + "/")}  # noqa: E731
+        return ActivationStats({k: v.numpy() for k, v in pick("importance").items()}, pick("absmax"))
+    stats = activation_stats(loaded, windows, progress)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        save_file({**{f"importance/{k}": torch.from_numpy(v) for k, v in stats.importance.items()},
+                   **{f"absmax/{k}": v.contiguous() for k, v in stats.absmax.items()}}, str(tmp))
+    return stats
+
+
 class _Stop(Exception):
     pass
 
@@ -136,17 +160,21 @@ def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np
 
 def block_input_grams(block, hidden: list[torch.Tensor], kwargs: dict, modules: dict,
                       seen_as=lambda module, x: x, dtype=torch.float64) -> dict:
-    """E[x x^T] (float64, or ``dtype``) of the inputs of ``modules`` (key -> module inside
-    ``block``) while ``block`` runs on ``hidden``; ``seen_as(module, x)`` is the input as the
-    module uses it."""
+    """E[x x^T] of the inputs of ``modules`` (key -> module inside ``block``) while ``block`` runs
+    on ``hidden``, summed in float64 (or ``dtype``) over the windows' float32 products;
+    ``seen_as(module, x)`` is the input as the module uses it. Modules fed the very same tensor
+    (q/k/v, gate/up) share one product."""
     sums, counts = {}, {}
+    last: dict = {}  # the input most recently seen, as given and as used, and its product
 
     def hook_for(key):
         def hook(module, args):
             x = seen_as(module, args[0])
-            x = x.reshape(-1, x.shape[-1]).to(dtype)
-            sums[key] = sums.get(key, 0) + x.T @ x
-            counts[key] = counts.get(key, 0) + x.shape[0]
+            if last.get("given") is not args[0] or last.get("used") is not x:
+                flat = x.reshape(-1, x.shape[-1]).float()
+                last.update(given=args[0], used=x, product=(flat.T @ flat).to(dtype), rows=flat.shape[0])
+            sums[key] = sums.get(key, 0) + last["product"]
+            counts[key] = counts.get(key, 0) + last["rows"]
         return hook
 
     hooks = [module.register_forward_pre_hook(hook_for(key)) for key, module in modules.items()]

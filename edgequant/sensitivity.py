@@ -3,7 +3,7 @@
 A *part* is the attention matrices of one block (q, k, v, o), its MLP matrices (gate, up,
 down), or the embedding/output matrices. A part's *options* are the ggml types it can take:
 one type per part, each matrix getting that type or, where the type's blocks do not fit its
-rows, llama.cpp's stand-in (see :func:`edgequant.planning.fitting_type`).
+rows, its 32-block stand-in (see :func:`edgequant.planning.fitting_type`).
 
 For every part and option, the part alone is rounded (RTN on the importance-weighted grid)
 and the model is run on calibration text; the sensitivity is the increase in cross-entropy
@@ -16,7 +16,6 @@ full-precision hidden states cached for that block.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -24,17 +23,17 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-from .assets import cache_dir
 from .atomic import write_text
 from .calibration import block_inputs, run_block
 from .ggml_quants import get_type
+from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
 from .planning import Matrix, fitting_type
 
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # The default model's reference weights lie on the Q4_1 grid they were shipped in, so the affine
 # 32-block types reproduce them exactly (KL 0 at Q5_1): measured, they would win for that reason
-# alone. Where llama.cpp's stand-in is one of them, the symmetric type of the same width is used.
+# alone. Where the stand-in is one of them, the symmetric type of the same width is used.
 AFFINE_TO_SYMMETRIC = {"Q4_1": "Q4_0", "Q5_1": "Q5_0"}
 
 
@@ -120,9 +119,19 @@ class Sensitivity:
         return cls([Entry(**e) for e in d["entries"]], d["tokens"])
 
 
-def kl_divergence(ref_logp: torch.Tensor, logits: torch.Tensor) -> float:
-    logp = torch.log_softmax(logits.float(), -1)
-    return float((ref_logp.exp() * (ref_logp - logp)).sum(-1).mean())
+class Reference:
+    """Full-precision next-token distributions of one window, kept as what KL needs: the
+    probabilities p and their negative entropy sum(p log p)."""
+
+    def __init__(self, logits: torch.Tensor):
+        logp = torch.log_softmax(logits.float(), -1)
+        self.p = logp.exp()
+        self.neg_entropy = (self.p * logp).sum(-1)
+
+    def kl(self, logits: torch.Tensor) -> float:
+        """Mean KL(p || softmax(logits)) over the window's positions, in nats."""
+        logq = torch.log_softmax(logits.float(), -1)
+        return float((self.neg_entropy - (self.p * logq).sum(-1)).mean())
 
 
 class Tail:
@@ -150,15 +159,15 @@ def measure(
     params = dict(model.named_parameters(remove_duplicate=False))
     by_gguf = {loaded.gguf_name(hf): p for hf, p in params.items() if p.ndim == 2}
     tokens = torch.from_numpy(windows)
-    ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in tokens]
+    ref = [Reference(model(t[None], use_cache=False).logits[0]) for t in tokens]
     hidden, kwargs = block_inputs(model, windows)
     tail = Tail(model, kwargs)
     entries = []
 
     def kl_of(part: Part) -> float:
         if part.block < 0:
-            return float(np.mean([kl_divergence(r, model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
-        return float(np.mean([kl_divergence(r, tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
+            return float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+        return float(np.mean([r.kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
 
     hidden_at: dict[int, list[torch.Tensor]] = {}
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
@@ -184,15 +193,16 @@ def n_measurements(parts: list[Part]) -> int:
     return sum(len(p.options()) for p in parts)
 
 
+# the modules whose code decides a measured table: this one, the block runner, the encoders, the fallbacks
+MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.ggml_quants", "edgequant.planning")
+
+
 def cached_measure(loaded: LoadedModel, parts, windows, importance, progress=None) -> Sensitivity:
-    """:func:`measure`, remembered under the cache dir by model weights, text and options."""
-    h = hashlib.sha256(windows.tobytes())
-    for name in sorted(importance):
-        h.update(importance[name].tobytes())
-    h.update(json.dumps([[p.key, [o for o in p.options()]] for p in parts]).encode())
-    for _, w in loaded.matrices():
-        h.update(w.detach().float().numpy()[:: max(1, w.shape[0] // 16)].tobytes())
-    path = cache_dir() / "sensitivity" / f"{loaded.name}-{h.hexdigest()[:16]}.json"
+    """:func:`measure`, remembered under the cache dir by the model, the text, the importance, the
+    parts' options and the measuring code itself."""
+    options = json.dumps([[p.key, [o for o in p.options()]] for p in parts]).encode()
+    path = cache_path("sensitivity", loaded, code_of(*MEASURING_CODE), windows.tobytes(), tensor_bytes(importance),
+                      options, suffix=".json")
     if path.is_file():
         return Sensitivity.from_dict(json.loads(path.read_text()))
     table = measure(loaded, parts, windows, importance, progress)

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -70,9 +70,29 @@ def per_o_column(config, per_value: torch.Tensor) -> torch.Tensor:
     return per_value.reshape(-1, 1, head_dim).expand(-1, group, -1).reshape(-1)
 
 
+@dataclass
+class Folded:
+    """The scales folded into a model, per consuming matrix (GGUF name): its input columns were
+    multiplied by ``columns[name]`` and its input divided by them. Statistics of the inputs follow
+    without running the model again: E[(x/s)^2] = E[x^2] / s^2."""
+
+    columns: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, loaded: LoadedModel, block: int, group: str, s: torch.Tensor) -> None:
+        for c in next(g for g in GROUPS if g.key == group).consumers:
+            name = loaded.gguf_name(f"model.layers.{block}.{c}.weight")
+            self.columns[name] = self.columns.get(name, 1.0) * s.detach().double()
+
+    def importance(self, before: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """E[x^2] per input column of every matrix after the fold, from the one before it."""
+        return {name: (imp / (self.columns[name].numpy() ** 2)).astype(imp.dtype) if name in self.columns else imp
+                for name, imp in before.items()}
+
+
 @torch.no_grad()
-def fold(layer, config, group: str, s: torch.Tensor) -> None:
-    """Divide ``group``'s input channels by ``s`` and multiply the consumers' columns by it.
+def fold(layer, config, group: str, s: torch.Tensor) -> torch.Tensor:
+    """Divide ``group``'s input channels by ``s`` and multiply the consumers' columns by it;
+    returns the scale of each consumer column.
 
     For ``attn_out``, ``s`` has one entry per value channel."""
     attn, mlp = layer.self_attn, layer.mlp
@@ -89,6 +109,7 @@ def fold(layer, config, group: str, s: torch.Tensor) -> None:
         s = per_o_column(config, s)
     for w in next(g for g in GROUPS if g.key == group).weights(layer):
         w.mul_(s)
+    return s
 
 
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -98,10 +119,11 @@ def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alph
 
 
 @torch.no_grad()
-def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> None:
+def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: float = 0.5) -> Folded:
     """SmoothQuant maps folded into ``loaded.model`` in place. ``act_absmax`` maps GGUF names of the
     consuming matrices (e.g. ``blk.0.attn_q.weight``) to max |x| per input column."""
     config = loaded.config
+    folded = Folded()
     for i, layer in enumerate(loaded.model.model.layers):
         for g in GROUPS:
             act = act_absmax[loaded.gguf_name(f"model.layers.{i}.{g.consumers[0]}.weight")]
@@ -109,7 +131,8 @@ def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: floa
             if g.key == "attn_out":
                 act = per_value_channel(config, act)
                 weights = [per_value_channel(config, weights[0].abs().amax(0))[None]]
-            fold(layer, config, g.key, smoothing_scales(act, weights, alpha))
+            folded.add(loaded, i, g.key, fold(layer, config, g.key, smoothing_scales(act, weights, alpha)))
+    return folded
 
 
 # --- QuBLAST: scales searched against the error llama.cpp will make -------------------------------
@@ -218,15 +241,16 @@ def search_scales(
     types: dict[str, str],
     max_tokens: int = 2048,
     progress: Callable[[], None] | None = None,
-) -> list[ScaleChoice]:
+) -> tuple[list[ScaleChoice], Folded]:
     """Choose and fold the scaling maps of every block of ``loaded.model`` in place.
 
-    ``types`` maps GGUF matrix names to the ggml type each will be stored in. One block's
-    activations are held at a time; folding leaves each block's outputs unchanged, so the next
-    block's inputs need no re-run."""
+    ``types`` maps GGUF matrix names to the ggml type each will be stored in. The search reads
+    the first ``max_tokens`` of the windows, and only those windows are carried through the blocks.
+    One block's activations are held at a time; folding leaves each block's outputs unchanged, so
+    the next block's inputs need no re-run."""
     model, config = loaded.model, loaded.config
-    hidden, kwargs = block_inputs(model, windows)
-    choices = []
+    hidden, kwargs = block_inputs(model, windows[: -(-max_tokens // windows.shape[1])])
+    choices, folded = [], Folded()
     for i, layer in enumerate(model.model.layers):
         inputs = _group_inputs(layer, hidden, kwargs, max_tokens)
         for g in GROUPS:
@@ -234,8 +258,8 @@ def search_scales(
             choice, s = _choose(config, g, inputs[g.key], g.weights(layer), names)
             choices.append(ScaleChoice(i, *choice))
             if choice[1]:
-                fold(layer, config, g.key, s)
+                folded.add(loaded, i, g.key, fold(layer, config, g.key, s))
         hidden = [run_block(layer, h, kwargs) for h in hidden]
         if progress:
             progress()
-    return choices
+    return choices, folded

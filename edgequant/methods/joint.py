@@ -50,7 +50,7 @@ from ..models import BlockShape, LoadedModel, sizes_differ
 from ..planning import Matrix, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
-from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, kl_divergence, split_parts, stand_in
+from ..sensitivity import CANDIDATES, Part, Reference, Sensitivity, Tail, split_parts, stand_in
 from ..smoothing import kv_grouping
 from .qublast import measure_table
 
@@ -316,7 +316,7 @@ class _Probe:
         self.tokens, self.n = windows.size, len(windows)
         model = loaded.model
         ids = torch.from_numpy(windows)
-        self.ref = [torch.log_softmax(model(t[None], use_cache=False).logits[0].float(), -1) for t in ids]
+        self.ref = [Reference(model(t[None], use_cache=False).logits[0]) for t in ids]
         self.fisher = _fisher(model, ids)
         self.runs = 0
 
@@ -332,7 +332,7 @@ class _Probe:
         """Measured: the output KL when blocks ``start``.. run on ``hidden``."""
         self.runs += 1
         tail = Tail(self.loaded.model, kwargs)
-        return float(np.mean([kl_divergence(r, tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
+        return float(np.mean([r.kl(tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
 
     def estimate(self, b: int, layer, states: list[torch.Tensor], kwargs: dict,
                  types: dict[str, dict[str, float]]) -> Changes:

@@ -67,8 +67,9 @@ def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params
 def transform(
     loaded: LoadedModel, plan: Plan, calibration: Calibration, progress: Progress
 ) -> tuple[LoadedModel, dict]:
-    """A copy of the model with the scaling maps searched for ``plan``'s types folded in."""
+    """A copy of the model with the scaling maps searched for ``plan``'s types folded in (and,
+    under ``folded``, the scales, from which the calibration statistics of the copy follow)."""
     work = loaded.copy()
     with progress.step("search activation scaling maps", loaded.config.num_hidden_layers) as tick:
-        choices = search_scales(work, calibration.windows, plan.types, progress=tick)
-    return work, {"scaling_maps": [asdict(c) for c in choices]}
+        choices, folded = search_scales(work, calibration.windows, plan.types, progress=tick)
+    return work, {"scaling_maps": [asdict(c) for c in choices], "folded": folded}
