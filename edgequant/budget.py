@@ -4,10 +4,13 @@ Memory while running in llama.cpp (CPU) = weights + KV cache + runtime overhead:
 
 * weights: the GGUF file (tensor bytes of the plan + metadata), memory-mapped;
 * KV cache: ``2 * kv_heads * head_dim * ctx * 2`` bytes (f16 K and V; KV heads summed over blocks);
-* overhead: llama.cpp's compute buffer, dominated by the logits of one micro-batch
-  (``n_vocab * n_ubatch * 4`` bytes), plus graph buffers and the process itself.
-  Measured on the host for SmolLM2-135M at ``n_ctx=2048`` (llama-cpp-python 0.3.36, verbose load):
-  compute buffer 99.38 MiB = 96 MiB of logits + 3.4 MiB; ``import llama_cpp`` adds 28 MB of RSS.
+* overhead: llama.cpp's CPU compute buffer, as ``edgequant bench`` runs it (flash attention on,
+  ``n_batch`` = the context): float32 logits and two hidden-state-wide activations of one
+  micro-batch, ``4 * u * (n_vocab + 2 * n_embd)`` bytes with ``u = min(512, ctx)``; plus 28 MB,
+  the RSS ``import llama_cpp`` adds. The rule was read off llama.cpp's own allocation
+  (llama-cpp-python 0.3.36, verbose load) for hidden sizes 256 and 576 at contexts from 256 to
+  8192: exact but at one point (SmolLM2 at 2048, 102.5 MiB against 98.25); ``tests/test_planner.py``
+  checks it for three shapes.
 
 Decode speed is bandwidth bound: every token reads all weights (except the rows of an untied
 embedding) and the KV cache, so ``tok/s = effective bandwidth / bytes per token``. Prefill is
@@ -26,8 +29,8 @@ from .devices import Device
 from .errors import EdgequantError
 from .models import block_shapes, head_dim
 
-N_UBATCH = 512
-GRAPH_BYTES = int(3.4 * 2**20) + 28_000_000  # measured, see above
+N_UBATCH = 512  # llama.cpp's default micro-batch; a shorter context shortens it
+PROCESS_BYTES = 28_000_000  # measured, see above
 INT8_OPS_PER_CYCLE = {"i8mm": 128, "amx": 1024, "avx512_vnni": 128, "dotprod": 64, "avx2": 64}
 COMPUTE_EFFICIENCY = 0.3
 
@@ -41,18 +44,23 @@ class Shape:
     n_vocab: int
     params: int
     tied: bool
+    hidden: int
 
     @classmethod
     def of(cls, model, params: int) -> Shape:
         config = model.config
         return cls(sum(s.kv_heads for s in block_shapes(model)), head_dim(config), config.vocab_size,
-                   params, bool(config.tie_word_embeddings))
+                   params, bool(config.tie_word_embeddings), config.hidden_size)
 
     def kv_bytes(self, ctx: int) -> int:
         return 2 * self.kv_heads * self.head_dim * ctx * 2
 
-    def overhead_bytes(self) -> int:
-        return 4 * self.n_vocab * N_UBATCH + 4 * self.n_vocab + GRAPH_BYTES
+    def compute_buffer_bytes(self, ctx: int) -> int:
+        """llama.cpp's CPU compute buffer at context ``ctx`` (see the module docstring)."""
+        return 4 * min(N_UBATCH, ctx) * (self.n_vocab + 2 * self.hidden)
+
+    def overhead_bytes(self, ctx: int) -> int:
+        return self.compute_buffer_bytes(ctx) + PROCESS_BYTES
 
 
 @dataclass
@@ -83,7 +91,7 @@ def resolve(
     ``bpw_params`` the parameters ``bpw`` is counted over (default the shape's: a pruned model
     counts its unpruned parameters, so that its bits per weight are the equivalent at equal size)."""
     ctx = ctx or device.default_ctx
-    limits = {f"memory of {device.name}": device.usable_bytes - shape.kv_bytes(ctx) - shape.overhead_bytes()}
+    limits = {f"memory of {device.name}": device.usable_bytes - shape.kv_bytes(ctx) - shape.overhead_bytes(ctx)}
     if budget_mb is not None:
         limits["--budget-mb"] = int(budget_mb * 1e6)
     if bpw is not None:
@@ -101,7 +109,7 @@ def prefill_ops_per_s(device: Device) -> float:
 
 def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0) -> dict:
     """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context."""
-    kv, overhead = shape.kv_bytes(ctx), shape.overhead_bytes()
+    kv, overhead = shape.kv_bytes(ctx), shape.overhead_bytes(ctx)
     per_token = file_bytes - embd_bytes + kv
     memory = file_bytes + kv + overhead
     return {
