@@ -37,7 +37,6 @@ def plan(model: str | None = None, device: str | None = None, *, progress: bool 
     """``edgequant plan``: budget, per-block types and predicted size/memory/speed; writes nothing."""
     from .pipeline import BuildOptions, planned
 
-    options.setdefault("calib_tokens", 2048)
     return planned(BuildOptions(model=model, device=device, **options), _progress(progress)).summary()
 
 

@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 
+from .atomic import InterruptedAfterSwap
 from .errors import EdgequantError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a language model for an edge device.")
@@ -26,6 +27,8 @@ def _run(fn, *args, **kwargs):
         return fn(*args, **kwargs)
     except EdgequantError as e:
         _fail(str(e))
+    except InterruptedAfterSwap as e:
+        _fail(f"interrupted; {e.final} was already complete and is in place", 130)
     except KeyboardInterrupt:
         _fail("interrupted; nothing was written", 130)
     except MemoryError:
@@ -83,6 +86,8 @@ def build(
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="llama.cpp / ONNX Runtime threads (default: all cores)."),
     formats: str = typer.Option("gguf,onnx", help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes)."),
+    parity: bool = typer.Option(False, "--parity", help="Also score the torch simulation of the GGUF's bytes and ONNX Runtime "
+                                "at accuracy_level 0, which the runtimes must match (two more evaluations)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
@@ -92,7 +97,8 @@ def build(
     opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
-                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats)
+                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
+                    parity=parity)
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
 
@@ -107,7 +113,8 @@ def plan(
     min_tok_s: Optional[float] = MIN_TOK_S,
     context: Optional[int] = CONTEXT,
     calib_text: Optional[str] = CALIB_TEXT,
-    calib_tokens: int = typer.Option(2048, help="Calibration tokens (sensitivity uses the first 512)."),
+    calib_tokens: int = typer.Option(16384, help="Calibration tokens, as `build` takes them, so the plan is the build's "
+                                     "(sensitivity uses the first 512; the measured table is cached for the build)."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):

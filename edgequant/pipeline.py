@@ -31,10 +31,10 @@ from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
 from .budget import Budget, Shape, check_fits, predict, resolve
-from .calibration import ActivationStats, Calibration, activation_stats
+from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
-from .errors import EdgequantError
+from .errors import EdgequantError, check_number
 from .evaluation import (
     DEFAULT_CTX,
     CachedLogits,
@@ -45,14 +45,14 @@ from .evaluation import (
 )
 from .methods import Method, get_method
 from .methods.joint import Choice
-from .models import BlockShape, LoadedModel, block_shapes, load_model, read_gguf
+from .models import BlockShape, LoadedModel, block_shapes, gguf_tensor_infos, load_model
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
-from .smoothing import llama_cpp_activations, smooth
+from .smoothing import Folded, llama_cpp_activations, smooth
 
 
 FORMATS = ("gguf", "onnx")
@@ -77,13 +77,22 @@ class BuildOptions:
     eval_tokens: int = 8192
     ctx: int = DEFAULT_CTX  # evaluation window
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
-    torch_sim: bool = True  # also score the decoded weights in torch (parity with llama.cpp)
+    parity: bool = False  # also score the torch simulation of the GGUF's bytes and ORT at accuracy_level 0
     threads: int | None = None
     formats: tuple[str, ...] = FORMATS  # what goes into --out; the ONNX model is made from the GGUF's bytes
     pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
 
     def __post_init__(self):
-        """Mistyped names fail here, before the model is loaded or calibrated."""
+        """Mistyped names and numbers out of range fail here, before the model is loaded."""
+        check_number("--calib-tokens", self.calib_tokens, at_least=1)
+        check_number("--eval-tokens", self.eval_tokens, at_least=1)
+        check_number("--eval-ctx", self.ctx, at_least=2)
+        check_number("--bpw", self.bpw, above=0, at_most=32)
+        check_number("--budget-mb", self.budget_mb, above=0)
+        check_number("--min-tok-s", self.min_tok_s, above=0)
+        check_number("--context", self.context, at_least=1)
+        check_number("--smooth", self.smooth, at_least=0, at_most=1)
+        check_number("--threads", self.threads, at_least=1)
         if get_method(self.method).search and (self.ggml_type or self.pruning):
             raise EdgequantError(f"--method {self.method} chooses the pruning and the types itself "
                                  "(no --type, no pruning given)")
@@ -216,7 +225,7 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     stats = None
     if opts.use_importance or opts.smooth or method.allocate:
         with progress.step("calibrate", len(calib)) as tick:
-            stats = activation_stats(loaded, calib, tick)
+            stats = cached_activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference,
@@ -228,7 +237,7 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     (a pruned model's KV cache is smaller, so its memory budget can only grow)."""
     tgt = target(loaded, opts, device)
     with progress.step("calibrate", len(calib)) as tick:
-        importance = activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
+        importance = cached_activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
     return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance), progress)
 
 
@@ -248,11 +257,11 @@ def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict |
             "unpruned": vars(BlockShape.of_config(pruned.config)), "search": search}
 
 
-def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> LoadedModel:
-    """A copy of the model with activation scaling maps folded in (the original stays the reference)."""
+def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> tuple[LoadedModel, Folded]:
+    """A copy of the model with activation scaling maps folded in (the original stays the
+    reference), and the scales folded."""
     copy = loaded.copy()
-    smooth(copy, ranges, alpha)
-    return copy
+    return copy, smooth(copy, ranges, alpha)
 
 
 def build(
@@ -280,11 +289,13 @@ def build(
     if method.transform and opts.scaling_maps:
         work, details = method.transform(loaded, plan, calibration, progress)
     elif opts.smooth:
-        work = smoothed_copy(loaded, stats.absmax, opts.smooth)
-    maps = details.pop("scaling_maps", None)
-    if work is not loaded and opts.use_importance:
+        work, details["folded"] = smoothed_copy(loaded, stats.absmax, opts.smooth)
+    maps, folded = details.pop("scaling_maps", None), details.pop("folded", None)
+    if folded is not None and opts.use_importance:  # diagonal maps: the statistics follow, no second pass
+        calibration = Calibration(calib, folded.importance(calibration.importance))
+    elif work is not loaded and opts.use_importance:
         with progress.step("calibrate the transformed model", len(calib)) as tick:
-            calibration = Calibration(calib, activation_stats(work, calib, tick).importance)
+            calibration = Calibration(calib, cached_activation_stats(work, calib, tick).importance)
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
         encoded = method.quantize(work, plan, calibration, tick)
 
@@ -343,13 +354,17 @@ def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str
     against the full-precision ``reference_model`` on the evaluation text."""
     progress = progress or Progress()
     path = Path(path)
+    check_number("--eval-tokens", eval_tokens, at_least=1)
+    check_number("--eval-ctx", ctx, at_least=2)
+    check_number("--threads", threads, at_least=1)
+    check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     if not path.exists():
         raise EdgequantError(f"not found: {path}")
     is_onnx = path.is_dir() or path.suffix == ".onnx"
     if is_onnx:  # a corrupt file fails here, before the reference model is loaded
         check_model(model_file(path))
     else:
-        read_gguf(path)
+        gguf_tensor_infos(path)
     with progress.step("load reference model"):
         loaded = load_model(reference_model)
     label, text = load_text(eval_text, EVALUATION_TEXT)
@@ -377,15 +392,16 @@ def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
 
 
 def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress, with_a8: bool = False) -> dict:
-    """Quality of the files in ``stage`` against the full-precision ``reference``; ``work`` is
-    what was quantized. The ONNX model is scored as shipped and at accuracy_level 0 (float32
-    activations: the exact counterpart of the torch simulation). ``with_a8`` adds the torch
-    simulation with llama.cpp's 8-bit activation blocks (W4A8 as llama.cpp computes it)."""
+    """Quality of the files in ``stage`` against the full-precision ``reference``, each in its own
+    runtime (``work`` is what was quantized). With ``opts.parity``, also what the runtimes must
+    agree with: the torch simulation of the GGUF's decoded bytes (and, with ``with_a8``, with
+    llama.cpp's 8-bit activation blocks: W4A8 as llama.cpp computes it), and the ONNX model at
+    accuracy_level 0 (float32 activations, the exact counterpart of the simulation)."""
     quality = {}
     with progress.step("evaluate full precision", len(windows)) as tick:
         cached = lambda window: reference.log_probs(window).numpy()
         quality["fp"] = evaluate(cached, windows, reference, "torch", tick).as_dict()
-    if opts.torch_sim:
+    if opts.parity:
         sim = simulate(work.model, _name_pairs(work), encoded)
         with progress.step("evaluate torch simulation", len(windows)) as tick:
             quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
@@ -398,7 +414,7 @@ def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress, wi
         with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
             quality["gguf"] = score_in_llama_cpp(stage / "model.gguf", windows, reference, opts.threads, tick).as_dict()
     if "onnx" in opts.formats:
-        for key, level in (("onnx", None), ("onnx_exact", 0)):
+        for key, level in (("onnx", None), ("onnx_exact", 0))[: 2 if opts.parity else 1]:
             with progress.step(f"evaluate ONNX in onnxruntime{' (accuracy_level 0)' if level == 0 else ''}",
                                len(windows)) as tick:
                 quality[key] = score_in_ort(stage / "onnx", windows, reference, opts.threads, level, tick).as_dict()
@@ -440,8 +456,8 @@ def peak_rss_mb() -> float:
 
 def gguf_tensor_stats(path: Path) -> tuple[int, int]:
     """(bytes, parameters) over all tensors stored in a GGUF file."""
-    reader = read_gguf(path)
-    return sum(int(t.n_bytes) for t in reader.tensors), sum(int(t.n_elements) for t in reader.tensors)
+    infos = gguf_tensor_infos(path)
+    return sum(t.n_bytes for t in infos), sum(t.n_elements for t in infos)
 
 
 def _artifact(path: Path, fmt: str, out: Path) -> dict:

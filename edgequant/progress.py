@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
@@ -41,8 +43,12 @@ class RichProgress(Progress):
 
 
 def bars(show: bool) -> Progress:
-    """Bars on stderr, or silence; either way transformers' own bars are off (ours replace them)."""
-    from transformers.utils import logging as hf_logging
+    """Bars on stderr, or silence; either way transformers' own bars are off (ours replace them).
+    transformers reads the setting when it is imported; it is not imported here, since commands
+    that never load a model (deploy, bench, report...) should not pay for it."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+        hf_logging.disable_progress_bar()
     return RichProgress() if show else Progress()
