@@ -1,22 +1,64 @@
+"""Fixtures shared by every test file.
+
+Two kinds of model:
+
+* **tiny random models** (``tiny_model``, ``tiny_build``): llama / mistral / qwen2 / qwen3 folders
+  with the default model's tokenizer and widths that ggml's blocks fit, made in seconds. Everything
+  that checks mechanics uses them: formats, parity across runtimes, pruning shapes, reports,
+  deploy, bad inputs.
+* **the real default model** (``default_model`` and the builds below): for claims about quality.
+  Each distinct build is made once per run and read by every file that needs it. A test that uses
+  one of them is marked ``slow`` automatically (``-m "not slow"`` skips them).
+
+The suite runs with its own cache folder (``EDGEQUANT_CACHE``): no measurement made outside the
+run (or by other code) is read back.
+"""
+
+from __future__ import annotations
+
 import json
-import subprocess
-import sys
+import os
+import shlex
+import shutil
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
 
-from edgequant.evaluation import CachedLogits, TorchLogits
-from edgequant.models import load_model
-from edgequant.pipeline import BuildOptions, build
+from tests.helpers import FIRST, PYTHON, QUICKSTART, write_tiny_model
 
-EVAL_TOKENS = 4096  # 8 windows of 512: enough to compare runtimes on the same text
+TINY_TOKENS = 512  # calibration and evaluation tokens of tiny builds: one window
+EVAL_TOKENS = 4096  # real-model claims: 8 windows of 512
 CALIB_TOKENS = 2048
-MIXED = {"bpw": 4.5, "formats": "gguf,onnx"}  # a mixed plan, exported to both formats; shared by several tests
-# What the chat tests ask. The full-precision model answers "The capital city of France is Paris."
-# with a lead of 0.73 nats or more for every greedy token; "What is the capital of France?" has a
-# lead of 0.08 nats on its first token, and CI's CPU flipped it to a French list without Paris.
-QUESTION = "Name the capital city of France."
 
+REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme", "stock_mix",
+                       "real_build", "qublast"}
+
+
+def pytest_configure(config):
+    """The suite's own cache: the default model's float32 folder (a pure function of the installed
+    package) is linked in from the user's cache when it is there; measured tables are not."""
+    if os.environ.get("EDGEQUANT_SUITE_CACHE"):
+        return  # already set up (a subprocess of the suite)
+    from edgequant.assets import DEFAULT_MODEL, cache_dir
+
+    user_model = cache_dir() / DEFAULT_MODEL
+    suite = Path(tempfile.mkdtemp(prefix="edgequant-suite-cache-"))
+    if (user_model / "config.json").is_file():
+        (suite / DEFAULT_MODEL).symlink_to(user_model)
+    os.environ["EDGEQUANT_CACHE"] = os.environ["EDGEQUANT_SUITE_CACHE"] = str(suite)
+    config.add_cleanup(lambda: shutil.rmtree(suite, ignore_errors=True))
+
+
+def pytest_collection_modifyitems(items):
+    """``slow`` means: uses the real default model."""
+    for item in items:
+        if REAL_MODEL_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+# ------------------------------------------------------------------------------ bad-input matrix
 
 BAD_INPUTS = pytest.StashKey[dict]()
 
@@ -32,17 +74,63 @@ def pytest_terminal_summary(terminalreporter, config):
     if messages:
         terminalreporter.section("bad-input matrix: case -> the one line edgequant printed")
         for case, message in sorted(messages.items()):
-            terminalreporter.write_line(f"{case:<44} {message}")
+            terminalreporter.write_line(f"{case:<48} {message}")
+
+
+# ---------------------------------------------------------------------------------- tiny models
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """``tiny_model(model_type="llama", **config)`` -> a Hugging Face folder, made once per run."""
+    made: dict = {}
+
+    def make(model_type: str = "llama", **config) -> Path:
+        key = json.dumps([model_type, config], sort_keys=True)
+        if key not in made:
+            made[key] = write_tiny_model(tmp_path_factory.mktemp(f"tiny-{model_type}") / "model", model_type, **config)
+        return made[key]
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_build(tiny_model, tmp_path_factory):
+    """``tiny_build(model_type="llama", config={}, **options)`` -> (out folder, report): a build of a
+    tiny model, in this process, made once per run for each set of options (default: RTN, GGUF and
+    ONNX, the parity evaluations, 512 calibration and evaluation tokens)."""
+    from edgequant.pipeline import BuildOptions, build
+
+    made: dict = {}
+
+    def run(model_type: str = "llama", config: dict | None = None, **options):
+        key = json.dumps([model_type, config, options], sort_keys=True, default=str)
+        if key not in made:
+            out = tmp_path_factory.mktemp("tiny-build") / "out"
+            defaults = {"method": "rtn", "calib_tokens": TINY_TOKENS, "eval_tokens": TINY_TOKENS, "formats": "gguf,onnx",
+                        "parity": True}
+            opts = BuildOptions(model=str(tiny_model(model_type, **(config or {}))), out=out, **{**defaults, **options})
+            made[key] = (out, build(opts))
+        return made[key]
+
+    return run
+
+
+# ---------------------------------------------------------------------------- the default model
 
 
 @pytest.fixture(scope="session")
 def default_model():
+    from edgequant.models import load_model
+
     return load_model("default")
 
 
 @pytest.fixture(scope="session")
 def reference(default_model):
     """Full-precision logits of the default model, computed once per window for the session."""
+    from edgequant.evaluation import CachedLogits, TorchLogits
+
     return CachedLogits(TorchLogits(default_model.model))
 
 
@@ -55,80 +143,106 @@ def calib_windows(default_model):
 
 
 @pytest.fixture(scope="session")
-def rotated(default_model, calib_windows) -> dict:
-    """The Hadamard baseline's and RUQuant's transforms of the default model (RUQuant tuned for
-    W4A4), each computed once per session."""
-    from edgequant.activation_quant import transform
-    from edgequant.calibration import Calibration
-    from edgequant.fakequant import Setting
-    from edgequant.progress import Progress
+def eval_windows(default_model):
+    from edgequant.assets import EVALUATION_TEXT, load_text
+    from edgequant.evaluation import token_windows
 
-    class Lazy(dict):
-        def __missing__(self, method):
-            self[method] = transform(method, default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress())
-            return self[method]
-
-    return Lazy()
+    return token_windows(default_model.tokenizer, load_text(None, EVALUATION_TEXT)[1], EVAL_TOKENS)
 
 
 @pytest.fixture(scope="session")
-def build_default(default_model, reference, tmp_path_factory):
-    """Build the default model once per set of options; returns (out dir, report). Builds write
-    the GGUF only unless the options ask for ``formats`` (the ONNX export and its two ORT
-    evaluations add about 20 s per build)."""
-    done: dict = {}
-
-    def run(**options):
-        key = json.dumps(options, sort_keys=True)
-        if key not in done:
-            out = tmp_path_factory.mktemp("build") / "out"
-            defaults = {"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, "formats": "gguf"}
-            opts = BuildOptions(out=out, **{**defaults, **options})
-            done[key] = (Path(out), build(opts, loaded=default_model, reference=reference))
-        return done[key]
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def stock_q4_k_m(tmp_path_factory, default_model, reference):
-    """llama.cpp's own Q4_K_M of the reference model: its bits per weight and quality."""
-    return score_stock_mix(tmp_path_factory.mktemp("stock"), "Q4_K_M", default_model.tokenizer, reference)
-
-
-@pytest.fixture(scope="session")
-def qublast(build_default, stock_q4_k_m):
-    """The default method at llama.cpp's Q4_K_M size: a real mix, with its sensitivity table."""
-    # GPTQ, the rounding step, needs the default amount of calibration text (see test_gptq)
-    return build_default(method="qublast", bpw=stock_q4_k_m[0], calib_tokens=16384)
-
-
-README_BUILD = ["build", "--device", "jetson-orin", "--out", "{out}", "--eval-tokens", "1024", "--json"]
-
-
-@pytest.fixture(scope="session")
-def readme_build(tmp_path_factory):
-    """README's first command (`edgequant build --device jetson-orin`), run as a user runs it; its
-    folder. What it printed on stdout (``--json``) is kept beside it, in ``stdout.json``."""
-    out = tmp_path_factory.mktemp("readme") / "out"
-    cmd = [sys.executable, "-m", "edgequant.cli", *(a.format(out=out) for a in README_BUILD)]
-    done = subprocess.run(cmd, check=True, capture_output=True, text=True)
-    (out.parent / "stdout.json").write_text(done.stdout)
-    return out
-
-
-def score_stock_mix(tmp: Path, mix: str, tokenizer, reference, tokens: int = EVAL_TOKENS):
-    """llama.cpp's own ``mix`` of the reference model, made in ``tmp``: (bits per weight, its
-    llama.cpp quality on the first ``tokens`` of the evaluation text)."""
+def stock_mix(default_model, reference, calib_windows, tmp_path_factory):
+    """``stock_mix(mix, imatrix=False, tokens=EVAL_TOKENS)`` -> (bits per weight, llama.cpp quality):
+    llama.cpp's own ``mix`` of the reference model, made as a user makes it (``llama_model_quantize``
+    on an F32 GGUF; the importance matrix, if asked, from our calibration text), scored on the first
+    ``tokens`` of the evaluation text. Each is made once per run."""
     from edgequant.assets import EVALUATION_TEXT, default_gguf, read_text
+    from edgequant.calibration import activation_stats
     from edgequant.evaluation import token_windows
     from edgequant.pipeline import gguf_tensor_stats
     from runtimes.llama_quantize import quantize_stock, write_f32_copy
     from runtimes.llamacpp import score_in_llama_cpp
 
-    write_f32_copy(default_gguf(), tmp / "f32.gguf")
-    path = tmp / f"stock-{mix}.gguf"
-    quantize_stock(tmp / "f32.gguf", path, mix)
-    n_bytes, n_params = gguf_tensor_stats(path)
-    windows = token_windows(tokenizer, read_text(EVALUATION_TEXT), tokens)
-    return n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)
+    folder = tmp_path_factory.mktemp("stock")
+    f32 = folder / "reference-f32.gguf"
+    made: dict = {}
+
+    def make(mix: str, imatrix: bool = False, tokens: int = EVAL_TOKENS):
+        key = (mix, imatrix, tokens)
+        if key not in made:
+            if not f32.exists():
+                write_f32_copy(default_gguf(), f32)
+            matrix = None
+            if imatrix:
+                stats = activation_stats(default_model, calib_windows).importance
+                matrix = {k: v for k, v in stats.items() if k.startswith("blk.")}
+            path = folder / f"{mix}{'-imatrix' if imatrix else ''}.gguf"
+            if not path.exists():
+                quantize_stock(f32, path, mix, imatrix=matrix)
+            n_bytes, n_params = gguf_tensor_stats(path)
+            windows = token_windows(default_model.tokenizer, read_text(EVALUATION_TEXT), tokens)
+            made[key] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)
+        return made[key]
+
+    return make
+
+
+# ------------------------------------------------------------------- README's commands, as written
+
+@pytest.fixture(scope="session")
+def readme(default_model, tmp_path_factory):
+    """README's commands run in order in one fresh folder, as a user runs them: the first build,
+    every quickstart line, then the Python example (in this process, so that its variables can be
+    checked). The ssh host ``pi4`` is an OpenSSH server on 127.0.0.1 whose sessions start in
+    ``board-home``. Returns (the folder, {command line: (its process, seconds)}, the example's
+    variables)."""
+    from tests import sshd
+    from tests.helpers import edgequant
+
+    work = tmp_path_factory.mktemp("readme")
+    server = sshd.start(tmp_path_factory.mktemp("readme-sshd"), home=work / "board-home")
+    config = server.client_config("pi4_config", host="pi4")
+    ran, namespace = {}, {}
+    try:
+        for argv in FIRST + QUICKSTART:
+            started = time.time()
+            result = edgequant(*argv[1:], cwd=work, env=server.env(config), timeout=1800)
+            ran[shlex.join(argv)] = (result, time.time() - started)
+        with pytest.MonkeyPatch.context() as patch:
+            patch.chdir(work)
+            patch.setenv("EDGEQUANT_SSH_CONFIG", str(config))
+            exec(compile(PYTHON, "README.md (the Python example)", "exec"), namespace)
+    finally:
+        server.stop()
+    return work, ran, namespace
+
+
+@pytest.fixture(scope="session")
+def real_build(default_model, reference, tmp_path_factory):
+    """``real_build(**options)`` -> (out folder, report): a build of the default model in this
+    process, once per set of options, scored against the session's full-precision logits
+    (defaults: RTN, GGUF only, 2048 calibration and 4096 evaluation tokens)."""
+    from edgequant.pipeline import BuildOptions, build
+
+    made: dict = {}
+
+    def run(**options):
+        key = json.dumps(options, sort_keys=True)
+        if key not in made:
+            out = tmp_path_factory.mktemp("real-build") / "out"
+            defaults = {"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, "formats": "gguf"}
+            made[key] = (out, build(BuildOptions(out=out, **{**defaults, **options}), loaded=default_model,
+                                    reference=reference))
+        return made[key]
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def qublast(real_build):
+    """QuBLAST's measured allocation on the default model at 80 MB (below llama.cpp's smallest mix,
+    Q2_K at 88 MB): sensitivity measured for every part and option, the knapsack's mix, rounded to
+    nearest without the scaling maps (the maps are checked on the README's build; GPTQ on tiny
+    models; the full method against llama.cpp's mixes is bench/ladder.py's). Calibrated on the
+    build's default 16384 tokens, as the README's build is, so their statistics are shared."""
+    return real_build(method="qublast-rtn", scaling_maps=False, budget_mb=80, calib_tokens=16384)

@@ -1,13 +1,18 @@
 """A real OpenSSH server on 127.0.0.1 for the deploy/bench tests: throwaway host and user keys,
-a free high port, and an ssh client config (``EDGEQUANT_SSH_CONFIG``) that names it ``board``."""
+a free high port, and an ssh client config (``EDGEQUANT_SSH_CONFIG``) that names it ``board``.
+
+Given ``home``, every session starts there (as a login directory would) with this Python first
+on its PATH as ``python3``, like a board with the runtimes installed."""
 
 from __future__ import annotations
 
 import getpass
 import os
+import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,11 +30,12 @@ class SshServer:
     def env(self, config: Path | None = None) -> dict:
         return {**os.environ, "EDGEQUANT_SSH_CONFIG": str(config or self.config)}
 
-    def client_config(self, name: str, **overrides: str) -> Path:
-        """Another client config for the same server, with some settings changed (a wrong key...)."""
+    def client_config(self, name: str, host: str = "board", **overrides: str) -> Path:
+        """Another client config for the same server, under another host alias or with some settings
+        changed (a wrong key...)."""
         settings = {**self.settings, **overrides}
         path = self.root / name
-        path.write_text("Host board\n" + "".join(f"  {k} {v}\n" for k, v in settings.items()))
+        path.write_text(f"Host {host}\n" + "".join(f"  {k} {v}\n" for k, v in settings.items()))
         return path
 
     @property
@@ -49,12 +55,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _session(root: Path, home: Path | None) -> list[str]:
+    """sshd settings that start each session in ``home`` with this Python as ``python3``."""
+    if home is None:
+        return []
+    bin_dir = root / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    (bin_dir / "python3").symlink_to(sys.executable)
+    home.mkdir(parents=True, exist_ok=True)
+    script = root / "session.sh"
+    script.write_text(f'export PATH={shlex.quote(str(bin_dir))}:"$PATH"\ncd {shlex.quote(str(home))} || exit 1\n'
+                      'exec sh -c "$SSH_ORIGINAL_COMMAND"\n')
+    return [f"ForceCommand sh {script}"]
+
+
 def keygen(path: Path) -> str:
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(path)], check=True)
     return path.with_suffix(".pub").read_text().strip()
 
 
-def start(root: Path) -> SshServer:
+def start(root: Path, home: Path | None = None) -> SshServer:
     if not os.path.exists(SSHD):
         raise RuntimeError("sshd is not installed (Debian: apt-get install openssh-server; .ci/install does it)")
     root.mkdir(parents=True, exist_ok=True)
@@ -68,7 +88,7 @@ def start(root: Path) -> SshServer:
         f"Port {port}", "ListenAddress 127.0.0.1", f"HostKey {root / 'host_key'}", f"PidFile {root / 'sshd.pid'}",
         f"AuthorizedKeysFile {root / 'authorized_keys'}", "PubkeyAuthentication yes", "PasswordAuthentication no",
         "KbdInteractiveAuthentication no", "UsePAM no", "StrictModes no", "PermitRootLogin prohibit-password",
-        "LogLevel ERROR", ""]))
+        "LogLevel ERROR", *_session(root, home), ""]))
     if os.geteuid() == 0:
         os.makedirs("/run/sshd", exist_ok=True)  # root's sshd wants its privilege-separation directory
     process = subprocess.Popen([SSHD, "-D", "-e", "-f", str(root / "sshd_config")],

@@ -1,89 +1,98 @@
-"""Weight-and-activation quantization on the real default model: the simulation ranks the methods
-as the issue asks, and the folded RUQuant build runs in llama.cpp and ONNX Runtime as simulated."""
+"""Weight-and-activation quantization: the simulation ranks the methods as the papers do, on a
+tiny random model with planted outlier channels (what makes real activations hard to quantize);
+the KV cache and the command line on the real default model; the folded RUQuant build in llama.cpp
+and ONNX Runtime as simulated. The tables on the real model (W4A4, W6A6, RUQuant keeping 99% of
+full precision's accuracy) are bench/activation_quant.py's, in docs/benchmarks.md."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
+import torch
 
 from edgequant.evaluation import TorchLogits, evaluate
 from edgequant.fakequant import Setting, fake_quantize
+from tests.helpers import assert_same_model, edgequant, succeeded
 
-SIM_TOKENS = 2048
-pytestmark = pytest.mark.slow  # the real default model, transformed and simulated
-
-
-@pytest.fixture(scope="module")
-def eval_windows(default_model):
-    from edgequant.assets import EVALUATION_TEXT, load_text
-    from edgequant.evaluation import token_windows
-
-    return token_windows(default_model.tokenizer, load_text(None, EVALUATION_TEXT)[1], SIM_TOKENS)
+METHODS = ("rtn", "smoothquant", "specquant", "hadamard", "ruquant")
+HADAMARD_W6A6 = 0.2  # W6A6 with an 8-bit KV cache, 1024 tokens: measured MEASURED
 
 
 @pytest.fixture(scope="module")
-def w4a4(default_model, calib_windows, eval_windows, reference, rotated):
-    """KLD at W4A4 of each method, same harness, same windows."""
+def outliers(tiny_model):
+    """A tiny llama whose RMSNorms blow 4 of the 256 channels up 40x before every block's q/k/v and
+    gate/up (as massive activations do in trained models), its windows and its full precision."""
+    from edgequant.assets import read_text
+    from edgequant.evaluation import CachedLogits, token_windows
+    from edgequant.models import load_model
+
+    loaded = load_model(tiny_model())
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in loaded.model.model.layers:
+            for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                norm.weight[torch.randperm(256, generator=gen)[:4]] *= 40
+    calib = token_windows(loaded.tokenizer, read_text("c4.utf8"), 2048)
+    windows = token_windows(loaded.tokenizer, read_text("wiki.utf8"), 1024)
+    return loaded, calib, windows, CachedLogits(TorchLogits(loaded.model))
+
+
+@pytest.fixture(scope="module")
+def kld(outliers) -> dict:
+    """KLD of every method at W4A4 and W6A6: same harness, same windows."""
     from edgequant.activation_quant import transform
     from edgequant.calibration import Calibration
     from edgequant.progress import Progress
 
-    kld = {}
-    for method in ("rtn", "smoothquant", "specquant", "ruquant"):
-        done = rotated[method] if method == "ruquant" else transform(
-            method, default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress())
-        sim = fake_quantize(done.work.model, Setting(4, 4), done.online)
-        kld[method] = evaluate(TorchLogits(sim), eval_windows, reference).kld
-    return kld
+    loaded, calib, windows, reference = outliers
+    out = {}
+    for setting in (Setting(4, 4), Setting(6, 6)):
+        for method in METHODS:
+            done = transform(method, loaded, Calibration(calib, {}), setting, Progress())
+            out[setting.label, method] = evaluate(TorchLogits(fake_quantize(done.work.model, setting, done.online)),
+                                                  windows, reference).kld
+    return out
 
 
-@pytest.mark.parametrize("method", ["specquant", "ruquant"])
-@pytest.mark.parametrize("baseline", ["rtn", "smoothquant"])
-def test_at_w4a4_specquant_and_ruquant_beat_rtn_and_smoothquant(w4a4, method, baseline):
-    assert w4a4[method] < w4a4[baseline] - 0.1, w4a4  # KLD's standard error here is about 0.05
+@pytest.mark.parametrize("setting", ["W4A4", "W6A6"])
+def test_ruquant_beats_every_other_method(kld, setting):
+    """Measured on this model: W4A4 RTN 0.31, SmoothQuant 0.23, SpecQuant 0.22, Hadamard 0.21,
+    RUQuant 0.094; W6A6 0.134, 0.034, 0.034, 0.043, 0.015 (1024 tokens)."""
+    for method in METHODS[:-1]:
+        assert kld[setting, "ruquant"] < 0.6 * kld[setting, method], kld
 
 
-def test_ruquant_at_w6a6_keeps_most_of_full_precision_top1_accuracy(default_model, calib_windows, eval_windows,
-                                                                     reference, rotated):
-    """Issue 9 asks for 99%: bench/activation_quant.py measures 99.0% with weights rounded to
-    nearest and 99.2% with GPTQ weights (20480 tokens, KLD 0.034 and 0.033, transforms tuned for
-    W6A6). This reuses the session's transform, tuned for W4A4, on 2048 tokens, where the accuracy
-    moves by about 1%: 98% is the bound here, and the KLD bound catches a regression."""
-    from edgequant.activation_quant import gptq_weights
-
-    done = rotated["ruquant"]
-    fp = evaluate(TorchLogits(default_model.model), eval_windows, reference)
-    sim = fake_quantize(done.work.model, Setting(6, 6, gptq=True), done.online)
-    gptq_weights(sim, calib_windows, 6)
-    q = evaluate(TorchLogits(sim), eval_windows, reference)
-    assert q.accuracy >= 0.98 * fp.accuracy, (q.accuracy, fp.accuracy, q.top1)
-    assert q.kld < 0.05, q.kld
+@pytest.mark.parametrize("setting", ["W4A4", "W6A6"])
+def test_smoothing_and_rotations_beat_plain_rounding_and_specquants_cut_never_hurts(kld, setting):
+    for method in ("smoothquant", "specquant", "hadamard"):
+        assert kld[setting, method] < 0.85 * kld[setting, "rtn"], kld
+    assert kld[setting, "specquant"] < 1.03 * kld[setting, "smoothquant"], kld  # rows are cut only where it helps
 
 
 def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_model, eval_windows, reference):
-    kld = {bits: evaluate(TorchLogits(fake_quantize(default_model.model, Setting(None, None, bits))), eval_windows,
+    windows = eval_windows[:2]
+    kld = {bits: evaluate(TorchLogits(fake_quantize(default_model.model, Setting(None, None, bits))), windows,
                           reference).kld for bits in (8, 4)}
-    assert 0 < kld[8] < 0.05 < kld[4], kld
+    assert 0 < kld[8] < 0.02 < 0.1 < kld[4], kld
 
 
+@pytest.mark.slow  # simulates the default model
 def test_eval_simulates_a_method_from_the_command_line():
-    done = subprocess.run([sys.executable, "-m", "edgequant.cli", "eval", "--method", "hadamard", "--wbits", "6",
-                           "--abits", "6", "--kv-bits", "8", "--eval-tokens", "1024", "--json"],
-                          capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
+    """Measured: KLD 0.087 for Hadamard at W6A6 on 20480 tokens (bench/activation_quant.py)."""
+    result = json.loads(succeeded(edgequant("eval", "--method", "hadamard", "--wbits", "6", "--abits", "6",
+                                            "--kv-bits", "8", "--eval-tokens", "1024", "--json")).stdout)
     assert result["setting"] == "W6A6KV8" and result["online_transforms"] == 30
-    assert 0 < result["quality"]["kld"] < 0.5 and result["text"]["tokens"] == 1024
+    assert 0.03 < result["quality"]["kld"] < HADAMARD_W6A6 and result["text"]["tokens"] == 1024
 
 
-def test_the_folded_ruquant_build_runs_in_llama_cpp_and_ort_as_simulated(build_default):
-    out, report = build_default(method="ruquant", ggml_type="Q4_0", formats="gguf,onnx")
+@pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])
+def test_the_folded_ruquant_build_runs_in_llama_cpp_and_ort_as_simulated(tiny_build, tied):
+    out, report = tiny_build(config={"tie_word_embeddings": tied}, method="ruquant", ggml_type="Q4_0")
     q = report["quality"]
-    assert abs(q["gguf"]["ppl"] / q["gguf_sim_a8"]["ppl"] - 1) < 0.01, (q["gguf"], q["gguf_sim_a8"])
-    assert abs(q["onnx_exact"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01
-    assert q["onnx"]["kld"] < 2 * q["gguf"]["kld"]
-    assert "output.weight" not in {t["name"] for t in report["tensors"]}  # the tied head stays tied
-    assert report["transform"]["residual"] is False and report["transform"]["online"].startswith("none")
+    assert_same_model(q["gguf"], q["gguf_sim_a8"], kld=0.05)  # llama.cpp's 8-bit activations, simulated
+    assert_same_model(q["onnx_exact"], q["gguf_sim"])
+    assert_same_model(q["onnx"], q["gguf"])
+    names = {t["name"] for t in report["tensors"]}
+    assert ("output.weight" in names) is not tied  # a tied head stays tied
+    assert report["transform"]["residual"] is not tied and report["transform"]["online"].startswith("none")

@@ -1,47 +1,26 @@
 """The bad-input matrix: every command, given bad input or hit by a fault, prints one line on
 stderr, exits non-zero and leaves no partial artifact; a previous good build survives.
 
-Each case's message is listed at the end of the test run ("bad-input matrix")."""
+Each case's message is listed at the end of the test run ("bad-input matrix"). The cases run
+three at a time (each is its own process, most of its time spent importing torch)."""
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from edgequant.assets import default_gguf, default_model_dir
-
-pytestmark = pytest.mark.slow  # some cases need the README build folder
-
-
-def edgequant(*args, cwd=None):
-    return subprocess.run([sys.executable, "-m", "edgequant.cli", *map(str, args)],
-                          capture_output=True, text=True, cwd=cwd, timeout=900)
-
-
-def one_line_error(result) -> str:
-    """The single stderr line of a clean failure (and nothing else)."""
-    assert result.returncode != 0, result.stdout
-    assert "Traceback" not in result.stderr, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("edgequant: error: ")
-    return lines[0]
-
-
-def assert_clean_failure(result, *words) -> str:
-    """A clean failure whose one line holds every one of ``words``; returns the line."""
-    message = one_line_error(result)
-    for word in words:
-        assert word in message, message
-    return message
+from edgequant.assets import default_gguf
+from tests.helpers import edgequant, one_line_error
 
 
 def quick_build(model, out, *extra):
@@ -50,11 +29,12 @@ def quick_build(model, out, *extra):
 
 
 @pytest.fixture(scope="module")
-def bad(tmp_path_factory, readme_build):
-    """Broken copies of real inputs, made once."""
+def bad(tmp_path_factory, tiny_model, tiny_build):
+    """Broken copies of real inputs, made once: a tiny model's folder and build, the default GGUF."""
     root = tmp_path_factory.mktemp("bad")
-    model = default_model_dir()
-    f = SimpleNamespace(root=root, build=readme_build)
+    model = tiny_model()
+    build, _ = tiny_build(ggml_type="Q8_0")
+    f = SimpleNamespace(root=root, model=model, build=build)
     f.cut_gguf = root / "cut.gguf"
     with open(default_gguf(), "rb") as src:
         f.cut_gguf.write_bytes(src.read(5_000_000))
@@ -70,13 +50,13 @@ def bad(tmp_path_factory, readme_build):
     _small_tokenizer(f.wrong_tokenizer)
     f.bad_profile = root / "board.toml"
     f.bad_profile.write_text("[device]\nname = 'board'\nram_gb = 'lots'\n")
-    f.junk_onnx = shutil.copytree(readme_build / "onnx", root / "junk-onnx")
+    f.junk_onnx = shutil.copytree(build / "onnx", root / "junk-onnx")
     (f.junk_onnx / "model.onnx").write_bytes(os.urandom(2048))
-    f.cut_onnx = shutil.copytree(readme_build / "onnx", root / "cut-onnx")
+    f.cut_onnx = shutil.copytree(build / "onnx", root / "cut-onnx")
     os.truncate(f.cut_onnx / "model.onnx.data", 1_000_000)
     f.corrupt_build = root / "corrupt-build"
-    shutil.copytree(readme_build, f.corrupt_build)
-    os.truncate(f.corrupt_build / "model.gguf", 10_000_000)
+    shutil.copytree(build, f.corrupt_build)
+    os.truncate(f.corrupt_build / "model.gguf", 1_000_000)
     f.not_json = root / "ladder.json"
     f.not_json.write_text("rows: none")
     f.a_file = root / "a-file"
@@ -109,86 +89,129 @@ def _small_tokenizer(folder: Path) -> None:
     (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
-# case id -> (argument list made from the `bad` files, words the message must hold)
+# case id -> (argument list made from the `bad` files and the case's own --out, words the message must hold)
 MATRIX = {
-    "build: model path does not exist": (lambda f: quick_build(f.root / "nope", f.root / "o"), ["not found"]),
-    "build: folder without config.json": (lambda f: quick_build(f.no_config, f.root / "o"), ["config.json"]),
-    "build: config.json is not JSON": (lambda f: quick_build(f.bad_json, f.root / "o"), ["config.json", "JSON"]),
-    "build: unsupported architecture": (lambda f: quick_build(f.neox, f.root / "o"), ["gpt_neox", "llama", "qwen3"]),
-    "build: truncated safetensors": (lambda f: quick_build(f.cut_weights, f.root / "o"), ["cut-weights"]),
-    "build: wrong tokenizer": (lambda f: quick_build(f.wrong_tokenizer, f.root / "o"), ["tokenizer", "100", "49152"]),
-    "build: truncated GGUF": (lambda f: quick_build(f.cut_gguf, f.root / "o"), ["cut.gguf"]),
-    "build: not a GGUF file": (lambda f: quick_build(f.junk_gguf, f.root / "o"), ["junk.gguf"]),
-    "eval: unknown simulated method": (lambda f: ["eval", "--wbits", "4", "--abits", "4", "--method", "omniquant"], ["omniquant", "ruquant"]),
-    "eval: one-bit activations": (lambda f: ["eval", "--wbits", "4", "--abits", "1"], ["2 to 8 bits"]),
-    "eval: energy share out of range": (lambda f: ["eval", "--wbits", "4", "--abits", "4", "--method", "specquant", "--spec-energy", "1.5"], ["--spec-energy"]),
-    "build: unknown device": (lambda f: quick_build("default", f.root / "o", "--device", "pi-zero"), ["pi-zero", "known"]),
-    "build: malformed device profile": (lambda f: quick_build("default", f.root / "o", "--device", f.bad_profile), ["board.toml"]),
-    "build: budget below the smallest file": (lambda f: quick_build("default", f.root / "o", "--budget-mb", "20"), ["MB"]),
-    "build: bits per weight too low": (lambda f: quick_build("default", f.root / "o", "--bpw", "2"), ["smallest mix"]),
-    "build: unknown ggml type": (lambda f: quick_build("default", f.root / "o", "--type", "Q7_K"), ["Q7_K"]),
-    "build: joint search given a uniform type": (lambda f: quick_build("default", f.root / "o", "--method", "joint", "--type", "Q4_0"),
+    "build: model path does not exist": (lambda f, o: quick_build(f.root / "nope", o), ["not found"]),
+    "build: folder without config.json": (lambda f, o: quick_build(f.no_config, o), ["config.json"]),
+    "build: config.json is not JSON": (lambda f, o: quick_build(f.bad_json, o), ["config.json", "JSON"]),
+    "build: unsupported architecture": (lambda f, o: quick_build(f.neox, o), ["gpt_neox", "llama", "qwen3"]),
+    "build: truncated safetensors": (lambda f, o: quick_build(f.cut_weights, o), ["cut-weights"]),
+    "build: wrong tokenizer": (lambda f, o: quick_build(f.wrong_tokenizer, o), ["tokenizer", "100", "49152"]),
+    "build: truncated GGUF": (lambda f, o: quick_build(f.cut_gguf, o), ["cut.gguf"]),
+    "build: not a GGUF file": (lambda f, o: quick_build(f.junk_gguf, o), ["junk.gguf"]),
+    "build: unknown device": (lambda f, o: quick_build(f.model, o, "--device", "pi-zero"), ["pi-zero", "known"]),
+    "build: malformed device profile": (lambda f, o: quick_build(f.model, o, "--device", f.bad_profile), ["board.toml"]),
+    "build: budget below the smallest file": (lambda f, o: quick_build(f.model, o, "--budget-mb", "2"), ["MB"]),
+    "build: bits per weight too low": (lambda f, o: quick_build(f.model, o, "--bpw", "2"), ["smallest mix"]),
+    "build: unknown ggml type": (lambda f, o: quick_build(f.model, o, "--type", "Q7_K"), ["Q7_K"]),
+    "build: joint search given a uniform type": (lambda f, o: quick_build(f.model, o, "--method", "joint", "--type", "Q4_0"),
                                                 ["joint", "itself"]),
-    "plan: joint search below what pruning can reach": (lambda f: ["plan", "--method", "joint", "--budget-mb", "10", "-q"],
+    "build: unknown method": (lambda f, o: quick_build(f.model, o, "--method", "magic"), ["magic"]),
+    "build: unknown format": (lambda f, o: quick_build(f.model, o, "--formats", "gguf,tflite"), ["tflite"]),
+    "build: negative evaluation tokens": (lambda f, o: quick_build(f.model, o, "--eval-tokens", "-5"), ["--eval-tokens", ">= 1"]),
+    "build: zero budget": (lambda f, o: quick_build(f.model, o, "--budget-mb", "0"), ["--budget-mb", "> 0"]),
+    "build: bits per weight above 32": (lambda f, o: quick_build(f.model, o, "--bpw", "40"), ["--bpw", "<= 32"]),
+    "build: one-token evaluation window": (lambda f, o: quick_build(f.model, o, "--eval-ctx", "1"), ["--eval-ctx"]),
+    "build: negative speed floor": (lambda f, o: quick_build(f.model, o, "--min-tok-s", "-1"), ["--min-tok-s"]),
+    "build: smoothing strength above 1": (lambda f, o: quick_build(f.model, o, "--smooth", "1.5"), ["--smooth"]),
+    "build: --out is a file": (lambda f, o: quick_build(f.model, f.a_file), ["not a folder"]),
+    "build: --out on a read-only filesystem": (lambda f, o: quick_build(f.model, "/proc/edgequant-out"), ["/proc"]),
+    "plan: unknown device": (lambda f, o: ["plan", "--model", f.model, "--device", "pi-zero", "-q"], ["pi-zero"]),
+    "plan: budget below the smallest file": (lambda f, o: ["plan", "--model", f.model, "--budget-mb", "2", "-q"], ["MB"]),
+    "plan: zero calibration tokens": (lambda f, o: ["plan", "--calib-tokens", "0", "-q"], ["--calib-tokens"]),
+    "plan: joint search below what pruning can reach": (lambda f, o: ["plan", "--model", f.model, "--method", "joint",
+                                                                      "--budget-mb", "2", "--calib-tokens", "512", "-q"],
                                                         ["pruning can reach"]),
-    "build: unknown method": (lambda f: quick_build("default", f.root / "o", "--method", "magic"), ["magic"]),
-    "build: unknown format": (lambda f: quick_build("default", f.root / "o", "--formats", "gguf,tflite"), ["tflite"]),
-    "build: --out is a file": (lambda f: quick_build("default", f.a_file), ["not a folder"]),
-    "build: --out on a read-only filesystem": (lambda f: quick_build("default", "/proc/edgequant-out"), ["/proc"]),
-    "plan: unknown device": (lambda f: ["plan", "--device", "pi-zero", "-q"], ["pi-zero"]),
-    "plan: budget below the smallest file": (lambda f: ["plan", "--budget-mb", "20", "-q"], ["MB"]),
-    "eval: file does not exist": (lambda f: ["eval", f.root / "nope.gguf", "-q"], ["not found"]),
-    "eval: truncated GGUF": (lambda f: ["eval", f.cut_gguf, "-q"], ["cut.gguf"]),
-    "eval: not a GGUF file": (lambda f: ["eval", f.junk_gguf, "-q"], ["junk.gguf"]),
-    "eval: corrupt ONNX graph": (lambda f: ["eval", f.junk_onnx, "-q"], ["junk-onnx"]),
-    "eval: truncated ONNX weights": (lambda f: ["eval", f.cut_onnx, "-q"], ["model.onnx.data"]),
-    "eval: reference model does not exist": (lambda f: ["eval", f.build / "model.gguf", "-r", f.root / "nope", "-q"], ["not found"]),
-    "export-onnx: truncated GGUF": (lambda f: ["export-onnx", f.cut_gguf, "--out", f.root / "o"], ["cut.gguf"]),
-    "bench: corrupt GGUF in the build": (lambda f: ["bench", f.corrupt_build, "-q"], ["model.gguf", "manifest"]),
-    "bench: not a build folder": (lambda f: ["bench", f.root, "-q"], ["report.json"]),
-    "bench: unknown runtime": (lambda f: ["bench", f.build, "--runtime", "tflite", "-q"], ["tflite"]),
-    "deploy: folder does not exist": (lambda f: ["deploy", f.root / "nope", "--to", "ssh://127.0.0.1/x"], ["not found"]),
-    "deploy: unknown transport": (lambda f: ["deploy", f.build, "--to", "ftp://board/x"], ["ftp"]),
-    "deploy: unreachable device": (lambda f: ["deploy", f.build, "--to", "ssh://127.0.0.1:9/x", "-q"], ["refused"]),
-    "verify: folder without manifest": (lambda f: ["verify", f.root], ["manifest.json"]),
-    "verify: corrupt build": (lambda f: ["verify", f.corrupt_build], ["model.gguf", "changed"]),
-    "report: not a build folder": (lambda f: ["report", f.root], ["report.json"]),
-    "report: ladder file is not JSON": (lambda f: ["report", f.build, "--ladder", f.not_json], ["ladder.json", "JSON"]),
+    "eval: unknown simulated method": (lambda f, o: ["eval", "--wbits", "4", "--abits", "4", "--method", "omniquant"], ["omniquant", "ruquant"]),
+    "eval: one-bit activations": (lambda f, o: ["eval", "--wbits", "4", "--abits", "1"], ["2 to 8 bits"]),
+    "eval: energy share out of range": (lambda f, o: ["eval", "--wbits", "4", "--abits", "4", "--method", "specquant", "--spec-energy", "1.5"], ["--spec-energy"]),
+    "eval: file does not exist": (lambda f, o: ["eval", f.root / "nope.gguf", "-q"], ["not found"]),
+    "eval: truncated GGUF": (lambda f, o: ["eval", f.cut_gguf, "-q"], ["cut.gguf"]),
+    "eval: not a GGUF file": (lambda f, o: ["eval", f.junk_gguf, "-q"], ["junk.gguf"]),
+    "eval: corrupt ONNX graph": (lambda f, o: ["eval", f.junk_onnx, "-q"], ["junk-onnx"]),
+    "eval: truncated ONNX weights": (lambda f, o: ["eval", f.cut_onnx, "-q"], ["model.onnx.data"]),
+    "eval: reference model does not exist": (lambda f, o: ["eval", f.build / "model.gguf", "-r", f.root / "nope", "-q"], ["not found"]),
+    "eval: zero evaluation tokens": (lambda f, o: ["eval", f.build / "model.gguf", "--eval-tokens", "0", "-q"], ["--eval-tokens"]),
+    "eval: accuracy level 7": (lambda f, o: ["eval", f.build / "onnx", "--accuracy-level", "7", "-q"], ["--accuracy-level"]),
+    "export-onnx: truncated GGUF": (lambda f, o: ["export-onnx", f.cut_gguf, "--out", o], ["cut.gguf"]),
+    "bench: corrupt GGUF in the build": (lambda f, o: ["bench", f.corrupt_build, "-q"], ["model.gguf", "manifest"]),
+    "bench: not a build folder": (lambda f, o: ["bench", f.root, "-q"], ["report.json"]),
+    "bench: unknown runtime": (lambda f, o: ["bench", f.build, "--runtime", "tflite", "-q"], ["tflite"]),
+    "bench: zero repeats": (lambda f, o: ["bench", f.build, "--repeats", "0", "-q"], ["--repeats"]),
+    "deploy: folder does not exist": (lambda f, o: ["deploy", f.root / "nope", "--to", "ssh://127.0.0.1/x"], ["not found"]),
+    "deploy: unknown transport": (lambda f, o: ["deploy", f.build, "--to", "ftp://board/x"], ["ftp"]),
+    "deploy: unreachable device": (lambda f, o: ["deploy", f.build, "--to", "ssh://127.0.0.1:9/x", "-q"], ["refused"]),
+    "verify: folder without manifest": (lambda f, o: ["verify", f.root], ["manifest.json"]),
+    "verify: corrupt build": (lambda f, o: ["verify", f.corrupt_build], ["model.gguf", "changed"]),
+    "report: not a build folder": (lambda f, o: ["report", f.root], ["report.json"]),
+    "report: ladder file is not JSON": (lambda f, o: ["report", f.build, "--ladder", f.not_json], ["ladder.json", "JSON"]),
 }
 
 
-@pytest.mark.parametrize("case", list(MATRIX))
-def test_bad_input(case, bad, bad_input_messages):
-    make_args, words = MATRIX[case]
+@pytest.fixture(scope="module")
+def failures(bad):
+    """Every case of the matrix run once, three processes at a time: case -> (result, what the
+    folder of bad inputs held before and after). Each case gets its own --out name, so anything
+    left behind names the case that left it."""
     before = sorted(p.name for p in bad.root.iterdir())
-    result = edgequant(*make_args(bad))
-    message = one_line_error(result)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        running = {case: pool.submit(edgequant, *make(bad, bad.root / f"out-{i}"))
+                   for i, (case, (make, _)) in enumerate(MATRIX.items())}
+    after = sorted(p.name for p in bad.root.iterdir())
+    return {case: job.result() for case, job in running.items()}, before, after
+
+
+@pytest.mark.parametrize("case", list(MATRIX))
+def test_bad_input(case, failures, bad_input_messages):
+    results, before, after = failures
+    message = one_line_error(results[case])
     bad_input_messages[case] = message.removeprefix("edgequant: error: ")
-    for word in words:
+    for word in MATRIX[case][1]:
         assert word in message
-    assert sorted(p.name for p in bad.root.iterdir()) == before  # nothing new, not even a hidden staging folder
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root can write anywhere")
-def test_unwritable_out_as_user(tmp_path):
-    locked = tmp_path / "locked"
-    locked.mkdir(mode=0o500)
-    assert "cannot write" in one_line_error(edgequant(*quick_build("default", locked / "out")))
+def test_no_case_leaves_anything_behind(failures):
+    _, before, after = failures
+    assert after == before  # nothing new, not even a hidden staging folder
+
+
+@pytest.fixture
+def read_only_dir(tmp_path):
+    """A folder no one may write into: a read-only mount when we are root (root ignores permission
+    bits), else permission bits."""
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    if os.geteuid() == 0:
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(folder)], capture_output=True).returncode:
+            pytest.skip("cannot mount a read-only tmpfs here")
+        yield folder
+        subprocess.run(["umount", str(folder)], check=True)
+    else:
+        folder.chmod(0o500)
+        yield folder
+        folder.chmod(0o700)
+
+
+def test_unwritable_out(read_only_dir, tiny_model, bad_input_messages):
+    message = one_line_error(edgequant(*quick_build(tiny_model(), read_only_dir / "out")))
+    bad_input_messages["build: --out in a folder it may not write"] = message.removeprefix("edgequant: error: ")
+    assert "cannot write" in message and str(read_only_dir) in message
+    assert list(read_only_dir.iterdir()) == []
 
 
 @pytest.fixture
 def small_disk(tmp_path):
     disk = tmp_path / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=40m", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(disk)], capture_output=True).returncode:
         pytest.skip("cannot mount a small tmpfs here (needs root)")
     yield disk
     subprocess.run(["umount", str(disk)], check=True)
 
 
-def test_out_on_a_full_disk_leaves_nothing_behind(small_disk, bad_input_messages):
-    message = one_line_error(edgequant(*quick_build("default", small_disk / "out", "--formats", "gguf")))
-    bad_input_messages["build: --out on a full disk (40 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
+def test_out_on_a_full_disk_leaves_nothing_behind(small_disk, tiny_model, bad_input_messages):
+    message = one_line_error(edgequant(*quick_build(tiny_model(), small_disk / "out", "--type", "Q8_0", "--formats", "gguf")))
+    bad_input_messages["build: --out on a full disk (8 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
     assert "no space left" in message
     assert list(small_disk.iterdir()) == []
 
@@ -218,13 +241,14 @@ def test_no_pickle_is_ever_loaded():
 
 # ---------------------------------------------------------------------------------- Ctrl-C
 
+@pytest.mark.slow  # the default model is built: its steps last long enough to be interrupted in
 @pytest.mark.parametrize("step, after_line, delay", [
     ("quantization", "calibrate ", 2.0),
     ("ONNX export", "export GGUF ", 0.3),
 ], ids=["during-quantization", "during-export"])
-def test_ctrl_c_keeps_the_previous_build(step, after_line, delay, readme_build, tmp_path, bad_input_messages):
+def test_ctrl_c_keeps_the_previous_build(step, after_line, delay, tiny_build, tmp_path, bad_input_messages):
     out = tmp_path / "out"
-    shutil.copytree(readme_build, out)
+    shutil.copytree(tiny_build(ggml_type="Q8_0")[0], out)
     before = {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")}
     cmd = [sys.executable, "-m", "edgequant.cli", *quick_build("default", out, "--formats", "gguf,onnx")]
     cmd.remove("--quiet")  # the bars' lines on stderr say which step is running
@@ -242,7 +266,8 @@ def test_ctrl_c_keeps_the_previous_build(step, after_line, delay, readme_build, 
     proc.send_signal(signal.SIGINT)
     assert proc.wait(timeout=120) == 130
     reader.join()
-    finished = [line.split("━")[0].strip() for line in lines if "━" in line]
+    # a step's bar is printed when the step ends, done (k/k) or cut short (j/k, 0/?)
+    finished = [line.split("━")[0].strip() for line in lines if re.search(r"━\s+(\d+)/\1\b", line)]
     next_step = {"quantization": "quantize (rtn)", "ONNX export": "export ONNX"}[step]
     assert next_step not in finished, f"the interrupt came after {step}: {finished}"
     error = lines[-1].strip()
@@ -251,3 +276,34 @@ def test_ctrl_c_keeps_the_previous_build(step, after_line, delay, readme_build, 
     assert {p.relative_to(out): p.stat().st_mtime_ns for p in out.rglob("*")} == before
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging folder left
     assert edgequant("verify", out).returncode == 0
+
+
+def test_ctrl_c_during_the_swap_completes_it_and_says_so(tmp_path, monkeypatch, capsys):
+    """An interrupt between the two renames is held until the new folder is in place and the old one
+    removed; then it is raised, and the command line says the build is complete."""
+    import typer
+
+    from edgequant import atomic, cli
+
+    final = tmp_path / "out"
+    final.mkdir()
+    (final / "old.txt").write_text("old")
+    renames = []
+
+    def replace(src, dst):  # the first rename (old folder aside) is followed by a Ctrl-C
+        os.rename(src, dst)
+        renames.append(dst)
+        if len(renames) == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(atomic.os, "replace", replace)
+
+    def build():
+        with atomic.atomic_dir(final) as stage:
+            (stage / "new.txt").write_text("new")
+
+    with pytest.raises(typer.Exit) as exit_:
+        cli._run(build)
+    assert exit_.value.exit_code == 130 and len(renames) == 2
+    assert [p.name for p in tmp_path.iterdir()] == ["out"] and [p.name for p in final.iterdir()] == ["new.txt"]
+    assert capsys.readouterr().err.strip() == f"edgequant: error: interrupted; {final} was already complete and is in place"

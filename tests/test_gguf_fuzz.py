@@ -259,3 +259,23 @@ def test_metadata_that_lies_about_sizes_fails_before_the_model_is_allocated(tmp_
     lying.write_bytes(bytes(data))
     with pytest.raises(EdgequantError, match=r"tensor blk\.0\.ffn_gate\.weight is \(1536, 576\) but the metadata implies \(2147483648, 576\)"):
         load_gguf(lying)
+
+
+def test_our_reader_reads_what_gguf_pys_reads(valid):
+    """read_gguf reads through a plain view of the memory map (four times faster on a tokenizer);
+    every field and tensor must come out as gguf-py's own reader gives them."""
+    import gguf
+    import numpy as np
+
+    from edgequant.assets import default_gguf
+    from edgequant.models import gguf_tensor_infos
+
+    ours, theirs = read_gguf(default_gguf()), gguf.GGUFReader(default_gguf())
+    assert list(ours.fields) == list(theirs.fields)
+    for name, field in theirs.fields.items():
+        assert ours.fields[name].contents() == field.contents(), name
+    assert [t.name for t in ours.tensors] == [t.name for t in theirs.tensors]
+    for a, b in zip(ours.tensors, theirs.tensors):
+        assert a.tensor_type == b.tensor_type and np.array_equal(a.data, b.data), a.name
+    assert [(t.name, t.n_elements, t.n_bytes) for t in gguf_tensor_infos(default_gguf())] == \
+        [(t.name, int(t.n_elements), int(t.n_bytes)) for t in theirs.tensors]

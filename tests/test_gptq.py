@@ -11,6 +11,8 @@ from edgequant.evaluation import token_windows
 from edgequant.ggml_quants import get_type
 from edgequant.methods.gptq import gptq
 
+GPTQ_TOKENS = 4096
+
 
 def correlated_layer(rows=64, cols=512, tokens=2048, seed=0):
     g = torch.Generator().manual_seed(seed)
@@ -35,9 +37,12 @@ def test_codes_are_packed_as_chosen_and_lower_the_output_error(name):
     assert output_error(decoded) < 0.9 * output_error(rtn.reshape(w.shape))
 
 
-def test_calibration_holds_one_block_at_a_time(default_model):
-    windows = token_windows(default_model.tokenizer, read_text("c4.utf8"), 1024)
-    blocks = sequential_hessians(default_model, default_model.model, windows)
+def test_calibration_holds_one_block_at_a_time(tiny_model):
+    from edgequant.models import load_model
+
+    loaded = load_model(tiny_model())
+    windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 1024)
+    blocks = sequential_hessians(loaded, loaded.model, windows)
     seen = []
     for block in blocks:
         names = set(block.hessians)
@@ -49,12 +54,15 @@ def test_calibration_holds_one_block_at_a_time(default_model):
         for name, h in block.hessians.items():
             assert h.shape[0] == h.shape[1] and torch.allclose(h, h.T)
         seen.append(block.index)
-    assert seen == list(range(default_model.config.num_hidden_layers)) + [-1]
+    assert seen == list(range(loaded.config.num_hidden_layers)) + [-1]
 
 
-@pytest.mark.slow
-def test_gptq_beats_rtn_at_q3_k_in_llama_cpp(build_default):
-    # GPTQ's Hessians need more text than the other tests' 2048 tokens (1536-wide ffn_down inputs)
-    rtn = build_default(ggml_type="Q3_K", calib_tokens=16384)[1]["quality"]["gguf"]
-    ours = build_default(ggml_type="Q3_K", calib_tokens=16384, method="gptq")[1]["quality"]["gguf"]
-    assert ours["kld"] < rtn["kld"]
+@pytest.mark.parametrize("method", ["gptq", "qublast"])
+def test_gptq_beats_rtn_at_q3_k_in_llama_cpp(tiny_build, method):
+    """On a tiny 4-block llama at Q3_K, 4096 calibration tokens: KLD 0.096 against RTN's 0.127
+    (1024 tokens); with 1024 calibration tokens GPTQ was no better. On the default model the ladder
+    measures it (docs/benchmarks.md)."""
+    options = {"config": {"num_hidden_layers": 4}, "ggml_type": "Q3_K", "calib_tokens": GPTQ_TOKENS, "formats": "gguf"}
+    rtn = tiny_build(**options, method="rtn")[1]["quality"]["gguf"]
+    ours = tiny_build(**options, method=method)[1]["quality"]["gguf"]
+    assert ours["kld"] < 0.85 * rtn["kld"], (ours, rtn)

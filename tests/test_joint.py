@@ -1,6 +1,7 @@
 """``--method joint``: what to prune and how many bits to keep, chosen in one search against the
 model's output, shipped as a per-block GGUF (llama.cpp's ``deci``) and an ONNX graph of the
-smaller matrices."""
+smaller matrices. The search runs on a tiny random llama; what it measures on the default model
+(2.5 and 3.0 bpw, the Q2_K size) is in docs/benchmarks.md (``bench/ladder.py --bpw-points``)."""
 
 import pytest
 
@@ -9,8 +10,12 @@ from edgequant.models import BlockShape, block_shapes, load_model, read_gguf
 from edgequant.pipeline import matrices_of
 from edgequant.planning import Matrix, smallest_bytes
 from edgequant.sensitivity import Entry, Part, Sensitivity, split_parts
+from tests.helpers import assert_same_model
 
-BPW = 3.0  # below the smallest unpruned mix of the default model (~4.1 bpw)
+# A tiny llama of 4 blocks with FFN 1024 (widths 1024/768/512/256 to choose from); its embedding
+# (49152 x 256) is most of it, so at 2.4 bpw the blocks must lose about 40% of their bytes.
+MODEL = {"num_hidden_layers": 4, "intermediate_size": 1024}
+BPW = 2.4  # below its smallest unpruned mix (2.7 bpw)
 
 
 def test_ffn_widths_step_by_256_so_that_down_rows_still_take_k_quants():
@@ -40,45 +45,43 @@ def test_the_types_cost_what_qublasts_table_measured_for_the_part():
 
 
 @pytest.fixture(scope="module")
-def joint_build(build_default):
-    return build_default(method="joint", bpw=BPW, formats="gguf,onnx")
+def joint_build(tiny_build):
+    return tiny_build(config=MODEL, method="joint", bpw=BPW, calib_tokens=2048)
 
 
-@pytest.mark.slow
-def test_a_size_no_unpruned_mix_reaches_is_met_by_pruning(joint_build, default_model):
+def test_a_size_no_unpruned_mix_reaches_is_met_by_pruning(joint_build, tiny_model):
     _, report = joint_build
-    params = sum(p.numel() for p in default_model.model.parameters())
+    unpruned = load_model(tiny_model(**MODEL))
+    params = sum(p.numel() for p in unpruned.model.parameters())
     tensor_bytes = report["artifacts"][0]["tensor_bytes"]
     assert tensor_bytes * 8 / params <= BPW
-    assert tensor_bytes < smallest_bytes(*matrices_of(default_model))
+    assert tensor_bytes < smallest_bytes(*matrices_of(unpruned))
     pruning = report["pruning"]
     assert pruning["removed"] or pruning["ffn_channels_kept"] or pruning["kv_groups_kept"]
     search = pruning["search"]
-    assert search["seconds"] > 0 and search["measurements"] > 2 * default_model.config.num_hidden_layers
+    assert search["seconds"] > 0 and search["measurements"] > 2 * unpruned.config.num_hidden_layers
     assert search["planned_bytes"] <= tensor_bytes + 4096  # the plan the build carried out is the search's
 
 
-@pytest.mark.slow
 def test_llama_cpp_and_onnx_runtime_compute_the_searched_model_as_torch_does(joint_build):
     _, report = joint_build
     q = report["quality"]
-    assert abs(q["gguf"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["gguf"], q["gguf_sim"])
-    assert abs(q["onnx_exact"]["ppl"] / q["gguf_sim"]["ppl"] - 1) < 0.01, (q["onnx_exact"], q["gguf_sim"])
-    assert q["gguf"]["kld"] < 3.0  # loose: 45% of the FFN channels go at this size (measured 2.24 on 4096 tokens)
+    assert_same_model(q["gguf"], q["gguf_sim"])
+    assert_same_model(q["onnx_exact"], q["gguf_sim"])
 
 
-@pytest.mark.slow
 def test_the_searched_gguf_sizes_blocks_one_by_one_and_loads_back(joint_build):
     out, report = joint_build
     reader = read_gguf(out / "model.gguf")
-    assert reader.fields["general.architecture"].contents() == "deci"
-    ffn = reader.fields["deci.feed_forward_length"].contents()
-    assert list(ffn) == [b["ffn"] for b in report["pruning"]["blocks"]]
-    # (at this size the model no longer answers questions; test_pruning's milder pruning chats)
+    blocks = report["pruning"]["blocks"]
+    arch = reader.fields["general.architecture"].contents()
+    assert arch == ("deci" if len({tuple(b.values()) for b in blocks}) > 1 else "llama")  # llama: all blocks alike
+    ffn = reader.fields[f"{arch}.feed_forward_length"].contents()
+    assert (list(ffn) if arch == "deci" else [ffn] * len(blocks)) == [b["ffn"] for b in blocks]
+    assert all(b["ffn"] % 256 == 0 for b in blocks)  # every kept width still takes K-quants in ffn_down
     assert [vars(s) for s in block_shapes(load_model(out / "model.gguf").model)] == report["pruning"]["blocks"]
 
 
-@pytest.mark.slow
 def test_the_report_shows_the_pruning_beside_the_bit_map_and_the_search_time(joint_build):
     out, report = joint_build
     page = (out / "report.html").read_text()

@@ -12,7 +12,6 @@ from matplotlib.image import imread
 
 from edgequant.reporting import BITS_COLOURS, BITS_RANGE
 
-pytestmark = pytest.mark.slow
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (.ci/install installs it)")
 GGUF_STAR = (214, 39, 40)  # the red of this build's GGUF point in the size-quality plot
@@ -43,9 +42,10 @@ def bits_colour(bits: float):
 
 
 @needs_chromium
-def test_the_default_builds_page_shows_summary_bit_map_and_size_quality_plot(readme_build, tmp_path):
-    page = readme_build / "report.html"
-    report = json.loads((readme_build / "report.json").read_text())
+def test_the_default_builds_page_shows_summary_bit_map_and_size_quality_plot(readme, tmp_path):
+    work, _, _ = readme
+    page = work / "out" / "report.html"
+    report = json.loads((work / "out" / "report.json").read_text())
     dom = rendered_dom(page)
     for section in ("summary", "bitmap", "size-quality", "sensitivity", "bench", "commands"):
         assert f'id="{section}"' in dom
@@ -62,18 +62,20 @@ def test_the_default_builds_page_shows_summary_bit_map_and_size_quality_plot(rea
 
 
 @needs_chromium
-def test_a_mixed_build_shows_its_sensitivity_table_and_llama_cpps_ladder(qublast, stock_q4_k_m, tmp_path):
-    out, report = qublast
-    bpw, stock = stock_q4_k_m
+def test_a_mixed_build_shows_its_sensitivity_table_and_llama_cpps_ladder(qublast, stock_mix, tmp_path):
+    out = tmp_path / "mixed"
+    shutil.copytree(qublast[0], out)  # the page is rewritten here with a ladder
+    report = json.loads((out / "report.json").read_text())
+    bpw, stock = stock_mix("Q2_K", tokens=report["quality"]["gguf"]["tokens"])
     ladder = tmp_path / "ladder.json"
     ladder.write_text(json.dumps({"model": report["model"]["name"], "tokens": stock.tokens,
-                                  "rows": [{"file": "llama.cpp Q4_K_M", "bpw": bpw, **stock.as_dict()}]}))
+                                  "rows": [{"file": "llama.cpp Q2_K", "bpw": bpw, **stock.as_dict()}]}))
     done = subprocess.run([sys.executable, "-m", "edgequant.cli", "report", str(out), "--ladder", str(ladder)],
                           capture_output=True, text=True, check=True)
     page = out / "report.html"
     assert done.stdout.strip() == str(page)
     dom = rendered_dom(page)
-    assert "llama.cpp mixes" in dom and "Q4_K_M" in dom  # the ladder's point, labelled
+    assert "llama.cpp mixes" in dom and "Q2_K" in dom  # the ladder's point, labelled
     assert dom.count('class="chosen"') == len(report["blocks"])  # one chosen type per block part
     image = screenshot(page, tmp_path / "mixed.png", height=3200)
     mixed = {b["bits"] for b in report["blocks"] if b["index"] >= 0}

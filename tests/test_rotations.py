@@ -1,5 +1,5 @@
-"""The transforms of SpecQuant, RUQuant and the Hadamard baseline: orthogonal or invertible,
-and folded into the model without changing what it computes (real default model, float32)."""
+"""The transforms of SpecQuant, RUQuant and the Hadamard baseline: orthogonal or invertible, and
+folded into a model without changing what it computes (float32; tiny random models)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from edgequant.fakequant import Setting, fake_quantize, quantize, quantize_rows
 from edgequant.methods import ruquant, specquant
 
 GEN = lambda seed=0: torch.Generator().manual_seed(seed)  # noqa: E731
+TUNED = 0.98  # stage 2's best loss against its start on the outlier example below (measured: 0.958)
 
 
 @pytest.mark.parametrize("n", [2, 12, 64, 72, 576, 1536])
@@ -59,13 +60,16 @@ def test_ruquant_tuned_site_transform_with_zigzag_is_orthogonal():
     assert R.is_orthogonal(m)
 
 
-def test_tuned_householder_is_never_worse_than_its_start():
+def test_tuning_the_householder_lowers_the_quantized_output_error_and_keeps_the_best():
     x = torch.randn(256, 128, generator=GEN())
     x[:, 7] *= 25
     w = torch.randn(96, 128, generator=GEN(1))
     start = ruquant.initial_reflection(x, GEN())
-    _, losses = ruquant.tune_reflection(start, [(x, w)], Setting(4, 4), steps=5)
-    assert min(losses) <= losses[0]
+    best, losses = ruquant.tune_reflection(start, [(x, w)], Setting(4, 4))
+    assert len(losses) == ruquant.TUNE_STEPS + 1
+    assert min(losses) < TUNED * losses[0], losses  # AdamW through straight-through rounding makes progress
+    _, again = ruquant.tune_reflection(best, [(x, w)], Setting(4, 4), steps=0)
+    assert again[0] == pytest.approx(min(losses), rel=1e-4)  # the vector returned is the best one seen
 
 
 def test_spectral_truncation_keeps_the_asked_energy_and_is_the_identity_at_one():
@@ -118,41 +122,69 @@ def _max_logit_difference(a, b, window) -> float:
         return float((a(ids, use_cache=False).logits - b(ids, use_cache=False).logits).abs().max())
 
 
-@pytest.mark.slow
+@pytest.fixture(scope="module")
+def tiny(tiny_model):
+    """A tiny random llama of 2 blocks (hidden 256, FFN 768, two KV groups of 64-wide heads), the
+    calibration windows and ``rotated[method]``: each method's W4A4 transform of it, made once."""
+    from edgequant.activation_quant import transform
+    from edgequant.assets import read_text
+    from edgequant.calibration import Calibration
+    from edgequant.evaluation import token_windows
+    from edgequant.models import load_model
+    from edgequant.progress import Progress
+
+    loaded = load_model(tiny_model())
+    windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 2048)
+
+    class Lazy(dict):
+        def __missing__(self, method):
+            self[method] = transform(method, loaded, Calibration(windows, {}), Setting(4, 4), Progress())
+            return self[method]
+
+    return loaded, windows, Lazy()
+
+
+def _scale(loaded) -> float:
+    """Differences are judged against the logits' own size (a random model's are large)."""
+    with torch.no_grad():
+        return float(loaded.model(torch.arange(100, 164)[None]).logits.abs().max())
+
+
 @pytest.mark.parametrize("method", ["hadamard", "ruquant-folded"])
-def test_folded_rotations_leave_the_model_unchanged(method, rotated, calib_windows, default_model):
+def test_folded_rotations_leave_the_model_unchanged(method, tiny):
+    loaded, windows, rotated = tiny
     done = rotated[method]
     assert not done.work.config.tie_word_embeddings
-    assert _max_logit_difference(done.work.model, default_model.model, calib_windows[-1]) < 1e-3
+    assert _max_logit_difference(done.work.model, loaded.model, windows[-1]) < 1e-5 * _scale(loaded)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("method, per_block", [("hadamard", 1), ("ruquant", 7)])
-def test_online_transforms_are_orthogonal_and_exact_without_rounding(method, per_block, rotated, calib_windows,
-                                                                      default_model):
+def test_online_transforms_are_orthogonal_and_exact_without_rounding(method, per_block, tiny):
     """Hadamard leaves the down input's transform online; RUQuant as published leaves every
     matrix's input transform online (q, k and v share one, as do gate and up)."""
+    loaded, windows, rotated = tiny
     done = rotated[method]
-    assert len(done.online) == per_block * default_model.config.num_hidden_layers
+    n = loaded.config.num_hidden_layers
+    assert len(done.online) == per_block * n
     if method == "ruquant":
-        layer = "model.layers.5."
+        layer = "model.layers.1."
         shared = [done.online[layer + m] for m in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")]
         assert shared[0] is shared[1] is shared[2]
         assert done.online[layer + "mlp.gate_proj"] is done.online[layer + "mlp.up_proj"]
-        assert len({id(m) for m in done.online.values()}) == 4 * default_model.config.num_hidden_layers
+        assert len({id(m) for m in done.online.values()}) == 4 * n
     assert all(R.is_orthogonal(m) for m in done.online.values())
     sim = fake_quantize(done.work.model, Setting(None, None), done.online)
-    assert _max_logit_difference(sim, default_model.model, calib_windows[-1]) < 1e-3
+    assert _max_logit_difference(sim, loaded.model, windows[-1]) < 1e-5 * _scale(loaded)
 
 
-@pytest.mark.slow
-def test_smoothing_alone_leaves_the_model_unchanged(default_model, calib_windows):
+def test_smoothing_alone_leaves_the_model_unchanged(tiny):
     from edgequant.calibration import Calibration
     from edgequant.progress import Progress
 
-    done = specquant.transform(default_model, Calibration(calib_windows, {}), Setting(4, 4), Progress(), energy=1.0)
+    loaded, windows, _ = tiny
+    done = specquant.transform(loaded, Calibration(windows, {}), Setting(4, 4), Progress(), energy=1.0)
     assert done.details["mean_bins_kept"] == 1.0
-    assert _max_logit_difference(done.work.model, default_model.model, calib_windows[-1]) < 1e-3
+    assert _max_logit_difference(done.work.model, loaded.model, windows[-1]) < 1e-5 * _scale(loaded)
 
 
 def test_ruquant_block_size_falls_back_to_a_common_divisor_and_refuses_tiny_blocks():

@@ -1,0 +1,118 @@
+"""Helpers the test files share (fixtures live in conftest.py; no test file imports another)."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+# What the chat tests ask. The full-precision default model answers "The capital city of France is
+# Paris." with a lead of 0.73 nats or more for every greedy token ("What is the capital of France?"
+# led by 0.08 nats on its first token, and CI's CPU flipped it).
+QUESTION = "Name the capital city of France."
+
+
+def edgequant(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedProcess:
+    """Run the command line as a user does, in its own process."""
+    return subprocess.run([sys.executable, "-m", "edgequant.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=timeout)
+
+
+def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def one_line_error(result) -> str:
+    """The single stderr line of a clean failure (and nothing else)."""
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("edgequant: error: ")
+    return lines[0]
+
+
+def assert_clean_failure(result, *words) -> str:
+    """A clean failure whose one line holds every one of ``words``; returns the line."""
+    message = one_line_error(result)
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def weights(rows=48, cols=512, seed=0) -> np.ndarray:
+    """A heavy-tailed test matrix with a few exact zeros and one all-zero block (the edge cases)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_t(4, size=(rows, cols)).astype(np.float32) * 0.02
+    w[0, :7] = 0.0
+    w[1, :256] = 0.0
+    return w
+
+
+def relative_gap(a: float, b: float) -> float:
+    return abs(a - b) / b
+
+
+def assert_same_model(runtime: dict, simulated: dict, ppl: float = 0.01, kld: float = 0.1) -> None:
+    """Two qualities of the same bytes (a runtime's and the torch simulation's, say) agree: perplexity
+    within ``ppl``, KL divergence from full precision within ``kld``, both relative."""
+    assert relative_gap(runtime["ppl"], simulated["ppl"]) < ppl, (runtime, simulated)
+    assert relative_gap(runtime["kld"], simulated["kld"]) < kld, (runtime, simulated)
+
+
+TINY = {"vocab_size": 49152, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048,
+        "tie_word_embeddings": True, "initializer_range": 0.05}  # at 4.5 bpw: KLD ~0.02, top-1 agreement ~0.5
+
+
+def write_tiny_model(folder, model_type: str = "llama", seed: int = 0, **config):
+    """A small random ``model_type`` model (llama, mistral, qwen2, qwen3) with the default model's
+    tokenizer, saved as a Hugging Face folder. Its widths (256, 768, heads of 64) are multiples of
+    256 or 32 as ggml's blocks need; ``config`` overrides any of :data:`TINY`."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from edgequant.assets import default_model_dir
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **config}))
+    with torch.no_grad():  # biases (qwen2) and per-head q/k norms (qwen3) away from their neutral init
+        for name, p in model.named_parameters():
+            if name.endswith((".bias", "q_norm.weight", "k_norm.weight")):
+                p.add_(torch.randn_like(p) * 0.3)
+    model.save_pretrained(folder)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(default_model_dir() / name, folder / name)
+    return folder
+
+
+# ------------------------------------------------------------------------- README's commands
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def blocks(language: str) -> list[str]:
+    return re.findall(rf"```{language}\n(.*?)```", README.read_text(), re.DOTALL)
+
+
+def commands(block: str) -> list[list[str]]:
+    """The edgequant command lines of a bash block, comments dropped; ``a && edgequant ...`` keeps
+    the edgequant part (the install step before it is CI's own)."""
+    out = []
+    for line in block.splitlines():
+        line = line.split("#")[0].strip()
+        if "edgequant " in line:
+            out.append(shlex.split(line[line.index("edgequant "):]))
+    return out
+
+
+FIRST = commands(blocks("bash")[0])  # the newcomer's build (the other line of that block is the test command)
+QUICKSTART = commands(blocks("bash")[1])
+PYTHON = blocks("python")[0]
