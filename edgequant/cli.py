@@ -56,6 +56,8 @@ CONTEXT = typer.Option(None, help="Context length to reserve KV cache for on the
 CALIB_TEXT = typer.Option(None, help="Calibration text: built-in name (c4.utf8...) or comma-separated files.")
 CALIB_TOKENS = typer.Option(16384, help="Calibration tokens.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
+SENSITIVITY_TOKENS = typer.Option(512, help="QuBLAST and joint: measure each part's KL on the first this many calibration "
+                                  "tokens (fewer: a faster, noisier plan).")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (implies --quiet).")
 
 
@@ -81,6 +83,7 @@ def build(
     smooth: Optional[float] = typer.Option(None, help="rtn/gptq: fold SmoothQuant maps with strength ALPHA (e.g. 0.5). Helps 8-bit weights; hurt at 4.5 bpw here."),
     calib_text: Optional[str] = CALIB_TEXT,
     calib_tokens: int = CALIB_TOKENS,
+    sensitivity_tokens: int = SENSITIVITY_TOKENS,
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
@@ -97,7 +100,7 @@ def build(
     opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
-                    eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
+                    sensitivity_tokens=sensitivity_tokens, eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
                     parity=parity)
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
@@ -114,7 +117,8 @@ def plan(
     context: Optional[int] = CONTEXT,
     calib_text: Optional[str] = CALIB_TEXT,
     calib_tokens: int = typer.Option(16384, help="Calibration tokens, as `build` takes them, so the plan is the build's "
-                                     "(sensitivity uses the first 512; the measured table is cached for the build)."),
+                                     "(the measured sensitivity is cached for the build)."),
+    sensitivity_tokens: int = SENSITIVITY_TOKENS,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
@@ -122,7 +126,8 @@ def plan(
     from .pipeline import planned
 
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
-                    min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens)
+                    min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens,
+                    sensitivity_tokens=sensitivity_tokens)
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 

@@ -16,7 +16,7 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -73,6 +73,7 @@ class BuildOptions:
     scaling_maps: bool = True  # methods with a transform (QuBLAST): fold activation scaling maps
     calib_text: str | None = None  # None -> built-in c4; else a built-in name or comma-separated files
     calib_tokens: int = 16384
+    sensitivity_tokens: int = 512  # the first calibration tokens QuBLAST's per-part KL is measured on
     eval_text: str | None = None  # None -> built-in wiki
     eval_tokens: int = 8192
     ctx: int = DEFAULT_CTX  # evaluation window
@@ -85,6 +86,7 @@ class BuildOptions:
     def __post_init__(self):
         """Mistyped names and numbers out of range fail here, before the model is loaded."""
         check_number("--calib-tokens", self.calib_tokens, at_least=1)
+        check_number("--sensitivity-tokens", self.sensitivity_tokens, at_least=16)
         check_number("--eval-tokens", self.eval_tokens, at_least=1)
         check_number("--eval-ctx", self.ctx, at_least=2)
         check_number("--bpw", self.bpw, above=0, at_most=32)
@@ -226,7 +228,7 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
     if opts.use_importance or opts.smooth or method.allocate:
         with progress.step("calibrate", len(calib)) as tick:
             stats = cached_activation_stats(loaded, calib, tick)
-    calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {})
+    calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens)
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference,
                    pruning or None, choice.details if choice else None)
@@ -238,7 +240,7 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     tgt = target(loaded, opts, device)
     with progress.step("calibrate", len(calib)) as tick:
         importance = cached_activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
-    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance), progress)
+    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens), progress)
 
 
 def untied_copy(loaded: LoadedModel) -> LoadedModel:
@@ -292,10 +294,10 @@ def build(
         work, details["folded"] = smoothed_copy(loaded, stats.absmax, opts.smooth)
     maps, folded = details.pop("scaling_maps", None), details.pop("folded", None)
     if folded is not None and opts.use_importance:  # diagonal maps: the statistics follow, no second pass
-        calibration = Calibration(calib, folded.importance(calibration.importance))
+        calibration = replace(calibration, importance=folded.importance(calibration.importance))
     elif work is not loaded and opts.use_importance:
         with progress.step("calibrate the transformed model", len(calib)) as tick:
-            calibration = Calibration(calib, cached_activation_stats(work, calib, tick).importance)
+            calibration = replace(calibration, importance=cached_activation_stats(work, calib, tick).importance)
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
         encoded = method.quantize(work, plan, calibration, tick)
 

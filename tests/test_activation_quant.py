@@ -16,7 +16,7 @@ from edgequant.fakequant import Setting, fake_quantize
 from tests.helpers import assert_same_model, edgequant, succeeded
 
 METHODS = ("rtn", "smoothquant", "specquant", "hadamard", "ruquant")
-HADAMARD_W6A6 = 0.2  # W6A6 with an 8-bit KV cache, 1024 tokens: measured MEASURED
+HADAMARD_W6A6 = (0.06, 0.16)  # W6A6, 8-bit KV cache, the first 1024 tokens: measured 0.125
 
 
 @pytest.fixture(scope="module")
@@ -74,16 +74,18 @@ def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_mod
     windows = eval_windows[:2]
     kld = {bits: evaluate(TorchLogits(fake_quantize(default_model.model, Setting(None, None, bits))), windows,
                           reference).kld for bits in (8, 4)}
-    assert 0 < kld[8] < 0.02 < 0.1 < kld[4], kld
+    assert 0 < kld[8] < 0.002 and 0.05 < kld[4] < 0.15, kld  # measured 0.0003 and 0.088 on 1024 tokens
 
 
 @pytest.mark.slow  # simulates the default model
 def test_eval_simulates_a_method_from_the_command_line():
-    """Measured: KLD 0.087 for Hadamard at W6A6 on 20480 tokens (bench/activation_quant.py)."""
+    """Measured: KLD 0.087 for Hadamard at W6A6 on 20480 tokens (bench/activation_quant.py), 0.125 on
+    the first 1024."""
     result = json.loads(succeeded(edgequant("eval", "--method", "hadamard", "--wbits", "6", "--abits", "6",
                                             "--kv-bits", "8", "--eval-tokens", "1024", "--json")).stdout)
     assert result["setting"] == "W6A6KV8" and result["online_transforms"] == 30
-    assert 0.03 < result["quality"]["kld"] < HADAMARD_W6A6 and result["text"]["tokens"] == 1024
+    low, high = HADAMARD_W6A6
+    assert low < result["quality"]["kld"] < high and result["text"]["tokens"] == 1024
 
 
 @pytest.mark.parametrize("tied", [True, False], ids=["tied-head", "untied-head"])

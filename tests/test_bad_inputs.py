@@ -119,6 +119,7 @@ MATRIX = {
     "plan: unknown device": (lambda f, o: ["plan", "--model", f.model, "--device", "pi-zero", "-q"], ["pi-zero"]),
     "plan: budget below the smallest file": (lambda f, o: ["plan", "--model", f.model, "--budget-mb", "2", "-q"], ["MB"]),
     "plan: zero calibration tokens": (lambda f, o: ["plan", "--calib-tokens", "0", "-q"], ["--calib-tokens"]),
+    "plan: sensitivity on 8 tokens": (lambda f, o: ["plan", "--sensitivity-tokens", "8", "-q"], ["--sensitivity-tokens", ">= 16"]),
     "plan: joint search below what pruning can reach": (lambda f, o: ["plan", "--model", f.model, "--method", "joint",
                                                                       "--budget-mb", "2", "--calib-tokens", "512", "-q"],
                                                         ["pruning can reach"]),

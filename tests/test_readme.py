@@ -61,7 +61,7 @@ def test_plan_prints_the_budget_and_the_plan_python_gets_a_measured_mix(readme):
     work, ran, namespace = readme
     printed = ran["edgequant plan --device raspberry-pi-4-4gb"][0].stdout
     assert "budget:" in printed and "memory of raspberry-pi-4-4gb" in printed and "predicted:" in printed
-    plan = namespace["plan"]  # edgequant.plan(device="raspberry-pi-4-4gb", budget_mb=80)
+    plan = namespace["plan"]  # edgequant.plan(device="raspberry-pi-4-4gb", budget_mb=80, ...)
     assert plan["budget"]["binding"] == "--budget-mb" and plan["predicted"]["file_bytes"] <= 80e6
     assert len({b["ggml_type"] for b in plan["blocks"]}) >= 3
     assert all(b["sensitivity"] is not None for b in plan["blocks"])

@@ -23,9 +23,6 @@ from ..progress import Progress
 from ..sensitivity import Part, Sensitivity, cached_measure, n_measurements, split_parts
 from ..smoothing import search_scales
 
-SENSITIVITY_TOKENS = 512
-
-
 def allocate(
     loaded: LoadedModel,
     matrices: list[Matrix],
@@ -53,10 +50,9 @@ def allocate(
 
 
 def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
-    """The sensitivity table of ``parts`` on the first calibration tokens (cached: the joint search reads the same one)."""
-    windows = calibration.windows[: max(1, SENSITIVITY_TOKENS // calibration.windows.shape[1])]
+    """The sensitivity table of ``parts`` on the first ``calibration.sensitivity_tokens`` (cached: the joint search reads the same one)."""
     with progress.step("measure sensitivity", n_measurements(parts)) as tick:
-        return cached_measure(loaded, parts, windows, calibration.importance, tick)
+        return cached_measure(loaded, parts, calibration.sensitivity_windows(), calibration.importance, tick)
 
 
 def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params, rule) -> Plan:
