@@ -32,8 +32,7 @@ TINY_TOKENS = 512  # calibration and evaluation tokens of tiny builds: one windo
 EVAL_TOKENS = 4096  # real-model claims: 8 windows of 512
 CALIB_TOKENS = 2048
 
-REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme", "stock_mix",
-                       "real_build", "qublast"}
+REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme", "stock_mix"}
 
 
 def pytest_configure(config):
@@ -215,35 +214,3 @@ def readme(default_model, tmp_path_factory):
     finally:
         server.stop()
     return work, ran, namespace
-
-
-@pytest.fixture(scope="session")
-def real_build(default_model, reference, tmp_path_factory):
-    """``real_build(**options)`` -> (out folder, report): a build of the default model in this
-    process, once per set of options, scored against the session's full-precision logits
-    (defaults: RTN, GGUF only, 2048 calibration and 4096 evaluation tokens)."""
-    from edgequant.pipeline import BuildOptions, build
-
-    made: dict = {}
-
-    def run(**options):
-        key = json.dumps(options, sort_keys=True)
-        if key not in made:
-            out = tmp_path_factory.mktemp("real-build") / "out"
-            defaults = {"method": "rtn", "eval_tokens": EVAL_TOKENS, "calib_tokens": CALIB_TOKENS, "formats": "gguf"}
-            made[key] = (out, build(BuildOptions(out=out, **{**defaults, **options}), loaded=default_model,
-                                    reference=reference))
-        return made[key]
-
-    return run
-
-
-@pytest.fixture(scope="session")
-def qublast(real_build):
-    """QuBLAST's measured allocation on the default model at 80 MB (below llama.cpp's smallest mix,
-    Q2_K at 88 MB): sensitivity measured for every part and option, the knapsack's mix, rounded to
-    nearest without the scaling maps (the maps are checked on the README's build; GPTQ on tiny
-    models; the full method against llama.cpp's mixes is bench/ladder.py's). Calibrated and
-    measured as the README's Python plan is (16384 tokens, sensitivity on the first 256), so the
-    statistics and the sensitivity table are measured once and shared."""
-    return real_build(method="qublast-rtn", scaling_maps=False, budget_mb=80, calib_tokens=16384, sensitivity_tokens=256)

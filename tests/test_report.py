@@ -62,14 +62,22 @@ def test_the_default_builds_page_shows_summary_bit_map_and_size_quality_plot(rea
 
 
 @needs_chromium
-def test_a_mixed_build_shows_its_sensitivity_table_and_llama_cpps_ladder(qublast, stock_mix, tmp_path):
+def test_a_mixed_build_shows_its_sensitivity_table_and_llama_cpps_ladder(tiny_build, tiny_model, tmp_path):
+    """A QuBLAST mix of a tiny model, and llama.cpp's own Q2_K of the same model (from an F32 copy
+    of its Q8_0 build) scored as bench/ladder.py scores the stock mixes."""
+    from edgequant.pipeline import evaluate_file, gguf_tensor_stats
+    from runtimes.llama_quantize import quantize_stock, write_f32_copy
+
     out = tmp_path / "mixed"
-    shutil.copytree(qublast[0], out)  # the page is rewritten here with a ladder
+    shutil.copytree(tiny_build(method="qublast-rtn", scaling_maps=False, bpw=4.0, sensitivity_tokens=256)[0], out)
     report = json.loads((out / "report.json").read_text())
-    bpw, stock = stock_mix("Q2_K", tokens=report["quality"]["gguf"]["tokens"])
+    write_f32_copy(tiny_build(ggml_type="Q8_0")[0] / "model.gguf", tmp_path / "f32.gguf")
+    quantize_stock(tmp_path / "f32.gguf", tmp_path / "Q2_K.gguf", "Q2_K")
+    stock = evaluate_file(tmp_path / "Q2_K.gguf", str(tiny_model()), eval_tokens=512)["quality"]
+    n_bytes, n_params = gguf_tensor_stats(tmp_path / "Q2_K.gguf")
     ladder = tmp_path / "ladder.json"
-    ladder.write_text(json.dumps({"model": report["model"]["name"], "tokens": stock.tokens,
-                                  "rows": [{"file": "llama.cpp Q2_K", "bpw": bpw, **stock.as_dict()}]}))
+    ladder.write_text(json.dumps({"model": report["model"]["name"], "tokens": stock["tokens"],
+                                  "rows": [{"file": "llama.cpp Q2_K", "bpw": n_bytes * 8 / n_params, **stock}]}))
     done = subprocess.run([sys.executable, "-m", "edgequant.cli", "report", str(out), "--ladder", str(ladder)],
                           capture_output=True, text=True, check=True)
     page = out / "report.html"
