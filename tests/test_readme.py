@@ -25,6 +25,13 @@ def test_readme_shows_the_commands_a_newcomer_needs():
     assert len(README.read_bytes()) <= 10_000
 
 
+def test_ci_installs_then_runs_exactly_the_readmes_test_command():
+    steps = [line for line in (README.parent / ".ci" / "run").read_text().splitlines()
+             if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    tests = blocks("bash")[0].splitlines()[1].split("#")[0].strip()
+    assert steps == ["bash .ci/install", tests]
+
+
 def test_every_command_runs_as_written(readme):
     _, ran, _ = readme
     assert len(ran) == len(FIRST + QUICKSTART)
