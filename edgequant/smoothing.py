@@ -78,8 +78,8 @@ class Folded:
 
     columns: dict[str, torch.Tensor] = field(default_factory=dict)
 
-    def add(self, loaded: LoadedModel, block: int, group: str, s: torch.Tensor) -> None:
-        for c in next(g for g in GROUPS if g.key == group).consumers:
+    def add(self, loaded: LoadedModel, block: int, group: Group, s: torch.Tensor) -> None:
+        for c in group.consumers:
             name = loaded.gguf_name(f"model.layers.{block}.{c}.weight")
             self.columns[name] = self.columns.get(name, 1.0) * s.detach().double()
 
@@ -131,7 +131,7 @@ def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: floa
             if g.key == "attn_out":
                 act = per_value_channel(config, act)
                 weights = [per_value_channel(config, weights[0].abs().amax(0))[None]]
-            folded.add(loaded, i, g.key, fold(layer, config, g.key, smoothing_scales(act, weights, alpha)))
+            folded.add(loaded, i, g, fold(layer, config, g.key, smoothing_scales(act, weights, alpha)))
     return folded
 
 
@@ -258,7 +258,7 @@ def search_scales(
             choice, s = _choose(config, g, inputs[g.key], g.weights(layer), names)
             choices.append(ScaleChoice(i, *choice))
             if choice[1]:
-                folded.add(loaded, i, g.key, fold(layer, config, g.key, s))
+                folded.add(loaded, i, g, fold(layer, config, g.key, s))
         hidden = [run_block(layer, h, kwargs) for h in hidden]
         if progress:
             progress()
