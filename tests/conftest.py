@@ -150,13 +150,11 @@ def eval_windows(default_model):
 
 
 @pytest.fixture(scope="session")
-def stock_mix(default_model, reference, calib_windows, tmp_path_factory):
-    """``stock_mix(mix, imatrix=False, tokens=EVAL_TOKENS)`` -> (bits per weight, llama.cpp quality):
-    llama.cpp's own ``mix`` of the reference model, made as a user makes it (``llama_model_quantize``
-    on an F32 GGUF; the importance matrix, if asked, from our calibration text), scored on the first
-    ``tokens`` of the evaluation text. Each is made once per run."""
+def stock_mix(default_model, reference, tmp_path_factory):
+    """``stock_mix(mix, tokens=EVAL_TOKENS)`` -> (bits per weight, llama.cpp quality): llama.cpp's
+    own ``mix`` of the reference model, made as a user makes it (``llama_model_quantize`` on an F32
+    GGUF), scored on the first ``tokens`` of the evaluation text. Each is made once per run."""
     from edgequant.assets import EVALUATION_TEXT, default_gguf, read_text
-    from edgequant.calibration import activation_stats
     from edgequant.evaluation import token_windows
     from edgequant.pipeline import gguf_tensor_stats
     from runtimes.llama_quantize import quantize_stock, write_f32_copy
@@ -166,22 +164,17 @@ def stock_mix(default_model, reference, calib_windows, tmp_path_factory):
     f32 = folder / "reference-f32.gguf"
     made: dict = {}
 
-    def make(mix: str, imatrix: bool = False, tokens: int = EVAL_TOKENS):
-        key = (mix, imatrix, tokens)
-        if key not in made:
-            if not f32.exists():
-                write_f32_copy(default_gguf(), f32)
-            matrix = None
-            if imatrix:
-                stats = activation_stats(default_model, calib_windows).importance
-                matrix = {k: v for k, v in stats.items() if k.startswith("blk.")}
-            path = folder / f"{mix}{'-imatrix' if imatrix else ''}.gguf"
+    def make(mix: str, tokens: int = EVAL_TOKENS):
+        if (mix, tokens) not in made:
+            path = folder / f"{mix}.gguf"
             if not path.exists():
-                quantize_stock(f32, path, mix, imatrix=matrix)
+                if not f32.exists():
+                    write_f32_copy(default_gguf(), f32)
+                quantize_stock(f32, path, mix)
             n_bytes, n_params = gguf_tensor_stats(path)
             windows = token_windows(default_model.tokenizer, read_text(EVALUATION_TEXT), tokens)
-            made[key] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)
-        return made[key]
+            made[mix, tokens] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)
+        return made[mix, tokens]
 
     return make
 
