@@ -24,7 +24,7 @@ import sys
 
 from edgequant.activation_quant import simulate
 from edgequant.assets import EVALUATION_TEXT, load_text
-from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
+from edgequant.evaluation import TorchLogits, evaluate, token_windows
 from edgequant.fakequant import Setting
 from edgequant.models import load_model
 
@@ -59,10 +59,10 @@ def main() -> int:
     args = parser.parse_args()
 
     loaded = load_model(None)
-    reference = CachedLogits(TorchLogits(loaded.model))
+    reference = TorchLogits(loaded.model)  # run beside each simulation, window by window
     label, text = load_text(None, EVALUATION_TEXT)
     windows = token_windows(loaded.tokenizer, text, args.eval_tokens)
-    fp = evaluate(TorchLogits(loaded.model), windows, reference).as_dict()
+    fp = evaluate(reference, windows, reference).as_dict()
     common = {"loaded": loaded, "reference": reference, "eval_tokens": args.eval_tokens}
     results = [{"method": "fp", "setting": "W16A16", "quality": fp, "transform_seconds": None}]
     print(f"# {loaded.name}, {windows.size} tokens of {label}, ctx {windows.shape[1]}, FP accuracy {fp['accuracy']:.3f}\n")

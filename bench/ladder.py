@@ -31,7 +31,8 @@ from pathlib import Path
 from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, default_gguf, read_text
 from edgequant.calibration import activation_stats
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import CachedLogits, TorchLogits, token_windows
+from edgequant.evaluation import token_windows
+from edgequant.reference import reference_logits
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
 from edgequant.reporting import ladder_file
@@ -85,7 +86,7 @@ def main() -> None:
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     calib = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
-    reference = CachedLogits(TorchLogits(loaded.model))
+    reference = reference_logits(loaded, 512)
     f32 = args.out / "reference-f32.gguf"
     if not f32.exists():
         write_f32_copy(default_gguf(), f32)

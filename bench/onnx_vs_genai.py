@@ -24,7 +24,8 @@ from pathlib import Path
 
 from edgequant.assets import EVALUATION_TEXT, default_model_dir, read_text
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import CachedLogits, TorchLogits, evaluate, token_windows
+from edgequant.evaluation import evaluate, token_windows
+from edgequant.reference import reference_logits
 from edgequant.models import load_model
 from edgequant.benchmark import PROBE
 from runtimes.ort import score_in_ort
@@ -86,9 +87,9 @@ def main() -> None:
 
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
-    reference = CachedLogits(TorchLogits(loaded.model))
-    fp = evaluate(lambda window: reference.log_probs(window).numpy(), windows, reference, "torch")
-    print(f"full precision (torch): ppl {fp.ppl:.3f} ± {fp.ppl_se:.2f}", flush=True)
+    reference = reference_logits(loaded, 512)
+    fp = evaluate(reference, windows, reference)
+    print(f"full precision (llama.cpp, F32): ppl {fp.ppl:.3f} ± {fp.ppl_se:.2f}", flush=True)
     rows = []
     for label, folder in folders.items():
         q = score_in_ort(folder, windows, reference, args.threads)

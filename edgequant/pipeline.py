@@ -8,11 +8,14 @@ that folder survives until the new one is complete).
 
 from __future__ import annotations
 
+import ctypes
 import errno
+import gc
 import json
 import os
 import resource
 import shutil
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -24,8 +27,8 @@ import torch
 
 from exporters.gguf import overhead_bytes, write_gguf
 from exporters.onnx import export_onnx
-from runtimes.llamacpp import score_in_llama_cpp
-from runtimes.ort import check_model, model_file, score_in_ort
+from runtimes.llamacpp import LlamaCppLogits
+from runtimes.ort import OrtDecoder, check_model, model_file
 
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
@@ -35,24 +38,18 @@ from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
 from .errors import EdgequantError, check_number
-from .evaluation import (
-    DEFAULT_CTX,
-    CachedLogits,
-    TorchLogits,
-    evaluate,
-    simulate,
-    token_windows,
-)
+from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .methods import Method, get_method
 from .methods.joint import Choice
 from .models import BlockShape, LoadedModel, block_shapes, gguf_tensor_infos, load_model
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
+from .reference import reference_gguf, reference_logits, weights_type
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
-from .smoothing import Folded, llama_cpp_activations, smooth
+from .smoothing import llama_cpp_activations, smooth
 
 
 FORMATS = ("gguf", "onnx")
@@ -139,15 +136,14 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
     return matrices, n_all - sum(m.params for m in matrices)
 
 
-def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned: LoadedModel | None = None) -> Target:
+def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned_params: int | None = None) -> Target:
     """The budget for ``loaded`` on ``device``; a pruned model counts ``--bpw`` over the
-    parameters of the ``unpruned`` one."""
+    ``unpruned_params`` of the model it was pruned from."""
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
     file_overhead = overhead_bytes(loaded)
-    bpw_params = sum(p.numel() for p in unpruned.model.parameters()) if unpruned else None
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
-                     file_overhead=file_overhead, bpw_params=bpw_params)
+                     file_overhead=file_overhead, bpw_params=unpruned_params)
     return Target(device, shape, budget, file_overhead)
 
 
@@ -180,7 +176,7 @@ class Planned:
     stats: ActivationStats | None
     plan: Plan
     table: Sensitivity | None
-    reference: LoadedModel  # full precision; ``loaded`` is the model to quantize (pruned, if asked)
+    reference: Path | None  # the full-precision GGUF (:mod:`edgequant.reference`); ``loaded`` is the model to quantize
     pruning: Pruning | None = None  # what was pruned (asked for, or chosen by the joint search)
     search: dict | None = None  # the joint search's details
 
@@ -199,16 +195,20 @@ class Planned:
         }
 
 
-def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None = None) -> Planned:
-    """Load, target the device, calibrate and plan (measuring sensitivity where the method does)."""
+def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False) -> Planned:
+    """Load, target the device, calibrate and plan (measuring sensitivity where the method does);
+    ``with_reference``: first write the reference GGUF the build's files are scored against."""
     method = get_method(opts.method)
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
-    if loaded is None:
-        with progress.step("load model"):
-            loaded = load_model(opts.model)
-    if method.unties and loaded.config.tie_word_embeddings:
-        loaded = untied_copy(loaded)
-    reference = loaded
+    with progress.step("load model"):
+        loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
+    reference = None
+    if with_reference:
+        with progress.step(f"write the {weights_type(loaded)} reference GGUF"):
+            reference = reference_gguf(loaded)
+    unpruned_params = sum(p.numel() for p in loaded.model.parameters())
+    if method.unties:  # the plan then counts both matrices
+        untie(loaded.model)
     calib_label, calib_text = load_text(opts.calib_text, CALIBRATION_TEXT)
     calib = token_windows(loaded.tokenizer, calib_text, opts.calib_tokens, opts.ctx)
     pruning, choice = opts.pruning, None
@@ -221,7 +221,7 @@ def planned(opts: BuildOptions, progress: Progress, loaded: LoadedModel | None =
             raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.arch.model_type}")
         with progress.step("prune and refit"):
             loaded = prune(loaded, pruning, calib)
-    tgt = target(loaded, opts, device, reference if pruning else None)
+    tgt = target(loaded, opts, device, unpruned_params if pruning else None)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
     stats = None
@@ -243,13 +243,6 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens), progress)
 
 
-def untied_copy(loaded: LoadedModel) -> LoadedModel:
-    """A copy whose output head is its own matrix (the same function; the plan then counts both)."""
-    copy = loaded.copy()
-    untie(copy.model)
-    return copy
-
-
 def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict | None) -> dict | None:
     """What was pruned, every block's sizes after it (in the file's block order), and the joint
     search that chose it (if one did)."""
@@ -259,69 +252,59 @@ def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict |
             "unpruned": vars(BlockShape.of_config(pruned.config)), "search": search}
 
 
-def smoothed_copy(loaded: LoadedModel, ranges, alpha: float) -> tuple[LoadedModel, Folded]:
-    """A copy of the model with activation scaling maps folded in (the original stays the
-    reference), and the scales folded."""
-    copy = loaded.copy()
-    return copy, smooth(copy, ranges, alpha)
-
-
-def build(
-    opts: BuildOptions,
-    progress: Progress | None = None,
-    loaded: LoadedModel | None = None,
-    reference: CachedLogits | None = None,
-) -> dict:
+def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     """Run the whole build into ``opts.out``.
 
-    ``loaded`` skips loading ``opts.model`` again; ``reference`` reuses full-precision logits
-    already computed for ``loaded`` (several builds scored on the same text).
+    The build owns the one float32 model it loads: transforms change it in place, and the files
+    are scored against the reference GGUF written before any of them (:mod:`edgequant.reference`).
     """
     progress = progress or Progress()
     started = time.time()
     out = Path(opts.out)
     _check_writable(out)
-    p = planned(opts, progress, loaded)
-    loaded, method, tgt, plan, table = p.loaded, p.method, p.target, p.plan, p.table
-    calib, stats, calibration = p.calibration.windows, p.stats, p.calibration
+    p = planned(opts, progress, with_reference=True)
+    tgt, plan, table, reference = p.target, p.plan, p.table, p.reference
     eval_label, eval_text = load_text(opts.eval_text, EVALUATION_TEXT)
-    windows = token_windows(loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
-
-    work, details = loaded, {}
-    if method.transform and opts.scaling_maps:
-        work, details = method.transform(loaded, plan, calibration, progress)
-    elif opts.smooth:
-        work, details["folded"] = smoothed_copy(loaded, stats.absmax, opts.smooth)
-    maps, folded = details.pop("scaling_maps", None), details.pop("folded", None)
-    if folded is not None and opts.use_importance:  # diagonal maps: the statistics follow, no second pass
-        calibration = replace(calibration, importance=folded.importance(calibration.importance))
-    elif work is not loaded and opts.use_importance:
-        with progress.step("calibrate the transformed model", len(calib)) as tick:
-            calibration = replace(calibration, importance=cached_activation_stats(work, calib, tick).importance)
+    windows = token_windows(p.loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
+    work, details, calibration = _transform(p, opts, progress)
+    maps = details.pop("scaling_maps", None)
+    release_memory()  # the transform's calibration streams
     with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
-        encoded = method.quantize(work, plan, calibration, tick)
+        encoded = p.method.quantize(work, plan, calibration, tick)
+    report = {
+        "edgequant": __version__,
+        "model": {"name": work.name, "path": str(work.path), "architecture": work.arch.model_type},
+        "device": tgt.device.as_dict(),
+        "budget": tgt.budget.as_dict(),
+        "predicted": tgt.predict(plan),
+        "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth,
+                   "scaling_maps": maps is not None, "plan": plan.rule},
+        "pruning": _pruning_report(p.pruning, work, p.search),
+        "text": {
+            "calibration": {"source": p.calib_label, "tokens": int(calibration.windows.size)},
+            "evaluation": {"source": eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
+            "reference": f"full precision = the float32 weights of the loaded model, run in llama.cpp from "
+                         f"{reference.name} ({weights_type(work)})",
+        },
+    }
 
     with atomic_dir(out) as stage, _write_errors(out, stage):
         gguf_path = stage / "model.gguf"
         with progress.step("export GGUF"):
             write_gguf(gguf_path, work, encoded, opts.method)
         artifacts = [_artifact(gguf_path, "gguf", out)]
+        sim = _simulation(work, encoded, p.method.activation_aware) if opts.parity else None
+        tokenizer = work.tokenizer
+        del work, p, encoded  # from here on only the files (and, with --parity, the simulation) are held
+        release_memory()
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
-                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", loaded.tokenizer), out))
-        reference = reference or CachedLogits(TorchLogits(p.reference.model))
-        quality = _evaluate(reference, work, encoded, stage, windows, opts, progress, method.activation_aware)
+                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer), out))
+        quality = _evaluate(reference, sim, stage, windows, opts, progress)
         if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
             gguf_path.unlink()
             artifacts.pop(0)
-        report = {
-            "edgequant": __version__,
-            "model": {"name": loaded.name, "path": str(loaded.path), "architecture": loaded.arch.model_type},
-            "device": tgt.device.as_dict(),
-            "budget": tgt.budget.as_dict(),
-            "predicted": tgt.predict(plan),
-            "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth,
-                       "scaling_maps": maps is not None, "plan": plan.rule},
+        report.update({
             "artifacts": artifacts,
             "quality": quality,
             "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
@@ -329,14 +312,8 @@ def build(
             "blocks": blocks(plan, table),
             "scaling_maps": maps,
             "transform": details or None,
-            "pruning": _pruning_report(p.pruning, loaded, p.search),
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
-            "text": {
-                "calibration": {"source": p.calib_label, "tokens": int(calib.size)},
-                "evaluation": {"source": eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
-                "reference": "full precision = the float32 weights of the loaded model",
-            },
-        }
+        })
         plan_json = {**plan.as_dict(), "budget": tgt.budget.as_dict(), "predicted": report["predicted"],
                      "sensitivity": table.as_dict() if table else None}
         (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
@@ -347,6 +324,32 @@ def build(
                                "settings": settings(opts), "plan": {"rule": plan.rule, "bpw": plan.bpw, "file": "plan.json"},
                                "text": report["text"], "versions": library_versions()})
     return report
+
+
+def _transform(p: Planned, opts: BuildOptions, progress: Progress) -> tuple[LoadedModel, dict, Calibration]:
+    """The model to quantize (the method's transform or ``--smooth``'s maps folded in, in place
+    where the transform allows), the transform's details, and the calibration it is rounded with."""
+    loaded, calibration = p.loaded, p.calibration
+    work, details = loaded, {}
+    transformed = bool(p.method.transform and opts.scaling_maps)
+    if transformed:
+        work, details = p.method.transform(loaded, p.plan, calibration, progress)
+    elif opts.smooth:
+        details["folded"] = smooth(loaded, p.stats.absmax, opts.smooth)
+    folded = details.pop("folded", None)
+    if folded is not None and opts.use_importance:  # diagonal maps: the statistics follow, no second pass
+        calibration = replace(calibration, importance=folded.importance(calibration.importance))
+    elif transformed and opts.use_importance:
+        with progress.step("calibrate the transformed model", len(calibration.windows)) as tick:
+            calibration = replace(calibration, importance=cached_activation_stats(work, calibration.windows, tick).importance)
+    return work, details, calibration
+
+
+def _simulation(work: LoadedModel, encoded, activation_aware: bool) -> Simulation:
+    """The torch model of the GGUF's decoded bytes, made from ``work`` in place (its weights are
+    not needed after the export), with the types of its linear layers for 8-bit activations."""
+    decode_into(work, encoded)
+    return Simulation(work.model, _linear_types(work, encoded) if activation_aware else None)
 
 
 def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str | None = None,
@@ -371,12 +374,15 @@ def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str
         loaded = load_model(reference_model)
     label, text = load_text(eval_text, EVALUATION_TEXT)
     windows = token_windows(loaded.tokenizer, text, eval_tokens, ctx)
-    reference = CachedLogits(TorchLogits(loaded.model))
-    with progress.step(f"evaluate {path.name}", len(windows)) as tick:
-        if is_onnx:
-            quality = score_in_ort(path, windows, reference, threads, accuracy_level, tick)
-        else:
-            quality = score_in_llama_cpp(path, windows, reference, threads, tick)
+    with progress.step(f"write the {weights_type(loaded)} reference GGUF"):
+        reference = reference_logits(loaded, ctx, threads)
+    candidate = OrtDecoder(path, threads, accuracy_level) if is_onnx else LlamaCppLogits(path, ctx, threads)
+    try:
+        with progress.step(f"evaluate {path.name}", len(windows)) as tick:
+            quality = score({"file": candidate}, windows, reference, tick)["file"]
+    finally:
+        reference.close()
+        getattr(candidate, "close", lambda: None)()
     return {"path": str(path), "reference": loaded.name, "quality": quality.as_dict(),
             "text": {"source": label, "tokens": int(windows.size), "ctx": ctx}}
 
@@ -393,44 +399,73 @@ def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
     return rows
 
 
-def _evaluate(reference, work, encoded, stage: Path, windows, opts, progress, with_a8: bool = False) -> dict:
-    """Quality of the files in ``stage`` against the full-precision ``reference``, each in its own
-    runtime (``work`` is what was quantized). With ``opts.parity``, also what the runtimes must
-    agree with: the torch simulation of the GGUF's decoded bytes (and, with ``with_a8``, with
-    llama.cpp's 8-bit activation blocks: W4A8 as llama.cpp computes it), and the ONNX model at
+@dataclass
+class Simulation:
+    """``--parity``'s torch model of the GGUF's bytes; ``a8_types``: also run it with llama.cpp's
+    8-bit activation blocks, given each linear layer's ggml type (W4A8 as llama.cpp computes it)."""
+
+    model: torch.nn.Module
+    a8_types: dict[str, str] | None
+
+
+def _evaluate(reference: Path, sim: Simulation | None, stage: Path, windows, opts, progress) -> dict:
+    """Quality of the files in ``stage`` against the full-precision ``reference`` GGUF, each in
+    its own runtime, run window by window beside the reference: one runtime at a time, so that
+    only the reference and one candidate are open. With ``opts.parity``, also what the runtimes
+    must agree with: the torch simulation of the GGUF's decoded bytes, and the ONNX model at
     accuracy_level 0 (float32 activations, the exact counterpart of the simulation)."""
-    quality = {}
-    with progress.step("evaluate full precision", len(windows)) as tick:
-        cached = lambda window: reference.log_probs(window).numpy()
-        quality["fp"] = evaluate(cached, windows, reference, "torch", tick).as_dict()
-    if opts.parity:
-        sim = simulate(work.model, _name_pairs(work), encoded)
-        with progress.step("evaluate torch simulation", len(windows)) as tick:
-            quality["gguf_sim"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
-        if with_a8:
-            with progress.step("evaluate torch simulation, 8-bit activations", len(windows)) as tick, \
-                    llama_cpp_activations(sim, _linear_types(work, encoded)):
-                quality["gguf_sim_a8"] = evaluate(TorchLogits(sim), windows, reference, "torch", tick).as_dict()
-        del sim
+    ctx, threads = windows.shape[1], opts.threads
+    passes = []
+    if sim is not None:
+        passes.append(("gguf_sim", lambda: TorchLogits(sim.model)))
+        if sim.a8_types is not None:
+            passes.append(("gguf_sim_a8", lambda: _A8Logits(sim)))
     if "gguf" in opts.formats:
-        with progress.step("evaluate GGUF in llama.cpp", len(windows)) as tick:
-            quality["gguf"] = score_in_llama_cpp(stage / "model.gguf", windows, reference, opts.threads, tick).as_dict()
+        passes.append(("gguf", lambda: LlamaCppLogits(stage / "model.gguf", ctx, threads)))
     if "onnx" in opts.formats:
-        for key, level in (("onnx", None), ("onnx_exact", 0))[: 2 if opts.parity else 1]:
-            with progress.step(f"evaluate ONNX in onnxruntime{' (accuracy_level 0)' if level == 0 else ''}",
-                               len(windows)) as tick:
-                quality[key] = score_in_ort(stage / "onnx", windows, reference, opts.threads, level, tick).as_dict()
+        passes.append(("onnx", lambda: OrtDecoder(stage / "onnx", threads)))
+        if opts.parity:
+            passes.append(("onnx_exact", lambda: OrtDecoder(stage / "onnx", threads, accuracy_level=0)))
+    release_memory()  # what the export left behind
+    ref = LlamaCppLogits(reference, ctx, threads)
+    ref.runtime = "llama.cpp"
+    quality = {}
+    try:
+        for i, (key, open_candidate) in enumerate(passes or [("fp", lambda: ref)]):
+            candidates = {"fp": ref} if i == 0 else {}  # the reference's own perplexity comes free with the first
+            candidates[key] = open_candidate()
+            with progress.step(f"evaluate {_EVALUATED[key]}", len(windows)) as tick:
+                quality |= {k: q.as_dict() for k, q in score(candidates, windows, ref, tick).items()}
+            if candidates[key] is not ref:
+                getattr(candidates[key], "close", lambda: None)()
+            del candidates
+            release_memory()
+    finally:
+        ref.close()
     return quality
+
+
+_EVALUATED = {"fp": "full precision", "gguf_sim": "torch simulation",
+              "gguf_sim_a8": "torch simulation, 8-bit activations", "gguf": "GGUF in llama.cpp",
+              "onnx": "ONNX in onnxruntime", "onnx_exact": "ONNX in onnxruntime (accuracy_level 0)"}
+
+
+class _A8Logits(TorchLogits):
+    """The simulation run with llama.cpp's 8-bit activation blocks."""
+
+    def __init__(self, sim: Simulation):
+        super().__init__(sim.model)
+        self.types = sim.a8_types
+
+    def __call__(self, window):
+        with llama_cpp_activations(self.model, self.types):
+            return super().__call__(window)
 
 
 def _linear_types(loaded: LoadedModel, encoded) -> dict[str, str]:
     """ggml type of every linear layer's weight, by module path (a tied head: the embedding's)."""
     return {path: encoded[loaded.linear_weight_name(path)].ggml_type
             for path, module in loaded.model.named_modules() if isinstance(module, torch.nn.Linear)}
-
-
-def _name_pairs(loaded: LoadedModel):
-    return [(hf, loaded.gguf_name(hf)) for hf, t in loaded.model.state_dict().items() if t.ndim == 2]
 
 
 def settings(opts: BuildOptions) -> dict:
@@ -450,6 +485,18 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
+
+
+def release_memory() -> None:
+    """Give freed memory back to the system: collect reference cycles (a transformers model has
+    some), then ask glibc to return its free heap (it keeps it otherwise; after the default
+    model's quantize step, 0.8 GB of freed memory stayed in the process)."""
+    gc.collect()
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):  # not glibc
+            pass
 
 
 def peak_rss_mb() -> float:

@@ -156,8 +156,6 @@ def measure(
 ) -> Sensitivity:
     """The KL of every option of every part, each part quantized alone (RTN + importance)."""
     model = loaded.model
-    params = dict(model.named_parameters(remove_duplicate=False))
-    by_gguf = {loaded.gguf_name(hf): p for hf, p in params.items() if p.ndim == 2}
     tokens = torch.from_numpy(windows)
     ref = [Reference(model(t[None], use_cache=False).logits[0]) for t in tokens]
     hidden, kwargs = block_inputs(model, windows)
@@ -175,17 +173,18 @@ def measure(
             hidden_at.clear()  # one block's inputs at a time
             hidden_at[part.block] = hidden
             hidden = [run_block(model.model.layers[part.block], h, kwargs) for h in hidden]
-        originals = {m.name: by_gguf[m.name].detach().clone() for m in part.matrices}
-        for types in part.options():
+        with loaded.block(part.block):
+            weights = {loaded.gguf_name(hf): p for hf, p in model.named_parameters(remove_duplicate=False) if p.ndim == 2}
+            originals = {m.name: weights[m.name].detach().clone() for m in part.matrices}
+            for types in part.options():
+                for m in part.matrices:
+                    q = get_type(types[m.name]).dequantized(originals[m.name].numpy(), importance.get(m.name))
+                    weights[m.name].data.copy_(torch.from_numpy(q))
+                entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
+                if progress:
+                    progress()
             for m in part.matrices:
-                w = originals[m.name].numpy()
-                q = get_type(types[m.name]).dequantized(w, importance.get(m.name))
-                by_gguf[m.name].data.copy_(torch.from_numpy(q))
-            entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
-            if progress:
-                progress()
-        for m in part.matrices:
-            by_gguf[m.name].data.copy_(originals[m.name])
+                weights[m.name].data.copy_(originals[m.name])
     return Sensitivity(entries, int(windows.size))
 
 

@@ -124,14 +124,16 @@ def smooth(loaded: LoadedModel, act_absmax: dict[str, torch.Tensor], alpha: floa
     consuming matrices (e.g. ``blk.0.attn_q.weight``) to max |x| per input column."""
     config = loaded.config
     folded = Folded()
-    for i, layer in enumerate(loaded.model.model.layers):
-        for g in GROUPS:
-            act = act_absmax[loaded.gguf_name(f"model.layers.{i}.{g.consumers[0]}.weight")]
-            weights = g.weights(layer)
-            if g.key == "attn_out":
-                act = per_value_channel(config, act)
-                weights = [per_value_channel(config, weights[0].abs().amax(0))[None]]
-            folded.add(loaded, i, g, fold(layer, config, g.key, smoothing_scales(act, weights, alpha)))
+    for i in range(config.num_hidden_layers):
+        with loaded.block(i):
+            layer = loaded.model.model.layers[i]
+            for g in GROUPS:
+                act = act_absmax[loaded.gguf_name(f"model.layers.{i}.{g.consumers[0]}.weight")]
+                weights = g.weights(layer)
+                if g.key == "attn_out":
+                    act = per_value_channel(config, act)
+                    weights = [per_value_channel(config, weights[0].abs().amax(0))[None]]
+                folded.add(loaded, i, g, fold(layer, config, g.key, smoothing_scales(act, weights, alpha)))
     return folded
 
 
@@ -252,14 +254,15 @@ def search_scales(
     hidden, kwargs = block_inputs(model, windows[: -(-max_tokens // windows.shape[1])])
     choices, folded = [], Folded()
     for i, layer in enumerate(model.model.layers):
-        inputs = _group_inputs(layer, hidden, kwargs, max_tokens)
-        for g in GROUPS:
-            names = [types[loaded.gguf_name(f"model.layers.{i}.{c}.weight")] for c in g.consumers]
-            choice, s = _choose(config, g, inputs[g.key], g.weights(layer), names)
-            choices.append(ScaleChoice(i, *choice))
-            if choice[1]:
-                folded.add(loaded, i, g, fold(layer, config, g.key, s))
-        hidden = [run_block(layer, h, kwargs) for h in hidden]
+        with loaded.block(i):
+            inputs = _group_inputs(layer, hidden, kwargs, max_tokens)
+            for g in GROUPS:
+                names = [types[loaded.gguf_name(f"model.layers.{i}.{c}.weight")] for c in g.consumers]
+                choice, s = _choose(config, g, inputs[g.key], g.weights(layer), names)
+                choices.append(ScaleChoice(i, *choice))
+                if choice[1]:
+                    folded.add(loaded, i, g, fold(layer, config, g.key, s))
+            hidden = [run_block(layer, h, kwargs) for h in hidden]
         if progress:
             progress()
     return choices, folded

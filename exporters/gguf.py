@@ -21,21 +21,64 @@ from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
 from edgequant.models import LoadedModel, block_shapes, head_dim, permute_qk, qk_heads, sizes_differ
 
+FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}  # the reference file's matrices
 PER_BLOCK_ARCH = "deci"  # llama.cpp's llama-family architecture that sizes every block on its own
 
 
-def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
-    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes."""
+def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor] | None, method: str,
+               float_type: str | None = None) -> None:
+    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes; with
+    ``float_type`` ("F32" or "F16") instead, the matrices are the model's own weights in that type
+    (the reference file). The header lists every tensor first; their data follows one tensor at
+    a time, each read from the model as it is written (a streamed block is mapped only then)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
         _add_metadata(writer, loaded, method)
         _add_tokenizer(writer, loaded)
-        _add_tensors(writer, loaded, encoded)
+        factors = llama3_rope_factors(loaded.config)
+        if factors is not None:
+            writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
+        stored = [(hf_name, t) for hf_name, t in loaded.model.state_dict(keep_vars=True).items() if _is_stored(loaded, hf_name)]
+        for hf_name, t in stored:  # shapes only: a streamed block's tensors are on the meta device here
+            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded, float_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        if factors is not None:
+            writer.write_tensor_data(factors)
+        for hf_name, t in loaded.state():
+            if _is_stored(loaded, hf_name):
+                writer.write_tensor_data(_data(loaded, hf_name, t, encoded, float_type))
         writer.close()
+
+
+def _is_stored(loaded: LoadedModel, hf_name: str) -> bool:
+    return not (hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings)
+
+
+def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded, float_type: str | None):
+    """(name, shape, dtype, bytes, ggml type) of a tensor's entry in the file, from its shape alone."""
+    name = loaded.gguf_name(hf_name)
+    if len(shape) == 1:
+        return name, shape, np.dtype(np.float32), 4 * shape[0], None
+    if float_type is not None:
+        dtype = np.dtype(FLOAT_TYPES[float_type])
+        return name, shape, dtype, dtype.itemsize * shape[0] * shape[1], None
+    data = encoded[name].data
+    return name, data.shape, data.dtype, data.nbytes, gguf.GGMLQuantizationType[encoded[name].ggml_type]
+
+
+def _data(loaded: LoadedModel, hf_name: str, t, encoded, float_type: str | None) -> np.ndarray:
+    """The bytes of one tensor as the file stores them (q/k rows in llama.cpp's rotary order)."""
+    name = loaded.gguf_name(hf_name)
+    if t.ndim == 1:
+        return t.float().numpy()
+    data = t.numpy().astype(FLOAT_TYPES[float_type], copy=False) if float_type else encoded[name].data
+    heads = qk_heads(loaded.config, name, data.shape[0])
+    if loaded.arch.permute_qk and heads:
+        data = permute_qk(data, heads, to_gguf=True)
+    return np.ascontiguousarray(data)
 
 
 def overhead_bytes(loaded: LoadedModel) -> int:
@@ -176,26 +219,3 @@ def bpe_pre_tokenizer(spec: dict) -> str:
     if '"Digits"' in text:
         return "smollm"
     return "gpt-2"
-
-
-# --------------------------------------------------------------------------------- tensors
-
-
-def _add_tensors(w: gguf.GGUFWriter, loaded: LoadedModel, encoded: dict[str, EncodedTensor]) -> None:
-    factors = llama3_rope_factors(loaded.config)
-    if factors is not None:
-        w.add_tensor("rope_freqs.weight", factors)
-    for hf_name, t in loaded.model.state_dict().items():
-        if hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings:
-            continue
-        name = loaded.gguf_name(hf_name)
-        if t.ndim == 1:
-            w.add_tensor(name, t.detach().float().numpy())
-            continue
-        enc = encoded[name]
-        data = enc.data
-        heads = qk_heads(loaded.config, name, data.shape[0])
-        if loaded.arch.permute_qk and heads:
-            data = permute_qk(data, heads, to_gguf=True)
-        qtype = gguf.GGMLQuantizationType[enc.ggml_type]
-        w.add_tensor(name, np.ascontiguousarray(data), raw_dtype=qtype)

@@ -11,6 +11,9 @@ from edgequant.errors import EdgequantError
 from edgequant.models import gguf_tensor_infos
 
 
+UBATCH = 128  # tokens per compute step: the compute buffer holds this many rows of vocabulary logits
+
+
 def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
     from llama_cpp import Llama
 
@@ -23,7 +26,7 @@ def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
             model_path=str(path),
             n_ctx=n_ctx,
             n_batch=n_ctx,
-            n_ubatch=n_ctx,
+            n_ubatch=min(n_ctx, UBATCH),
             logits_all=logits_all,
             n_threads=n_threads or os.cpu_count(),
             verbose=False,
@@ -41,9 +44,11 @@ class LlamaCppLogits:
         self.llm = _open(path, ctx, logits_all=True, n_threads=n_threads)
 
     def __call__(self, window: np.ndarray) -> np.ndarray:
+        """The window's logits: a view of llama-cpp-python's own buffer (a vocabulary of 151936
+        over 512 tokens is 311 MB), valid until the next call."""
         self.llm.reset()
         self.llm.eval(window.tolist())
-        return np.array(self.llm.scores[: len(window)], dtype=np.float32)
+        return self.llm.scores[: len(window)]
 
     def close(self) -> None:
         self.llm.close()

@@ -81,6 +81,7 @@ class OrtDecoder:
 
     def __init__(self, path: Path, n_threads: int | None = None, accuracy_level: int | None = None):
         self.session = open_session(path, n_threads, accuracy_level)
+        self.runtime = "onnxruntime" if accuracy_level is None else f"onnxruntime (accuracy_level {accuracy_level})"
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
         self.kv_shapes = {i.name: (1, i.shape[1], 0, i.shape[3]) for i in past}  # [batch, kv_heads, past, head_dim]
@@ -124,8 +125,7 @@ def score_in_ort(path: Path, windows: np.ndarray, reference, n_threads: int | No
     """Perplexity, KLD and top-1 of an ONNX model run in ONNX Runtime, against ``reference``."""
     from edgequant.evaluation import evaluate
 
-    label = "onnxruntime" if accuracy_level is None else f"onnxruntime (accuracy_level {accuracy_level})"
-    return evaluate(OrtDecoder(path, n_threads, accuracy_level), windows, reference, label, progress)
+    return evaluate(OrtDecoder(path, n_threads, accuracy_level), windows, reference, progress=progress)
 
 
 def genai_greedy(folder: Path, prompt: list[int], max_new_tokens: int) -> list[int]:

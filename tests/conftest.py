@@ -127,10 +127,13 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def reference(default_model):
-    """Full-precision logits of the default model, computed once per window for the session."""
-    from edgequant.evaluation import CachedLogits, TorchLogits
+    """The default model's full-precision logits as the build scores against them: llama.cpp
+    running its F32 GGUF, window by window."""
+    from edgequant.reference import reference_logits
 
-    return CachedLogits(TorchLogits(default_model.model))
+    source = reference_logits(default_model, 512)
+    yield source
+    source.close()
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,7 @@ def outliers(tiny_model):
     """A tiny llama whose RMSNorms blow 4 of the 256 channels up 40x before every block's q/k/v and
     gate/up (as massive activations do in trained models), its windows and its full precision."""
     from edgequant.assets import read_text
-    from edgequant.evaluation import CachedLogits, token_windows
+    from edgequant.evaluation import token_windows
     from edgequant.models import load_model
 
     loaded = load_model(tiny_model())
@@ -35,7 +35,7 @@ def outliers(tiny_model):
                 norm.weight[torch.randperm(256, generator=gen)[:4]] *= 40
     calib = token_windows(loaded.tokenizer, read_text("c4.utf8"), 2048)
     windows = token_windows(loaded.tokenizer, read_text("wiki.utf8"), 1024)
-    return loaded, calib, windows, CachedLogits(TorchLogits(loaded.model))
+    return loaded, calib, windows, TorchLogits(loaded.model)
 
 
 @pytest.fixture(scope="module")

@@ -241,7 +241,7 @@ def test_out_on_a_full_disk_leaves_nothing_behind(small_disk, tiny_model, bad_in
 
 def test_help_lists_every_command_and_every_option_is_explained():
     top = edgequant("--help").stdout
-    commands = ["build", "plan", "eval", "export-onnx", "deploy", "verify", "bench", "report", "devices", "fetch-default"]
+    commands = ["build", "plan", "eval", "export-onnx", "deploy", "verify", "bench", "report", "devices", "fetch"]
     for command in commands:
         assert f" {command} " in top
         text = edgequant(command, "--help")

@@ -42,7 +42,7 @@ def test_calibration_holds_one_block_at_a_time(tiny_model):
 
     loaded = load_model(tiny_model())
     windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 1024)
-    blocks = sequential_hessians(loaded, loaded.model, windows)
+    blocks = sequential_hessians(loaded, windows)
     seen = []
     for block in blocks:
         names = set(block.hessians)

@@ -3,11 +3,13 @@
 Every method rounds: ``quantize(loaded, plan, calibration, progress) -> {GGUF name: EncodedTensor}``.
 ``plan`` gives each matrix its ggml type; ``calibration`` holds the calibration token windows
 and E[x^2] per input column (may be empty). The result is the exact bytes that the exporters
-write. ``loaded.model`` is the full-precision reference: a method must not change it.
+write. ``quantize`` leaves ``loaded.model`` as it found it.
 
 A method may also choose the plan itself (``allocate``, from measurements, within a byte
-budget), or the pruning and the plan together (``search``, returning a :class:`.joint.Choice`), and fold an equivalence transform into a copy of the model before rounding
-(``transform``, returning the copy and details for the report). Methods without ``allocate``
+budget), or the pruning and the plan together (``search``, returning a :class:`.joint.Choice`), and fold an equivalence transform into the model before rounding
+(``transform``, returning the model to round and details for the report). The build owns the
+model it hands to ``transform``: a transform may change it in place (QuBLAST's maps do) or
+return a new one. Methods without ``allocate``
 get the greedy prior of :mod:`edgequant.planning`. A method that ``unties`` (the Hadamard
 baseline) gets its own output head before planning, so the plan and the budget count both
 matrices; RUQuant instead leaves a tied model's residual stream alone.
@@ -50,8 +52,9 @@ class Method:
     summary: str
     quantize: Quantize
     allocate: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> (Plan, table)
-    transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (LoadedModel copy, details dict)
+    transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (model to round, details dict)
     search: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> joint.Choice
+    streams: bool = False  # works block by block on a streamed model (:mod:`edgequant.blocks`); else loaded whole
     unties: bool = False  # the transform needs separate embedding and output matrices
     activation_aware: bool = False  # also report the torch simulation with 8-bit activations (W4A8)
 
@@ -78,11 +81,11 @@ METHODS: dict[str, Method] = {
     m.name: m
     for m in (
         Method("qublast", "sensitivity-planned mixed precision + activation scaling maps + GPTQ",
-               gptq.quantize, qublast.allocate, qublast.transform),
+               gptq.quantize, qublast.allocate, qublast.transform, streams=True),
         Method("joint", "structural pruning + mixed precision searched together against the output's KL, "
                "then QuBLAST's scaling maps and GPTQ", gptq.quantize, transform=qublast.transform, search=joint.search),
         Method("qublast-rtn", "QuBLAST with round-to-nearest as the rounding step",
-               rtn.quantize, qublast.allocate, qublast.transform),
+               rtn.quantize, qublast.allocate, qublast.transform, streams=True),
         Method("specquant", "SmoothQuant migration + per-row low-frequency Fourier truncation, then GPTQ",
                gptq.quantize, transform=folded(specquant.transform, lambda loaded, plan: {"ggml_types": plan.types}),
                activation_aware=True),
@@ -91,8 +94,8 @@ METHODS: dict[str, Method] = {
                gptq.quantize, transform=folded(ruquant.folded_transform, _ruquant_options), activation_aware=True),
         Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
                gptq.quantize, transform=folded(hadamard.transform), unties=True, activation_aware=True),
-        Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize),
-        Method("rtn", "round to nearest on the importance-weighted grid, greedy mix", rtn.quantize),
+        Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize, streams=True),
+        Method("rtn", "round to nearest on the importance-weighted grid, greedy mix", rtn.quantize, streams=True),
     )
 }
 

@@ -6,7 +6,7 @@ maps, and GPTQ (or RTN) as the rounding step.
    the part can take; then choose one option per part minimising the summed KL under the byte
    budget (exact multiple-choice knapsack, :func:`edgequant.planning.knapsack`). When the
    largest option of every part fits, nothing needs measuring.
-2. ``transform``: activation scaling maps, searched per block and group for the types just
+2. ``transform``: activation scaling maps (folded in place), searched per block and group for the types just
    chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
 3. ``quantize``: GPTQ onto the exact ggml grids (``rounding="rtn"`` for round-to-nearest).
 """
@@ -63,9 +63,8 @@ def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params
 def transform(
     loaded: LoadedModel, plan: Plan, calibration: Calibration, progress: Progress
 ) -> tuple[LoadedModel, dict]:
-    """A copy of the model with the scaling maps searched for ``plan``'s types folded in (and,
-    under ``folded``, the scales, from which the calibration statistics of the copy follow)."""
-    work = loaded.copy()
+    """The model with the scaling maps searched for ``plan``'s types folded in, in place (and,
+    under ``folded``, the scales, from which the calibration statistics follow)."""
     with progress.step("search activation scaling maps", loaded.config.num_hidden_layers) as tick:
-        choices, folded = search_scales(work, calibration.windows, plan.types, progress=tick)
-    return work, {"scaling_maps": [asdict(c) for c in choices], "folded": folded}
+        choices, folded = search_scales(loaded, calibration.windows, plan.types, progress=tick)
+    return loaded, {"scaling_maps": [asdict(c) for c in choices], "folded": folded}
