@@ -32,7 +32,7 @@ from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, default_gguf, re
 from edgequant.calibration import activation_stats
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import token_windows
-from edgequant.reference import reference_logits
+from edgequant.reference import reference_log_probs
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
 from edgequant.reporting import ladder_file
@@ -86,7 +86,7 @@ def main() -> None:
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     calib = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
-    reference = reference_logits(loaded, 512)
+    reference = reference_log_probs(loaded, windows)
     f32 = args.out / "reference-f32.gguf"
     if not f32.exists():
         write_f32_copy(default_gguf(), f32)

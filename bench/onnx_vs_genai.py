@@ -25,7 +25,7 @@ from pathlib import Path
 from edgequant.assets import EVALUATION_TEXT, default_model_dir, read_text
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import evaluate, token_windows
-from edgequant.reference import reference_logits
+from edgequant.reference import reference_log_probs
 from edgequant.models import load_model
 from edgequant.benchmark import PROBE
 from runtimes.ort import score_in_ort
@@ -87,9 +87,9 @@ def main() -> None:
 
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
-    reference = reference_logits(loaded, 512)
+    reference = reference_log_probs(loaded, windows)
     fp = evaluate(reference, windows, reference)
-    print(f"full precision (llama.cpp, F32): ppl {fp.ppl:.3f} ± {fp.ppl_se:.2f}", flush=True)
+    print(f"full precision (torch): ppl {fp.ppl:.3f} ± {fp.ppl_se:.2f}", flush=True)
     rows = []
     for label, folder in folders.items():
         q = score_in_ort(folder, windows, reference, args.threads)

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from edgequant.assets import EVALUATION_TEXT, default_gguf, read_text
 from edgequant.evaluation import token_windows
-from edgequant.reference import reference_logits
+from edgequant.reference import reference_log_probs
 from edgequant.models import load_model
 from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, write_f32_copy
 from runtimes.llamacpp import score_in_llama_cpp
@@ -55,7 +55,7 @@ def main() -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
-    reference = reference_logits(loaded, 512)
+    reference = reference_log_probs(loaded, windows)
     f32 = args.out / "reference-f32.gguf"
     if not f32.exists():
         write_f32_copy(default_gguf(), f32)

@@ -45,7 +45,7 @@ from .models import BlockShape, LoadedModel, block_shapes, gguf_tensor_infos, lo
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
-from .reference import reference_gguf, reference_logits, weights_type
+from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
@@ -176,7 +176,8 @@ class Planned:
     stats: ActivationStats | None
     plan: Plan
     table: Sensitivity | None
-    reference: Path | None  # the full-precision GGUF (:mod:`edgequant.reference`); ``loaded`` is the model to quantize
+    reference: StoredLogProbs | None  # full precision on the evaluation text (:mod:`edgequant.reference`)
+    eval_label: str | None = None  # where the evaluation text came from
     pruning: Pruning | None = None  # what was pruned (asked for, or chosen by the joint search)
     search: dict | None = None  # the joint search's details
 
@@ -195,17 +196,20 @@ class Planned:
         }
 
 
-def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False) -> Planned:
+def planned(opts: BuildOptions, progress: Progress, eval_windows: bool = False) -> Planned:
     """Load, target the device, calibrate and plan (measuring sensitivity where the method does);
-    ``with_reference``: first write the reference GGUF the build's files are scored against."""
+    ``eval_windows``: first store the full-precision model's log-probabilities on the evaluation
+    text, which the build's files are scored against."""
     method = get_method(opts.method)
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
-    reference = None
-    if with_reference:
-        with progress.step(f"write the {weights_type(loaded)} reference GGUF"):
-            reference = reference_gguf(loaded)
+    reference, label = None, None
+    if eval_windows:
+        label, text = load_text(opts.eval_text, EVALUATION_TEXT)
+        windows = token_windows(loaded.tokenizer, text, opts.eval_tokens, opts.ctx)
+        with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
+            reference = reference_log_probs(loaded, windows, tick)
     unpruned_params = sum(p.numel() for p in loaded.model.parameters())
     if method.unties:  # the plan then counts both matrices
         untie(loaded.model)
@@ -230,7 +234,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
             stats = cached_activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens)
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
-    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference,
+    return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference, label,
                    pruning or None, choice.details if choice else None)
 
 
@@ -262,10 +266,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     started = time.time()
     out = Path(opts.out)
     _check_writable(out)
-    p = planned(opts, progress, with_reference=True)
+    p = planned(opts, progress, eval_windows=True)
     tgt, plan, table, reference = p.target, p.plan, p.table, p.reference
-    eval_label, eval_text = load_text(opts.eval_text, EVALUATION_TEXT)
-    windows = token_windows(p.loaded.tokenizer, eval_text, opts.eval_tokens, opts.ctx)
+    windows = reference.windows
     work, details, calibration = _transform(p, opts, progress)
     maps = details.pop("scaling_maps", None)
     release_memory()  # the transform's calibration streams
@@ -282,9 +285,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         "pruning": _pruning_report(p.pruning, work, p.search),
         "text": {
             "calibration": {"source": p.calib_label, "tokens": int(calibration.windows.size)},
-            "evaluation": {"source": eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
-            "reference": f"full precision = the float32 weights of the loaded model, run in llama.cpp from "
-                         f"{reference.name} ({weights_type(work)})",
+            "evaluation": {"source": p.eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
+            "reference": "full precision = the float32 weights of the loaded model (run in torch; "
+                         "log-probabilities stored in float16)",
         },
     }
 
@@ -371,17 +374,16 @@ def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str
     else:
         gguf_tensor_infos(path)
     with progress.step("load reference model"):
-        loaded = load_model(reference_model)
+        loaded = load_model(reference_model, streamed=True)
     label, text = load_text(eval_text, EVALUATION_TEXT)
     windows = token_windows(loaded.tokenizer, text, eval_tokens, ctx)
-    with progress.step(f"write the {weights_type(loaded)} reference GGUF"):
-        reference = reference_logits(loaded, ctx, threads)
+    with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
+        reference = reference_log_probs(loaded, windows, tick)
     candidate = OrtDecoder(path, threads, accuracy_level) if is_onnx else LlamaCppLogits(path, ctx, threads)
     try:
         with progress.step(f"evaluate {path.name}", len(windows)) as tick:
             quality = score({"file": candidate}, windows, reference, tick)["file"]
     finally:
-        reference.close()
         getattr(candidate, "close", lambda: None)()
     return {"path": str(path), "reference": loaded.name, "quality": quality.as_dict(),
             "text": {"source": label, "tokens": int(windows.size), "ctx": ctx}}
@@ -408,12 +410,11 @@ class Simulation:
     a8_types: dict[str, str] | None
 
 
-def _evaluate(reference: Path, sim: Simulation | None, stage: Path, windows, opts, progress) -> dict:
-    """Quality of the files in ``stage`` against the full-precision ``reference`` GGUF, each in
-    its own runtime, run window by window beside the reference: one runtime at a time, so that
-    only the reference and one candidate are open. With ``opts.parity``, also what the runtimes
-    must agree with: the torch simulation of the GGUF's decoded bytes, and the ONNX model at
-    accuracy_level 0 (float32 activations, the exact counterpart of the simulation)."""
+def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, windows, opts, progress) -> dict:
+    """Quality of the files in ``stage`` against the full-precision ``reference``, each in its
+    own runtime, one runtime at a time. With ``opts.parity``, also what the runtimes must agree
+    with: the torch simulation of the GGUF's decoded bytes, and the ONNX model at accuracy_level 0
+    (float32 activations, the exact counterpart of the simulation)."""
     ctx, threads = windows.shape[1], opts.threads
     passes = []
     if sim is not None:
@@ -427,21 +428,15 @@ def _evaluate(reference: Path, sim: Simulation | None, stage: Path, windows, opt
         if opts.parity:
             passes.append(("onnx_exact", lambda: OrtDecoder(stage / "onnx", threads, accuracy_level=0)))
     release_memory()  # what the export left behind
-    ref = LlamaCppLogits(reference, ctx, threads)
-    ref.runtime = "llama.cpp"
     quality = {}
-    try:
-        for i, (key, open_candidate) in enumerate(passes or [("fp", lambda: ref)]):
-            candidates = {"fp": ref} if i == 0 else {}  # the reference's own perplexity comes free with the first
-            candidates[key] = open_candidate()
-            with progress.step(f"evaluate {_EVALUATED[key]}", len(windows)) as tick:
-                quality |= {k: q.as_dict() for k, q in score(candidates, windows, ref, tick).items()}
-            if candidates[key] is not ref:
-                getattr(candidates[key], "close", lambda: None)()
-            del candidates
-            release_memory()
-    finally:
-        ref.close()
+    for i, (key, open_candidate) in enumerate(passes or [("fp", lambda: reference)]):
+        candidates = {"fp": reference} if i == 0 else {}  # the reference's own perplexity comes with the first
+        candidates[key] = open_candidate()
+        with progress.step(f"evaluate {_EVALUATED[key]}", len(windows)) as tick:
+            quality |= {k: q.as_dict() for k, q in score(candidates, windows, reference, tick).items()}
+        getattr(candidates[key], "close", lambda: None)()
+        del candidates
+        release_memory()
     return quality
 
 

@@ -21,16 +21,13 @@ from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
 from edgequant.models import LoadedModel, block_shapes, head_dim, permute_qk, qk_heads, sizes_differ
 
-FLOAT_TYPES = {"F32": np.float32, "F16": np.float16}  # the reference file's matrices
 PER_BLOCK_ARCH = "deci"  # llama.cpp's llama-family architecture that sizes every block on its own
 
 
-def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor] | None, method: str,
-               float_type: str | None = None) -> None:
-    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes; with
-    ``float_type`` ("F32" or "F16") instead, the matrices are the model's own weights in that type
-    (the reference file). The header lists every tensor first; their data follows one tensor at
-    a time, each read from the model as it is written (a streamed block is mapped only then)."""
+def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
+    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes. The
+    header lists every tensor first; their data follows one tensor at a time, the norms read
+    from the model as they are written (a streamed block is mapped only then)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
@@ -41,7 +38,7 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
             writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
         stored = [(hf_name, t) for hf_name, t in loaded.model.state_dict(keep_vars=True).items() if _is_stored(loaded, hf_name)]
         for hf_name, t in stored:  # shapes only: a streamed block's tensors are on the meta device here
-            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded, float_type))
+            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -49,7 +46,7 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
             writer.write_tensor_data(factors)
         for hf_name, t in loaded.state():
             if _is_stored(loaded, hf_name):
-                writer.write_tensor_data(_data(loaded, hf_name, t, encoded, float_type))
+                writer.write_tensor_data(_data(loaded, hf_name, t, encoded))
         writer.close()
 
 
@@ -57,24 +54,21 @@ def _is_stored(loaded: LoadedModel, hf_name: str) -> bool:
     return not (hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings)
 
 
-def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded, float_type: str | None):
+def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded):
     """(name, shape, dtype, bytes, ggml type) of a tensor's entry in the file, from its shape alone."""
     name = loaded.gguf_name(hf_name)
     if len(shape) == 1:
         return name, shape, np.dtype(np.float32), 4 * shape[0], None
-    if float_type is not None:
-        dtype = np.dtype(FLOAT_TYPES[float_type])
-        return name, shape, dtype, dtype.itemsize * shape[0] * shape[1], None
     data = encoded[name].data
     return name, data.shape, data.dtype, data.nbytes, gguf.GGMLQuantizationType[encoded[name].ggml_type]
 
 
-def _data(loaded: LoadedModel, hf_name: str, t, encoded, float_type: str | None) -> np.ndarray:
+def _data(loaded: LoadedModel, hf_name: str, t, encoded) -> np.ndarray:
     """The bytes of one tensor as the file stores them (q/k rows in llama.cpp's rotary order)."""
     name = loaded.gguf_name(hf_name)
     if t.ndim == 1:
         return t.float().numpy()
-    data = t.numpy().astype(FLOAT_TYPES[float_type], copy=False) if float_type else encoded[name].data
+    data = encoded[name].data
     heads = qk_heads(loaded.config, name, data.shape[0])
     if loaded.arch.permute_qk and heads:
         data = permute_qk(data, heads, to_gguf=True)

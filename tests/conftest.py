@@ -127,13 +127,10 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def reference(default_model):
-    """The default model's full-precision logits as the build scores against them: llama.cpp
-    running its F32 GGUF, window by window."""
-    from edgequant.reference import reference_logits
+    """The default model's full-precision logits, computed window by window beside each candidate."""
+    from edgequant.evaluation import TorchLogits
 
-    source = reference_logits(default_model, 512)
-    yield source
-    source.close()
+    return TorchLogits(default_model.model)
 
 
 @pytest.fixture(scope="session")
