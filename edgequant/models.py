@@ -279,21 +279,23 @@ class _Shards:
             for f in sorted(path.glob("*.safetensors")):
                 with safe_open(f, "pt") as h:
                     files |= dict.fromkeys(h.keys(), f)
-        self.files, self.handles = files, {}
-
-    def _handle(self, name: str):
-        from safetensors import safe_open
-
-        f = self.files[name]
-        if f not in self.handles:
-            self.handles[f] = safe_open(f, "pt")
-        return self.handles[f]
+        self.files = files
 
     def shape(self, name: str) -> tuple[int, ...] | None:
-        return tuple(self._handle(name).get_slice(name).get_shape()) if name in self.files else None
+        from safetensors import safe_open
+
+        if name not in self.files:
+            return None
+        with safe_open(self.files[name], "pt") as h:
+            return tuple(h.get_slice(name).get_shape())
 
     def get(self, name: str) -> np.ndarray:
-        return self._handle(name).get_tensor(name).float().numpy()
+        """One tensor in float32, the file opened for it alone (an open file's memory map keeps
+        every page read through it in the process)."""
+        from safetensors import safe_open
+
+        with safe_open(self.files[name], "pt") as h:
+            return h.get_tensor(name).to(torch.float32, copy=True).numpy()
 
 
 def _fill(model, fetch, streamed: bool) -> BlockStore | None:
@@ -492,13 +494,20 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
 
     def fetch(hf_name):
         name = gguf_name(arch, config.num_hidden_layers, hf_name)
-        w = gguf.quants.dequantize(tensors[name].data, tensors[name].tensor_type)
+        w = gguf.quants.dequantize(_read_data(path, tensors[name]), tensors[name].tensor_type)
         heads = qk_heads(config, name, w.shape[0])
         return permute_qk(w, heads, to_gguf=False) if arch.permute_qk and heads else w
 
     _check_shapes(path, model, stored, lambda hf_name: gguf_name(arch, config.num_hidden_layers, hf_name))
     store = _fill(model, fetch, streamed)
     return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path, store)
+
+
+def _read_data(path: Path, t) -> np.ndarray:
+    """A tensor's stored data, read from the file rather than through the reader's memory map
+    (whose pages, once read, would stay in the process until the map is closed: the whole file)."""
+    raw = np.fromfile(path, np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
+    return raw.view(t.data.dtype).reshape(t.data.shape)
 
 
 def _skeleton(config):
