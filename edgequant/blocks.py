@@ -55,7 +55,7 @@ class BlockStore:
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
             layer.register_forward_hook(lambda _m, _a, _o, i=i: self._exit(i))
-        weakref.finalize(self, shutil.rmtree, str(self.folder), True)
+        self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
 
     @classmethod
     def create(cls, model: torch.nn.Module, fetch: Callable[[str], np.ndarray]) -> "BlockStore":
@@ -65,6 +65,10 @@ class BlockStore:
 
         spill = cache_dir() / "spill"
         spill.mkdir(parents=True, exist_ok=True)
+        needed, free = 4 * sum(p.numel() for p in model.model.layers.parameters()), shutil.disk_usage(spill).free
+        if needed > free:
+            raise EdgequantError(f"spilling the model's blocks needs {needed / 1e6:.0f} MB on the disk of {spill}; "
+                                 f"{free / 1e6:.0f} MB are free")
         store = cls(model, Path(tempfile.mkdtemp(prefix="blocks-", dir=spill)))
         for i in range(len(store.layers)):
             store._write(i, lambda name, i=i: fetch(f"model.layers.{i}.{name}"))
@@ -120,6 +124,10 @@ class BlockStore:
     def _set(self, i: int, s: _Slot, t: torch.Tensor) -> None:
         module = self.layers[i].get_submodule(s.module) if s.module else self.layers[i]
         module._parameters[s.name] = torch.nn.Parameter(t, requires_grad=t.device.type != "meta")
+
+    def close(self) -> None:
+        """Delete the blocks' files now (else when the store is collected, or at exit)."""
+        self._remove()
 
     @property
     def nbytes(self) -> int:

@@ -23,6 +23,7 @@ class Calibration:
     windows: np.ndarray  # (n, ctx) token windows
     importance: dict[str, np.ndarray]  # E[x^2] per input column by GGUF name; empty when disabled
     sensitivity_tokens: int = 512  # the first tokens that per-part sensitivity (QuBLAST, joint) is measured on
+    sensitivity: str = "auto"  # how: measured / fisher / auto (:func:`edgequant.sensitivity.how_for`)
 
     def sensitivity_windows(self) -> np.ndarray:
         """The first ``sensitivity_tokens`` tokens: whole windows, or the start of the first one."""

@@ -58,6 +58,9 @@ CALIB_TOKENS = typer.Option(16384, help="Calibration tokens.")
 QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 SENSITIVITY_TOKENS = typer.Option(512, help="QuBLAST and joint: measure each part's KL on the first this many calibration "
                                   "tokens (fewer: a faster, noisier plan).")
+SENSITIVITY = typer.Option("auto", help="QuBLAST: 'measured' (each part's KL at the output; cost grows with depth^2), "
+                           "'fisher' (estimated from the Fisher information at the block's output; linear in depth), "
+                           "or 'auto' (measured up to 0.5B parameters).")
 JSON = typer.Option(False, "--json", help="Print the result as JSON on stdout (implies --quiet).")
 
 
@@ -84,6 +87,7 @@ def build(
     calib_text: Optional[str] = CALIB_TEXT,
     calib_tokens: int = CALIB_TOKENS,
     sensitivity_tokens: int = SENSITIVITY_TOKENS,
+    sensitivity: str = SENSITIVITY,
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
@@ -100,7 +104,7 @@ def build(
     opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
-                    sensitivity_tokens=sensitivity_tokens, eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
+                    sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity, eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
                     parity=parity)
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
@@ -119,6 +123,7 @@ def plan(
     calib_tokens: int = typer.Option(16384, help="Calibration tokens, as `build` takes them, so the plan is the build's "
                                      "(the measured sensitivity is cached for the build)."),
     sensitivity_tokens: int = SENSITIVITY_TOKENS,
+    sensitivity: str = SENSITIVITY,
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
@@ -127,7 +132,7 @@ def plan(
 
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens,
-                    sensitivity_tokens=sensitivity_tokens)
+                    sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity)
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 

@@ -250,8 +250,9 @@ def load_hf_folder(path: Path, streamed: bool = False) -> LoadedModel:
         raise EdgequantError(f"{path} has no .safetensors weights")
     try:
         config = AutoConfig.from_pretrained(path)
-        shards = _Shards(path)
         model = _skeleton(config)
+        check_memory(model, streamed)
+        shards = _Shards(path)
         _check_shapes(path, model, shards.shape)
         store = _fill(model, shards.get, streamed)
         tokenizer = AutoTokenizer.from_pretrained(path)
@@ -487,6 +488,7 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
     arch, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
     model = _skeleton(config)
+    check_memory(model, streamed)
 
     def stored(hf_name):
         t = tensors.get(gguf_name(arch, config.num_hidden_layers, hf_name))
@@ -508,6 +510,33 @@ def _read_data(path: Path, t) -> np.ndarray:
     (whose pages, once read, would stay in the process until the map is closed: the whole file)."""
     raw = np.fromfile(path, np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))
     return raw.view(t.data.dtype).reshape(t.data.shape)
+
+
+def check_memory(skeleton, streamed: bool) -> None:
+    """Refuse, before reading any weight, a model this machine cannot hold: whole, its float32
+    weights; streamed, the parts that stay in memory (embedding, head, norms) and two blocks (one
+    worked on, one copy of it), against the memory the system says is available."""
+    sizes = [(name, p.numel() * 4) for name, p in skeleton.named_parameters()]
+    if streamed:
+        block = max(sum(p.numel() for p in layer.parameters()) for layer in skeleton.model.layers) * 4
+        needed = sum(n for name, n in sizes if _block_index(name) < 0) + 2 * block
+    else:
+        needed = sum(n for _, n in sizes)
+    available = available_memory()
+    if available is not None and needed > available:
+        how = "streamed (embedding, head and two blocks in float32)" if streamed else "in float32"
+        raise EdgequantError(f"the model needs {needed / 1e9:.1f} GB of memory {how}; this machine has "
+                             f"{available / 1e9:.1f} GB available")
+
+
+def available_memory() -> int | None:
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo") as f:
+            fields = dict(line.split(":", 1) for line in f)
+        return int(fields["MemAvailable"].split()[0]) * 1024
+    except (OSError, KeyError, ValueError):
+        return None
 
 
 def _skeleton(config):

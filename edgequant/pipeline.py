@@ -47,7 +47,7 @@ from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
-from .sensitivity import Part, Sensitivity, split_parts
+from .sensitivity import HOW, Part, Sensitivity, split_parts
 from .rotations import untie
 from .smoothing import llama_cpp_activations, smooth
 
@@ -71,6 +71,7 @@ class BuildOptions:
     calib_text: str | None = None  # None -> built-in c4; else a built-in name or comma-separated files
     calib_tokens: int = 16384
     sensitivity_tokens: int = 512  # the first calibration tokens QuBLAST's per-part KL is measured on
+    sensitivity: str = "auto"  # measured / fisher / auto (edgequant.sensitivity.how_for)
     eval_text: str | None = None  # None -> built-in wiki
     eval_tokens: int = 8192
     ctx: int = DEFAULT_CTX  # evaluation window
@@ -92,6 +93,8 @@ class BuildOptions:
         check_number("--context", self.context, at_least=1)
         check_number("--smooth", self.smooth, at_least=0, at_most=1)
         check_number("--threads", self.threads, at_least=1)
+        if self.sensitivity not in ("auto", *HOW):
+            raise EdgequantError(f"--sensitivity takes auto, {', '.join(HOW)}; got {self.sensitivity!r}")
         if get_method(self.method).search and (self.ggml_type or self.pruning):
             raise EdgequantError(f"--method {self.method} chooses the pruning and the types itself "
                                  "(no --type, no pruning given)")
@@ -232,7 +235,8 @@ def planned(opts: BuildOptions, progress: Progress, eval_windows: bool = False) 
     if opts.use_importance or opts.smooth or method.allocate:
         with progress.step("calibrate", len(calib)) as tick:
             stats = cached_activation_stats(loaded, calib, tick)
-    calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens)
+    calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens,
+                              opts.sensitivity)
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference, label,
                    pruning or None, choice.details if choice else None)
@@ -297,13 +301,17 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
             write_gguf(gguf_path, work, encoded, opts.method)
         artifacts = [_artifact(gguf_path, "gguf", out)]
         sim = _simulation(work, encoded, p.method.activation_aware) if opts.parity else None
-        tokenizer = work.tokenizer
+        tokenizer, spill = work.tokenizer, work.store
+        if spill is not None and sim is None:
+            spill.close()  # now, not in a collection, where an interrupt would be lost
         del work, p, encoded  # from here on only the files (and, with --parity, the simulation) are held
         release_memory()
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
                 artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer), out))
         quality = _evaluate(reference, sim, stage, windows, opts, progress)
+        if spill is not None:
+            spill.close()
         if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
             gguf_path.unlink()
             artifacts.pop(0)

@@ -98,11 +98,14 @@ class Entry:
     kl: float  # nats per token
 
 
+MEASURED = "KL(full precision || part quantized) in nats/token, measured at the output"
+
+
 class Sensitivity:
     """The measured table: for each part, its options' sizes and KL."""
 
-    def __init__(self, entries: list[Entry], tokens: int):
-        self.entries, self.tokens = entries, tokens
+    def __init__(self, entries: list[Entry], tokens: int, measure: str = MEASURED):
+        self.entries, self.tokens, self.measure = entries, tokens, measure
 
     def by_part(self) -> dict[str, list[Entry]]:
         out: dict[str, list[Entry]] = {}
@@ -111,12 +114,11 @@ class Sensitivity:
         return out
 
     def as_dict(self) -> dict:
-        return {"measure": "KL(full precision || part quantized) in nats/token", "tokens": self.tokens,
-                "entries": [asdict(e) for e in self.entries]}
+        return {"measure": self.measure, "tokens": self.tokens, "entries": [asdict(e) for e in self.entries]}
 
     @classmethod
     def from_dict(cls, d: dict) -> Sensitivity:
-        return cls([Entry(**e) for e in d["entries"]], d["tokens"])
+        return cls([Entry(**e) for e in d["entries"]], d["tokens"], d.get("measure", MEASURED))
 
 
 class Reference:
@@ -173,19 +175,124 @@ def measure(
             hidden_at.clear()  # one block's inputs at a time
             hidden_at[part.block] = hidden
             hidden = [run_block(model.model.layers[part.block], h, kwargs) for h in hidden]
-        with loaded.block(part.block):
-            weights = {loaded.gguf_name(hf): p for hf, p in model.named_parameters(remove_duplicate=False) if p.ndim == 2}
-            originals = {m.name: weights[m.name].detach().clone() for m in part.matrices}
+        for types in rounded_options(loaded, part, importance):
+            entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
+            if progress:
+                progress()
+    return Sensitivity(entries, int(windows.size))
+
+
+def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.ndarray]):
+    """Yields each option of ``part`` (its types) while the part's matrices are rounded to it
+    (RTN on the importance-weighted grid) in place; the weights are put back at the end."""
+    with loaded.block(part.block), torch.no_grad():
+        weights = {loaded.gguf_name(hf): p for hf, p in loaded.model.named_parameters(remove_duplicate=False)
+                   if p.ndim == 2}
+        originals = {m.name: weights[m.name].detach().clone() for m in part.matrices}
+        try:
             for types in part.options():
                 for m in part.matrices:
                     q = get_type(types[m.name]).dequantized(originals[m.name].numpy(), importance.get(m.name))
-                    weights[m.name].data.copy_(torch.from_numpy(q))
-                entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
+                    weights[m.name].copy_(torch.from_numpy(q))
+                yield types
+        finally:
+            for m in part.matrices:
+                weights[m.name].copy_(originals[m.name])
+
+
+FISHER_SAMPLES = 2  # labels sampled per window from the model's own distribution
+
+
+def estimate(
+    loaded: LoadedModel,
+    parts: list[Part],
+    windows: np.ndarray,
+    importance: dict[str, np.ndarray],
+    progress: Callable[[], None] | None = None,
+) -> Sensitivity:
+    """The KL of every option of every part at a cost linear in depth.
+
+    A block part's KL is estimated from the change ``d`` its rounding makes to its block's
+    output: ``KL ~ 1/2 sum F d^2`` per token, with ``F`` the diagonal Fisher information of the
+    model's output distribution with respect to that block's output (squared gradients of the
+    log-likelihood of labels sampled from the model itself). The Fisher information comes from
+    one walk back through the blocks, one block in memory at a time; each option then costs
+    one run of its own block. The embedding's options are measured at the output, as
+    :func:`measure` does (one pass of the model each).
+    """
+    model = loaded.model
+    tokens = torch.from_numpy(windows)
+    with torch.inference_mode():
+        hidden, kwargs = block_inputs(model, windows)
+        inputs = []
+        for i, layer in enumerate(model.model.layers):
+            inputs.append(hidden)
+            with loaded.block(i):
+                hidden = [run_block(layer, h, kwargs) for h in hidden]
+        ref = [Reference(model.lm_head(model.model.norm(h))[0]) for h in hidden]
+    fisher = _fisher(loaded, inputs, hidden, kwargs)
+    entries = []
+    for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
+        with torch.inference_mode(), loaded.block(part.block):
+            if part.block >= 0:
+                layer, x = model.model.layers[part.block], inputs[part.block]
+                before = [run_block(layer, h, kwargs) for h in x]
+            for types in rounded_options(loaded, part, importance):
+                if part.block < 0:
+                    kl = float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+                else:
+                    kl = float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs) - y)[0] ** 2).sum(-1).mean())
+                                        for h, y, f in zip(x, before, fisher[part.block])]))
+                entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
                 if progress:
                     progress()
-            for m in part.matrices:
-                weights[m.name].data.copy_(originals[m.name])
-    return Sensitivity(entries, int(windows.size))
+    return Sensitivity(entries, int(windows.size), "Fisher estimate at the block's output (blocks); measured (embedding)")
+
+
+def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[torch.Tensor], kwargs: dict):
+    """Per block and window, the diagonal Fisher information (tokens, hidden) of the output
+    distribution with respect to the block's output: gradients walked back from the logits
+    one block at a time, each block re-run from its stored input."""
+    model, gen = loaded.model, torch.Generator().manual_seed(0)
+    kwargs = _trainable(kwargs)
+    grads = []  # per window: (samples, 1, tokens, hidden), at the current block's output
+    with torch.enable_grad():
+        for h in final:
+            x = h.clone().requires_grad_()
+            logp = torch.log_softmax(model.lm_head(model.model.norm(x))[0].float(), -1)
+            labels = [torch.multinomial(logp.detach().exp(), 1, generator=gen) for _ in range(FISHER_SAMPLES)]
+            grads.append(torch.stack([torch.autograd.grad(logp.gather(1, y).sum(), x, retain_graph=True)[0]
+                                      for y in labels]))
+        fisher: list[list[torch.Tensor]] = [[] for _ in inputs]
+        for b in reversed(range(len(inputs))):
+            fisher[b] = [g.pow(2).mean(0)[0] for g in grads]
+            if b == 0:
+                break
+            with loaded.block(b):
+                layer, new = model.model.layers[b], []
+                for h, g in zip(inputs[b], grads):
+                    x = h.clone().requires_grad_()
+                    out = run_block(layer, x, kwargs)
+                    new.append(torch.stack([torch.autograd.grad(out, x, grad_outputs=gs, retain_graph=True)[0] for gs in g]))
+                grads = new
+    return fisher
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two sequences (how the estimate is checked against the measure)."""
+    ranks = [np.argsort(np.argsort(np.asarray(x, dtype=float))) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def _trainable(value):
+    """``value`` with every tensor in it copied out of inference mode (autograd may save it)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, (tuple, list)):
+        return type(value)(_trainable(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _trainable(v) for k, v in value.items()}
+    return value
 
 
 def n_measurements(parts: list[Part]) -> int:
@@ -196,15 +303,26 @@ def n_measurements(parts: list[Part]) -> int:
 MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.ggml_quants", "edgequant.planning")
 
 
-def cached_measure(loaded: LoadedModel, parts, windows, importance, progress=None) -> Sensitivity:
-    """:func:`measure`, remembered under the cache dir by the model, the text, the importance, the
-    parts' options and the measuring code itself."""
+HOW = {"measured": measure, "fisher": estimate}
+MEASURED_UP_TO = 500_000_000  # parameters: above, ``auto`` estimates (the measured table costs depth^2)
+
+
+def how_for(loaded: LoadedModel, how: str = "auto") -> str:
+    """``measured`` or ``fisher``: ``auto`` measures models up to ``MEASURED_UP_TO`` parameters."""
+    if how != "auto":
+        return how
+    return "measured" if sum(p.numel() for p in loaded.model.parameters()) <= MEASURED_UP_TO else "fisher"
+
+
+def cached_measure(loaded: LoadedModel, parts, windows, importance, progress=None, how: str = "measured") -> Sensitivity:
+    """:func:`measure` (or :func:`estimate`), remembered under the cache dir by the model, the
+    text, the importance, the parts' options and the measuring code itself."""
     options = json.dumps([[p.key, [o for o in p.options()]] for p in parts]).encode()
     path = cache_path("sensitivity", loaded, code_of(*MEASURING_CODE), windows.tobytes(), tensor_bytes(importance),
-                      options, suffix=".json")
+                      options, how.encode(), suffix=".json")
     if path.is_file():
         return Sensitivity.from_dict(json.loads(path.read_text()))
-    table = measure(loaded, parts, windows, importance, progress)
+    table = HOW[how](loaded, parts, windows, importance, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text(path, json.dumps(table.as_dict()))
     return table

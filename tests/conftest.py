@@ -127,10 +127,11 @@ def default_model():
 
 @pytest.fixture(scope="session")
 def reference(default_model):
-    """The default model's full-precision logits, computed window by window beside each candidate."""
-    from edgequant.evaluation import TorchLogits
+    """``reference(windows)``: the default model's full-precision log-probabilities on ``windows``,
+    stored once as builds store them (edgequant.reference)."""
+    from edgequant.reference import reference_log_probs
 
-    return TorchLogits(default_model.model)
+    return lambda windows: reference_log_probs(default_model, windows)
 
 
 @pytest.fixture(scope="session")
@@ -173,7 +174,7 @@ def stock_mix(default_model, reference, tmp_path_factory):
                 quantize_stock(f32, path, mix)
             n_bytes, n_params = gguf_tensor_stats(path)
             windows = token_windows(default_model.tokenizer, read_text(EVALUATION_TEXT), tokens)
-            made[mix, tokens] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference)
+            made[mix, tokens] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference(windows))
         return made[mix, tokens]
 
     return make

@@ -25,6 +25,7 @@ def outliers(tiny_model):
     gate/up (as massive activations do in trained models), its windows and its full precision."""
     from edgequant.assets import read_text
     from edgequant.evaluation import token_windows
+    from edgequant.reference import reference_log_probs
     from edgequant.models import load_model
 
     loaded = load_model(tiny_model())
@@ -35,7 +36,7 @@ def outliers(tiny_model):
                 norm.weight[torch.randperm(256, generator=gen)[:4]] *= 40
     calib = token_windows(loaded.tokenizer, read_text("c4.utf8"), 2048)
     windows = token_windows(loaded.tokenizer, read_text("wiki.utf8"), 1024)
-    return loaded, calib, windows, TorchLogits(loaded.model)
+    return loaded, calib, windows, reference_log_probs(loaded, windows)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +74,7 @@ def test_smoothing_and_rotations_beat_plain_rounding_and_specquants_cut_never_hu
 def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_model, eval_windows, reference):
     windows = eval_windows[:2]
     kld = {bits: evaluate(TorchLogits(fake_quantize(default_model.model, Setting(None, None, bits))), windows,
-                          reference).kld for bits in (8, 4)}
+                          reference(eval_windows)).kld for bits in (8, 4)}
     assert 0 < kld[8] < 0.002 and 0.05 < kld[4] < 0.15, kld  # measured 0.0003 and 0.088 on 1024 tokens
 
 

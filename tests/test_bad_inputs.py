@@ -47,6 +47,9 @@ def bad(tmp_path_factory, tiny_model, tiny_build):
     f.cut_weights = _model_copy(model, root / "cut-weights")
     with open(model / "model.safetensors", "rb") as src:
         (f.cut_weights / "model.safetensors").write_bytes(src.read(1_000_000))
+    f.missing_shard = _sharded_copy(model, root / "missing-shard")
+    (f.missing_shard / "model-00002-of-00002.safetensors").unlink()
+    f.huge = _folder(root / "huge", {"config.json": json.dumps(HUGE), "model.safetensors": ""})
     f.wrong_tokenizer = _model_copy(model, root / "wrong-tokenizer", link_weights=True)
     _small_tokenizer(f.wrong_tokenizer)
     f.bad_profile = root / "board.toml"
@@ -79,6 +82,26 @@ def _model_copy(model: Path, path: Path, link_weights: bool = False) -> Path:
     return path
 
 
+HUGE = {"model_type": "llama", "hidden_size": 65536, "intermediate_size": 262144, "num_hidden_layers": 4,
+        "num_attention_heads": 512, "num_key_value_heads": 512, "vocab_size": 4_000_000}  # 3 TB in float32
+
+
+def _sharded_copy(model: Path, path: Path) -> Path:
+    """The model's folder with its weights in two shards and the index that lists them."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(model, path, ignore=shutil.ignore_patterns("*.safetensors"))
+    tensors = load_file(model / "model.safetensors")
+    names = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((names[: len(names) // 2], names[len(names) // 2 :])):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({n: tensors[n] for n in part}, str(path / shard), metadata={"format": "pt"})
+        weight_map |= dict.fromkeys(part, shard)
+    (path / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    return path
+
+
 def _small_tokenizer(folder: Path) -> None:
     """Replace the model's tokenizer with a 100-token one (some other model's, as far as the weights know)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
@@ -98,6 +121,9 @@ MATRIX = {
     "build: unsupported architecture": (lambda f, o: quick_build(f.neox, o), ["gpt_neox", "llama", "qwen3"]),
     "build: truncated safetensors": (lambda f, o: quick_build(f.cut_weights, o), ["cut-weights"]),
     "build: wrong tokenizer": (lambda f, o: quick_build(f.wrong_tokenizer, o), ["tokenizer", "100", "49152"]),
+    "build: sharded folder missing a shard": (lambda f, o: quick_build(f.missing_shard, o),
+                                              ["model-00002-of-00002.safetensors"]),
+    "build: model too large for this machine": (lambda f, o: quick_build(f.huge, o), ["GB", "available"]),
     "build: truncated GGUF": (lambda f, o: quick_build(f.cut_gguf, o), ["cut.gguf"]),
     "build: not a GGUF file": (lambda f, o: quick_build(f.junk_gguf, o), ["junk.gguf"]),
     "build: unknown device": (lambda f, o: quick_build(f.model, o, "--device", "pi-zero"), ["pi-zero", "known"]),
@@ -152,7 +178,7 @@ MATRIX = {
 
 # Cases whose input is read from files (a model, a text, a tokenizer) run as a user runs them, in
 # their own process; the others fail on their options or a folder's layout, and run in this one.
-READS_FILES = {case for case in MATRIX if case.startswith(("build: model", "build: folder", "build: config",
+READS_FILES = {case for case in MATRIX if case.startswith(("build: model", "build: folder", "build: config", "build: sharded",
                                                            "build: unsupported", "build: truncated", "build: wrong",
                                                            "build: not a", "build: budget", "build: bits per weight too",
                                                            "plan: budget", "plan: joint", "eval: truncated",
@@ -232,6 +258,16 @@ def small_disk(tmp_path):
     subprocess.run(["umount", str(disk)], check=True)
 
 
+def test_a_disk_that_fills_while_spilling_the_blocks_leaves_nothing_behind(small_disk, tiny_model, bad_input_messages):
+    """The blocks of a streamed build go to the cache folder's disk: here an 8 MB one, too small."""
+    model = tiny_model("llama", num_hidden_layers=4)
+    env = {**os.environ, "EDGEQUANT_CACHE": str(small_disk / "cache")}
+    message = one_line_error(edgequant(*quick_build(model, small_disk / "out", "--type", "Q8_0"), env=env))
+    bad_input_messages["build: the disk fills while spilling blocks (8 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
+    assert "MB" in message and "spill" in message
+    assert not (small_disk / "out").exists() and list((small_disk / "cache" / "spill").iterdir()) == []
+
+
 def test_out_on_a_full_disk_leaves_nothing_behind(small_disk, tiny_model, bad_input_messages):
     message = one_line_error(edgequant(*quick_build(tiny_model(), small_disk / "out", "--type", "Q8_0", "--formats", "gguf")))
     bad_input_messages["build: --out on a full disk (8 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
@@ -259,7 +295,8 @@ def test_no_pickle_is_ever_loaded():
         assert "import pickle" not in text and "np.load(" not in text, path
         for line in text.splitlines():
             assert "torch.load(" not in line or "weights_only=True" in line, f"{path}: {line}"
-            assert "from_pretrained(" not in line or "Tokenizer" in line or "use_safetensors=True" in line, f"{path}: {line}"
+            assert "from_pretrained(" not in line or "Tokenizer" in line or "Config" in line or "use_safetensors=True" in line, \
+                f"{path}: {line}"  # a config is JSON; weights are read with safetensors or gguf-py only
 
 
 # ---------------------------------------------------------------------------------- Ctrl-C

@@ -76,3 +76,25 @@ def test_scaling_maps_shrink_activation_outliers(readme):
     assert len(own_scales) > 60 and sum(lowered) >= 0.95 * len(lowered)
     mean = lambda key: sum(m[key] for m in maps) / len(maps)  # noqa: E731
     assert mean("outlier_after") < 0.7 * mean("outlier_before")  # measured 53.8 -> 29.9
+
+
+def test_the_fisher_estimate_ranks_options_as_the_measured_kl_does(tiny_model):
+    """The estimate deep models use (linear in depth) against the measured table (depth squared),
+    on a tiny llama's 256 calibration tokens: the same order of every part's options, on the
+    same scale. (On the default model: docs/benchmarks.md, `bench/sensitivity.py`.)"""
+    import numpy as np
+
+    from edgequant.assets import read_text
+    from edgequant.calibration import activation_stats
+    from edgequant.evaluation import token_windows
+    from edgequant.models import load_model
+    from edgequant.sensitivity import estimate, measure, rank_correlation
+
+    loaded = load_model(tiny_model(), streamed=True)
+    windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 256, 256)
+    importance = activation_stats(loaded, windows).importance
+    parts = [p for p in split_parts(matrices_of(loaded)[0]) if p.block >= 0]
+    measured = [e.kl for e in measure(loaded, parts, windows, importance).entries]
+    estimated = [e.kl for e in estimate(loaded, parts, windows, importance).entries]
+    assert rank_correlation(measured, estimated) > 0.95
+    assert 0.5 < np.median(np.array(estimated) / np.array(measured)) < 2

@@ -20,7 +20,7 @@ from ..errors import EdgequantError
 from ..models import LoadedModel
 from ..planning import Matrix, Plan, knapsack
 from ..progress import Progress
-from ..sensitivity import Part, Sensitivity, cached_measure, n_measurements, split_parts
+from ..sensitivity import Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
 from ..smoothing import search_scales
 
 def allocate(
@@ -51,8 +51,10 @@ def allocate(
 
 def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
     """The sensitivity table of ``parts`` on the first ``calibration.sensitivity_tokens`` (cached: the joint search reads the same one)."""
-    with progress.step("measure sensitivity", n_measurements(parts)) as tick:
-        return cached_measure(loaded, parts, calibration.sensitivity_windows(), calibration.importance, tick)
+    how = how_for(loaded, calibration.sensitivity)
+    with progress.step("measure sensitivity" if how == "measured" else "estimate sensitivity (Fisher)",
+                       n_measurements(parts)) as tick:
+        return cached_measure(loaded, parts, calibration.sensitivity_windows(), calibration.importance, tick, how)
 
 
 def _plan(parts: list[Part], types: list[dict[str, str]], matrices, other_params, rule) -> Plan:
