@@ -217,13 +217,19 @@ class QuantType:
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Round-to-nearest on the best grid: (rows, cols) float -> (rows, cols/block*nbytes) uint8."""
-        grid = self.fit(w, importance)
-        return self.pack(grid, grid.round(w))
+        return np.concatenate([self.pack(grid, grid.round(chunk)) for chunk, grid in self._fitted(w, importance)])
 
     def dequantized(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """What ``quantize`` stores, decoded back to float32 (for error measurements)."""
-        grid = self.fit(w, importance)
-        return grid.values(grid.round(np.asarray(w, F32)))
+        return np.concatenate([grid.values(grid.round(chunk)) for chunk, grid in self._fitted(w, importance)])
+
+    def _fitted(self, w: np.ndarray, importance: np.ndarray | None):
+        """(rows, grid) chunk by chunk: rows are fitted and rounded on their own, so a matrix's
+        temporaries stay the size of a chunk (a 151936-row embedding's took 8 GB at once)."""
+        w = np.asarray(w, F32)
+        step = max(1, _CHUNK_ELEMENTS // w.shape[1])
+        for r in range(0, len(w), step):
+            yield w[r : r + step], self.fit(w[r : r + step], importance)
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Grid:
         """Choose the grid for ``w`` (rows, cols); ``importance`` (cols,) weights the error."""
