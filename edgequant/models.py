@@ -488,7 +488,6 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
     arch, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
     model = _skeleton(config)
-    check_memory(model, streamed)
 
     def stored(hf_name):
         t = tensors.get(gguf_name(arch, config.num_hidden_layers, hf_name))
@@ -501,6 +500,7 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
         return permute_qk(w, heads, to_gguf=False) if arch.permute_qk and heads else w
 
     _check_shapes(path, model, stored, lambda hf_name: gguf_name(arch, config.num_hidden_layers, hf_name))
+    check_memory(model, streamed)
     store = _fill(model, fetch, streamed)
     return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path, store)
 

@@ -199,20 +199,24 @@ class Planned:
         }
 
 
-def planned(opts: BuildOptions, progress: Progress, eval_windows: bool = False) -> Planned:
+def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False) -> Planned:
     """Load, target the device, calibrate and plan (measuring sensitivity where the method does);
-    ``eval_windows``: first store the full-precision model's log-probabilities on the evaluation
-    text, which the build's files are scored against."""
+    ``with_reference``: also store the full-precision model's log-probabilities on the evaluation
+    text, which the build's files are scored against (before pruning or any transform changes it)."""
     method = get_method(opts.method)
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
     reference, label = None, None
-    if eval_windows:
-        label, text = load_text(opts.eval_text, EVALUATION_TEXT)
-        windows = token_windows(loaded.tokenizer, text, opts.eval_tokens, opts.ctx)
-        with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
-            reference = reference_log_probs(loaded, windows, tick)
+
+    def store_reference():
+        nonlocal reference, label
+        if with_reference and reference is None:
+            label, text = load_text(opts.eval_text, EVALUATION_TEXT)
+            windows = token_windows(loaded.tokenizer, text, opts.eval_tokens, opts.ctx)
+            with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
+                reference = reference_log_probs(loaded, windows, tick)
+
     unpruned_params = sum(p.numel() for p in loaded.model.parameters())
     if method.unties:  # the plan then counts both matrices
         untie(loaded.model)
@@ -223,6 +227,7 @@ def planned(opts: BuildOptions, progress: Progress, eval_windows: bool = False) 
         choice = _search(loaded, method, opts, device, calib, progress)
         pruning = choice.pruning
     if pruning:
+        store_reference()  # of the unpruned model
         pruning.check(loaded.model)
         if not loaded.arch.permute_qk:  # before the work: only llama.cpp's deci sizes blocks one by one
             raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.arch.model_type}")
@@ -231,6 +236,7 @@ def planned(opts: BuildOptions, progress: Progress, eval_windows: bool = False) 
     tgt = target(loaded, opts, device, unpruned_params if pruning else None)
     smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
+    store_reference()
     stats = None
     if opts.use_importance or opts.smooth or method.allocate:
         with progress.step("calibrate", len(calib)) as tick:
@@ -270,7 +276,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     started = time.time()
     out = Path(opts.out)
     _check_writable(out)
-    p = planned(opts, progress, eval_windows=True)
+    p = planned(opts, progress, with_reference=True)
     tgt, plan, table, reference = p.target, p.plan, p.table, p.reference
     windows = reference.windows
     work, details, calibration = _transform(p, opts, progress)
