@@ -166,7 +166,7 @@ def measure(
 
     def kl_of(part: Part) -> float:
         if part.block < 0:
-            return float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+            return output_kl(model, ref, tokens)
         return float(np.mean([r.kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
 
     hidden_at: dict[int, list[torch.Tensor]] = {}
@@ -198,6 +198,11 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
         finally:
             for m in part.matrices:
                 weights[m.name].copy_(originals[m.name])
+
+
+def output_kl(model, ref: list[Reference], tokens: torch.Tensor) -> float:
+    """Mean KL of the model's output from the reference over the windows (one whole pass each)."""
+    return float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
 
 
 FISHER_SAMPLES = 2  # labels sampled per window from the model's own distribution
@@ -239,7 +244,7 @@ def estimate(
                 before = [run_block(layer, h, kwargs) for h in x]
             for types in rounded_options(loaded, part, importance):
                 if part.block < 0:
-                    kl = float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+                    kl = output_kl(model, ref, tokens)
                 else:
                     kl = float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs) - y)[0] ** 2).sum(-1).mean())
                                         for h, y, f in zip(x, before, fisher[part.block])]))
