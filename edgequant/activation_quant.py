@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
+from .adapters import adapter_of
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 import torch
 
@@ -73,7 +74,7 @@ def gptq_weights(sim: torch.nn.Module, windows, bits: int, group: int | None = N
     rounded, and on its matrices' inputs as they see them (online transform and activation
     rounding included)."""
     hidden, kwargs = block_inputs(sim, windows)
-    for layer in sim.model.layers:
+    for layer in adapter_of(sim).layers(sim):
         matrices = {id(m): m for m in layer.modules() if isinstance(m, QuantLinear)}
         grams = block_input_grams(layer, hidden, kwargs, matrices, seen_as=lambda m, x: m.prepare(x))
         for key, m in matrices.items():

@@ -32,12 +32,13 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
+from .adapters import adapter_of
 from .errors import EdgequantError
 
 
 @dataclass(frozen=True)
 class _Slot:
-    module: str  # path inside the block, e.g. "self_attn.q_proj"
+    module: str  # path inside the block, e.g. "mlp.down_proj"
     name: str  # "weight" / "bias"
     shape: tuple[int, ...]
     offset: int  # in float32 elements
@@ -47,7 +48,8 @@ class BlockStore:
     """The decoder blocks of ``model`` (built on the meta device), each in a float32 file in ``folder``."""
 
     def __init__(self, model: torch.nn.Module, folder: Path):
-        self.layers = model.model.layers
+        self.family = adapter_of(model)
+        self.layers = self.family.layers(model)
         self.folder = Path(folder)
         self.slots: dict[int, list[_Slot]] = {}
         self.depth: Counter[int] = Counter()
@@ -65,13 +67,14 @@ class BlockStore:
 
         spill = cache_dir() / "spill"
         spill.mkdir(parents=True, exist_ok=True)
-        needed, free = 4 * sum(p.numel() for p in model.model.layers.parameters()), shutil.disk_usage(spill).free
+        needed = 4 * sum(p.numel() for p in adapter_of(model).layers(model).parameters())
+        free = shutil.disk_usage(spill).free
         if needed > free:
             raise EdgequantError(f"spilling the model's blocks needs {needed / 1e6:.0f} MB on the disk of {spill}; "
                                  f"{free / 1e6:.0f} MB are free")
         store = cls(model, Path(tempfile.mkdtemp(prefix="blocks-", dir=spill)))
         for i in range(len(store.layers)):
-            store._write(i, lambda name, i=i: fetch(f"model.layers.{i}.{name}"))
+            store._write(i, lambda name, i=i: fetch(store.family.in_block(i, name)))
         return store
 
     def _path(self, i: int) -> Path:

@@ -27,7 +27,8 @@ from dataclasses import asdict, dataclass
 
 from .devices import Device
 from .errors import EdgequantError
-from .models import block_shapes, head_dim
+from .adapters import head_dim
+from .models import block_shapes
 
 N_UBATCH = 512  # llama.cpp's default micro-batch; a shorter context shortens it
 PROCESS_BYTES = 28_000_000  # measured, see above

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from .adapters import adapter_of
 from .models import LoadedModel
 
 
@@ -61,13 +62,15 @@ def activation_stats(
 
         return hook
 
-    handles = []
-    for module_name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
-            handles.append(module.register_forward_hook(hook_for(loaded.linear_weight_name(module_name))))
+    head = loaded.adapter.head(model)
+    head_stats = hook_for(loaded.linear_weight_name(next(n for n, m in model.named_modules() if m is head)))
+    handles = [module.register_forward_hook(hook_for(loaded.linear_weight_name(module_name)))
+               for module_name, module in model.named_modules()
+               if isinstance(module, torch.nn.Linear) and module is not head]
     try:
-        for window in windows:
-            model(torch.from_numpy(window)[None], use_cache=False)
+        for window in windows:  # through the blocks and the final norm; the head's input is all it needs
+            hidden = model.get_decoder()(torch.from_numpy(window)[None], use_cache=False).last_hidden_state
+            head_stats(head, (hidden,), None)  # (its vocabulary-wide output cost most of the pass)
             if progress:
                 progress()
     finally:
@@ -109,7 +112,7 @@ class _Stop(Exception):
 def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], dict]:
     """Hidden states entering the first transformer block, one per window, and the keyword
     arguments (rotary embeddings, causal mask...) the blocks are called with."""
-    first = model.model.layers[0]
+    first = adapter_of(model).layers(model)[0]
     captured: dict = {}
 
     def grab(_module, args, kwargs):
@@ -156,11 +159,11 @@ def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
     put back. So every block is measured on what the earlier blocks hand over *quantized*
     (GPTQ's sequential calibration), and the model is left as it was.
     """
-    model = loaded.model
+    model, family = loaded.model, loaded.adapter
     hidden, kwargs = block_inputs(model, windows)
-    for i, block in enumerate(model.model.layers):
+    for i, block in enumerate(family.layers(model)):
         with loaded.block(i):
-            linears = {loaded.gguf_name(f"model.layers.{i}.{sub_name}.weight"): module
+            linears = {loaded.gguf_name(family.in_block(i, f"{sub_name}.weight")): module
                        for sub_name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
             grams = block_input_grams(block, hidden, kwargs, linears)
             measured = BlockHessians(i, {name: g.float() for name, g in grams.items()}, linears)
@@ -170,8 +173,8 @@ def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
             hidden = [run_block(block, h, kwargs) for h in hidden]
             _swap(linears, kept)
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
-    x = torch.cat([model.model.norm(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
-    measured = BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()}, {head: model.lm_head})
+    x = torch.cat([family.final_norm(model)(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
+    measured = BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()}, {head: family.head(model)})
     yield measured
     if rounded:
         rounded(measured)
@@ -200,8 +203,10 @@ def block_input_grams(block, hidden: list[torch.Tensor], kwargs: dict, modules: 
             x = seen_as(module, args[0])
             if last.get("given") is not args[0] or last.get("used") is not x:
                 flat = x.reshape(-1, x.shape[-1]).float()
-                last.update(given=args[0], used=x, product=(flat.T @ flat).to(dtype), rows=flat.shape[0])
-            sums[key] = sums.get(key, 0) + last["product"]
+                last.update(given=args[0], used=x, product=flat.T @ flat, rows=flat.shape[0])
+            if key not in sums:
+                sums[key] = torch.zeros(last["product"].shape, dtype=dtype)
+            sums[key].add_(last["product"])  # in place: a new 8960^2 float64 sum per window cost 1.2 s
             counts[key] = counts.get(key, 0) + last["rows"]
         return hook
 

@@ -10,7 +10,14 @@ the reference is one too, run beside the candidates (:func:`score`).
 
 from __future__ import annotations
 
+import errno
+import math
+import os
+import tempfile
+import weakref
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Callable
 
 import gguf
@@ -66,7 +73,7 @@ class TorchLogits:
         return out.logits[0].float().numpy()
 
 
-class _Reference:
+class Reference:
     """The reference's next-token distributions of one window, as KL needs them: the
     probabilities p and their negative entropy sum(p log p), computed once for every candidate."""
 
@@ -75,9 +82,60 @@ class _Reference:
         self.neg_entropy = torch.einsum("ij,ij->i", self.p, logp)
         self.top = logp.argmax(-1)
 
+    @classmethod
+    def of_logits(cls, logits: torch.Tensor) -> "Reference":
+        return cls(torch.log_softmax(logits.float(), -1))
+
     def kl(self, logp: torch.Tensor) -> torch.Tensor:
         """KL(p || q) per position, for the candidate's log-probabilities ``logp``."""
         return self.neg_entropy - torch.einsum("ij,ij->i", self.p, logp)
+
+    def mean_kl(self, logits: torch.Tensor) -> float:
+        """KL(p || softmax(logits)) averaged over the window's positions, in nats."""
+        return float(self.kl(torch.log_softmax(logits.float(), -1)).mean())
+
+
+class SpilledReferences:
+    """The references of several windows, their log-probabilities written to a file under the
+    cache's ``spill/`` and read back one window at a time (iterate as often as needed). In
+    memory, 16 windows of 512 tokens over a 151936-token vocabulary are 5 GB of probabilities."""
+
+    def __init__(self, logits: Iterable[torch.Tensor]):
+        from .assets import cache_dir
+        from .errors import EdgequantError
+
+        folder = cache_dir() / "spill"
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, name = tempfile.mkstemp(prefix="reference-", suffix=".f32", dir=folder)
+        self.path, self.count, self.shape = Path(name), 0, (0, 0)
+        self._remove = weakref.finalize(self, _unlink, name)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                for window in logits:
+                    logp = torch.log_softmax(window.float(), -1)
+                    logp.numpy().tofile(f)
+                    self.count, self.shape = self.count + 1, tuple(logp.shape)
+        except OSError as e:
+            self._remove()
+            if e.errno == errno.ENOSPC:
+                raise EdgequantError(f"no space left for the reference's log-probabilities in {folder}") from None
+            raise
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Reference]:
+        n = math.prod(self.shape)
+        for i in range(self.count):
+            logp = np.fromfile(self.path, np.float32, count=n, offset=4 * n * i).reshape(self.shape)
+            yield Reference(torch.from_numpy(logp))
+
+
+def _unlink(name: str) -> None:
+    try:
+        os.unlink(name)
+    except FileNotFoundError:
+        pass
 
 
 class _Totals:
@@ -86,7 +144,7 @@ class _Totals:
     def __init__(self):
         self.nll, self.hit, self.kl, self.agree = [], [], [], []
 
-    def add(self, logp: torch.Tensor, target: torch.Tensor, ref: _Reference | None) -> None:
+    def add(self, logp: torch.Tensor, target: torch.Tensor, ref: Reference | None) -> None:
         top = logp.argmax(-1)
         self.nll.append(-logp.gather(1, target[:, None])[:, 0].double())
         self.hit.append((top == target).float())
@@ -130,7 +188,7 @@ def score(
     for window in windows:
         target = torch.from_numpy(window[1:])
         ref_logp = _log_probs(reference(window)) if reference is not None else None
-        ref = _Reference(ref_logp) if reference is not None else None
+        ref = Reference(ref_logp) if reference is not None else None
         for key, source in candidates.items():
             logp = ref_logp if source is reference else _log_probs(source(window))
             totals[key].add(logp, target, ref)

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from .adapters import adapter_of
 from .errors import EdgequantError
 from .ggml_quants import Grid
 
@@ -170,13 +171,13 @@ def fake_quantize(model: torch.nn.Module, setting: Setting, online: dict[str, to
     """A copy of ``model`` computing every block's matrices at ``setting`` (the original is untouched).
     With ``setting.gptq`` the weights are left in float here; :func:`edgequant.activation_quant.gptq_weights` rounds them."""
     sim = copy.deepcopy(model)
-    online = online or {}
-    for i, layer in enumerate(sim.model.layers):
+    online, family = online or {}, adapter_of(sim)
+    for i, layer in enumerate(family.layers(sim)):
         for path, module in list(layer.named_modules()):
             if isinstance(module, torch.nn.Linear):
                 parent, _, attr = path.rpartition(".")
                 quant = QuantLinear(module, replace(setting, wbits=None) if setting.gptq else setting,
-                                    online.get(f"model.layers.{i}.{path}"))
+                                    online.get(family.in_block(i, path)))
                 setattr(layer.get_submodule(parent) if parent else layer, attr, quant)
     if setting.kv_bits:
         sim.config.edgequant_kv_bits = setting.kv_bits

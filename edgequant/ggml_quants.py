@@ -20,6 +20,8 @@ super-block grid and the codes re-rounded on the final grid.
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -30,6 +32,11 @@ F16 = np.float16
 F32 = np.float32
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], F32)
 _CHUNK_ELEMENTS = 1 << 21  # rows are fitted in chunks of about this many weights
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="encode")
 
 
 @dataclass
@@ -217,19 +224,30 @@ class QuantType:
 
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Round-to-nearest on the best grid: (rows, cols) float -> (rows, cols/block*nbytes) uint8."""
-        return np.concatenate([self.pack(grid, grid.round(chunk)) for chunk, grid in self._fitted(w, importance)])
-
-    def dequantized(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
-        """What ``quantize`` stores, decoded back to float32 (for error measurements)."""
-        return np.concatenate([grid.values(grid.round(chunk)) for chunk, grid in self._fitted(w, importance)])
-
-    def _fitted(self, w: np.ndarray, importance: np.ndarray | None):
-        """(rows, grid) chunk by chunk: rows are fitted and rounded on their own, so a matrix's
-        temporaries stay the size of a chunk (a 151936-row embedding's took 8 GB at once)."""
         w = np.asarray(w, F32)
+        out = np.empty((w.shape[0], w.shape[1] // self.block * self.nbytes), np.uint8)
+        return self._by_chunks(w, importance, out, lambda chunk, grid: self.pack(grid, grid.round(chunk)))
+
+    def dequantized(self, w: np.ndarray, importance: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+        """What ``quantize`` stores, decoded back to float32 (for error measurements), into
+        ``out`` if given (it may be ``w`` itself)."""
+        w = np.asarray(w, F32)
+        out = np.empty_like(w) if out is None else out
+        return self._by_chunks(w, importance, out, lambda chunk, grid: grid.values(grid.round(chunk)))
+
+    def _by_chunks(self, w: np.ndarray, importance: np.ndarray | None, out: np.ndarray, finish) -> np.ndarray:
+        """``out`` filled with ``finish(rows, their grid)`` chunk of rows by chunk. Rows are fitted
+        and rounded on their own, so a matrix's temporaries stay the size of a chunk (a 151936-row
+        embedding's took 8 GB at once), and chunks go to one thread per core (numpy lets go of the
+        GIL inside its array operations)."""
         step = max(1, _CHUNK_ELEMENTS // w.shape[1])
-        for r in range(0, len(w), step):
-            yield w[r : r + step], self.fit(w[r : r + step], importance)
+
+        def one(r: int) -> None:
+            out[r : r + step] = finish(w[r : r + step], self.fit(w[r : r + step], importance))
+
+        for _ in _pool().map(one, range(0, len(w), step)):
+            pass
+        return out
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Grid:
         """Choose the grid for ``w`` (rows, cols); ``importance`` (cols,) weights the error."""

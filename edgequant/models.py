@@ -1,8 +1,7 @@
 """Load a causal LM, from a Hugging Face folder or a GGUF file, as a float32 transformers model.
 
-The registry below is the list of supported architectures: the Hugging Face ``model_type``,
-the llama.cpp architecture it exports to, and whether llama.cpp wants the q/k rows reordered
-for its rotary kernel (the ``llama`` architecture does, qwen2/qwen3 do not).
+What each architecture family needs is its adapter's (:mod:`edgequant.adapters`); this module
+reads the files, one tensor at a time, and checks them before anything is allocated.
 """
 
 from __future__ import annotations
@@ -25,41 +24,12 @@ import gguf
 import numpy as np
 import torch
 
+from .adapters import Adapter, BlockShape, adapter, adapter_for_gguf, adapter_of
 from .blocks import BlockStore
 from .errors import EdgequantError
 
 
-@dataclass(frozen=True)
-class Architecture:
-    model_type: str  # Hugging Face config.model_type
-    gguf_arch: gguf.MODEL_ARCH
-    permute_qk: bool  # llama.cpp's "llama" arch stores q/k with interleaved rotary halves
-
-    @property
-    def gguf_name(self) -> str:
-        return gguf.MODEL_ARCH_NAMES[self.gguf_arch]
-
-
-ARCHITECTURES = {
-    a.model_type: a
-    for a in (
-        Architecture("llama", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-        Architecture("mistral", gguf.MODEL_ARCH.LLAMA, permute_qk=True),
-        Architecture("qwen2", gguf.MODEL_ARCH.QWEN2, permute_qk=False),
-        Architecture("qwen3", gguf.MODEL_ARCH.QWEN3, permute_qk=False),
-    )
-}
-_FROM_GGUF_ARCH = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "deci": "llama"}  # deci: blocks sized one by one
 PER_BLOCK_KEYS = ("feed_forward_length", "attention.head_count", "attention.head_count_kv")
-
-
-def architecture(model_type: str) -> Architecture:
-    try:
-        return ARCHITECTURES[model_type]
-    except KeyError:
-        raise EdgequantError(
-            f"unsupported architecture {model_type!r}; supported: {', '.join(ARCHITECTURES)}"
-        ) from None
 
 
 @dataclass
@@ -70,7 +40,7 @@ class LoadedModel:
 
     model: torch.nn.Module
     tokenizer: object
-    arch: Architecture
+    adapter: Adapter
     path: Path
     store: BlockStore | None = None
 
@@ -82,7 +52,7 @@ class LoadedModel:
         """The same model with its own weights (transforms change the copy; the original stays the reference)."""
         if self.store is not None:
             raise EdgequantError("a streamed model is not copied; the methods that need a copy load it whole")
-        return LoadedModel(copy.deepcopy(self.model), self.tokenizer, self.arch, self.path)
+        return LoadedModel(copy.deepcopy(self.model), self.tokenizer, self.adapter, self.path)
 
     def block(self, i: int):
         """A context in which block ``i``'s weights are real tensors (always, unless streamed)."""
@@ -92,7 +62,7 @@ class LoadedModel:
         """(state-dict name, tensor) of every parameter, in state-dict order; a streamed block is
         mapped while its tensors are handed out (use each before asking for the next block's)."""
         names = list(self.model.state_dict(keep_vars=True))
-        for block, group in itertools.groupby(names, key=_block_index):
+        for block, group in itertools.groupby(names, key=self.adapter.block_index):
             with self.block(block):
                 live = self.model.state_dict(keep_vars=True)
                 for name in group:
@@ -104,7 +74,7 @@ class LoadedModel:
 
     def gguf_name(self, hf_name: str) -> str:
         """GGUF tensor name of a state-dict entry, e.g. model.layers.0.mlp.down_proj.weight -> blk.0.ffn_down.weight."""
-        return gguf_name(self.arch, self.config.num_hidden_layers, hf_name)
+        return gguf_name(self.adapter, self.config.num_hidden_layers, hf_name)
 
     def linear_weight_name(self, module_path: str) -> str:
         """GGUF name of the weight a linear layer uses, e.g. ``lm_head`` -> ``output.weight``
@@ -121,18 +91,12 @@ class LoadedModel:
                 yield self.gguf_name(hf_name), t
 
 
-def _block_index(hf_name: str) -> int:
-    """The decoder block a state-dict entry belongs to (``model.layers.3.…`` -> 3), else -1."""
-    fields = hf_name.split(".")
-    return int(fields[2]) if fields[:2] == ["model", "layers"] else -1
-
-
 @functools.lru_cache(maxsize=None)
-def gguf_name(arch: Architecture, n_layers: int, hf_name: str) -> str:
+def gguf_name(family: Adapter, n_layers: int, hf_name: str) -> str:
     base, _, suffix = hf_name.rpartition(".")
-    name = _name_map(arch.gguf_arch, n_layers).get_name(base)
+    name = _name_map(family.gguf_arch, n_layers).get_name(base)
     if name is None:
-        raise EdgequantError(f"no GGUF name for tensor {hf_name!r} of a {arch.model_type} model")
+        raise EdgequantError(f"no GGUF name for tensor {hf_name!r} of a {family.model_type} model")
     return f"{name}.{suffix}"
 
 
@@ -142,41 +106,10 @@ def _name_map(gguf_arch: gguf.MODEL_ARCH, n_layers: int) -> gguf.TensorNameMap:
     return gguf.get_tensor_name_map(gguf_arch, n_layers)
 
 
-def permute_qk(w: np.ndarray, n_heads: int, *, to_gguf: bool) -> np.ndarray:
-    """Reorder q/k rows between Hugging Face's half-split rotary layout and llama.cpp's interleaved one."""
-    half = w.shape[0] // n_heads // 2
-    if to_gguf:
-        return w.reshape(n_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-    return w.reshape(n_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def head_dim(config) -> int:
-    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-
-
-@dataclass(frozen=True)
-class BlockShape:
-    """The sizes of one transformer block: FFN width, query heads, KV heads."""
-
-    ffn: int
-    heads: int
-    kv_heads: int
-
-    @classmethod
-    def of_config(cls, config) -> "BlockShape":
-        return cls(config.intermediate_size, config.num_attention_heads, config.num_key_value_heads)
-
-    @classmethod
-    def of_layer(cls, layer, config) -> "BlockShape":
-        """The sizes of one block as its matrices have them."""
-        dim = head_dim(config)
-        return cls(layer.mlp.gate_proj.out_features, layer.self_attn.q_proj.out_features // dim,
-                   layer.self_attn.k_proj.out_features // dim)
-
-
 def block_shapes(model) -> list[BlockShape]:
     """Each block's sizes, read from its matrices (a pruned model's blocks differ)."""
-    return [BlockShape.of_layer(layer, model.config) for layer in model.model.layers]
+    family = adapter_of(model)
+    return [family.block_shape(layer, model.config) for layer in family.layers(model)]
 
 
 def sizes_differ(model) -> bool:
@@ -187,31 +120,10 @@ def sizes_differ(model) -> bool:
 
 def resize_blocks(model, sizes: list[BlockShape]) -> None:
     """Give each block new matrices of the sizes ``sizes`` (a pruned model's skeleton, to load
-    its weights into; created on the device of the old ones, ``meta`` included)."""
-    c, dim = model.config, head_dim(model.config)
-    for layer, size in zip(model.model.layers, sizes):
-        a, m = layer.self_attn, layer.mlp
-        like = a.q_proj.weight
-
-        def new(n_in, n_out, bias):
-            return torch.nn.Linear(n_in, n_out, bias=bias, device=like.device, dtype=like.dtype)
-
-        qkv_bias = a.q_proj.bias is not None
-        a.q_proj = new(c.hidden_size, size.heads * dim, qkv_bias)
-        a.k_proj = new(c.hidden_size, size.kv_heads * dim, qkv_bias)
-        a.v_proj = new(c.hidden_size, size.kv_heads * dim, qkv_bias)
-        a.o_proj = new(size.heads * dim, c.hidden_size, a.o_proj.bias is not None)
-        mlp_bias = m.gate_proj.bias is not None
-        m.gate_proj, m.up_proj = new(c.hidden_size, size.ffn, mlp_bias), new(c.hidden_size, size.ffn, mlp_bias)
-        m.down_proj = new(size.ffn, c.hidden_size, m.down_proj.bias is not None)
-
-
-def qk_heads(config, gguf_tensor_name: str, rows: int) -> int | None:
-    """Number of heads to permute by, for q/k projection weights of ``rows`` rows, else None
-    (counted from the rows: a pruned block has fewer heads than the config says)."""
-    if gguf_tensor_name.endswith(("attn_q.weight", "attn_k.weight")):
-        return rows // head_dim(config)
-    return None
+    its weights into)."""
+    family = adapter_of(model)
+    for layer, size in zip(family.layers(model), sizes):
+        family.resize_block(layer, model.config, size)
 
 
 # ------------------------------------------------------------------------------ loading
@@ -245,7 +157,7 @@ def load_hf_folder(path: Path, streamed: bool = False) -> LoadedModel:
         model_type = json.loads(config_file.read_text()).get("model_type", "?")
     except json.JSONDecodeError as e:
         raise EdgequantError(f"{config_file} is not valid JSON: {e}") from None
-    arch = architecture(model_type)
+    family = adapter(model_type)
     if not any(path.glob("*.safetensors")):
         raise EdgequantError(f"{path} has no .safetensors weights")
     try:
@@ -259,7 +171,7 @@ def load_hf_folder(path: Path, streamed: bool = False) -> LoadedModel:
     except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise EdgequantError(f"cannot load {path}: {_first_line(e)}") from None
     check_tokenizer(path, len(tokenizer), model.config.vocab_size)
-    return LoadedModel(model.eval(), tokenizer, arch, path, store)
+    return LoadedModel(model.eval(), tokenizer, family, path, store)
 
 
 class _Shards:
@@ -302,15 +214,15 @@ class _Shards:
 def _fill(model, fetch, streamed: bool) -> BlockStore | None:
     """Give ``model`` (on the meta device) its float32 weights, each read with ``fetch(name)``,
     one tensor at a time: the blocks to disk if ``streamed``, everything else into memory."""
-    config = model.config
+    config, family = model.config, adapter_of(model)
     store = BlockStore.create(model, fetch) if streamed else None
     for name in list(model.state_dict(keep_vars=True)):
-        if streamed and _block_index(name) >= 0 or name == "lm_head.weight" and config.tie_word_embeddings:
+        if streamed and family.block_index(name) >= 0 or name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         module_path, _, pname = name.rpartition(".")
         data = torch.from_numpy(np.array(fetch(name), dtype=np.float32))  # a copy: the file's pages are let go
         model.get_submodule(module_path)._parameters[pname] = torch.nn.Parameter(data)
-    model.model.rotary_emb = type(model.model.rotary_emb)(config=config)  # its buffers are computed, not stored
+    family.computed_buffers(model)
     if config.tie_word_embeddings:
         model.tie_weights()
     return store
@@ -485,24 +397,36 @@ def _printable(raw: bytes, limit: int = 60) -> str:
 def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
     """A GGUF file, every tensor dequantized to float32 as it is read from the memory-mapped file."""
     reader = read_gguf(path)
-    arch, config = gguf_config(reader)
+    family, config = gguf_config(reader)
     tensors = {t.name: t for t in reader.tensors}
     model = _skeleton(config)
 
     def stored(hf_name):
-        t = tensors.get(gguf_name(arch, config.num_hidden_layers, hf_name))
+        t = tensors.get(gguf_name(family, config.num_hidden_layers, hf_name))
         return None if t is None else tuple(int(d) for d in reversed(t.shape))  # ggml lists the row length first
 
     def fetch(hf_name):
-        name = gguf_name(arch, config.num_hidden_layers, hf_name)
-        w = gguf.quants.dequantize(_read_data(path, tensors[name]), tensors[name].tensor_type)
-        heads = qk_heads(config, name, w.shape[0])
-        return permute_qk(w, heads, to_gguf=False) if arch.permute_qk and heads else w
+        name = gguf_name(family, config.num_hidden_layers, hf_name)
+        return family.from_gguf(name, _dequantized(_read_data(path, tensors[name]), tensors[name].tensor_type), config)
 
-    _check_shapes(path, model, stored, lambda hf_name: gguf_name(arch, config.num_hidden_layers, hf_name))
+    _check_shapes(path, model, stored, lambda hf_name: gguf_name(family, config.num_hidden_layers, hf_name))
     check_memory(model, streamed)
     store = _fill(model, fetch, streamed)
-    return LoadedModel(model.eval(), gguf_tokenizer(path), arch, path, store)
+    return LoadedModel(model.eval(), gguf_tokenizer(path), family, path, store)
+
+
+def _dequantized(raw: np.ndarray, qtype, chunk_bytes: int = 1 << 22) -> np.ndarray:
+    """gguf-py's dequantization, a few rows at a time into the result (whole, its temporaries
+    for a 151936 x 1536 embedding took several GB)."""
+    if raw.ndim < 2:
+        return gguf.quants.dequantize(raw, qtype)
+    step = max(1, chunk_bytes // max(1, raw[0].nbytes))
+    first = gguf.quants.dequantize(raw[:step], qtype)
+    out = np.empty((len(raw), *first.shape[1:]), np.float32)
+    out[:step] = first
+    for r in range(step, len(raw), step):
+        out[r : r + step] = gguf.quants.dequantize(raw[r : r + step], qtype)
+    return out
 
 
 def _read_data(path: Path, t) -> np.ndarray:
@@ -517,9 +441,10 @@ def check_memory(skeleton, streamed: bool) -> None:
     weights; streamed, the parts that stay in memory (embedding, head, norms) and two blocks (one
     worked on, one copy of it), against the memory the system says is available."""
     sizes = [(name, p.numel() * 4) for name, p in skeleton.named_parameters()]
+    family = adapter_of(skeleton)
     if streamed:
-        block = max(sum(p.numel() for p in layer.parameters()) for layer in skeleton.model.layers) * 4
-        needed = sum(n for name, n in sizes if _block_index(name) < 0) + 2 * block
+        block = max(sum(p.numel() for p in layer.parameters()) for layer in family.layers(skeleton)) * 4
+        needed = sum(n for name, n in sizes if family.block_index(name) < 0) + 2 * block
     else:
         needed = sum(n for _, n in sizes)
     available = available_memory()
@@ -564,22 +489,17 @@ def _check_shapes(path: Path, skeleton, stored, file_name=lambda hf_name: hf_nam
 
 
 def gguf_config(reader: gguf.GGUFReader):
-    """(Architecture, transformers config) described by a GGUF file's metadata; EdgequantError
+    """(adapter, transformers config) described by a GGUF file's metadata; EdgequantError
     if the architecture is unsupported or a size the config needs is missing or not positive."""
     from transformers import AutoConfig
 
     meta = _gguf_metadata(reader)
-    gguf_arch = meta.get("general.architecture", "?")
-    if not isinstance(gguf_arch, str) or gguf_arch not in _FROM_GGUF_ARCH:
-        raise EdgequantError(
-            f"unsupported GGUF architecture {gguf_arch!r:.60}; supported: {', '.join(_FROM_GGUF_ARCH)}"
-        )
-    arch = architecture(_FROM_GGUF_ARCH[gguf_arch])
+    family = adapter_for_gguf(meta.get("general.architecture", "?"))
     tensors = {t.name: t for t in reader.tensors}
     where = getattr(reader.data, "filename", None) or "the GGUF file"
-    settings = _config_from_gguf(meta, tensors, where)
+    settings = family.config_from_gguf(_config_from_gguf(meta, tensors, where))
     try:
-        return arch, AutoConfig.for_model(arch.model_type, **settings)
+        return family, AutoConfig.for_model(family.model_type, **settings)
     except Exception as e:  # transformers checks the sizes agree, e.g. heads divide the hidden size
         raise EdgequantError(f"{where} has inconsistent model metadata ({_first_line(e.__cause__ or e)})") from None
 
@@ -686,8 +606,6 @@ def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
     )
-    if a == "qwen2":
-        cfg.pop("head_dim")
     if per_block:
         cfg["edgequant_block_shapes"] = _block_shapes(per_block, cfg, where)
     return cfg

@@ -41,7 +41,8 @@ from .errors import EdgequantError, check_number
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .methods import Method, get_method
 from .methods.joint import Choice
-from .models import BlockShape, LoadedModel, block_shapes, gguf_tensor_infos, load_model
+from .adapters import BlockShape
+from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
 from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
@@ -229,8 +230,8 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     if pruning:
         store_reference()  # of the unpruned model
         pruning.check(loaded.model)
-        if not loaded.arch.permute_qk:  # before the work: only llama.cpp's deci sizes blocks one by one
-            raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.arch.model_type}")
+        if not loaded.adapter.per_block_sizes_arch:  # before the work: the file must hold per-block sizes
+            raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.adapter.model_type}")
         with progress.step("prune and refit"):
             loaded = prune(loaded, pruning, calib)
     tgt = target(loaded, opts, device, unpruned_params if pruning else None)
@@ -286,7 +287,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         encoded = p.method.quantize(work, plan, calibration, tick)
     report = {
         "edgequant": __version__,
-        "model": {"name": work.name, "path": str(work.path), "architecture": work.arch.model_type},
+        "model": {"name": work.name, "path": str(work.path), "architecture": work.adapter.model_type},
         "device": tgt.device.as_dict(),
         "budget": tgt.budget.as_dict(),
         "predicted": tgt.predict(plan),
@@ -509,7 +510,14 @@ def release_memory() -> None:
 
 
 def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    """The process's peak resident memory since it started this program: VmHWM. (``ru_maxrss``
+    also counts what a parent held when it forked the process, before ``exec``: a build started
+    from a 1.4 GB test process reported 1.4 GB whatever it used.)"""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gguf_tensor_stats(path: Path) -> tuple[int, int]:

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .adapters import Adapter, adapter_of
 from .calibration import block_input_grams, block_inputs, run_block
 from .errors import EdgequantError
 from .models import LoadedModel, block_shapes
@@ -81,27 +82,27 @@ def prune(loaded: LoadedModel, pruning: Pruning, windows: np.ndarray, refitted: 
     (``refitted=False``: the kept columns of o/down as they were, for comparison)."""
     pruning.check(loaded.model)
     work = loaded.copy()
-    model = work.model
+    model, family = work.model, work.adapter
     hidden, kwargs = block_inputs(model, windows)
-    for i, layer in enumerate(model.model.layers):
+    for i, layer in enumerate(family.layers(model)):
         if i in pruning.removed:
             continue  # its input goes on to the next block unchanged
-        prune_block(layer, model.config, pruning.kv_groups.get(i), pruning.ffn.get(i), hidden, kwargs, refitted)
+        prune_block(family, layer, model.config, pruning.kv_groups.get(i), pruning.ffn.get(i), hidden, kwargs, refitted)
         hidden = [run_block(layer, h, kwargs) for h in hidden]
     _remove_blocks(model, set(pruning.removed))
     return work
 
 
-def prune_block(layer, config, kv_groups: list[int] | None, ffn: list[int] | None, hidden: list[torch.Tensor],
+def prune_block(family: Adapter, layer, config, kv_groups: list[int] | None, ffn: list[int] | None, hidden: list[torch.Tensor],
                 kwargs: dict, refitted: bool = True) -> None:
     """Prune one block in place to the KV groups and FFN channels kept (None: all), refitting
     ``o_proj`` then ``down_proj`` on the block's inputs ``hidden``."""
     if kv_groups is not None:
-        gram = _input_gram(layer, layer.self_attn.o_proj, hidden, kwargs) if refitted else None
-        prune_heads(layer.self_attn, config, sorted(kv_groups), gram)
+        gram = _input_gram(layer, family.module(layer, "o"), hidden, kwargs) if refitted else None
+        prune_heads(family, layer, config, sorted(kv_groups), gram)
     if ffn is not None:
-        gram = _input_gram(layer, layer.mlp.down_proj, hidden, kwargs) if refitted else None
-        prune_ffn(layer.mlp, sorted(ffn), gram)
+        gram = _input_gram(layer, family.module(layer, "down"), hidden, kwargs) if refitted else None
+        prune_ffn(family, layer, sorted(ffn), gram)
 
 
 def _input_gram(layer, module, hidden, kwargs) -> torch.Tensor:
@@ -134,30 +135,40 @@ def _rows(lin: torch.nn.Linear, rows: torch.Tensor) -> torch.nn.Linear:
     return _linear(lin.weight[rows], None if lin.bias is None else lin.bias[rows])
 
 
-def prune_ffn(mlp, keep: list[int], gram: torch.Tensor | None) -> None:
-    """Keep FFN channels ``keep``; ``down_proj`` refitted on input moments ``gram`` (None: sliced)."""
-    kept = torch.tensor(keep)
-    mlp.down_proj = _linear(refit(mlp.down_proj.weight, gram, kept), mlp.down_proj.bias)
-    mlp.gate_proj, mlp.up_proj = _rows(mlp.gate_proj, kept), _rows(mlp.up_proj, kept)
+def prune_ffn(family: Adapter, layer, keep: list[int], gram: torch.Tensor | None) -> None:
+    """Keep FFN channels ``keep``; ``down`` refitted on input moments ``gram`` (None: sliced)."""
+    _keep(family, layer, torch.tensor(keep), rows=("gate", "up"), refitted="down", gram=gram)
 
 
-def prune_heads(attn, config, groups: list[int], gram: torch.Tensor | None) -> None:
-    """Keep KV groups ``groups`` and their query heads; ``o_proj`` refitted as in :func:`prune_ffn`."""
+def prune_heads(family: Adapter, layer, config, groups: list[int], gram: torch.Tensor | None) -> None:
+    """Keep KV groups ``groups`` and their query heads; ``o`` refitted as in :func:`prune_ffn`."""
     per_group, head_dim = kv_grouping(config)
     kv_rows = torch.cat([torch.arange(g * head_dim, (g + 1) * head_dim) for g in groups])
     q_rows = torch.cat([torch.arange(g * per_group * head_dim, (g + 1) * per_group * head_dim) for g in groups])
-    attn.o_proj = _linear(refit(attn.o_proj.weight, gram, q_rows), attn.o_proj.bias)
-    attn.q_proj = _rows(attn.q_proj, q_rows)
-    attn.k_proj, attn.v_proj = _rows(attn.k_proj, kv_rows), _rows(attn.v_proj, kv_rows)
+    _keep(family, layer, q_rows, rows=("q",), refitted="o", gram=gram)
+    _keep(family, layer, kv_rows, rows=("k", "v"))
+
+
+def _keep(family: Adapter, layer, kept: torch.Tensor, rows: tuple[str, ...], refitted: str | None = None,
+          gram: torch.Tensor | None = None) -> None:
+    """Keep output rows ``kept`` of the matrices ``rows``, and refit the columns of ``refitted``
+    (the matrix that reads them) to those rows."""
+    if refitted:
+        lin = family.module(layer, refitted)
+        family.set_module(layer, refitted, _linear(refit(lin.weight, gram, kept), lin.bias))
+    for role in rows:
+        family.set_module(layer, role, _rows(family.module(layer, role), kept))
 
 
 def _remove_blocks(model, removed: set[int]) -> None:
     if not removed:
         return
-    kept = [layer for i, layer in enumerate(model.model.layers) if i not in removed]
-    model.model.layers = torch.nn.ModuleList(kept)
+    family = adapter_of(model)
+    kept = [layer for i, layer in enumerate(family.layers(model)) if i not in removed]
+    parent, _, name = family.layers_path.rpartition(".")
+    setattr(model.get_submodule(parent), name, torch.nn.ModuleList(kept))
     for i, layer in enumerate(kept):
-        layer.self_attn.layer_idx = i
+        family.module(layer, "attn").layer_idx = i
     c = model.config
     if getattr(c, "layer_types", None):
         c.layer_types = [t for i, t in enumerate(c.layer_types) if i not in removed]

@@ -30,6 +30,7 @@ from functools import lru_cache
 
 import torch
 
+from .adapters import adapter, adapter_of
 from .smoothing import kv_grouping
 
 
@@ -126,25 +127,24 @@ def is_orthogonal(m: torch.Tensor, tol: float = 1e-9) -> bool:
 # --- folding into the model ----------------------------------------------------------------------
 
 
-def _layers(model):
-    return model.model.layers
-
-
 @torch.no_grad()
 def untie(model) -> None:
     """Give the output head its own copy of the embedding (a rotation treats the two differently)."""
     if model.config.tie_word_embeddings:
-        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+        family = adapter_of(model)
+        family.head(model).weight = torch.nn.Parameter(family.embedding(model).weight.detach().clone())
         model.config.tie_word_embeddings = False
 
 
 @torch.no_grad()
 def fold_norms(model) -> None:
     """Move every RMSNorm's weight into the matrices it feeds; the norms become plain x / rms(x)."""
-    for layer in _layers(model):
-        _fold_norm(layer.input_layernorm, [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj])
-        _fold_norm(layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj])
-    _fold_norm(model.model.norm, [model.lm_head])
+    family = adapter_of(model)
+    for layer in family.layers(model):
+        for g in family.groups:
+            if g.into.endswith("norm"):
+                _fold_norm(family.module(layer, g.into), [family.module(layer, c) for c in g.consumers])
+    _fold_norm(family.final_norm(model), [family.head(model)])
 
 
 def _fold_norm(norm, linears) -> None:
@@ -162,22 +162,20 @@ def prepare(model) -> None:
 
 def readers(model) -> list[torch.nn.Linear]:
     """Every matrix that reads the residual stream (through a weightless norm)."""
-    out = []
-    for layer in _layers(model):
-        a, m = layer.self_attn, layer.mlp
-        out += [a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj]
-    return out + [model.lm_head]
+    family = adapter_of(model)
+    return [lin for layer in family.layers(model) for lin in family.readers(layer)] + [family.head(model)]
 
 
 @torch.no_grad()
 def rotate_residual(model, m: torch.Tensor) -> None:
     """``h -> h @ m`` everywhere on the residual stream (after :func:`prepare`)."""
-    emb = model.model.embed_tokens.weight
+    family = adapter_of(model)
+    emb = family.embedding(model).weight
     emb.copy_(emb.double() @ m)
     for lin in readers(model):
         lin.weight.copy_(lin.weight.double() @ m)
-    for layer in _layers(model):
-        for lin in (layer.self_attn.o_proj, layer.mlp.down_proj):
+    for layer in family.layers(model):
+        for lin in family.writers(layer):
             lin.weight.copy_(m.T @ lin.weight.double())
             if lin.bias is not None:
                 lin.bias.copy_(lin.bias.double() @ m)
@@ -187,12 +185,13 @@ def rotate_residual(model, m: torch.Tensor) -> None:
 def rotate_value_heads(layer, config, per_group: list[torch.Tensor]) -> None:
     """Each KV group's value vectors ``v -> v @ M_g``; o's columns undo it per query head."""
     group, head_dim = kv_grouping(config)
-    attn = layer.self_attn
+    family = adapter(config.model_type)
+    v, o = family.module(layer, "v"), family.module(layer, "o")
     for g, m in enumerate(per_group):
         rows = slice(g * head_dim, (g + 1) * head_dim)
-        attn.v_proj.weight[rows] = m.T @ attn.v_proj.weight[rows].double()
-        if attn.v_proj.bias is not None:
-            attn.v_proj.bias[rows] = attn.v_proj.bias[rows].double() @ m
+        v.weight[rows] = m.T @ v.weight[rows].double()
+        if v.bias is not None:
+            v.bias[rows] = v.bias[rows].double() @ m
         for h in range(g * group, (g + 1) * group):
             cols = slice(h * head_dim, (h + 1) * head_dim)
-            attn.o_proj.weight[:, cols] = attn.o_proj.weight[:, cols].double() @ m
+            o.weight[:, cols] = o.weight[:, cols].double() @ m

@@ -23,8 +23,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
+from .adapters import adapter_of
 from .atomic import write_text
 from .calibration import block_inputs, run_block
+from .evaluation import SpilledReferences
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
@@ -121,31 +123,16 @@ class Sensitivity:
         return cls([Entry(**e) for e in d["entries"]], d["tokens"], d.get("measure", MEASURED))
 
 
-class Reference:
-    """Full-precision next-token distributions of one window, kept as what KL needs: the
-    probabilities p and their negative entropy sum(p log p)."""
-
-    def __init__(self, logits: torch.Tensor):
-        logp = torch.log_softmax(logits.float(), -1)
-        self.p = logp.exp()
-        self.neg_entropy = (self.p * logp).sum(-1)
-
-    def kl(self, logits: torch.Tensor) -> float:
-        """Mean KL(p || softmax(logits)) over the window's positions, in nats."""
-        logq = torch.log_softmax(logits.float(), -1)
-        return float((self.neg_entropy - (self.p * logq).sum(-1)).mean())
-
-
 class Tail:
     """Runs the model from block ``start`` to the logits, on cached hidden states."""
 
     def __init__(self, model, kwargs):
-        self.model, self.kwargs = model, kwargs
+        self.model, self.kwargs, self.family = model, kwargs, adapter_of(model)
 
     def logits(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        for layer in self.model.model.layers[start:]:
+        for layer in self.family.layers(self.model)[start:]:
             hidden = run_block(layer, hidden, self.kwargs)
-        return self.model.lm_head(self.model.model.norm(hidden))[0]
+        return self.family.logits(self.model, hidden)[0]
 
 
 @torch.inference_mode()
@@ -159,7 +146,7 @@ def measure(
     """The KL of every option of every part, each part quantized alone (RTN + importance)."""
     model = loaded.model
     tokens = torch.from_numpy(windows)
-    ref = [Reference(model(t[None], use_cache=False).logits[0]) for t in tokens]
+    ref = SpilledReferences(model(t[None], use_cache=False).logits[0] for t in tokens)
     hidden, kwargs = block_inputs(model, windows)
     tail = Tail(model, kwargs)
     entries = []
@@ -167,14 +154,14 @@ def measure(
     def kl_of(part: Part) -> float:
         if part.block < 0:
             return output_kl(model, ref, tokens)
-        return float(np.mean([r.kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
+        return float(np.mean([r.mean_kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
 
     hidden_at: dict[int, list[torch.Tensor]] = {}
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
         if part.block >= 0 and part.block not in hidden_at:
             hidden_at.clear()  # one block's inputs at a time
             hidden_at[part.block] = hidden
-            hidden = [run_block(model.model.layers[part.block], h, kwargs) for h in hidden]
+            hidden = [run_block(loaded.adapter.layers(model)[part.block], h, kwargs) for h in hidden]
         for types in rounded_options(loaded, part, importance):
             entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
             if progress:
@@ -191,18 +178,18 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
         originals = {m.name: weights[m.name].detach().clone() for m in part.matrices}
         try:
             for types in part.options():
-                for m in part.matrices:
-                    q = get_type(types[m.name]).dequantized(originals[m.name].numpy(), importance.get(m.name))
-                    weights[m.name].copy_(torch.from_numpy(q))
+                for m in part.matrices:  # rounded straight into the weight (a 151936-row embedding is 0.9 GB)
+                    get_type(types[m.name]).dequantized(originals[m.name].numpy(), importance.get(m.name),
+                                                        out=weights[m.name].detach().numpy())
                 yield types
         finally:
             for m in part.matrices:
                 weights[m.name].copy_(originals[m.name])
 
 
-def output_kl(model, ref: list[Reference], tokens: torch.Tensor) -> float:
+def output_kl(model, ref: SpilledReferences, tokens: torch.Tensor) -> float:
     """Mean KL of the model's output from the reference over the windows (one whole pass each)."""
-    return float(np.mean([r.kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
+    return float(np.mean([r.mean_kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
 
 
 FISHER_SAMPLES = 2  # labels sampled per window from the model's own distribution
@@ -225,22 +212,22 @@ def estimate(
     one run of its own block. The embedding's options are measured at the output, as
     :func:`measure` does (one pass of the model each).
     """
-    model = loaded.model
+    model, family = loaded.model, loaded.adapter
     tokens = torch.from_numpy(windows)
     with torch.inference_mode():
         hidden, kwargs = block_inputs(model, windows)
         inputs = []
-        for i, layer in enumerate(model.model.layers):
+        for i, layer in enumerate(family.layers(model)):
             inputs.append(hidden)
             with loaded.block(i):
                 hidden = [run_block(layer, h, kwargs) for h in hidden]
-        ref = [Reference(model.lm_head(model.model.norm(h))[0]) for h in hidden]
+        ref = SpilledReferences(family.logits(model, h)[0] for h in hidden)
     fisher = _fisher(loaded, inputs, hidden, kwargs)
     entries = []
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
         with torch.inference_mode(), loaded.block(part.block):
             if part.block >= 0:
-                layer, x = model.model.layers[part.block], inputs[part.block]
+                layer, x = family.layers(model)[part.block], inputs[part.block]
                 before = [run_block(layer, h, kwargs) for h in x]
             for types in rounded_options(loaded, part, importance):
                 if part.block < 0:
@@ -258,13 +245,13 @@ def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[t
     """Per block and window, the diagonal Fisher information (tokens, hidden) of the output
     distribution with respect to the block's output: gradients walked back from the logits
     one block at a time, each block re-run from its stored input."""
-    model, gen = loaded.model, torch.Generator().manual_seed(0)
+    model, family, gen = loaded.model, loaded.adapter, torch.Generator().manual_seed(0)
     kwargs = _trainable(kwargs)
     grads = []  # per window: (samples, 1, tokens, hidden), at the current block's output
     with torch.enable_grad():
         for h in final:
             x = h.clone().requires_grad_()
-            logp = torch.log_softmax(model.lm_head(model.model.norm(x))[0].float(), -1)
+            logp = torch.log_softmax(family.logits(model, x)[0].float(), -1)
             labels = [torch.multinomial(logp.detach().exp(), 1, generator=gen) for _ in range(FISHER_SAMPLES)]
             grads.append(torch.stack([torch.autograd.grad(logp.gather(1, y).sum(), x, retain_graph=True)[0]
                                       for y in labels]))
@@ -274,7 +261,7 @@ def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[t
             if b == 0:
                 break
             with loaded.block(b):
-                layer, new = model.model.layers[b], []
+                layer, new = family.layers(model)[b], []
                 for h, g in zip(inputs[b], grads):
                     x = h.clone().requires_grad_()
                     out = run_block(layer, x, kwargs)

@@ -19,9 +19,9 @@ from edgequant import __version__
 from edgequant.atomic import atomic_path
 from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import EncodedTensor
-from edgequant.models import LoadedModel, block_shapes, head_dim, permute_qk, qk_heads, sizes_differ
+from edgequant.adapters import head_dim
+from edgequant.models import LoadedModel, block_shapes, sizes_differ
 
-PER_BLOCK_ARCH = "deci"  # llama.cpp's llama-family architecture that sizes every block on its own
 
 
 def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
@@ -68,11 +68,7 @@ def _data(loaded: LoadedModel, hf_name: str, t, encoded) -> np.ndarray:
     name = loaded.gguf_name(hf_name)
     if t.ndim == 1:
         return t.float().numpy()
-    data = encoded[name].data
-    heads = qk_heads(loaded.config, name, data.shape[0])
-    if loaded.arch.permute_qk and heads:
-        data = permute_qk(data, heads, to_gguf=True)
-    return np.ascontiguousarray(data)
+    return np.ascontiguousarray(loaded.adapter.to_gguf(name, encoded[name].data, loaded.config))
 
 
 def overhead_bytes(loaded: LoadedModel) -> int:
@@ -96,14 +92,15 @@ def overhead_bytes(loaded: LoadedModel) -> int:
 
 
 def gguf_arch(loaded: LoadedModel) -> str:
-    """The file's architecture: the model's own, or ``deci`` when its blocks differ in size
-    (llama.cpp's ``llama`` loader sizes every block like the first)."""
+    """The file's architecture: the model's own, or the one that sizes every block on its own
+    when its blocks differ in size (``deci`` for Llama: its ``llama`` loader sizes every block
+    like the first)."""
     if not sizes_differ(loaded.model):
-        return loaded.arch.gguf_name
-    if not loaded.arch.permute_qk:
+        return loaded.adapter.gguf_name
+    if not loaded.adapter.per_block_sizes_arch:
         raise EdgequantError(f"blocks of different sizes export to GGUF for llama-family models only, "
-                             f"not {loaded.arch.model_type}")
-    return PER_BLOCK_ARCH
+                             f"not {loaded.adapter.model_type}")
+    return loaded.adapter.per_block_sizes_arch
 
 
 def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:

@@ -29,6 +29,7 @@ def _open(path: Path, n_ctx: int, logits_all: bool, n_threads: int | None):
             n_ubatch=min(n_ctx, UBATCH),
             logits_all=logits_all,
             n_threads=n_threads or os.cpu_count(),
+            use_mmap=False,  # mapped, the file's pages stay resident beside the copy x86 repacks Q4_K/Q4_0 into
             verbose=False,
         )
     except (ValueError, RuntimeError) as e:

@@ -25,6 +25,16 @@ import sys
 import time
 
 
+def peak_rss_bytes() -> int:
+    """This program's peak resident memory: VmHWM where there is /proc (``ru_maxrss`` also counts
+    what the parent held when it forked this process, before ``exec``), else ``ru_maxrss``."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) * 1024
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
 def device_identity() -> dict:
     info = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "machine": platform.machine(),
             "os": platform.platform(), "python": platform.python_version(), "ram_bytes": None}
@@ -157,7 +167,7 @@ def main() -> None:
         "runtime": args.runtime, "runtime_version": runner.version, "model": args.model,
         "threads": args.threads, "ctx": args.ctx, "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens,
         "repeats": args.repeats, **result,
-        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024),
+        "peak_rss_bytes": peak_rss_bytes(),
         "device": device_identity(),
     }))
 

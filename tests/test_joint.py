@@ -6,7 +6,8 @@ smaller matrices. The search runs on a tiny random llama; what it measures on th
 import pytest
 
 from edgequant.methods.joint import Option, _pareto, _type_costs, widths
-from edgequant.models import BlockShape, block_shapes, load_model, read_gguf
+from edgequant.adapters import BlockShape
+from edgequant.models import block_shapes, load_model, read_gguf
 from edgequant.pipeline import matrices_of
 from edgequant.planning import Matrix, smallest_bytes
 from edgequant.sensitivity import Entry, Part, Sensitivity, split_parts

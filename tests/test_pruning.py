@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from edgequant.errors import EdgequantError
-from edgequant.models import BlockShape, block_shapes, load_model, read_gguf
+from edgequant.adapters import BlockShape
+from edgequant.models import block_shapes, load_model, read_gguf
 from edgequant.pipeline import BuildOptions
 from edgequant.pruning import Pruning, prune, refit
 from tests.helpers import assert_same_model

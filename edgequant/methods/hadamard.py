@@ -29,15 +29,15 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
     work = loaded.copy()
-    model = work.model
+    model, family = work.model, work.adapter
     config = model.config
     _, head_dim = kv_grouping(config)
     with progress.step("hadamard: rotate"):
         prepare(model)
         rotate_residual(model, random_hadamard(config.hidden_size, gen))
-        for layer in model.model.layers:
-            rotate_value_heads(layer, config, [hadamard(head_dim)] * (layer.self_attn.k_proj.out_features // head_dim))
-    online = {f"model.layers.{i}.mlp.down_proj": random_hadamard(layer.mlp.down_proj.in_features, gen)
-              for i, layer in enumerate(model.model.layers)}
+        for layer in family.layers(model):
+            rotate_value_heads(layer, config, [hadamard(head_dim)] * (family.module(layer, "k").out_features // head_dim))
+    online = {family.path(i, "down"): random_hadamard(family.module(layer, "down").in_features, gen)
+              for i, layer in enumerate(family.layers(model))}
     details = {"seconds": time.time() - started, "online": "down_proj input (simulation only)"}
     return Transformed(work, online, details)

@@ -46,11 +46,13 @@ import torch
 from ..calibration import Calibration, block_input_grams, block_inputs, run_block
 from ..errors import EdgequantError
 from ..ggml_quants import get_type
-from ..models import BlockShape, LoadedModel, sizes_differ
+from ..adapters import BlockShape, adapter_of
+from ..models import LoadedModel, sizes_differ
 from ..planning import Matrix, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
-from ..sensitivity import CANDIDATES, Part, Reference, Sensitivity, Tail, split_parts, stand_in
+from ..evaluation import Reference
+from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, split_parts, stand_in
 from ..smoothing import kv_grouping
 from .qublast import measure_table
 
@@ -60,9 +62,7 @@ PROBE_TOKENS = 512  # further calibration tokens every KL is measured (or estima
 NEIGHBOURS = 2  # options measured on each side (in size) of the one the estimates point at
 FISHER_SAMPLES = 2  # label samples per window for the Fisher estimate
 HEADER_MARGIN = 4096  # bytes kept back for the per-block arrays of a pruned GGUF's header
-ROLES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-         "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-         "mlp.down_proj": "ffn_down"}
+ATTENTION = ("q", "k", "v", "o")  # the roles whose type is the block's attention type; the rest take the MLP's
 
 
 @dataclass(frozen=True)
@@ -132,8 +132,8 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     """The pruning and types of least output KL within ``max_bytes`` of tensors."""
     started = time.time()
     model = loaded.model
-    if not loaded.arch.permute_qk:
-        raise EdgequantError(f"--method joint prunes llama-family models only, not {loaded.arch.model_type}")
+    if not loaded.adapter.per_block_sizes_arch:
+        raise EdgequantError(f"--method joint prunes llama-family models only, not {loaded.adapter.model_type}")
     if sizes_differ(model):
         raise EdgequantError("--method joint starts from an unpruned model; this one is pruned already")
     budget = max_bytes - HEADER_MARGIN
@@ -157,7 +157,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
 
     with progress.step("joint search: estimate every change", space.n) as tick:
         first, h = [], states
-        for b, layer in enumerate(model.model.layers):
+        for b, layer in enumerate(loaded.adapter.layers(model)):
             first.append(probe.estimate(b, layer, h, kwargs, costs[b]))
             h = [run_block(layer, x, kwargs) for x in h]
             tick()
@@ -167,7 +167,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     scale = _Ratio()
     used = fixed
     with progress.step("joint search: walk the blocks", space.n) as tick:
-        for b, layer in enumerate(model.model.layers):
+        for b, layer in enumerate(loaded.adapter.layers(model)):
             now = probe.estimate(b, layer, states, kwargs, costs[b])
             later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
             mine = space.options(b, now)
@@ -243,7 +243,7 @@ class _Space:
             if p.block >= 0:
                 self.matrices.setdefault(p.block, []).extend(p.matrices)
         self.n = len(self.matrices)
-        self.norm_bytes = 4 * sum(t.numel() for t in loaded.model.model.layers[0].parameters() if t.ndim == 1)
+        self.norm_bytes = 4 * sum(t.numel() for t in loaded.adapter.layers(loaded.model)[0].parameters() if t.ndim == 1)
 
     def options(self, b: int, changes: Changes | None = None) -> list[Option]:
         """Block ``b``'s options that no smaller one matches, smallest first (without
@@ -316,7 +316,7 @@ class _Probe:
         self.tokens, self.n = windows.size, len(windows)
         model = loaded.model
         ids = torch.from_numpy(windows)
-        self.ref = [Reference(model(t[None], use_cache=False).logits[0]) for t in ids]
+        self.ref = [Reference.of_logits(model(t[None], use_cache=False).logits[0]) for t in ids]
         self.fisher = _fisher(model, ids)
         self.runs = 0
 
@@ -332,7 +332,7 @@ class _Probe:
         """Measured: the output KL when blocks ``start``.. run on ``hidden``."""
         self.runs += 1
         tail = Tail(self.loaded.model, kwargs)
-        return float(np.mean([r.kl(tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
+        return float(np.mean([r.mean_kl(tail.logits(h, start)) for r, h in zip(self.ref, hidden)]))
 
     def estimate(self, b: int, layer, states: list[torch.Tensor], kwargs: dict,
                  types: dict[str, dict[str, float]]) -> Changes:
@@ -347,22 +347,23 @@ class _Probe:
             return float(sum(0.5 * (f * (y - z)[0] ** 2).sum() for f, y, z in zip(self.fisher[b], new, outputs))
                          / self.tokens)
 
-        grams = block_input_grams(layer, self.fit(states), kwargs, {"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj},
-                                  dtype=torch.float32)
-        ffn_order = _order(grams["down"], layer.mlp.down_proj.weight)
+        family = self.loaded.adapter
+        o, down = family.module(layer, "o"), family.module(layer, "down")
+        grams = block_input_grams(layer, self.fit(states), kwargs, {"o": o, "down": down}, dtype=torch.float32)
+        ffn_order = _order(grams["down"], down.weight)
         per_group, dim = kv_grouping(config)
-        group_scores = _scores(grams["o"], layer.self_attn.o_proj.weight).reshape(-1, per_group * dim).sum(1)
+        group_scores = _scores(grams["o"], o.weight).reshape(-1, per_group * dim).sum(1)
         kv_order = torch.argsort(group_scores, descending=True).tolist()
-        shape = BlockShape.of_layer(layer, config)
+        shape = family.block_shape(layer, config)
 
         def narrowed(width: int):
             variant = copy.deepcopy(layer)
-            prune_ffn(variant.mlp, sorted(ffn_order[:width]), grams["down"])
+            prune_ffn(family, variant, sorted(ffn_order[:width]), grams["down"])
             return variant
 
         def fewer_groups(kv: int):
             variant = copy.deepcopy(layer)
-            prune_heads(variant.self_attn, config, sorted(kv_order[:kv]), grams["o"])
+            prune_heads(family, variant, config, sorted(kv_order[:kv]), grams["o"])
             return variant
 
         return Changes(ffn={shape.ffn: 0.0} | {w: cost(narrowed(w)) for w in widths(shape.ffn)[1:]},
@@ -376,11 +377,12 @@ def _fisher(model, ids: torch.Tensor) -> list[list[torch.Tensor]]:
     respect to the block's output, (tokens, hidden): mean squared gradient of the log-likelihood
     of labels sampled from the model's own next-token distribution."""
     gen = torch.Generator().manual_seed(0)
-    per_block: list[list[torch.Tensor]] = [[] for _ in model.model.layers]
+    layers = adapter_of(model).layers(model)
+    per_block: list[list[torch.Tensor]] = [[] for _ in layers]
     for window in ids:
         outputs = []
         hooks = [layer.register_forward_hook(lambda _m, _a, out: outputs.append(out[0] if isinstance(out, tuple) else out))
-                 for layer in model.model.layers]
+                 for layer in layers]
         try:
             with torch.enable_grad():
                 logp = torch.log_softmax(model(window[None], use_cache=False).logits[0].float(), -1)
@@ -415,11 +417,11 @@ def _order(gram: torch.Tensor, w: torch.Tensor) -> list[int]:
     return torch.argsort(_scores(gram, w), descending=True).tolist()
 
 
-def _round(layer, types: dict[str, str], importance: dict[str, np.ndarray | None]) -> None:
-    """Round the layer's matrices at ``types`` (by module path) in place, RTN on the importance grid."""
-    for path, t in types.items():
-        lin = layer.get_submodule(path)
-        q = get_type(t).dequantized(lin.weight.detach().numpy(), importance.get(path))
+def _round(family, layer, types: dict[str, str], importance: dict[str, np.ndarray | None]) -> None:
+    """Round the layer's matrices at ``types`` (by role) in place, RTN on the importance grid."""
+    for role, t in types.items():
+        lin = family.module(layer, role)
+        q = get_type(t).dequantized(lin.weight.detach().numpy(), importance.get(role))
         lin.weight.data = torch.from_numpy(q)
 
 
@@ -429,24 +431,23 @@ def _realise(loaded: LoadedModel, b: int, layer, option: Option, changes: Change
     removed; (KV groups, FFN channels) kept, None where all are)."""
     if option.removed:
         return None, (None, None)
-    config = loaded.config
+    config, family = loaded.config, loaded.adapter
     per_group, dim = kv_grouping(config)
-    full = BlockShape.of_layer(layer, config)
+    full = family.block_shape(layer, config)
     groups = sorted(changes.kv_order[: option.shape.kv_heads]) if option.shape.kv_heads < full.kv_heads else None
     channels = sorted(changes.ffn_order[: option.shape.ffn]) if option.shape.ffn < full.ffn else None
     variant = copy.deepcopy(layer)  # refitted on the moments of the block as it is (the build refits exactly)
     if groups is not None:
-        prune_heads(variant.self_attn, config, groups, changes.grams["o"])
+        prune_heads(family, variant, config, groups, changes.grams["o"])
     if channels is not None:
-        prune_ffn(variant.mlp, channels, changes.grams["down"])
-    columns = {"self_attn.o_proj": _query_columns(groups, per_group, dim), "mlp.down_proj": channels}
+        prune_ffn(family, variant, channels, changes.grams["down"])
+    columns = {"o": _query_columns(groups, per_group, dim), "down": channels}
     types, weights = {}, {}
-    for path, role in ROLES.items():
-        types[path] = stand_in(option.attn if role.startswith("attn") else option.mlp,
-                               variant.get_submodule(path).in_features)
-        imp, kept = importance.get(loaded.gguf_name(f"model.layers.{b}.{path}.weight")), columns.get(path)
-        weights[path] = imp[kept] if imp is not None and kept is not None else imp
-    _round(variant, types, weights)
+    for role in ("q", "k", "v", "o", "gate", "up", "down"):
+        types[role] = stand_in(option.attn if role in ATTENTION else option.mlp, family.module(variant, role).in_features)
+        imp, kept = importance.get(loaded.gguf_name(family.weight_name(b, role))), columns.get(role)
+        weights[role] = imp[kept] if imp is not None and kept is not None else imp
+    _round(family, variant, types, weights)
     return variant, (groups, channels)
 
 

@@ -35,6 +35,7 @@ import time
 
 import torch
 
+from ..adapters import adapter_of
 from ..calibration import Calibration, activation_stats, linear_inputs
 from ..fakequant import Setting, Transformed, quantize_ste
 from ..errors import EdgequantError
@@ -42,7 +43,7 @@ from ..models import LoadedModel
 from ..progress import Progress
 from ..rotations import (block_diagonal, householder, pair_angles, prepare, reflect, reflection_onto, rotate_residual,
                          rotate_value_heads, turn_pairs)
-from ..smoothing import GROUPS, kv_grouping, smooth
+from ..smoothing import kv_grouping, smooth, weights
 
 STEPS = 16
 ROUNDS = 3
@@ -55,7 +56,7 @@ TUNE_LR = 1e-2
 SEED = 444
 SMOOTH_ALPHA = 0.6  # the reference scripts' setting at W6A6; used at every setting here
 MIN_BLOCK = 16
-SITE_BLOCK = {"attn_in": 64, "attn_out": 64, "ffn_in": 64, "ffn_out": 128}  # B per input site (smoothing.GROUPS)
+SITE_BLOCK = {"attn_in": 64, "attn_out": 64, "ffn_in": 64, "ffn_out": 128}  # B per input site (the adapter's groups)
 
 
 def _uniform_like(u: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -173,8 +174,8 @@ def site_block(width: int, preferred: int) -> int:
     return block
 
 
-def _paths(n_layers: int, sub: str) -> list[str]:
-    return [f"model.layers.{i}.{sub}" for i in range(n_layers)]
+def _paths(family, n_layers: int, role: str) -> list[str]:
+    return [family.path(i, role) for i in range(n_layers)]
 
 
 def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress) -> Transformed:
@@ -185,18 +186,19 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     work = loaded.copy()
     with progress.step("ruquant: smoothing (alpha %.1f)" % SMOOTH_ALPHA, len(calibration.windows)) as tick:
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTH_ALPHA)
-    layers = work.model.model.layers
+    family = work.adapter
+    layers = family.layers(work.model)
     with progress.step("ruquant: collect activations"):
-        paths = [p for g in GROUPS for p in _paths(len(layers), g.consumers[0])]
+        paths = [p for g in family.groups for p in _paths(family, len(layers), g.consumers[0])]
         acts = linear_inputs(work.model, calibration.windows, paths, CALIB_TOKENS)
     online, start_loss, best_loss = {}, [], []
     with progress.step("ruquant: per-site transforms, tuned", len(layers)) as tick:
         for i, layer in enumerate(layers):
-            for g in GROUPS:  # the site is the consumers' shared input
-                x = acts[f"model.layers.{i}.{g.consumers[0]}"]
-                w = torch.cat([t.detach() for t in g.weights(layer)])
+            for g in family.groups:  # the site is the consumers' shared input
+                x = acts[family.path(i, g.consumers[0])]
+                w = torch.cat([t.detach() for t in weights(family, layer, g)])
                 m, losses = tuned_site_transform(x, w, site_block(x.shape[1], SITE_BLOCK[g.key]), setting, gen)
-                online |= {f"model.layers.{i}.{c}": m for c in g.consumers}
+                online |= {family.path(i, c): m for c in g.consumers}
                 start_loss.append(losses[0])
                 best_loss.append(min(losses))
             tick()
@@ -204,7 +206,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         "placement": "reference: smoothing folded, every site's transform online", "smoothing_alpha": SMOOTH_ALPHA,
         "stage2_loss_start": sum(start_loss) / len(start_loss), "stage2_loss_best": sum(best_loss) / len(best_loss),
         "tuned_for": setting.label, "seconds": time.time() - started,
-        "online": f"{len(GROUPS)} per block, on the q/k/v, o, gate/up and down inputs (7 matrices)"})
+        "online": f"{len(family.groups)} per block, on the q/k/v, o, gate/up and down inputs (7 matrices)"})
 
 
 def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, progress: Progress,
@@ -215,9 +217,9 @@ def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Set
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
     work = loaded.copy()
-    model = work.model
+    model, family = work.model, work.adapter
     config, n = model.config, model.config.num_hidden_layers
-    attn_in, ffn_in, o_in = _paths(n, "self_attn.q_proj"), _paths(n, "mlp.gate_proj"), _paths(n, "self_attn.o_proj")
+    attn_in, ffn_in, o_in = (_paths(family, n, role) for role in ("q", "gate", "o"))
     if residual:
         prepare(model)  # the residual sites' inputs are then the plain x / rms(x) the rotation sees
     with progress.step("ruquant: collect activations"):
@@ -227,8 +229,8 @@ def folded_transform(loaded: LoadedModel, calibration: Calibration, setting: Set
         details |= _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress)
     group, head_dim = kv_grouping(config)
     with progress.step("ruquant: value-head transforms", n) as tick:
-        for i, layer in enumerate(model.model.layers):
-            kv_heads = layer.self_attn.k_proj.out_features // head_dim  # fewer in a pruned block
+        for i, layer in enumerate(family.layers(model)):
+            kv_heads = family.module(layer, "k").out_features // head_dim  # fewer in a pruned block
             heads = acts[o_in[i]].double().reshape(-1, kv_heads, group, head_dim)
             per_group = [block_rotation(heads[:, g].reshape(-1, head_dim).T, gen).T for g in range(kv_heads)]
             rotate_value_heads(layer, config, per_group)
@@ -245,11 +247,11 @@ def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> di
         base = base_transform(pooled, site_block(pooled.shape[1], RESIDUAL_BLOCK), gen)
         w0 = initial_reflection(pooled.double() @ base, gen)
     with progress.step("ruquant: tune the global Householder (stage 2)"):
-        sites = []
-        for i, layer in enumerate(model.model.layers):
-            a, m = layer.self_attn, layer.mlp
-            for path, mats in ((attn_in[i], (a.q_proj, a.k_proj, a.v_proj)), (ffn_in[i], (m.gate_proj, m.up_proj))):
-                w = torch.cat([lin.weight.detach() for lin in mats]).double() @ base
+        sites, family = [], adapter_of(model)
+        residual_readers = [g for g in family.groups if g.into.endswith("norm")]  # q/k/v, gate/up
+        for i, layer in enumerate(family.layers(model)):
+            for path, g in zip((attn_in[i], ffn_in[i]), residual_readers):
+                w = torch.cat([t.detach() for t in weights(family, layer, g)]).double() @ base
                 sites.append(((acts[path][:TUNE_TOKENS].double() @ base).float(), w.float()))
         tuned, losses = tune_reflection(w0, sites, setting)
     rotate_residual(model, base @ householder(tuned))

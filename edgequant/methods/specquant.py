@@ -101,7 +101,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     energies = ENERGIES if energy == "auto" else (float(energy),)
     params = dict(work.model.named_parameters())
     rows, shares, kept, cut_error = 0, 0.0, 0.0, []
-    layer_names = [(n, loaded.gguf_name(n)) for n, p in params.items() if p.ndim == 2 and n.startswith("model.layers.")]
+    layer_names = [(n, loaded.gguf_name(n)) for n, p in params.items() if p.ndim == 2 and loaded.adapter.block_index(n) >= 0]
     with progress.step("specquant: low-frequency truncation", len(layer_names)) as tick:
         for hf_name, name in layer_names:
             p = params[hf_name]

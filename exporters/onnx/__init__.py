@@ -19,7 +19,9 @@ import torch
 from edgequant.atomic import atomic_dir
 from edgequant.errors import EdgequantError, check_number
 from edgequant.ggml_quants import TYPES
-from edgequant.models import gguf_config, gguf_tokenizer, head_dim, permute_qk, qk_heads, read_gguf
+from edgequant.adapters import head_dim
+from edgequant.adapters.base import permute_qk, qk_heads
+from edgequant.models import gguf_config, gguf_tokenizer, read_gguf
 
 from .graph import decoder
 from .nbits import BlockQuantized, from_ggml
@@ -36,7 +38,7 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
-    arch, config = gguf_config(reader)
+    family, config = gguf_config(reader)
     weights, floats = {}, {}
     for t in reader.tensors:
         kind = t.tensor_type.name
@@ -49,7 +51,7 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
             raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
         w = from_ggml(kind, np.asarray(t.data))
         heads = qk_heads(config, t.name, w.shape[0])
-        if arch.permute_qk and heads:  # back to Hugging Face's rotary layout
+        if family.permute_qk and heads:  # back to Hugging Face's rotary layout
             w = _permuted_rows(w, heads)
         weights[t.name] = w
     model = decoder(config, weights, floats, rope_cache(config), accuracy_level)

@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from edgequant.models import head_dim
+from edgequant.adapters import head_dim
 
 from .nbits import BlockQuantized
 

@@ -1,0 +1,52 @@
+"""Each architecture family is one adapter, registered by name: its roles name real matrices, the
+matrices of a group read one input, and a scale folded where the group says leaves the block's
+output as it was."""
+
+import pytest
+import torch
+
+from edgequant.adapters import adapter, adapter_for_gguf, supported
+from edgequant.calibration import block_inputs, run_block
+from edgequant.errors import EdgequantError
+from edgequant.models import load_model
+from edgequant.smoothing import fold
+
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def test_every_family_is_registered_by_its_model_type_and_gguf_architecture():
+    assert set(FAMILIES) <= set(supported())
+    assert adapter("mistral") is adapter("llama")
+    assert adapter_for_gguf("deci") is adapter("llama")  # llama.cpp's Llama with per-block sizes
+    assert adapter_for_gguf("qwen3").model_type == "qwen3"
+    with pytest.raises(EdgequantError, match="unsupported architecture 'gpt2'"):
+        adapter("gpt2")
+    with pytest.raises(EdgequantError, match="unsupported GGUF architecture"):
+        adapter_for_gguf("bert")
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_a_groups_matrices_share_one_input_and_a_folded_scale_changes_nothing(tiny_model, model_type):
+    loaded = load_model(tiny_model(model_type))
+    family, model = loaded.adapter, loaded.model
+    layer = family.layers(model)[0]
+    windows = torch.randint(0, 1000, (1, 32)).numpy()
+    hidden, kwargs = block_inputs(model, windows)
+
+    seen = {}
+    hooks = [family.module(layer, role).register_forward_pre_hook(lambda _m, args, role=role: seen.update({role: args[0]}))
+             for g in family.groups for role in g.consumers]
+    with torch.no_grad():
+        before = run_block(layer, hidden[0], kwargs)
+    for h in hooks:
+        h.remove()
+    for g in family.groups:
+        first = seen[g.consumers[0]]
+        assert all(seen[role] is first or torch.equal(seen[role], first) for role in g.consumers), g.key
+
+    with torch.no_grad():
+        for g in family.groups:
+            channels = family.module(layer, g.into).weight.shape[0]
+            fold(family, layer, model.config, g, torch.rand(channels, generator=torch.Generator().manual_seed(1)) + 0.5)
+        after = run_block(layer, hidden[0], kwargs)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
