@@ -95,6 +95,15 @@ class Reference:
         return float(self.kl(torch.log_softmax(logits.float(), -1)).mean())
 
 
+IN_MEMORY = 1 << 29  # bytes of reference probabilities held in memory; past that, on disk
+
+
+def references(logits: Iterable[torch.Tensor], nbytes: int) -> "list[Reference] | SpilledReferences":
+    """The references of several windows from their ``logits``, ``nbytes`` of float32
+    probabilities in all: held in memory up to ``IN_MEMORY``, else :class:`SpilledReferences`."""
+    return [Reference.of_logits(window) for window in logits] if nbytes <= IN_MEMORY else SpilledReferences(logits)
+
+
 class SpilledReferences:
     """The references of several windows, their log-probabilities written to a file under the
     cache's ``spill/`` and read back one window at a time (iterate as often as needed). In

@@ -21,7 +21,7 @@ super-block grid and the codes re-rounded on the final grid.
 from __future__ import annotations
 
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -245,8 +245,15 @@ class QuantType:
         def one(r: int) -> None:
             out[r : r + step] = finish(w[r : r + step], self.fit(w[r : r + step], importance))
 
-        for _ in _pool().map(one, range(0, len(w), step)):
-            pass
+        chunks = [_pool().submit(one, r) for r in range(0, len(w), step)]
+        try:
+            for chunk in chunks:
+                chunk.result()
+        except BaseException:  # no chunk may go on writing into ``out`` once this has failed
+            for chunk in chunks:
+                chunk.cancel()
+            wait(chunks)
+            raise
         return out
 
     def fit(self, w: np.ndarray, importance: np.ndarray | None = None) -> Grid:

@@ -287,7 +287,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         encoded = p.method.quantize(work, plan, calibration, tick)
     report = {
         "edgequant": __version__,
-        "model": {"name": work.name, "path": str(work.path), "architecture": work.adapter.model_type},
+        "model": {"name": work.name, "path": str(work.path), "architecture": work.config.model_type},
         "device": tgt.device.as_dict(),
         "budget": tgt.budget.as_dict(),
         "predicted": tgt.predict(plan),

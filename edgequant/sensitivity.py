@@ -26,7 +26,7 @@ import torch
 from .adapters import adapter_of
 from .atomic import write_text
 from .calibration import block_inputs, run_block
-from .evaluation import SpilledReferences
+from .evaluation import Reference, SpilledReferences, references
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
@@ -146,7 +146,7 @@ def measure(
     """The KL of every option of every part, each part quantized alone (RTN + importance)."""
     model = loaded.model
     tokens = torch.from_numpy(windows)
-    ref = SpilledReferences(model(t[None], use_cache=False).logits[0] for t in tokens)
+    ref = references((model(t[None], use_cache=False).logits[0] for t in tokens), _nbytes(loaded, windows))
     hidden, kwargs = block_inputs(model, windows)
     tail = Tail(model, kwargs)
     entries = []
@@ -187,7 +187,12 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
                 weights[m.name].copy_(originals[m.name])
 
 
-def output_kl(model, ref: SpilledReferences, tokens: torch.Tensor) -> float:
+def _nbytes(loaded: LoadedModel, windows: np.ndarray) -> int:
+    """Bytes of the reference probabilities of ``windows``."""
+    return 4 * windows.size * loaded.adapter.head(loaded.model).out_features
+
+
+def output_kl(model, ref: list[Reference] | SpilledReferences, tokens: torch.Tensor) -> float:
     """Mean KL of the model's output from the reference over the windows (one whole pass each)."""
     return float(np.mean([r.mean_kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(ref, tokens)]))
 
@@ -221,7 +226,7 @@ def estimate(
             inputs.append(hidden)
             with loaded.block(i):
                 hidden = [run_block(layer, h, kwargs) for h in hidden]
-        ref = SpilledReferences(family.logits(model, h)[0] for h in hidden)
+        ref = references((family.logits(model, h)[0] for h in hidden), _nbytes(loaded, windows))
     fisher = _fisher(loaded, inputs, hidden, kwargs)
     entries = []
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):

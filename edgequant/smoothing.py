@@ -183,14 +183,11 @@ def _output_error(x, weights, types, s) -> float:
     return err
 
 
-SEARCH_ROWS = 2048  # a matrix with more output rows is compared on this many, evenly spaced
-
-
-def _rows_sampled(w: torch.Tensor) -> torch.Tensor:
-    """Every k-th row of ``w``, k the least that leaves at most ``SEARCH_ROWS``. A scale acts on
-    the columns, the same on every row, so the error of evenly spaced rows ranks the alphas as
-    the whole matrix's does, at a fraction of the rounding (an 8960-row FFN matrix: a quarter)."""
-    return w[:: -(-w.shape[0] // SEARCH_ROWS)]
+# A group whose largest matrix has more output rows than this is compared on every k-th row of
+# each matrix, k the least that leaves at most this many. A scale acts on the columns, the same on
+# every row, so evenly spaced rows rank the alphas as the whole matrices do, at a fraction of the
+# rounding (Qwen2.5-1.5B's 8960-row gate/up: a quarter).
+SEARCH_ROWS = 2048
 
 
 def _choose(config, g: Group, x: torch.Tensor, weights: list[torch.Tensor], types: list[str]):
@@ -203,7 +200,8 @@ def _choose(config, g: Group, x: torch.Tensor, weights: list[torch.Tensor], type
     def on_columns(s):
         return per_o_column(config, s) if g.into == "v" else s
 
-    weights = [_rows_sampled(w.detach().float()) for w in weights]
+    stride = -(-max(w.shape[0] for w in weights) // SEARCH_ROWS)  # one for the group: its errors are summed
+    weights = [w.detach().float()[::stride] for w in weights]
     candidates = {a: rms**a / (rms.max() * rms.min()) ** (a / 2) for a in ALPHAS}
     errors = {a: _output_error(x, weights, types, on_columns(s)) for a, s in candidates.items()}
     best = min(errors, key=errors.get)
