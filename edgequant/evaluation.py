@@ -90,6 +90,10 @@ class Reference:
         """KL(p || q) per position, for the candidate's log-probabilities ``logp``."""
         return self.neg_entropy - torch.einsum("ij,ij->i", self.p, logp)
 
+    def kl_rows(self, logp: torch.Tensor, rows: slice) -> torch.Tensor:
+        """KL(p || q) at positions ``rows``, for the candidate's log-probabilities there."""
+        return self.neg_entropy[rows] - torch.einsum("ij,ij->i", self.p[rows], logp)
+
     def mean_kl(self, logits: torch.Tensor) -> float:
         """KL(p || softmax(logits)) averaged over the window's positions, in nats."""
         return float(self.kl(torch.log_softmax(logits.float(), -1)).mean())

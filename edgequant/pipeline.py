@@ -244,7 +244,9 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
             stats = cached_activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens,
                               opts.sensitivity)
+    release_memory()  # the calibration passes' temporaries
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
+    release_memory()  # the sensitivity table's
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference, label,
                    pruning or None, choice.details if choice else None)
 
