@@ -86,12 +86,8 @@ class Reference:
     def of_logits(cls, logits: torch.Tensor) -> "Reference":
         return cls(torch.log_softmax(logits.float(), -1))
 
-    def kl(self, logp: torch.Tensor) -> torch.Tensor:
-        """KL(p || q) per position, for the candidate's log-probabilities ``logp``."""
-        return self.neg_entropy - torch.einsum("ij,ij->i", self.p, logp)
-
-    def kl_rows(self, logp: torch.Tensor, rows: slice) -> torch.Tensor:
-        """KL(p || q) at positions ``rows``, for the candidate's log-probabilities there."""
+    def kl(self, logp: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """KL(p || q) per position (of ``rows``), for the candidate's log-probabilities there."""
         return self.neg_entropy[rows] - torch.einsum("ij,ij->i", self.p[rows], logp)
 
     def mean_kl(self, logits: torch.Tensor) -> float:
@@ -121,7 +117,7 @@ class SpilledReferences:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="reference-", suffix=".f32", dir=folder)
         self.path, self.count, self.shape = Path(name), 0, (0, 0)
-        self._remove = weakref.finalize(self, _unlink, name)
+        self._remove = weakref.finalize(self, self.path.unlink, True)  # missing_ok
         try:
             with os.fdopen(fd, "wb") as f:
                 for window in logits:
@@ -142,13 +138,6 @@ class SpilledReferences:
         for i in range(self.count):
             logp = np.fromfile(self.path, np.float32, count=n, offset=4 * n * i).reshape(self.shape)
             yield Reference(torch.from_numpy(logp))
-
-
-def _unlink(name: str) -> None:
-    try:
-        os.unlink(name)
-    except FileNotFoundError:
-        pass
 
 
 class _Totals:

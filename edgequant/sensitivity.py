@@ -204,7 +204,7 @@ def output_kl(model, ref: list[Reference] | SpilledReferences, tokens: torch.Ten
         hidden = model.get_decoder()(t[None], use_cache=False).last_hidden_state[0]
         for i in range(0, len(hidden), HEAD_ROWS):
             rows = slice(i, i + HEAD_ROWS)
-            kls.append(r.kl_rows(torch.log_softmax(head(hidden[rows]).float(), -1), rows))
+            kls.append(r.kl(torch.log_softmax(head(hidden[rows]).float(), -1), rows))
     return float(torch.cat(kls).mean())
 
 
