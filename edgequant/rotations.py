@@ -141,9 +141,8 @@ def fold_norms(model) -> None:
     """Move every RMSNorm's weight into the matrices it feeds; the norms become plain x / rms(x)."""
     family = adapter_of(model)
     for layer in family.layers(model):
-        for g in family.groups:
-            if g.into.endswith("norm"):
-                _fold_norm(family.module(layer, g.into), [family.module(layer, c) for c in g.consumers])
+        for g in family.residual_groups:
+            _fold_norm(family.module(layer, g.into), [family.module(layer, c) for c in g.consumers])
     _fold_norm(family.final_norm(model), [family.head(model)])
 
 

@@ -67,7 +67,7 @@ class Adapter:
         "attn_norm": "input_layernorm", "q": "self_attn.q_proj", "k": "self_attn.k_proj",
         "v": "self_attn.v_proj", "o": "self_attn.o_proj", "attn": "self_attn",
         "ffn_norm": "post_attention_layernorm", "gate": "mlp.gate_proj", "up": "mlp.up_proj",
-        "down": "mlp.down_proj", "mlp": "mlp",
+        "down": "mlp.down_proj",
     }
     groups: ClassVar[tuple[Group, ...]] = (
         Group("attn_in", ("q", "k", "v"), into="attn_norm"),
@@ -143,9 +143,14 @@ class Adapter:
         prefix = self.layers_path + "."
         return int(hf_name[len(prefix):].split(".", 1)[0]) if hf_name.startswith(prefix) else -1
 
+    @property
+    def residual_groups(self) -> list[Group]:
+        """The groups that read the residual stream, through a norm (q/k/v, gate/up)."""
+        return [g for g in self.groups if g.into.endswith("norm")]
+
     def readers(self, layer) -> list[torch.nn.Linear]:
         """The matrices of a block that read the residual stream (through a norm)."""
-        return [self.module(layer, r) for g in self.groups if g.into.endswith("norm") for r in g.consumers]
+        return [self.module(layer, r) for g in self.residual_groups for r in g.consumers]
 
     def writers(self, layer) -> list[torch.nn.Linear]:
         """The matrices of a block that write to the residual stream."""

@@ -248,9 +248,8 @@ def _rotate_residual(model, acts, attn_in, ffn_in, setting, gen, progress) -> di
         w0 = initial_reflection(pooled.double() @ base, gen)
     with progress.step("ruquant: tune the global Householder (stage 2)"):
         sites, family = [], adapter_of(model)
-        residual_readers = [g for g in family.groups if g.into.endswith("norm")]  # q/k/v, gate/up
         for i, layer in enumerate(family.layers(model)):
-            for path, g in zip((attn_in[i], ffn_in[i]), residual_readers):
+            for path, g in zip((attn_in[i], ffn_in[i]), family.residual_groups):
                 w = torch.cat([t.detach() for t in weights(family, layer, g)]).double() @ base
                 sites.append(((acts[path][:TUNE_TOKENS].double() @ base).float(), w.float()))
         tuned, losses = tune_reflection(w0, sites, setting)
