@@ -98,10 +98,23 @@ class Reference:
 IN_MEMORY = 1 << 29  # bytes of reference probabilities held in memory; past that, on disk
 
 
-def references(logits: Iterable[torch.Tensor], nbytes: int) -> "list[Reference] | SpilledReferences":
+def references(logits: Iterable[torch.Tensor], nbytes: int) -> "HeldReferences | SpilledReferences":
     """The references of several windows from their ``logits``, ``nbytes`` of float32
     probabilities in all: held in memory up to ``IN_MEMORY``, else :class:`SpilledReferences`."""
-    return [Reference.of_logits(window) for window in logits] if nbytes <= IN_MEMORY else SpilledReferences(logits)
+    if nbytes <= IN_MEMORY:
+        return HeldReferences(Reference.of_logits(window) for window in logits)
+    return SpilledReferences(logits)
+
+
+class HeldReferences(list):
+    """The references of several windows, in memory (a list of :class:`Reference`)."""
+
+    def probs(self, i: int, cols: slice) -> torch.Tensor:
+        """Window ``i``'s probabilities over the vocabulary slice ``cols``, every position."""
+        return self[i].p[:, cols]
+
+    def neg_entropy(self, i: int) -> torch.Tensor:
+        return self[i].neg_entropy
 
 
 class SpilledReferences:
@@ -117,12 +130,14 @@ class SpilledReferences:
         folder.mkdir(parents=True, exist_ok=True)
         fd, name = tempfile.mkstemp(prefix="reference-", suffix=".f32", dir=folder)
         self.path, self.count, self.shape = Path(name), 0, (0, 0)
+        self.neg_entropies: list[torch.Tensor] = []
         self._remove = weakref.finalize(self, self.path.unlink, True)  # missing_ok
         try:
             with os.fdopen(fd, "wb") as f:
                 for window in logits:
                     logp = torch.log_softmax(window.float(), -1)
                     logp.numpy().tofile(f)
+                    self.neg_entropies.append(torch.einsum("ij,ij->i", logp.exp(), logp))
                     self.count, self.shape = self.count + 1, tuple(logp.shape)
         except OSError as e:
             self._remove()
@@ -138,6 +153,15 @@ class SpilledReferences:
         for i in range(self.count):
             logp = np.fromfile(self.path, np.float32, count=n, offset=4 * n * i).reshape(self.shape)
             yield Reference(torch.from_numpy(logp))
+
+    def probs(self, i: int, cols: slice) -> torch.Tensor:
+        """Window ``i``'s probabilities over the vocabulary slice ``cols``, every position, read
+        through a map of the file that is let go at once (its pages would stay in the process)."""
+        logp = np.memmap(self.path, np.float32, "r", offset=4 * math.prod(self.shape) * i, shape=self.shape)
+        return torch.from_numpy(np.exp(logp[:, cols]))
+
+    def neg_entropy(self, i: int) -> torch.Tensor:
+        return self.neg_entropies[i]
 
 
 class _Totals:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -26,7 +27,7 @@ import torch
 from .adapters import adapter_of
 from .atomic import write_text
 from .calibration import block_inputs, run_block
-from .evaluation import Reference, SpilledReferences, references
+from .evaluation import HeldReferences, SpilledReferences, references
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
@@ -150,23 +151,33 @@ def measure(
     hidden, kwargs = block_inputs(model, windows)
     tail = Tail(model, kwargs)
     entries = []
-
-    def kl_of(part: Part) -> float:
-        if part.block < 0:
-            return output_kl(model, ref, tokens)
-        return float(np.mean([r.mean_kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
-
     hidden_at: dict[int, list[torch.Tensor]] = {}
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
         if part.block >= 0 and part.block not in hidden_at:
             hidden_at.clear()  # one block's inputs at a time
             hidden_at[part.block] = hidden
             hidden = [run_block(loaded.adapter.layers(model)[part.block], h, kwargs) for h in hidden]
-        for types in rounded_options(loaded, part, importance):
-            entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl_of(part)))
+
+        def block_kl(part=part) -> float:
+            return float(np.mean([r.mean_kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
+
+        for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
+            entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
             if progress:
                 progress()
     return Sensitivity(entries, int(windows.size))
+
+
+def option_kls(loaded: LoadedModel, part: Part, importance: dict[str, np.ndarray], block_kl: Callable[[], float],
+               ref: HeldReferences | SpilledReferences, tokens: torch.Tensor):
+    """Yields (types, KL) for each option of ``part``: a block's part is rounded in place and
+    ``block_kl()`` measures it; the embedding and head are measured at the output."""
+    if part.block < 0:
+        for types in part.options():
+            yield types, output_kl(loaded, ref, tokens, types, importance)
+    else:
+        for types in rounded_options(loaded, part, importance):
+            yield types, block_kl()
 
 
 def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.ndarray]):
@@ -192,20 +203,57 @@ def _nbytes(loaded: LoadedModel, windows: np.ndarray) -> int:
     return 4 * windows.size * loaded.adapter.head(loaded.model).out_features
 
 
-HEAD_ROWS = 128  # positions whose vocabulary-wide logits are computed at once
+EMBEDDING, OUTPUT = "token_embd.weight", "output.weight"
+HEAD_ROWS = 16384  # vocabulary rows of the head rounded and applied at once
 
 
-def output_kl(model, ref: list[Reference] | SpilledReferences, tokens: torch.Tensor) -> float:
-    """Mean KL of the model's output from the reference over the windows: one pass of the blocks
-    each, then the head a few positions at a time (a window's logits over a 151936-token
-    vocabulary are 311 MB, and each step of the KL made another copy)."""
-    head, kls = adapter_of(model).head(model), []
-    for r, t in zip(ref, tokens):
-        hidden = model.get_decoder()(t[None], use_cache=False).last_hidden_state[0]
-        for i in range(0, len(hidden), HEAD_ROWS):
-            rows = slice(i, i + HEAD_ROWS)
-            kls.append(r.kl(torch.log_softmax(head(hidden[rows]).float(), -1), rows))
-    return float(torch.cat(kls).mean())
+@torch.inference_mode()
+def output_kl(loaded: LoadedModel, ref: HeldReferences | SpilledReferences, tokens: torch.Tensor,
+              types: dict[str, str], importance: dict[str, np.ndarray]) -> float:
+    """Mean KL of the model's output from the reference over the windows ``tokens`` when the
+    embedding and the head take ``types`` (GGUF name -> type; a matrix not named stays as it is).
+
+    Neither matrix is copied whole (151936 x 1536 is 0.9 GB). The embedding only has the rows
+    the windows read rounded, in place and put back after the blocks' pass. The head is rounded
+    ``HEAD_ROWS`` vocabulary rows at a time, and each slice's logits ``z`` go into the KL as
+    they come: KL(p || softmax z) = sum p log p - sum p z + logsumexp z, all sums over the
+    vocabulary. (Rows are rounded on their own, so this is the whole matrix's rounding.)"""
+    model, family = loaded.model, loaded.adapter
+    head_name = EMBEDDING if loaded.config.tie_word_embeddings else OUTPUT
+    used = torch.unique(tokens).numpy()
+    with _rounded_rows(family.embedding(model).weight, used, types.get(EMBEDDING), importance.get(EMBEDDING)):
+        final = [model.get_decoder()(t[None], use_cache=False).last_hidden_state[0] for t in tokens]
+    head = family.head(model)
+    qtype = get_type(types[head_name]) if head_name in types else None
+    dot = [torch.zeros(len(h), dtype=torch.float64) for h in final]
+    lse = [torch.full((len(h),), -torch.inf, dtype=torch.float64) for h in final]
+    for v in range(0, head.out_features, HEAD_ROWS):
+        rows = slice(v, v + HEAD_ROWS)
+        w = head.weight.detach()[rows]
+        if qtype is not None:
+            w = torch.from_numpy(qtype.dequantized(w.numpy(), importance.get(head_name)))
+        bias = None if head.bias is None else head.bias.detach()[rows]
+        for i, h in enumerate(final):
+            z = torch.nn.functional.linear(h, w, bias).float()
+            dot[i] += torch.einsum("ij,ij->i", ref.probs(i, rows), z)
+            lse[i] = torch.logaddexp(lse[i], torch.logsumexp(z, -1))
+    kl = [ref.neg_entropy(i) - d + s for i, (d, s) in enumerate(zip(dot, lse))]
+    return float(torch.cat(kl).mean())
+
+
+@contextmanager
+def _rounded_rows(weight: torch.Tensor, rows: np.ndarray, qtype: str | None, importance: np.ndarray | None):
+    """A context in which ``rows`` of ``weight`` are rounded to ``qtype`` in place (None: left)."""
+    if qtype is None:
+        yield
+        return
+    w = weight.detach().numpy()
+    original = w[rows]  # a copy (indexed by an array)
+    w[rows] = get_type(qtype).dequantized(original, importance)
+    try:
+        yield
+    finally:
+        w[rows] = original
 
 
 FISHER_SAMPLES = 2  # labels sampled per window from the model's own distribution
@@ -245,12 +293,12 @@ def estimate(
             if part.block >= 0:
                 layer, x = family.layers(model)[part.block], inputs[part.block]
                 before = [run_block(layer, h, kwargs) for h in x]
-            for types in rounded_options(loaded, part, importance):
-                if part.block < 0:
-                    kl = output_kl(model, ref, tokens)
-                else:
-                    kl = float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs) - y)[0] ** 2).sum(-1).mean())
-                                        for h, y, f in zip(x, before, fisher[part.block])]))
+
+            def block_kl(part=part) -> float:
+                return float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs) - y)[0] ** 2).sum(-1).mean())
+                                      for h, y, f in zip(x, before, fisher[part.block])]))
+
+            for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
                 entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
                 if progress:
                     progress()

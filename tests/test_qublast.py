@@ -98,3 +98,41 @@ def test_the_fisher_estimate_ranks_options_as_the_measured_kl_does(tiny_model):
     estimated = [e.kl for e in estimate(loaded, parts, windows, importance).entries]
     assert rank_correlation(measured, estimated) > 0.95
     assert 0.5 < np.median(np.array(estimated) / np.array(measured)) < 2
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_the_embedding_and_head_are_measured_as_if_rounded_whole(tiny_model, tied):
+    """The embedding/head part's KL, measured without a copy of either matrix (the rows the text
+    reads rounded in place, the head rounded a slice of the vocabulary at a time), is the KL of
+    the model with both matrices rounded whole, from references held in memory or on disk."""
+    import torch
+
+    from edgequant.assets import read_text
+    from edgequant.calibration import activation_stats
+    from edgequant.evaluation import HeldReferences, Reference, SpilledReferences, token_windows
+    from edgequant.ggml_quants import get_type
+    from edgequant.models import load_model
+    from edgequant.sensitivity import output_kl
+
+    loaded = load_model(tiny_model(tie_word_embeddings=tied))
+    model, family = loaded.model, loaded.adapter
+    windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 512, 256)
+    importance = activation_stats(loaded, windows).importance
+    tokens = torch.from_numpy(windows)
+    with torch.inference_mode():
+        logits = [model(t[None], use_cache=False).logits[0] for t in tokens]
+    held, spilled = HeldReferences(Reference.of_logits(z) for z in logits), SpilledReferences(logits)
+    embd = next(p for p in split_parts(matrices_of(loaded)[0]) if p.block < 0)
+    types = embd.types_for("Q3_K")
+    assert len(types) == (1 if tied else 2)
+    streamed = [output_kl(loaded, ref, tokens, types, importance) for ref in (held, spilled)]
+
+    with torch.no_grad():  # the same rounding, whole matrices, into the model itself
+        before = {name: m.weight.detach().clone() for name, m in
+                  {"token_embd.weight": family.embedding(model), "output.weight": family.head(model)}.items()}
+        for name, m in (("token_embd.weight", family.embedding(model)), ("output.weight", family.head(model))):
+            if name in types:
+                m.weight.copy_(torch.from_numpy(get_type(types[name]).dequantized(before[name].numpy(), importance.get(name))))
+        whole = sum(r.mean_kl(model(t[None], use_cache=False).logits[0]) for r, t in zip(held, tokens)) / len(held)
+    assert whole > 1e-3  # the rounding is felt
+    assert streamed == pytest.approx([whole, whole], rel=1e-4)
