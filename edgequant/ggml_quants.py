@@ -31,7 +31,8 @@ from gguf import GGMLQuantizationType
 F16 = np.float16
 F32 = np.float32
 IQ4_NL_LEVELS = np.array([-127, -104, -83, -65, -49, -35, -22, -10, 1, 13, 25, 38, 53, 69, 89, 113], F32)
-_CHUNK_ELEMENTS = 1 << 21  # rows are fitted in chunks of about this many weights
+_CHUNK_ELEMENTS = 1 << 18  # rows are fitted in chunks of about this many weights (1 MB: their
+# temporaries stay in cache; chunks of 2M weights took twice as long)
 
 
 @lru_cache(maxsize=1)

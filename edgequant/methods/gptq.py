@@ -75,18 +75,19 @@ def quantize(
 @torch.no_grad()
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
     """Codes (rows, cols) and the grid they live on, for ``weight`` given its input Hessian."""
-    W = weight.float().clone()
-    H = hessian.double().clone()
-    cols = W.shape[1]
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1.0
-    W[:, dead] = 0.0
-    grid = qtype.fit(W.numpy(), importance=torch.diag(H).float().numpy())
-
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    H += DAMP * torch.diag(H).mean() * torch.eye(cols, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()
+    cols = hessian.shape[0]
+    diag = torch.diag(hessian).clone()
+    dead = diag == 0  # inputs never seen: their columns are zeroed, their Hessian diagonal set to 1
+    diag[dead] = 1.0
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
+    W = weight.float()[:, perm]  # a copy
+    W[:, dead[perm]] = 0.0
+    grid = qtype.fit(W[:, torch.argsort(perm)].numpy(), importance=diag.float().numpy())
+    reverse = perm.flip(0)
+    H = hessian[reverse][:, reverse].double()  # gathered in float32: in float64 it took seconds
+    H.diagonal().copy_(diag[reverse].double())
+    H.diagonal().add_(DAMP * diag.double().mean())
+    U = _inverse_cholesky_reversed(H)
 
     codes = np.zeros(W.shape, np.int32)
     for i1 in range(0, cols, COLUMN_BLOCK):
@@ -102,6 +103,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_orde
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
     return codes, grid
+
+
+def _inverse_cholesky_reversed(H: torch.Tensor) -> torch.Tensor:
+    """For ``H`` = J A J, A in act-order and J the reversal: the upper triangular U with
+    U^T U = A^-1 (float32), which GPTQ's updates read. From one Cholesky factorization and
+    one triangular inverse: H = L L^T makes A = R R^T with R = J L J upper, so
+    A^-1 = (R^-1)^T R^-1 and U = R^-1 = J L^-1 J. (The usual route, A's factor inverted whole
+    and factored again, took 14 s instead of 5 for an 8960-wide Hessian.)"""
+    from scipy.linalg.lapack import dtrtri
+
+    inverse, info = dtrtri(torch.linalg.cholesky(H).numpy(), lower=1, overwrite_c=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"the Hessian's factor is singular (LAPACK trtri info {info})")
+    return torch.from_numpy(inverse).float().flip(0, 1)
 
 
 @torch.no_grad()

@@ -349,7 +349,7 @@ class _Probe:
 
         family = self.loaded.adapter
         o, down = family.module(layer, "o"), family.module(layer, "down")
-        grams = block_input_grams(layer, self.fit(states), kwargs, {"o": o, "down": down}, dtype=torch.float32)
+        grams = block_input_grams(layer, self.fit(states), kwargs, {"o": o, "down": down})
         ffn_order = _order(grams["down"], down.weight)
         per_group, dim = kv_grouping(config)
         group_scores = _scores(grams["o"], o.weight).reshape(-1, per_group * dim).sum(1)
