@@ -94,10 +94,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_orde
         i2 = min(i1 + COLUMN_BLOCK, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
+        rounding = _ColumnRounding(grid, perm[i1:i2].numpy())
         for i in range(i2 - i1):
-            col = int(perm[i1 + i])
-            q, value = _round_column(grid, W1[:, i], col)
-            codes[:, col] = q
+            q, value = rounding(i, W1[:, i])
+            codes[:, rounding.columns[i]] = q
             err = (W1[:, i] - value) / U1[i, i]
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
@@ -127,6 +127,21 @@ def nearest(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType):
     return grid.round(w), grid
 
 
-def _round_column(grid: Grid, column: torch.Tensor, col: int) -> tuple[np.ndarray, torch.Tensor]:
-    q = grid.round(column.numpy()[:, None], col)
-    return q[:, 0], torch.from_numpy(grid.values(q, col)[:, 0])
+class _ColumnRounding:
+    """Round-to-nearest on ``grid``, one of ``columns`` at a time, in torch, their scales and
+    offsets gathered once (through the grid's own numpy methods, a column cost 0.3 ms: 5 s a
+    block on Qwen2.5-1.5B). The same arithmetic as :meth:`Grid.round` and :meth:`Grid.values`."""
+
+    def __init__(self, grid: Grid, columns: np.ndarray):
+        self.grid, self.columns = grid, columns
+        self.scale = torch.from_numpy(grid.scale[:, columns // grid.sub])
+        self.offset = torch.from_numpy(grid.offset[:, columns // grid.sub])
+
+    def __call__(self, i: int, w: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+        """The codes of column ``columns[i]``, whose weights are now ``w``, and their values."""
+        if self.grid.levels is not None:  # a codebook (IQ4_NL): the grid's own nearest level
+            q = self.grid.round(w.numpy()[:, None], int(self.columns[i]))
+            return q[:, 0], torch.from_numpy(self.grid.values(q, int(self.columns[i]))[:, 0])
+        scale, offset = self.scale[:, i], self.offset[:, i]
+        q = torch.where(scale != 0, (w - offset) / scale, 0).round_().clamp_(self.grid.qmin, self.grid.qmax)
+        return q.to(torch.int32).numpy(), scale * q + offset
