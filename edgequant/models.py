@@ -220,7 +220,7 @@ def _fill(model, fetch, streamed: bool) -> BlockStore | None:
         if streamed and family.block_index(name) >= 0 or name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         module_path, _, pname = name.rpartition(".")
-        data = torch.from_numpy(np.array(fetch(name), dtype=np.float32))  # a copy: the file's pages are let go
+        data = torch.from_numpy(np.asarray(fetch(name), dtype=np.float32))  # fetched into memory of its own
         model.get_submodule(module_path)._parameters[pname] = torch.nn.Parameter(data)
     family.computed_buffers(model)
     if config.tie_word_embeddings:
@@ -407,7 +407,7 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
 
     def fetch(hf_name):
         name = gguf_name(family, config.num_hidden_layers, hf_name)
-        return family.from_gguf(name, _dequantized(_read_data(path, tensors[name]), tensors[name].tensor_type), config)
+        return family.from_gguf(name, _dequantized(read_tensor_data(path, tensors[name]), tensors[name].tensor_type), config)
 
     _check_shapes(path, model, stored, lambda hf_name: gguf_name(family, config.num_hidden_layers, hf_name))
     check_memory(model, streamed)
@@ -429,7 +429,7 @@ def _dequantized(raw: np.ndarray, qtype, chunk_bytes: int = 1 << 22) -> np.ndarr
     return out
 
 
-def _read_data(path: Path, t) -> np.ndarray:
+def read_tensor_data(path: Path, t) -> np.ndarray:
     """A tensor's stored data, read from the file rather than through the reader's memory map
     (whose pages, once read, would stay in the process until the map is closed: the whole file)."""
     raw = np.fromfile(path, np.uint8, count=int(t.n_bytes), offset=int(t.data_offset))

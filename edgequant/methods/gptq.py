@@ -59,7 +59,8 @@ def quantize(
             rounding = nearest if qtype.name in ROUNDED_TO_NEAREST else gptq
             codes, grid = rounding(block.linears[name].weight.detach(), hessian, qtype)
             encoded[name] = EncodedTensor(qtype.name, qtype.pack(grid, codes))
-            weights[name] = torch.from_numpy(grid.values(codes))
+            if block.index >= 0:  # the calibration stream goes on through the block's rounded weights
+                weights[name] = torch.from_numpy(grid.values(codes))
             if progress:
                 progress(name)
         return weights
@@ -82,7 +83,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_orde
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     W = weight.float()[:, perm]  # a copy
     W[:, dead[perm]] = 0.0
-    grid = qtype.fit(W[:, torch.argsort(perm)].numpy(), importance=diag.float().numpy())
+    grid = qtype.fit((weight.float() * ~dead if dead.any() else weight.float()).numpy(), importance=diag.float().numpy())
     reverse = perm.flip(0)
     H = hessian[reverse][:, reverse].double()  # gathered in float32: in float64 it took seconds
     H.diagonal().copy_(diag[reverse].double())

@@ -21,7 +21,7 @@ from edgequant.errors import EdgequantError, check_number
 from edgequant.ggml_quants import TYPES
 from edgequant.adapters import head_dim
 from edgequant.adapters.base import permute_qk, qk_heads
-from edgequant.models import gguf_config, gguf_tokenizer, read_gguf
+from edgequant.models import gguf_config, gguf_tokenizer, read_gguf, read_tensor_data
 
 from .graph import decoder
 from .nbits import BlockQuantized, from_ggml
@@ -49,7 +49,7 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
             continue
         if kind not in TYPES:
             raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
-        w = from_ggml(kind, np.asarray(t.data))
+        w = from_ggml(kind, read_tensor_data(gguf_path, t))  # not through the reader's map, whose pages would stay
         heads = qk_heads(config, t.name, w.shape[0])
         if family.permute_qk and heads:  # back to Hugging Face's rotary layout
             w = _permuted_rows(w, heads)
@@ -68,7 +68,7 @@ def _permuted_rows(w: BlockQuantized, heads: int) -> BlockQuantized:
     def rows(a):
         return None if a is None else np.ascontiguousarray(permute_qk(a, heads, to_gguf=False))
 
-    return BlockQuantized(w.ggml_type, w.bits, w.block_size, rows(w.codes), rows(w.scales), rows(w.zero_points),
+    return BlockQuantized(w.ggml_type, w.bits, w.block_size, rows(w.packed), rows(w.scales), rows(w.zero_points),
                           w.max_abs_error)
 
 
@@ -127,7 +127,7 @@ def summary(out_dir: Path, weights: dict[str, BlockQuantized], accuracy_level: i
         m["tensors"] += 1
         m["max_abs_error"] = max(m["max_abs_error"], w.max_abs_error)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
-    n_params = sum(w.codes.size for w in weights.values())
+    n_params = sum(np.prod(w.shape) for w in weights.values())
     return {
         "format": "onnx",
         "path": str(out_dir),

@@ -35,24 +35,20 @@ class BlockQuantized:
     ggml_type: str
     bits: int
     block_size: int
-    codes: np.ndarray  # (rows, cols) unsigned codes, unpacked
+    packed: np.ndarray  # (rows, cols * bits / 8) uint8: unsigned codes, packed little-end first
     scales: np.ndarray  # (rows, cols // block_size) float32
     zero_points: np.ndarray | None  # (rows, cols // block_size) uint8, None = 2**(bits-1)
     max_abs_error: float  # largest |ORT value - GGUF value| over the tensor
 
     @property
     def shape(self) -> tuple[int, int]:
-        return self.codes.shape
+        return self.packed.shape[0], self.packed.shape[1] * 8 // self.bits
 
     @property
-    def packed(self) -> np.ndarray:
-        """Codes packed little-end first: (rows, cols * bits / 8) uint8."""
-        per_byte = 8 // self.bits
-        c = self.codes.astype(np.uint8).reshape(self.shape[0], -1, per_byte)
-        out = np.zeros(c.shape[:2], np.uint8)
-        for i in range(per_byte):
-            out |= c[..., i] << (self.bits * i)
-        return out
+    def codes(self) -> np.ndarray:
+        """The unsigned codes, unpacked: (rows, cols)."""
+        mask = (1 << self.bits) - 1
+        return np.stack([(self.packed >> (self.bits * i)) & mask for i in range(8 // self.bits)], -1).reshape(self.shape)
 
     def dequantize(self) -> np.ndarray:
         """The float32 matrix ORT computes with (at accuracy_level 0)."""
@@ -64,11 +60,36 @@ class BlockQuantized:
     @property
     def nbytes(self) -> int:
         zp = 0 if self.zero_points is None else self.zero_points.nbytes
-        return self.codes.size * self.bits // 8 + self.scales.nbytes + zp
+        return self.packed.nbytes + self.scales.nbytes + zp
+
+
+def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (rows, cols) packed little-end first: (rows, cols * bits / 8) uint8."""
+    per_byte = 8 // bits
+    c = codes.astype(np.uint8).reshape(codes.shape[0], -1, per_byte)
+    out = np.zeros(c.shape[:2], np.uint8)
+    for i in range(per_byte):
+        out |= c[..., i] << (bits * i)
+    return out
+
+
+ROW_CHUNK_WEIGHTS = 1 << 20  # a tensor is converted this many weights at a time (its codes, unpacked, are int64)
 
 
 def from_ggml(ggml_type: str, data: np.ndarray) -> BlockQuantized:
-    """Convert one GGUF tensor (bytes, shape (rows, row_bytes)) to ORT's blockwise form."""
+    """Convert one GGUF tensor (bytes, shape (rows, row_bytes)) to ORT's blockwise form, a few
+    rows at a time (whole, a 151936-row embedding's temporaries took several GB)."""
+    qtype = get_type(ggml_type)
+    step = max(1, ROW_CHUNK_WEIGHTS // (data.shape[1] // qtype.nbytes * qtype.block))
+    parts = [_from_ggml_rows(ggml_type, data[r : r + step]) for r in range(0, len(data), step)]
+    first = parts[0]
+    zero_points = None if first.zero_points is None else np.concatenate([p.zero_points for p in parts])
+    return BlockQuantized(ggml_type, first.bits, first.block_size, np.concatenate([p.packed for p in parts]),
+                          np.concatenate([p.scales for p in parts]), zero_points,
+                          max(p.max_abs_error for p in parts))
+
+
+def _from_ggml_rows(ggml_type: str, data: np.ndarray) -> BlockQuantized:
     qtype = get_type(ggml_type)
     grid, q = qtype.unpack(data)
     gguf_values = grid.values(q)
@@ -76,7 +97,8 @@ def from_ggml(ggml_type: str, data: np.ndarray) -> BlockQuantized:
         signed = qtype.levels[q].astype(np.int32) if qtype.levels is not None else q
         low, high = (qtype.levels.min(), qtype.levels.max()) if qtype.levels is not None else (qtype.qmin, qtype.qmax)
         bits = 4 if -8 <= low and high <= 7 else 8
-        out = BlockQuantized(ggml_type, bits, grid.sub, signed + (1 << (bits - 1)), grid.scale.astype(F32), None, 0.0)
+        out = BlockQuantized(ggml_type, bits, grid.sub, _packed(signed + (1 << (bits - 1)), bits),
+                             grid.scale.astype(F32), None, 0.0)
     else:
         out = _affine_to_8bit(ggml_type, grid, q)
     out.max_abs_error = float(np.abs(out.dequantize() - gguf_values).max())
@@ -102,4 +124,4 @@ def _affine_to_8bit(ggml_type: str, grid, q: np.ndarray) -> BlockQuantized:
     flat = a == 0  # constant blocks: value = offset, written as -offset * (0 - 1)
     scale[flat], zp[flat], z0[flat] = (-off[flat]).astype(F32), 1, 0
     codes = np.repeat(k, grid.sub, axis=1) * q + np.repeat(z0, grid.sub, axis=1)
-    return BlockQuantized(ggml_type, 8, grid.sub, codes, scale, zp.astype(np.uint8), 0.0)
+    return BlockQuantized(ggml_type, 8, grid.sub, _packed(codes, 8), scale, zp.astype(np.uint8), 0.0)
