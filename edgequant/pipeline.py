@@ -204,7 +204,6 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     """Load, target the device, calibrate and plan (measuring sensitivity where the method does);
     ``with_reference``: also store the full-precision model's log-probabilities on the evaluation
     text, which the build's files are scored against (before pruning or any transform changes it)."""
-    map_large_allocations()
     method = get_method(opts.method)
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
@@ -498,22 +497,6 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-MMAP_THRESHOLD = 1 << 20  # bytes: glibc maps allocations at least this large on their own
-
-
-def map_large_allocations() -> None:
-    """Have glibc give every allocation of ``MMAP_THRESHOLD`` bytes or more its own mapping, which
-    goes back to the system when freed. By default glibc raises that threshold to the largest
-    block freed so far (up to 32 MB), after which a build's activations are carved from its heap
-    and stay there: with llama.cpp's and ONNX Runtime's libraries loaded, walking Qwen2.5-1.5B over
-    16 windows left 1 GB of free heap resident (3.6 GB in a whole build); with this, none."""
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        except (OSError, AttributeError):  # not glibc
-            pass
 
 
 def release_memory() -> None:
