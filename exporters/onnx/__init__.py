@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 import json
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +25,7 @@ from edgequant.adapters import head_dim
 from edgequant.adapters.base import permute_qk, qk_heads
 from edgequant.models import gguf_config, gguf_tokenizer, read_gguf, read_tensor_data
 
-from .graph import decoder
+from .graph import ExternalData, decoder
 from .nbits import BlockQuantized, from_ggml
 
 MODEL_FILE = "model.onnx"
@@ -39,29 +41,65 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
     check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
     family, config = gguf_config(reader)
-    weights, floats = {}, {}
+    floats, matrices = {}, {}
     for t in reader.tensors:
         kind = t.tensor_type.name
         if len(t.shape) == 1 or kind in ("F32", "F16"):
             if len(t.shape) != 1:
                 raise EdgequantError(f"{t.name} is {kind}; the ONNX export needs every matrix quantized")
             floats[t.name] = np.asarray(t.data, np.float32)
-            continue
-        if kind not in TYPES:
+        elif kind not in TYPES:
             raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
-        w = from_ggml(kind, read_tensor_data(gguf_path, t))  # not through the reader's map, whose pages would stay
-        heads = qk_heads(config, t.name, w.shape[0])
-        if family.permute_qk and heads:  # back to Hugging Face's rotary layout
-            w = _permuted_rows(w, heads)
-        weights[t.name] = w
-    model = decoder(config, weights, floats, rope_cache(config), accuracy_level)
+        else:
+            matrices[t.name] = t
+    weights = _ConvertedWeights(gguf_path, matrices, config, family.permute_qk)
+    rows = {name: int(t.shape[1]) for name, t in matrices.items()}  # gguf-py lists dimensions innermost first
     tokenizer = tokenizer or gguf_tokenizer(gguf_path)
     with atomic_dir(out_dir) as stage:
-        onnx.save_model(model, stage / MODEL_FILE, save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=DATA_FILE, size_threshold=1024)
+        with open(stage / DATA_FILE, "wb") as data:
+            model = decoder(config, weights, rows, floats, rope_cache(config), accuracy_level, ExternalData(data, DATA_FILE))
+        onnx.save_model(model, stage / MODEL_FILE)
         tokenizer.save_pretrained(stage)
         (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer), indent=1))
-    return summary(out_dir, weights, accuracy_level)
+    return summary(out_dir, weights.converted, accuracy_level)
+
+
+@dataclass
+class _Converted:
+    """What the summary keeps of a converted matrix once its arrays are written and let go."""
+
+    ggml_type: str
+    bits: int
+    block_size: int
+    zero_points: bool
+    max_abs_error: float
+    nbytes: int
+    weights: int
+
+
+class _ConvertedWeights(Mapping):
+    """The GGUF's matrices, each converted to ORT's layout when the graph asks for it; only the
+    record of what was converted stays (``converted``)."""
+
+    def __init__(self, gguf_path: Path, tensors: dict, config, permute_qk: bool):
+        self.gguf_path, self.tensors, self.config, self.permute_qk = gguf_path, tensors, config, permute_qk
+        self.converted: dict[str, _Converted] = {}
+
+    def __getitem__(self, name: str) -> BlockQuantized:
+        t = self.tensors[name]
+        w = from_ggml(t.tensor_type.name, read_tensor_data(self.gguf_path, t))  # not through the reader's map, whose pages would stay
+        heads = qk_heads(self.config, name, w.shape[0])
+        if self.permute_qk and heads:  # back to Hugging Face's rotary layout
+            w = _permuted_rows(w, heads)
+        self.converted[name] = _Converted(w.ggml_type, w.bits, w.block_size, w.zero_points is not None,
+                                          w.max_abs_error, w.nbytes, int(np.prod(w.shape)))
+        return w
+
+    def __iter__(self):
+        return iter(self.tensors)
+
+    def __len__(self) -> int:
+        return len(self.tensors)
 
 
 def _permuted_rows(w: BlockQuantized, heads: int) -> BlockQuantized:
@@ -118,24 +156,24 @@ def genai_config(config, tokenizer) -> dict:
     }
 
 
-def summary(out_dir: Path, weights: dict[str, BlockQuantized], accuracy_level: int) -> dict:
+def summary(out_dir: Path, converted: dict[str, _Converted], accuracy_level: int) -> dict:
     """Files, sizes and the ggml -> MatMulNBits mapping of an exported folder."""
     mapping = {}
-    for w in weights.values():
+    for w in converted.values():
         m = mapping.setdefault(w.ggml_type, {"bits": w.bits, "block_size": w.block_size, "tensors": 0,
-                                             "zero_points": w.zero_points is not None, "max_abs_error": 0.0})
+                                             "zero_points": w.zero_points, "max_abs_error": 0.0})
         m["tensors"] += 1
         m["max_abs_error"] = max(m["max_abs_error"], w.max_abs_error)
     files = sorted(p for p in out_dir.iterdir() if p.is_file())
-    n_params = sum(np.prod(w.shape) for w in weights.values())
+    weight_bytes = sum(w.nbytes for w in converted.values())
     return {
         "format": "onnx",
         "path": str(out_dir),
         "bytes": sum(p.stat().st_size for p in files),
-        "weight_bytes": sum(w.nbytes for w in weights.values()),
-        "bits_used": sorted(Counter(w.bits for w in weights.values())),
+        "weight_bytes": weight_bytes,
+        "bits_used": sorted(Counter(w.bits for w in converted.values())),
         "accuracy_level": accuracy_level,
         "mapping": mapping,
-        "bpw": sum(w.nbytes for w in weights.values()) * 8 / n_params,
+        "bpw": weight_bytes * 8 / sum(w.weights for w in converted.values()),
         "files": [p.name for p in files],
     }

@@ -12,9 +12,15 @@ past and present KV) -> o ``MatMulNBits`` -> residual -> RMSNorm -> gate/up ``Ma
 SiLU(gate) * up -> down ``MatMulNBits`` -> residual. The token embedding is a
 ``GatherBlockQuantized`` table; with tied embeddings it reads the very bytes of the output
 ``MatMulNBits`` (one copy in the file).
+
+Initializers go to the external data file as they are made (:class:`ExternalData`), and the
+matrices are asked for one at a time (``weights`` may convert lazily), so a model's weights are
+never in memory whole, neither as arrays nor as protobuf.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -28,16 +34,39 @@ MS = "com.microsoft"
 OPSETS = [helper.make_opsetid("", 21), helper.make_opsetid(MS, 1)]
 
 
+EXTERNAL_THRESHOLD = 1024  # initializers of this many bytes or more live in the data file
+
+
+class ExternalData:
+    """The weights file beside ``model.onnx``: each array is appended as it is made and its
+    initializer only points at it (location, offset, length)."""
+
+    def __init__(self, file, location: str):
+        self.file, self.location = file, location
+
+    def tensor(self, name: str, array: np.ndarray) -> onnx.TensorProto:
+        offset = self.file.tell()
+        self.file.write(memoryview(array).cast("B"))
+        t = onnx.TensorProto(name=name, data_type=helper.np_dtype_to_tensor_dtype(array.dtype), dims=array.shape)
+        t.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.location), ("offset", offset), ("length", array.nbytes)):
+            t.external_data.add(key=key, value=str(value))
+        return t
+
+
 class _Graph:
     """Collects nodes and initializers; every helper returns the name of its output."""
 
-    def __init__(self, accuracy_level: int):
+    def __init__(self, accuracy_level: int, data: ExternalData | None):
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
         self.accuracy_level = accuracy_level
+        self.data = data
 
     def const(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        external = self.data is not None and array.nbytes >= EXTERNAL_THRESHOLD
+        self.inits.append(self.data.tensor(name, array) if external else numpy_helper.from_array(array, name))
         return name
 
     def op(self, op_type: str, inputs: list[str], name: str, domain: str = "", outputs: list[str] | None = None, **attrs):
@@ -59,22 +88,29 @@ class _Graph:
             inputs.append(self.const(f"{name}.zero_points", w.zero_points))
         return inputs
 
-    def matmul(self, x: str, name: str, w: BlockQuantized, weight_inputs: list[str] | None = None) -> str:
-        rows, cols = w.shape
-        return self.op("MatMulNBits", [x, *(weight_inputs or self.nbits_weight(name, w))], name, MS,
-                       K=cols, N=rows, bits=w.bits, block_size=w.block_size, accuracy_level=self.accuracy_level)
+    def matmul(self, x: str, name: str, w: BlockQuantized) -> str:
+        return self.matmul_of(x, name, self.nbits_weight(name, w), w.shape, w.bits, w.block_size)
+
+    def matmul_of(self, x: str, name: str, weight_inputs: list[str], shape: tuple[int, int], bits: int, block: int) -> str:
+        """``MatMulNBits`` on initializers already made (the tied head reads the embedding's)."""
+        rows, cols = shape
+        return self.op("MatMulNBits", [x, *weight_inputs], name, MS,
+                       K=cols, N=rows, bits=bits, block_size=block, accuracy_level=self.accuracy_level)
 
 
-def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.ndarray],
-            rope_cos_sin: tuple[np.ndarray, np.ndarray], accuracy_level: int = 4) -> onnx.ModelProto:
+def decoder(config, weights: Mapping[str, BlockQuantized], rows: Mapping[str, int], floats: dict[str, np.ndarray],
+            rope_cos_sin: tuple[np.ndarray, np.ndarray], accuracy_level: int = 4,
+            data: ExternalData | None = None) -> onnx.ModelProto:
     """The whole decoder. ``weights``/``floats`` are keyed by GGUF tensor names
-    (``blk.0.attn_q.weight``, ``output_norm.weight`` ...); ``rope_cos_sin`` are (max_pos, head_dim/2)."""
+    (``blk.0.attn_q.weight``, ``output_norm.weight`` ...), each matrix read once; ``rows`` gives the
+    matrices' output widths; ``rope_cos_sin`` are (max_pos, head_dim/2). With ``data``, large
+    initializers are written there as they are made."""
     c = config
     dim = head_dim(c)
-    n_heads = [weights[f"blk.{i}.attn_q.weight"].shape[0] // dim for i in range(c.num_hidden_layers)]  # per block:
-    n_kv_heads = [weights[f"blk.{i}.attn_k.weight"].shape[0] // dim for i in range(c.num_hidden_layers)]  # pruned ones differ
+    n_heads = [rows[f"blk.{i}.attn_q.weight"] // dim for i in range(c.num_hidden_layers)]  # per block:
+    n_kv_heads = [rows[f"blk.{i}.attn_k.weight"] // dim for i in range(c.num_hidden_layers)]  # pruned ones differ
     eps = float(c.rms_norm_eps)
-    g = _Graph(accuracy_level)
+    g = _Graph(accuracy_level, data)
     cos = g.const("cos_cache", rope_cos_sin[0].astype(np.float32))
     sin = g.const("sin_cache", rope_cos_sin[1].astype(np.float32))
 
@@ -86,7 +122,8 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
                  "total_len_i64", axis=0)
     total = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
 
-    x, lm_head_inputs = _embedding(g, c, weights)
+    tied = "output.weight" not in rows
+    x, embedding = _embedding(g, weights, tied)
     for i in range(c.num_hidden_layers):
         p = f"blk.{i}"
         h = g.rms_norm(x, floats[f"{p}.attn_norm.weight"], f"{p}.attn_norm", eps)
@@ -115,8 +152,10 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
         y = g.matmul(g.op("Mul", [act, up], f"{p}.ffn_gated"), f"{p}.ffn_down", weights[f"{p}.ffn_down.weight"])
         x = g.op("Add", [x, y], f"{p}.ffn_residual")
     h = g.rms_norm(x, floats["output_norm.weight"], "output_norm", eps)
-    head = weights.get("output.weight", weights["token_embd.weight"])
-    g.matmul(h, "logits", head, lm_head_inputs)
+    if tied:
+        g.matmul_of(h, "logits", *embedding)
+    else:
+        g.matmul(h, "logits", weights["output.weight"])
 
     inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
               helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])]
@@ -132,14 +171,14 @@ def decoder(config, weights: dict[str, BlockQuantized], floats: dict[str, np.nda
     return helper.make_model(graph, opset_imports=OPSETS, producer_name="edgequant", ir_version=10)
 
 
-def _embedding(g: _Graph, c, weights: dict[str, BlockQuantized]) -> tuple[str, list[str] | None]:
-    """The token embedding lookup; with tied embeddings, also the output head's initializers."""
+def _embedding(g: _Graph, weights: Mapping[str, BlockQuantized], tied: bool) -> tuple[str, tuple]:
+    """The token embedding lookup, and what a tied output head needs to read the same initializers:
+    (their names, the matrix's shape, bits, block size)."""
     w = weights["token_embd.weight"]
     rows, cols = w.shape
-    tied = "output.weight" not in weights
     shared = g.nbits_weight("logits" if tied else "token_embd", w)
     table = g.op("Reshape", [shared[0], g.const("token_embd.table_shape", np.array([rows, cols * w.bits // 8], np.int64))],
                  "token_embd.table")
     x = g.op("GatherBlockQuantized", [table, "input_ids", *shared[1:]], "token_embd", MS,
              bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
-    return x, shared if tied else None
+    return x, (shared, w.shape, w.bits, w.block_size)
