@@ -57,6 +57,14 @@ class Grid:
     levels: np.ndarray | None
     fields: dict[str, np.ndarray]
 
+    @staticmethod
+    def of_rows(parts: list[Grid]) -> Grid:
+        """The grid of a matrix from the grids of its consecutive row ranges."""
+        first = parts[0]
+        return Grid(np.concatenate([p.scale for p in parts]), np.concatenate([p.offset for p in parts]), first.sub,
+                    first.qmin, first.qmax, first.levels,
+                    {k: np.concatenate([p.fields[k] for p in parts]) for k in first.fields})
+
     def _columns(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
         """Per-sub-block array ``a`` (rows, n_sub) spread over columns ``c0..c1``."""
         return a[:, np.arange(c0, c1) // self.sub]
@@ -266,25 +274,17 @@ class QuantType:
         imp = np.ones(cols, F32) if importance is None else np.asarray(importance, F32)
         imp = np.maximum(imp, imp.max() * 1e-6 if imp.max() > 0 else 1.0)
         step = max(1, _CHUNK_ELEMENTS // cols)
-        parts = [self._fit_rows(w[r : r + step], imp) for r in range(0, rows, step)]
-        return Grid(
-            scale=np.concatenate([p[0] for p in parts]),
-            offset=np.concatenate([p[1] for p in parts]),
-            sub=self.sub,
-            qmin=self.qmin,
-            qmax=self.qmax,
-            levels=self.levels,
-            fields={k: np.concatenate([p[2][k] for p in parts]) for k in parts[0][2]},
-        )
+        return Grid.of_rows([self._fit_rows(w[r : r + step], imp) for r in range(0, rows, step)])
 
-    def _fit_rows(self, w, imp):
+    def _fit_rows(self, w, imp) -> Grid:
         rows, cols = w.shape
         x = w.reshape(-1, self.sub)
         wt = np.broadcast_to(imp.reshape(1, -1), w.shape).reshape(-1, self.sub)
         scale, offset, fields = self._fit_subblocks(x, wt)
         n_sub = cols // self.sub
         fields = {k: v.reshape(rows, -1) for k, v in fields.items()}
-        return scale.reshape(rows, n_sub), offset.reshape(rows, n_sub), fields
+        return Grid(scale.reshape(rows, n_sub), offset.reshape(rows, n_sub), self.sub, self.qmin, self.qmax,
+                    self.levels, fields)
 
     def pack(self, grid: Grid, q: np.ndarray) -> np.ndarray:
         """Bytes of the tensor: (rows, cols/block*nbytes) uint8."""

@@ -55,12 +55,18 @@ def quantize(
         for name, hessian in block.hessians.items():
             if name == "token_embd.weight":
                 continue
+            weight = block.linears[name].weight.detach()
             qtype = get_type(plan.types[name])
-            rounding = nearest if qtype.name in ROUNDED_TO_NEAREST else gptq
-            codes, grid = rounding(block.linears[name].weight.detach(), hessian, qtype)
-            encoded[name] = EncodedTensor(qtype.name, qtype.pack(grid, codes))
-            if block.index >= 0:  # the calibration stream goes on through the block's rounded weights
-                weights[name] = torch.from_numpy(grid.values(codes))
+            rounding = nearest if qtype.name in ROUNDED_TO_NEAREST else gptq_rows
+            packed = np.empty((weight.shape[0], weight.shape[1] // qtype.block * qtype.nbytes), np.uint8)
+            values = torch.empty_like(weight) if block.index >= 0 else None  # the calibration stream goes on through them
+            for rows, codes, grid in rounding(weight, hessian, qtype):
+                packed[rows] = qtype.pack(grid, codes)
+                if values is not None:
+                    values[rows] = torch.from_numpy(grid.values(codes))
+            encoded[name] = EncodedTensor(qtype.name, packed)
+            if values is not None:
+                weights[name] = values
             if progress:
                 progress(name)
         return weights
@@ -73,23 +79,45 @@ def quantize(
     return encoded
 
 
-@torch.no_grad()
+ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (all of a block's matrices at once)
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
     """Codes (rows, cols) and the grid they live on, for ``weight`` given its input Hessian."""
+    parts = list(gptq_rows(weight, hessian, qtype, act_order))
+    return np.concatenate([codes for _, codes, _ in parts]), Grid.of_rows([grid for _, _, grid in parts])
+
+
+@torch.no_grad()
+def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
+    """:func:`gptq` a range of rows at a time: yields (row slice, its codes, its grid).
+
+    Rows share the Hessian but not their errors, so each range is rounded on its own and a
+    151936-row output head never has more than a range's copies and codes in memory."""
     cols = hessian.shape[0]
     diag = torch.diag(hessian).clone()
     dead = diag == 0  # inputs never seen: their columns are zeroed, their Hessian diagonal set to 1
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
-    W = weight.float()[:, perm]  # a copy
-    W[:, dead[perm]] = 0.0
-    grid = qtype.fit((weight.float() * ~dead if dead.any() else weight.float()).numpy(), importance=diag.float().numpy())
     reverse = perm.flip(0)
     H = hessian[reverse][:, reverse].double()  # gathered in float32: in float64 it took seconds
     H.diagonal().copy_(diag[reverse].double())
     H.diagonal().add_(DAMP * diag.double().mean())
     U = _inverse_cholesky_reversed(H)
+    step = max(1, ROW_CHUNK_ELEMENTS // cols)
+    for r in range(0, weight.shape[0], step):
+        rows = slice(r, min(r + step, weight.shape[0]))
+        w = weight[rows].float()
+        grid = qtype.fit((w * ~dead if dead.any() else w).numpy(), importance=diag.float().numpy())
+        yield rows, _rounded_columns(w, grid, U, perm, dead), grid
 
+
+def _rounded_columns(weight: torch.Tensor, grid: Grid, U: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor) -> np.ndarray:
+    """GPTQ's column loop on ``grid``: each column in ``perm``'s order rounded, its error spread
+    over the columns after it through ``U`` (the upper factor of the inverse Hessian)."""
+    cols = len(perm)
+    W = weight[:, perm]  # a copy
+    W[:, dead[perm]] = 0.0
     codes = np.zeros(W.shape, np.int32)
     for i1 in range(0, cols, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, cols)
@@ -103,7 +131,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_orde
             W1[:, i:] -= err[:, None] * U1[i, i:][None, :]
             E1[:, i] = err
         W[:, i2:] -= E1 @ U[i1:i2, i2:]
-    return codes, grid
+    return codes
 
 
 def _inverse_cholesky_reversed(H: torch.Tensor) -> torch.Tensor:
@@ -122,10 +150,15 @@ def _inverse_cholesky_reversed(H: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def nearest(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType):
-    """Codes and grid of round-to-nearest, the grid fitted with the Hessian's diagonal as importance."""
-    w = weight.float().numpy()
-    grid = qtype.fit(w, importance=torch.diag(hessian).float().numpy())
-    return grid.round(w), grid
+    """Round-to-nearest, the grid fitted with the Hessian's diagonal as importance, a range of
+    rows at a time as :func:`gptq_rows` yields them."""
+    importance = torch.diag(hessian).float().numpy()
+    step = max(1, ROW_CHUNK_ELEMENTS // weight.shape[1])
+    for r in range(0, weight.shape[0], step):
+        rows = slice(r, min(r + step, weight.shape[0]))
+        w = weight[rows].float().numpy()
+        grid = qtype.fit(w, importance=importance)
+        yield rows, grid.round(w), grid
 
 
 class _ColumnRounding:
