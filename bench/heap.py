@@ -1,5 +1,6 @@
 """Freed memory that glibc keeps: a reference walk's resident heap with glibc's dynamic mmap
-threshold (raised to the largest block freed, up to 32 MB) and with a fixed one of 1 MB.
+threshold (raised to the largest block freed, up to 32 MB) and with a fixed one of 1 MB. In both,
+the walk trims the heap as it leaves each block (:func:`edgequant.memory.trim_heap`), as builds do.
 
     python bench/heap.py [--model qwen2.5-coder-1.5b] [--tokens 8192]
 
@@ -57,7 +58,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=8192)
     args = parser.parse_args()
     print(f"{args.model}, {args.tokens} tokens: RSS / resident heap, MB")
-    print("| glibc mmap threshold | loaded | walked | after malloc_trim | walk |")
+    print("| glibc mmap threshold (heap trimmed after each block) | loaded | walked | after malloc_trim | walk |")
     print("|---|---|---|---|---|")
     for mapped, label in ((False, "dynamic (glibc's default)"), (True, "fixed at 1 MB")):
         with tempfile.NamedTemporaryFile(suffix=".f16") as out:

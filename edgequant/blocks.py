@@ -34,6 +34,7 @@ import torch
 
 from .adapters import adapter_of
 from .errors import EdgequantError
+from .memory import trim_heap
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ class BlockStore:
             yield self.layers[i]
         finally:
             self._exit(i)
+            if self.depth[i] == 0:
+                trim_heap()  # the block's temporaries, before the next block's
 
     def _enter(self, i: int) -> None:
         self.depth[i] += 1

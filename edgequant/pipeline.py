@@ -8,14 +8,10 @@ that folder survives until the new one is complete).
 
 from __future__ import annotations
 
-import ctypes
 import errno
-import gc
 import json
 import os
-import resource
 import shutil
-import sys
 import tempfile
 import time
 from contextlib import contextmanager
@@ -40,6 +36,7 @@ from .devices import Device, load_device
 from .errors import EdgequantError, check_number
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .methods import Method, get_method
+from .memory import peak_rss_mb, release_memory
 from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
@@ -497,29 +494,6 @@ def library_versions() -> dict[str, str | None]:
         except PackageNotFoundError:
             out[name] = None
     return out
-
-
-def release_memory() -> None:
-    """Give freed memory back to the system: collect reference cycles (a transformers model has
-    some), then ask glibc to return its free heap (it keeps it otherwise; after the default
-    model's quantize step, 0.8 GB of freed memory stayed in the process)."""
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):  # not glibc
-            pass
-
-
-def peak_rss_mb() -> float:
-    """The process's peak resident memory since it started this program: VmHWM. (``ru_maxrss``
-    also counts what a parent held when it forked the process, before ``exec``: a build started
-    from a 1.4 GB test process reported 1.4 GB whatever it used.)"""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
-    except (OSError, StopIteration):
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def gguf_tensor_stats(path: Path) -> tuple[int, int]:
