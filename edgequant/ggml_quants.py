@@ -59,8 +59,10 @@ class Grid:
 
     @staticmethod
     def of_rows(parts: list[Grid]) -> Grid:
-        """The grid of a matrix from the grids of its consecutive row ranges."""
+        """The grid of a matrix from the grids of its consecutive row ranges (of one type)."""
         first = parts[0]
+        if len(parts) == 1:
+            return first
         return Grid(np.concatenate([p.scale for p in parts]), np.concatenate([p.offset for p in parts]), first.sub,
                     first.qmin, first.qmax, first.levels,
                     {k: np.concatenate([p.fields[k] for p in parts]) for k in first.fields})

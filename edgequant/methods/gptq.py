@@ -37,6 +37,7 @@ from . import rtn
 DAMP = 0.01
 COLUMN_BLOCK = 128
 ROUNDED_TO_NEAREST = {"Q8_0"}  # types GPTQ leaves to RTN (see above)
+ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (a block's matrices in one go)
 
 
 def quantize(
@@ -79,7 +80,6 @@ def quantize(
     return encoded
 
 
-ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (all of a block's matrices at once)
 
 
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
@@ -104,12 +104,16 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act
     H.diagonal().copy_(diag[reverse].double())
     H.diagonal().add_(DAMP * diag.double().mean())
     U = _inverse_cholesky_reversed(H)
-    step = max(1, ROW_CHUNK_ELEMENTS // cols)
-    for r in range(0, weight.shape[0], step):
-        rows = slice(r, min(r + step, weight.shape[0]))
+    for rows in _row_ranges(weight):
         w = weight[rows].float()
         grid = qtype.fit((w * ~dead if dead.any() else w).numpy(), importance=diag.float().numpy())
         yield rows, _rounded_columns(w, grid, U, perm, dead), grid
+
+
+def _row_ranges(weight: torch.Tensor) -> list[slice]:
+    rows, cols = weight.shape
+    step = max(1, ROW_CHUNK_ELEMENTS // cols)
+    return [slice(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
 def _rounded_columns(weight: torch.Tensor, grid: Grid, U: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor) -> np.ndarray:
@@ -153,9 +157,7 @@ def nearest(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType):
     """Round-to-nearest, the grid fitted with the Hessian's diagonal as importance, a range of
     rows at a time as :func:`gptq_rows` yields them."""
     importance = torch.diag(hessian).float().numpy()
-    step = max(1, ROW_CHUNK_ELEMENTS // weight.shape[1])
-    for r in range(0, weight.shape[0], step):
-        rows = slice(r, min(r + step, weight.shape[0]))
+    for rows in _row_ranges(weight):
         w = weight[rows].float().numpy()
         grid = qtype.fit(w, importance=importance)
         yield rows, grid.round(w), grid

@@ -53,11 +53,14 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
         else:
             matrices[t.name] = t
     weights = _ConvertedWeights(gguf_path, matrices, config, family.permute_qk)
-    rows = {name: int(t.shape[1]) for name, t in matrices.items()}  # gguf-py lists dimensions innermost first
+    out_features = {name: int(t.shape[1]) for name, t in matrices.items()}  # gguf-py lists dimensions innermost first
     tokenizer = tokenizer or gguf_tokenizer(gguf_path)
     with atomic_dir(out_dir) as stage:
         with open(stage / DATA_FILE, "wb") as data:
-            model = decoder(config, weights, rows, floats, rope_cache(config), accuracy_level, ExternalData(data, DATA_FILE))
+            model = decoder(config, weights, out_features, floats, rope_cache(config), accuracy_level,
+                            ExternalData(data, DATA_FILE))
+        if left := sorted(matrices.keys() - weights.converted.keys()):
+            raise EdgequantError(f"the ONNX graph has no place for {', '.join(left)}")
         onnx.save_model(model, stage / MODEL_FILE)
         tokenizer.save_pretrained(stage)
         (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer), indent=1))
@@ -74,18 +77,19 @@ class _Converted:
     zero_points: bool
     max_abs_error: float
     nbytes: int
-    weights: int
+    n_weights: int
 
 
 class _ConvertedWeights(Mapping):
-    """The GGUF's matrices, each converted to ORT's layout when the graph asks for it; only the
-    record of what was converted stays (``converted``)."""
+    """The GGUF's matrices, each converted to ORT's layout when the graph asks for it (once);
+    only the record of what was converted stays (``converted``)."""
 
     def __init__(self, gguf_path: Path, tensors: dict, config, permute_qk: bool):
         self.gguf_path, self.tensors, self.config, self.permute_qk = gguf_path, tensors, config, permute_qk
         self.converted: dict[str, _Converted] = {}
 
     def __getitem__(self, name: str) -> BlockQuantized:
+        assert name not in self.converted, f"{name} converted twice"
         t = self.tensors[name]
         w = from_ggml(t.tensor_type.name, read_tensor_data(self.gguf_path, t))  # not through the reader's map, whose pages would stay
         heads = qk_heads(self.config, name, w.shape[0])
@@ -94,6 +98,9 @@ class _ConvertedWeights(Mapping):
         self.converted[name] = _Converted(w.ggml_type, w.bits, w.block_size, w.zero_points is not None,
                                           w.max_abs_error, w.nbytes, int(np.prod(w.shape)))
         return w
+
+    def __contains__(self, name) -> bool:  # Mapping's own would convert the matrix
+        return name in self.tensors
 
     def __iter__(self):
         return iter(self.tensors)
@@ -174,6 +181,6 @@ def summary(out_dir: Path, converted: dict[str, _Converted], accuracy_level: int
         "bits_used": sorted(Counter(w.bits for w in converted.values())),
         "accuracy_level": accuracy_level,
         "mapping": mapping,
-        "bpw": weight_bytes * 8 / sum(w.weights for w in converted.values()),
+        "bpw": weight_bytes * 8 / sum(w.n_weights for w in converted.values()),
         "files": [p.name for p in files],
     }

@@ -21,6 +21,7 @@ never in memory whole, neither as arrays nor as protobuf.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 import onnx
@@ -98,17 +99,17 @@ class _Graph:
                        K=cols, N=rows, bits=bits, block_size=block, accuracy_level=self.accuracy_level)
 
 
-def decoder(config, weights: Mapping[str, BlockQuantized], rows: Mapping[str, int], floats: dict[str, np.ndarray],
+def decoder(config, weights: Mapping[str, BlockQuantized], out_features: Mapping[str, int], floats: dict[str, np.ndarray],
             rope_cos_sin: tuple[np.ndarray, np.ndarray], accuracy_level: int = 4,
             data: ExternalData | None = None) -> onnx.ModelProto:
     """The whole decoder. ``weights``/``floats`` are keyed by GGUF tensor names
-    (``blk.0.attn_q.weight``, ``output_norm.weight`` ...), each matrix read once; ``rows`` gives the
-    matrices' output widths; ``rope_cos_sin`` are (max_pos, head_dim/2). With ``data``, large
+    (``blk.0.attn_q.weight``, ``output_norm.weight`` ...), each matrix read once; ``out_features``
+    gives the matrices' output widths; ``rope_cos_sin`` are (max_pos, head_dim/2). With ``data``, large
     initializers are written there as they are made."""
     c = config
     dim = head_dim(c)
-    n_heads = [rows[f"blk.{i}.attn_q.weight"] // dim for i in range(c.num_hidden_layers)]  # per block:
-    n_kv_heads = [rows[f"blk.{i}.attn_k.weight"] // dim for i in range(c.num_hidden_layers)]  # pruned ones differ
+    n_heads = [out_features[f"blk.{i}.attn_q.weight"] // dim for i in range(c.num_hidden_layers)]  # per block:
+    n_kv_heads = [out_features[f"blk.{i}.attn_k.weight"] // dim for i in range(c.num_hidden_layers)]  # pruned ones differ
     eps = float(c.rms_norm_eps)
     g = _Graph(accuracy_level, data)
     cos = g.const("cos_cache", rope_cos_sin[0].astype(np.float32))
@@ -122,7 +123,7 @@ def decoder(config, weights: Mapping[str, BlockQuantized], rows: Mapping[str, in
                  "total_len_i64", axis=0)
     total = g.op("Cast", [total], "total_sequence_length", to=TensorProto.INT32)
 
-    tied = "output.weight" not in rows
+    tied = "output.weight" not in out_features
     x, embedding = _embedding(g, weights, tied)
     for i in range(c.num_hidden_layers):
         p = f"blk.{i}"
@@ -153,7 +154,7 @@ def decoder(config, weights: Mapping[str, BlockQuantized], rows: Mapping[str, in
         x = g.op("Add", [x, y], f"{p}.ffn_residual")
     h = g.rms_norm(x, floats["output_norm.weight"], "output_norm", eps)
     if tied:
-        g.matmul_of(h, "logits", *embedding)
+        g.matmul_of(h, "logits", embedding.inputs, embedding.shape, embedding.bits, embedding.block_size)
     else:
         g.matmul(h, "logits", weights["output.weight"])
 
@@ -171,9 +172,17 @@ def decoder(config, weights: Mapping[str, BlockQuantized], rows: Mapping[str, in
     return helper.make_model(graph, opset_imports=OPSETS, producer_name="edgequant", ir_version=10)
 
 
-def _embedding(g: _Graph, weights: Mapping[str, BlockQuantized], tied: bool) -> tuple[str, tuple]:
-    """The token embedding lookup, and what a tied output head needs to read the same initializers:
-    (their names, the matrix's shape, bits, block size)."""
+class _Initialized(NamedTuple):
+    """A blockwise matrix already in the graph: its initializers' names and its layout."""
+
+    inputs: list[str]
+    shape: tuple[int, int]
+    bits: int
+    block_size: int
+
+
+def _embedding(g: _Graph, weights: Mapping[str, BlockQuantized], tied: bool) -> tuple[str, _Initialized]:
+    """The token embedding lookup, and the embedding's initializers (a tied output head reads them)."""
     w = weights["token_embd.weight"]
     rows, cols = w.shape
     shared = g.nbits_weight("logits" if tied else "token_embd", w)
@@ -181,4 +190,4 @@ def _embedding(g: _Graph, weights: Mapping[str, BlockQuantized], tied: bool) -> 
                  "token_embd.table")
     x = g.op("GatherBlockQuantized", [table, "input_ids", *shared[1:]], "token_embd", MS,
              bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
-    return x, (shared, w.shape, w.bits, w.block_size)
+    return x, _Initialized(shared, w.shape, w.bits, w.block_size)
