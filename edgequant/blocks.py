@@ -55,9 +55,10 @@ class BlockStore:
         self.slots: dict[int, list[_Slot]] = {}
         self.depth: Counter[int] = Counter()
         self.maps: dict[int, np.memmap] = {}
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
-            layer.register_forward_hook(lambda _m, _a, _o, i=i: self._exit(i))
+            layer.register_forward_hook(lambda _m, _a, _o, i=i: self._exit(i, trim=i == last))
         self._remove = weakref.finalize(self, shutil.rmtree, str(self.folder), True)
 
     @classmethod
@@ -108,9 +109,7 @@ class BlockStore:
         try:
             yield self.layers[i]
         finally:
-            self._exit(i)
-            if self.depth[i] == 0:
-                trim_heap()  # the block's temporaries, before the next block's
+            self._exit(i, trim=True)
 
     def _enter(self, i: int) -> None:
         self.depth[i] += 1
@@ -120,12 +119,17 @@ class BlockStore:
                 n = int(np.prod(s.shape))
                 self._set(i, s, torch.from_numpy(mm[s.offset : s.offset + n]).view(s.shape))
 
-    def _exit(self, i: int) -> None:
+    def _exit(self, i: int, trim: bool = False) -> None:
+        """Unmap block ``i`` if nothing else holds it; with ``trim``, then give the free heap back
+        (a walk leaving a block, a whole forward pass leaving the last one: the temporaries of
+        one block or one pass, not each allocation, are faulted in again)."""
         self.depth[i] -= 1
         if self.depth[i] == 0:
             for s in self.slots[i]:
                 self._set(i, s, torch.empty(s.shape, device="meta"))
             self.maps.pop(i).flush()
+            if trim:
+                trim_heap()
 
     def _set(self, i: int, s: _Slot, t: torch.Tensor) -> None:
         module = self.layers[i].get_submodule(s.module) if s.module else self.layers[i]
