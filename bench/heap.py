@@ -23,6 +23,7 @@ import ctypes, json, sys, time
 import edgequant.pipeline, exporters.onnx, runtimes.llamacpp  # the libraries a build loads
 from edgequant.assets import read_text
 from edgequant.evaluation import token_windows
+from edgequant.memory import trim_heap
 from edgequant.models import load_model
 from edgequant.reference import _write_log_probs
 
@@ -46,7 +47,7 @@ row = {"loaded": memory()}
 started = time.time()
 _write_log_probs(loaded, windows, out)
 row["walked"], row["seconds"] = memory(), round(time.time() - started)
-ctypes.CDLL("libc.so.6").malloc_trim(0)
+trim_heap()
 row["trimmed"] = memory()
 print(json.dumps(row))
 """

@@ -4,8 +4,9 @@ glibc keeps what a program frees: it raises its mmap threshold to the largest bl
 far (up to 32 MB), so a model's activations come from the heap, and the freed parts of the heap
 stay resident. Walking Qwen2.5-1.5B's 28 blocks over 8192 tokens left 1 GB of free heap
 (``bench/heap.py``). So the heap is trimmed where a walk leaves a block (``with loaded.block(i)``),
-where a forward pass of a streamed model leaves its last block, and where a build ends a step: the pages are returned once, not at every allocation (a fixed 1 MB threshold, which maps
-each activation on its own, doubled README's build).
+where a forward pass of a streamed model leaves its last block, and where a build ends a step:
+the pages are returned once, not at every allocation (a fixed 1 MB threshold, which maps each
+activation on its own, doubled README's build).
 """
 
 from __future__ import annotations

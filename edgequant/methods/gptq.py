@@ -80,8 +80,6 @@ def quantize(
     return encoded
 
 
-
-
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_order: bool = True):
     """Codes (rows, cols) and the grid they live on, for ``weight`` given its input Hessian."""
     parts = list(gptq_rows(weight, hessian, qtype, act_order))
@@ -100,9 +98,10 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act
     diag[dead] = 1.0
     perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
     U = _inverse_cholesky_reversed(hessian, diag, perm.flip(0))
+    importance = diag.float().numpy()
     for rows in _row_ranges(weight):
         w = weight[rows].float()
-        grid = qtype.fit((w * ~dead if dead.any() else w).numpy(), importance=diag.float().numpy())
+        grid = qtype.fit((w * ~dead if dead.any() else w).numpy(), importance=importance)
         yield rows, _rounded_columns(w, grid, U, perm, dead), grid
 
 
