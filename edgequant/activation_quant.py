@@ -12,17 +12,17 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 
-from .adapters import adapter_of
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 import torch
 
-from .calibration import Calibration, activation_stats, block_input_grams, block_inputs, run_block
+from .calibration import Calibration, activation_stats, block_input_grams
 from .errors import EdgequantError, check_number
 from .evaluation import DEFAULT_CTX, LogitSource, TorchLogits, evaluate, token_windows
 from .fakequant import QuantLinear, RowGrid, Setting, Transformed, fake_quantize
 from .methods import hadamard, ruquant, specquant
 from .methods.gptq import gptq
 from .models import LoadedModel, load_model
+from .walker import Walk
 from .progress import Progress
 from .smoothing import smooth
 
@@ -35,7 +35,7 @@ def _none(loaded, calibration, setting, progress) -> Transformed:
 
 def _smoothquant(loaded, calibration, setting, progress) -> Transformed:
     work = loaded.copy()
-    with progress.step("smoothquant: activation ranges", len(calibration.windows)) as tick:
+    with progress.step("smoothquant: activation ranges", work.config.num_hidden_layers) as tick:
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTHQUANT_ALPHA)
     return Transformed(work, details={"alpha": SMOOTHQUANT_ALPHA})
 
@@ -73,16 +73,12 @@ def gptq_weights(sim: torch.nn.Module, windows, bits: int, group: int | None = N
     GPTQ on the per-row grids, each block calibrated on the outputs of the blocks already
     rounded, and on its matrices' inputs as they see them (online transform and activation
     rounding included)."""
-    hidden, kwargs = block_inputs(sim, windows)
-    for layer in adapter_of(sim).layers(sim):
-        matrices = {id(m): m for m in layer.modules() if isinstance(m, QuantLinear)}
-        grams = block_input_grams(layer, hidden, kwargs, matrices, seen_as=lambda m, x: m.prepare(x))
+    for stop in Walk(sim, windows, progress):
+        matrices = {id(m): m for m in stop.block.modules() if isinstance(m, QuantLinear)}
+        grams = block_input_grams(stop.block, stop.inputs, stop.kwargs, matrices, seen_as=lambda m, x: m.prepare(x))
         for key, m in matrices.items():
             codes, grid = gptq(m.weight, grams[key].float(), RowGrid(bits, group))
             m.weight.copy_(torch.from_numpy(grid.values(codes)))
-        hidden = [run_block(layer, h, kwargs) for h in hidden]
-        if progress:
-            progress()
 
 
 def simulate(method: str, setting: Setting, model: str | None = None, calib_tokens: int = 4096,

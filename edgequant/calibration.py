@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .adapters import adapter_of
 from .models import LoadedModel
+from .walker import Walk, run_block
 
 
 @dataclass
@@ -44,7 +44,8 @@ class ActivationStats:
 def activation_stats(
     loaded: LoadedModel, windows: np.ndarray, progress: Callable[[], None] | None = None
 ) -> ActivationStats:
-    """Statistics for every matrix fed by a ``torch.nn.Linear``.
+    """Statistics for every matrix fed by a ``torch.nn.Linear``, from one walk through the blocks
+    (``progress`` ticks once per block).
 
     With tied embeddings the output head's inputs count for ``token_embd.weight``.
     """
@@ -68,14 +69,12 @@ def activation_stats(
                for module_name, module in model.named_modules()
                if isinstance(module, torch.nn.Linear) and module is not head]
     try:
-        for window in windows:  # through the blocks and the final norm; the head's input is all it needs
-            hidden = model.get_decoder()(torch.from_numpy(window)[None], use_cache=False).last_hidden_state
-            head_stats(head, (hidden,), None)  # (its vocabulary-wide output cost most of the pass)
-            if progress:
-                progress()
+        hidden = Walk(loaded, windows, progress).final_hidden()
     finally:
         for h in handles:
             h.remove()
+    for h in hidden:  # the head's input is all it needs (its vocabulary-wide output would cost most of the pass)
+        head_stats(head, (loaded.adapter.final_norm(model)(h),), None)
     importance = {name: (s / counts[name]).float().numpy() for name, s in sums.items()}
     return ActivationStats(importance, absmax)
 
@@ -89,10 +88,10 @@ def cached_activation_stats(loaded: LoadedModel, windows: np.ndarray,
     from .atomic import atomic_path
     from .measured import cache_path, code_of
 
-    path = cache_path("calibration", loaded, code_of(__name__), windows.tobytes(), suffix=".safetensors")
+    path = cache_path("calibration", loaded, code_of(__name__, "edgequant.walker"), windows.tobytes(), suffix=".safetensors")
     if path.is_file():
         saved = load_file(path)
-        for _ in windows if progress else ():  # the step is done: its bar says so
+        for _ in range(loaded.config.num_hidden_layers) if progress else ():  # the step is done: its bar says so
             progress()
         pick = lambda kind: {k.split("/", 1)[1]: v for k, v in saved.items() if k.startswith(kind + "/")}  # noqa: E731
         return ActivationStats({k: v.numpy() for k, v in pick("importance").items()}, pick("absmax"))
@@ -104,35 +103,6 @@ def cached_activation_stats(loaded: LoadedModel, windows: np.ndarray,
     return stats
 
 
-class _Stop(Exception):
-    pass
-
-
-@torch.inference_mode()
-def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering the first transformer block, one per window, and the keyword
-    arguments (rotary embeddings, causal mask...) the blocks are called with."""
-    first = adapter_of(model).layers(model)[0]
-    captured: dict = {}
-
-    def grab(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
-
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before a streamed block is mapped
-    hidden = []
-    try:
-        for window in windows:
-            try:
-                model(torch.from_numpy(window)[None], use_cache=False)
-            except _Stop:
-                hidden.append(captured["hidden"])
-    finally:
-        handle.remove()
-    return hidden, captured["kwargs"]
-
-
 @dataclass
 class BlockHessians:
     """Hessians H = E[x x^T] of the inputs of one block's matrices, by GGUF name."""
@@ -140,11 +110,6 @@ class BlockHessians:
     index: int  # block index; -1 for the output head after the last block
     hessians: dict[str, torch.Tensor]
     linears: dict[str, torch.nn.Linear]  # the layers the Hessians are of, by the same names
-
-
-def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    out = block(hidden, **kwargs)
-    return out[0] if isinstance(out, tuple) else out
 
 
 @torch.inference_mode()
@@ -160,18 +125,18 @@ def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
     (GPTQ's sequential calibration), and the model is left as it was.
     """
     model, family = loaded.model, loaded.adapter
-    hidden, kwargs = block_inputs(model, windows)
-    for i, block in enumerate(family.layers(model)):
-        with loaded.block(i):
-            linears = {loaded.gguf_name(family.in_block(i, f"{sub_name}.weight")): module
-                       for sub_name, module in block.named_modules() if isinstance(module, torch.nn.Linear)}
-            measured = BlockHessians(i, block_input_grams(block, hidden, kwargs, linears), linears)
-            yield measured
-            kept = _swap(linears, rounded(measured)) if rounded else {}
-            hidden = [run_block(block, h, kwargs) for h in hidden]
+    walk = Walk(loaded, windows)
+    for stop in walk:
+        linears = {loaded.gguf_name(family.in_block(stop.index, f"{sub_name}.weight")): module
+                   for sub_name, module in stop.block.named_modules() if isinstance(module, torch.nn.Linear)}
+        measured = BlockHessians(stop.index, block_input_grams(stop.block, stop.inputs, stop.kwargs, linears), linears)
+        yield measured
+        if rounded:
+            kept = _swap(linears, rounded(measured))
+            stop.outputs = stop.run()
             _swap(linears, kept)
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
-    x = torch.cat([family.final_norm(model)(h).reshape(-1, h.shape[-1]) for h in hidden]).double()
+    x = torch.cat([family.final_norm(model)(h).reshape(-1, h.shape[-1]) for h in walk.hidden]).double()
     measured = BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()}, {head: family.head(model)})
     yield measured
     if rounded:
@@ -179,11 +144,12 @@ def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
 
 
 def _swap(linears: dict[str, torch.nn.Linear], weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Copy ``weights`` into the linears' weights; returns what was there before."""
+    """Put ``weights`` in the linears in place of their weights; returns the weights that were there.
+    The tensors themselves change places, nothing is copied (a copy of an 8B block's weights is 0.9 GB)."""
     before = {}
     for name, w in weights.items():
-        before[name] = linears[name].weight.detach().clone()
-        linears[name].weight.copy_(w)
+        before[name] = linears[name]._parameters["weight"]
+        linears[name]._parameters["weight"] = w if isinstance(w, torch.nn.Parameter) else torch.nn.Parameter(w, False)
     return before
 
 

@@ -237,7 +237,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     store_reference()
     stats = None
     if opts.use_importance or opts.smooth or method.allocate:
-        with progress.step("calibrate", len(calib)) as tick:
+        with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
             stats = cached_activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens,
                               opts.sensitivity)
@@ -252,7 +252,7 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     """The joint search on the unpruned model, within the budget the unpruned model's target gives
     (a pruned model's KV cache is smaller, so its memory budget can only grow)."""
     tgt = target(loaded, opts, device)
-    with progress.step("calibrate", len(calib)) as tick:
+    with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
         importance = cached_activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
     return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens), progress)
 
@@ -357,7 +357,7 @@ def _transform(p: Planned, opts: BuildOptions, progress: Progress) -> tuple[Load
     if folded is not None and opts.use_importance:  # diagonal maps: the statistics follow, no second pass
         calibration = replace(calibration, importance=folded.importance(calibration.importance))
     elif transformed and opts.use_importance:
-        with progress.step("calibrate the transformed model", len(calibration.windows)) as tick:
+        with progress.step("calibrate the transformed model", work.config.num_hidden_layers) as tick:
             calibration = replace(calibration, importance=cached_activation_stats(work, calibration.windows, tick).importance)
     return work, details, calibration
 

@@ -27,7 +27,8 @@ import numpy as np
 import torch
 
 from .adapters import Adapter, adapter_of
-from .calibration import block_input_grams, block_inputs, run_block
+from .calibration import block_input_grams
+from .walker import Walk
 from .errors import EdgequantError
 from .models import LoadedModel, block_shapes
 from .smoothing import kv_grouping
@@ -83,12 +84,13 @@ def prune(loaded: LoadedModel, pruning: Pruning, windows: np.ndarray, refitted: 
     pruning.check(loaded.model)
     work = loaded.copy()
     model, family = work.model, work.adapter
-    hidden, kwargs = block_inputs(model, windows)
-    for i, layer in enumerate(family.layers(model)):
+    for stop in Walk(work, windows):
+        i = stop.index
         if i in pruning.removed:
-            continue  # its input goes on to the next block unchanged
-        prune_block(family, layer, model.config, pruning.kv_groups.get(i), pruning.ffn.get(i), hidden, kwargs, refitted)
-        hidden = [run_block(layer, h, kwargs) for h in hidden]
+            stop.outputs = stop.inputs  # its input goes on to the next block unchanged
+            continue
+        prune_block(family, stop.block, model.config, pruning.kv_groups.get(i), pruning.ffn.get(i), stop.inputs,
+                    stop.kwargs, refitted)
     _remove_blocks(model, set(pruning.removed))
     return work
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
-from .calibration import block_inputs, run_block
 from .measured import cache_path, code_of
 from .models import LoadedModel
+from .walker import Walk
 
 
 class StoredLogProbs:
@@ -46,7 +46,7 @@ class StoredLogProbs:
 def reference_log_probs(loaded: LoadedModel, windows: np.ndarray, progress=None) -> StoredLogProbs:
     """The reference source of ``loaded`` on ``windows`` (computed and stored on first use)."""
     vocab = loaded.adapter.head(loaded.model).out_features
-    path = cache_path("reference", loaded, code_of(__name__, "edgequant.calibration"), windows.tobytes(), suffix=".f16")
+    path = cache_path("reference", loaded, code_of(__name__, "edgequant.walker"), windows.tobytes(), suffix=".f16")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
@@ -60,16 +60,10 @@ def reference_log_probs(loaded: LoadedModel, windows: np.ndarray, progress=None)
 @torch.inference_mode()
 def _write_log_probs(loaded: LoadedModel, windows: np.ndarray, path: Path, progress=None) -> None:
     """Walk the model block by block over every window, then write each window's log-probabilities."""
-    model, family = loaded.model, loaded.adapter
-    hidden, kwargs = block_inputs(model, windows)
-    for i, layer in enumerate(family.layers(model)):
-        with loaded.block(i):
-            hidden = [run_block(layer, h, kwargs) for h in hidden]
-        if progress:
-            progress()
+    hidden = Walk(loaded, windows, progress).final_hidden()
     with open(path, "wb") as f:
         for h in hidden:
-            logits = family.logits(model, h)[0].float()
+            logits = loaded.adapter.logits(loaded.model, h)[0].float()
             torch.log_softmax(logits, -1).to(torch.float16).numpy().tofile(f)
             if progress:
                 progress()

@@ -26,12 +26,12 @@ import torch
 
 from .adapters import adapter_of
 from .atomic import write_text
-from .calibration import block_inputs, run_block
 from .evaluation import HeldReferences, SpilledReferences, references
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
 from .planning import Matrix, fitting_type
+from .walker import Walk, run_block
 
 CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
 # The default model's reference weights lie on the Q4_1 grid they were shipped in, so the affine
@@ -148,23 +148,20 @@ def measure(
     model = loaded.model
     tokens = torch.from_numpy(windows)
     ref = references((model(t[None], use_cache=False).logits[0] for t in tokens), _nbytes(loaded, windows))
-    hidden, kwargs = block_inputs(model, windows)
-    tail = Tail(model, kwargs)
     entries = []
-    hidden_at: dict[int, list[torch.Tensor]] = {}
-    for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
-        if part.block >= 0 and part.block not in hidden_at:
-            hidden_at.clear()  # one block's inputs at a time
-            hidden_at[part.block] = hidden
-            hidden = [run_block(loaded.adapter.layers(model)[part.block], h, kwargs) for h in hidden]
 
-        def block_kl(part=part) -> float:
-            return float(np.mean([r.mean_kl(tail.logits(h, part.block)) for r, h in zip(ref, hidden_at[part.block])]))
-
+    def add(part: Part, block_kl: Callable[[], float] | None) -> None:
         for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
             entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
             if progress:
                 progress()
+
+    for stop in Walk(loaded, windows):
+        tail = Tail(model, stop.kwargs)
+        for part in (p for p in parts if p.block == stop.index):
+            add(part, lambda: float(np.mean([r.mean_kl(tail.logits(h, stop.index)) for r, h in zip(ref, stop.inputs)])))
+    for part in (p for p in parts if p.block < 0):
+        add(part, None)
     return Sensitivity(entries, int(windows.size))
 
 
@@ -278,13 +275,10 @@ def estimate(
     """
     model, family = loaded.model, loaded.adapter
     tokens = torch.from_numpy(windows)
+    walk = Walk(loaded, windows)
+    inputs = [stop.inputs for stop in walk]  # every block's, for the walk back
+    hidden, kwargs = walk.hidden, walk.kwargs
     with torch.inference_mode():
-        hidden, kwargs = block_inputs(model, windows)
-        inputs = []
-        for i, layer in enumerate(family.layers(model)):
-            inputs.append(hidden)
-            with loaded.block(i):
-                hidden = [run_block(layer, h, kwargs) for h in hidden]
         ref = references((family.logits(model, h)[0] for h in hidden), _nbytes(loaded, windows))
     fisher = _fisher(loaded, inputs, hidden, kwargs)
     entries = []
@@ -356,7 +350,7 @@ def n_measurements(parts: list[Part]) -> int:
 
 
 # the modules whose code decides a measured table: this one, the block runner, the encoders, the fallbacks
-MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.ggml_quants", "edgequant.planning")
+MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.walker", "edgequant.ggml_quants", "edgequant.planning")
 
 
 HOW = {"measured": measure, "fisher": estimate}

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .calibration import block_inputs, run_block
+from .walker import Walk, run_block
 from .ggml_quants import get_type
 from .adapters import Adapter, Group, head_dim
 from .models import LoadedModel
@@ -246,19 +246,15 @@ def search_scales(
     the first ``max_tokens`` of the windows, and only those windows are carried through the blocks.
     One block's activations are held at a time; folding leaves each block's outputs unchanged, so
     the next block's inputs need no re-run."""
-    model, config, family = loaded.model, loaded.config, loaded.adapter
-    hidden, kwargs = block_inputs(model, windows[: -(-max_tokens // windows.shape[1])])
+    config, family = loaded.config, loaded.adapter
     choices, folded = [], Folded()
-    for i, layer in enumerate(family.layers(model)):
-        with loaded.block(i):
-            inputs = _group_inputs(family, layer, hidden, kwargs, max_tokens)
-            for g in family.groups:
-                names = [types[loaded.gguf_name(family.weight_name(i, c))] for c in g.consumers]
-                choice, s = _choose(config, g, inputs[g.key], weights(family, layer, g), names)
-                choices.append(ScaleChoice(i, *choice))
-                if choice[1]:
-                    folded.add(loaded, i, g, fold(family, layer, config, g, s))
-            hidden = [run_block(layer, h, kwargs) for h in hidden]
-        if progress:
-            progress()
+    for stop in Walk(loaded, windows[: -(-max_tokens // windows.shape[1])], progress):
+        i, layer = stop.index, stop.block
+        inputs = _group_inputs(family, layer, stop.inputs, stop.kwargs, max_tokens)
+        for g in family.groups:
+            names = [types[loaded.gguf_name(family.weight_name(i, c))] for c in g.consumers]
+            choice, s = _choose(config, g, inputs[g.key], weights(family, layer, g), names)
+            choices.append(ScaleChoice(i, *choice))
+            if choice[1]:
+                folded.add(loaded, i, g, fold(family, layer, config, g, s))
     return choices, folded

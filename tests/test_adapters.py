@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from edgequant.adapters import adapter, adapter_for_gguf, supported
-from edgequant.calibration import block_inputs, run_block
+from edgequant.walker import block_inputs, run_block
 from edgequant.errors import EdgequantError
 from edgequant.models import load_model
 from edgequant.smoothing import fold

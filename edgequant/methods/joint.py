@@ -43,7 +43,7 @@ from itertools import product
 import numpy as np
 import torch
 
-from ..calibration import Calibration, block_input_grams, block_inputs, run_block
+from ..calibration import Calibration, block_input_grams
 from ..errors import EdgequantError
 from ..ggml_quants import get_type
 from ..adapters import BlockShape, adapter_of
@@ -54,6 +54,7 @@ from ..pruning import Pruning, prune_ffn, prune_heads
 from ..evaluation import Reference
 from ..sensitivity import CANDIDATES, Part, Sensitivity, Tail, split_parts, stand_in
 from ..smoothing import kv_grouping
+from ..walker import Walk, run_block
 from .qublast import measure_table
 
 WIDTH_STEP = 256
@@ -153,32 +154,27 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     windows = calibration.windows[: max(1, (FIT_TOKENS + PROBE_TOKENS) // ctx)]
     n_probe = max(1, min(PROBE_TOKENS // ctx, len(windows) // 2))
     probe = _Probe(loaded, windows[len(windows) - n_probe:], disjoint=len(windows) > 1)
-    states, kwargs = block_inputs(model, windows)
-
     with progress.step("joint search: estimate every change", space.n) as tick:
-        first, h = [], states
-        for b, layer in enumerate(loaded.adapter.layers(model)):
-            first.append(probe.estimate(b, layer, h, kwargs, costs[b]))
-            h = [run_block(layer, x, kwargs) for x in h]
-            tick()
+        first = [probe.estimate(s.index, s.block, s.inputs, s.kwargs, costs[s.index]) for s in Walk(loaded, windows, tick)]
 
     picked: dict[int, Option] = {}
     kept: dict[int, tuple[list[int] | None, list[int] | None]] = {}
     scale = _Ratio()
     used = fixed
     with progress.step("joint search: walk the blocks", space.n) as tick:
-        for b, layer in enumerate(loaded.adapter.layers(model)):
+        for stop in Walk(loaded, windows, tick):  # each block on what the blocks before it, as chosen, hand over
+            b, layer, states, kwargs = stop.index, stop.block, stop.inputs, stop.kwargs
             now = probe.estimate(b, layer, states, kwargs, costs[b])
             later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
             mine = space.options(b, now)
             if b + 1 == space.n and all(o.removed for o in picked.values()):
                 mine = [o for o in mine if not o.removed]  # the last block left stays
             at = _solve([[(o.bytes, o.scaled(scale.value)) for o in mine], *later, embd_options], budget - used)[0]
-            base = probe.kl([run_block(layer, x, kwargs) for x in probe.of(states)], b + 1, kwargs)
+            base = probe.kl(stop.run(inputs=probe.of(states)), b + 1, kwargs)
             built, measured = [], []
             for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
                 variant, keep = _realise(loaded, b, layer, o, now, calibration.importance)
-                out = [run_block(variant, x, kwargs) for x in probe.of(states)] if variant else probe.of(states)
+                out = stop.run(variant, probe.of(states)) if variant else probe.of(states)
                 measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base), measured=True, estimated=0.0))
                 built.append((variant, keep))
                 if o.estimated > 0:  # what the pruning cost beyond its types' measured cost, against its estimate
@@ -186,9 +182,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
             chosen = _solve([[(o.bytes, o.kl) for o in measured], *later, embd_options], budget - used)
             picked[b], (variant, kept[b]) = measured[chosen[0]], built[chosen[0]]
             used += picked[b].bytes
-            if variant is not None:
-                states = [run_block(variant, x, kwargs) for x in states]
-            tick()
+            stop.outputs = states if variant is None else stop.run(variant)  # a removed block passes its inputs on
     embd_types = embd.options()[chosen[-1]]
     pruning = Pruning(ffn={b: f for b, (_, f) in kept.items() if f is not None},
                       kv_groups={b: g for b, (g, _) in kept.items() if g is not None},
@@ -197,7 +191,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         "seconds": time.time() - started,
         "measurements": probe.runs,
         "probe_tokens": int(probe.tokens),
-        "fit_tokens": int(sum(x.shape[1] for x in probe.fit(states))),
+        "fit_tokens": int(sum(w.size for w in probe.fit(list(windows)))),
         "measured_kl": sum(o.kl for o in picked.values()) + embd_options[chosen[-1]][1],
         "estimate_scale": scale.value,
         "planned_bytes": used + embd_options[chosen[-1]][0],

@@ -184,7 +184,7 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
     started = time.time()
     gen = torch.Generator().manual_seed(SEED)
     work = loaded.copy()
-    with progress.step("ruquant: smoothing (alpha %.1f)" % SMOOTH_ALPHA, len(calibration.windows)) as tick:
+    with progress.step("ruquant: smoothing (alpha %.1f)" % SMOOTH_ALPHA, work.config.num_hidden_layers) as tick:
         smooth(work, activation_stats(work, calibration.windows, tick).absmax, SMOOTH_ALPHA)
     family = work.adapter
     layers = family.layers(work.model)

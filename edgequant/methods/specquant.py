@@ -92,9 +92,9 @@ def transform(loaded: LoadedModel, calibration: Calibration, setting: Setting, p
         with progress.step("specquant: scaling maps for the plan", loaded.config.num_hidden_layers) as tick:
             search_scales(work, windows, ggml_types, progress=tick)
     else:
-        with progress.step("specquant: activation ranges", len(windows)) as tick:
+        with progress.step("specquant: activation ranges", work.config.num_hidden_layers) as tick:
             smooth(work, activation_stats(work, windows, tick).absmax, alpha)
-    with progress.step("specquant: energy of the smoothed inputs", len(windows)) as tick:
+    with progress.step("specquant: energy of the smoothed inputs", work.config.num_hidden_layers) as tick:
         importance = activation_stats(work, windows, tick).importance
     bits = setting.wbits or 8
     quantizers = _ggml_rounding(ggml_types) if ggml_types else (lambda _name: lambda w: quantize_rows(w.float(), bits).double())

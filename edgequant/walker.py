@@ -1,0 +1,107 @@
+"""The block walker: every per-block step of a build is one walk through the decoder blocks.
+
+A walk carries the hidden states of some token windows through the model's blocks in order.
+At each block it stops (:class:`Stop`) with the block in memory (mapped from its file when the
+model is streamed, :mod:`edgequant.blocks`) and the block's inputs in hand; the caller does its
+work there: gathers statistics and Hessians, folds scaling maps, prunes and refits, rounds. When
+the caller moves on, the walk runs the block on its inputs, or takes the outputs the caller set
+(a quantized stream, a pruned variant, a removed block passing its inputs on), and unmaps it.
+One block's weights and one set of hidden states are in memory at a time, whatever the depth;
+after the last block, :attr:`Walk.hidden` holds the final hidden states (before the final norm).
+
+The hidden states stay float32, as the blocks make them: a block's input is the previous
+block's exact output, so a walk gives the same figures as running the whole model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .adapters import adapter_of
+
+
+class _Stop(Exception):
+    pass
+
+
+@torch.inference_mode()
+def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], dict]:
+    """Hidden states entering the first transformer block, one per window, and the keyword
+    arguments (rotary embeddings, causal mask...) the blocks are called with."""
+    first = adapter_of(model).layers(model)[0]
+    captured: dict = {}
+
+    def grab(_module, args, kwargs):
+        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
+        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before a streamed block is mapped
+    hidden = []
+    try:
+        for window in windows:
+            try:
+                model(torch.from_numpy(window)[None], use_cache=False)
+            except _Stop:
+                hidden.append(captured["hidden"])
+    finally:
+        handle.remove()
+    return hidden, captured["kwargs"]
+
+
+def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    out = block(hidden, **kwargs)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class Stop:
+    """The walk at block ``index``: the block (in memory until the walk moves on) and its inputs."""
+
+    index: int
+    block: torch.nn.Module
+    inputs: list[torch.Tensor]  # one per window
+    kwargs: dict
+    outputs: list[torch.Tensor] | None = None  # set to hand the next block these instead of the block's own
+
+    def run(self, block: torch.nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """``block`` (default: this one) run on ``inputs`` (default: this block's)."""
+        block = self.block if block is None else block
+        return [run_block(block, h, self.kwargs) for h in (self.inputs if inputs is None else inputs)]
+
+
+class Walk:
+    """``for stop in Walk(loaded, windows): ...`` visits every block in order (see the module's text).
+
+    ``target`` is a :class:`~edgequant.models.LoadedModel` (its blocks mapped while visited) or a
+    model in memory. ``progress`` is called as each block is left."""
+
+    def __init__(self, target, windows: np.ndarray, progress: Callable[[], None] | None = None):
+        self.model = getattr(target, "model", target)
+        self._mapped = getattr(target, "block", lambda _i: nullcontext())
+        self.windows, self.progress = windows, progress
+        self.hidden: list[torch.Tensor] | None = None  # the last block's outputs, once walked
+        self.kwargs: dict = {}
+
+    @torch.inference_mode()
+    def __iter__(self) -> Iterator[Stop]:
+        hidden, self.kwargs = block_inputs(self.model, self.windows)
+        for i, block in enumerate(adapter_of(self.model).layers(self.model)):
+            with self._mapped(i):
+                stop = Stop(i, block, hidden, self.kwargs)
+                yield stop
+                hidden = stop.run() if stop.outputs is None else stop.outputs
+            if self.progress:
+                self.progress()
+        self.hidden = hidden
+
+    def final_hidden(self) -> list[torch.Tensor]:
+        """Walk every block doing nothing else; the final hidden states."""
+        for _ in self:
+            pass
+        return self.hidden
