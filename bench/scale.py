@@ -42,6 +42,7 @@ def memory_gb() -> tuple[float, float]:
 def child(model: str, out: Path, options: list[str]) -> None:
     """Run one build in this process, printing a JSON line as each stage ends."""
     from edgequant.cli import app  # noqa: F401  (the command line's environment settings)
+    from edgequant.errors import EdgequantError
     from edgequant.pipeline import BuildOptions, build
     from edgequant.progress import Progress
 
@@ -63,7 +64,10 @@ def child(model: str, out: Path, options: list[str]) -> None:
     for k in ("calib_tokens", "eval_tokens"):
         if k in kwargs:
             kwargs[k] = int(kwargs[k])
-    report = build(BuildOptions(model=model, out=out, **kwargs), Stages())
+    try:
+        report = build(BuildOptions(model=model, out=out, **kwargs), Stages())
+    except EdgequantError as e:
+        sys.exit(f"error: {e}")
     gguf = next((a for a in report["artifacts"] if a["format"] == "gguf"), report["artifacts"][0])
     print(json.dumps({"done": True, "bytes": gguf["bytes"], "bpw": gguf["bpw"],
                       "kld": report["quality"].get("gguf", {}).get("kld"), "peak_gb": memory_gb()[1]}), flush=True)
@@ -107,11 +111,20 @@ def synthetic_8b(folder: Path) -> Path:
     (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     config.torch_dtype = "bfloat16"
     config.save_pretrained(tmp)
-    tokenizer = default_model_dir()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        shutil.copy(tokenizer / name, tmp / name)
+    shutil.copy(default_model_dir() / "tokenizer_config.json", tmp / "tokenizer_config.json")
+    padded_tokenizer(default_model_dir() / "tokenizer.json", tmp / "tokenizer.json", config.vocab_size)
     os.replace(tmp, folder)
     return folder
+
+
+def padded_tokenizer(source: Path, target: Path, size: int) -> None:
+    """The default model's BPE tokenizer with its vocabulary padded to ``size`` tokens. The padding
+    tokens have no merges that make them, so the text tokenizes as before; they only give each of
+    the embedding's rows a token, as a model's own vocabulary would."""
+    tokenizer = json.loads(source.read_text())
+    vocab = tokenizer["model"]["vocab"]
+    vocab.update({f"<unused{i}>": i for i in range(len(vocab), size)})
+    target.write_text(json.dumps(tokenizer, ensure_ascii=False))
 
 
 def main() -> int:
