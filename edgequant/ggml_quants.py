@@ -471,15 +471,15 @@ class _KQuant(QuantType):
 
     def _fit_subblocks(self, x, w):
         n_sub = self.block // self.sub
-        if self.qmin == 0:  # affine: d*sc*q - dmin*m
+        if self.qmin == 0 and self.levels is None:  # affine: d*sc*q - dmin*m
             s, m = search_affine(x, w, self.qmax)
             d, sc = _quantize_subscales(s.reshape(-1, n_sub), self.scale_max, signed=False)
             dmin, mn = _quantize_subscales((-m).reshape(-1, n_sub), self.scale_max, signed=False)
             scale = d.astype(F32)[:, None] * sc.astype(F32)
             offset = -(dmin.astype(F32)[:, None] * mn.astype(F32))
             fields = {"d": d[:, None], "dmin": dmin[:, None], "sc": sc, "mn": mn}
-        else:  # symmetric: d*sc*q
-            s = search_symmetric(x, w, self.qmin, self.qmax)
+        else:  # symmetric: d*sc*q (q a codebook value for IQ4_XS)
+            s = search_symmetric(x, w, self.qmin, self.qmax, levels=self.levels)
             d, sc = _quantize_subscales(s.reshape(-1, n_sub), self.scale_max, signed=True)
             scale = d.astype(F32)[:, None] * sc.astype(F32)
             offset = np.zeros_like(scale)
@@ -599,8 +599,31 @@ class Q6_K(_KQuant):
         return low + 16 * high - 32, scale, np.zeros_like(scale)
 
 
+class IQ4_XS(_KQuant):
+    """IQ4_NL's codebook in super-blocks of 256: a signed 6-bit scale per 32 weights times fp16 d.
+    Layout: d, the scales' high 2 bits (one uint16), their low 4 bits (4 bytes), then per 32
+    weights 16 bytes of nibbles (the first 16 weights low, the next 16 high)."""
+
+    ggml_type, nbytes, sub, qmin, qmax, scale_max = GGMLQuantizationType.IQ4_XS, 136, 32, 0, 15, 31
+    levels = IQ4_NL_LEVELS
+
+    def _pack_blocks(self, q, f):
+        ls = (f["sc"] + 32).astype(np.uint16)  # (N, 8) in 0..63
+        high = ((ls >> 4) << (2 * np.arange(8, dtype=np.uint16))).sum(-1, dtype=np.uint16)[:, None]
+        low = (ls[:, 0::2] & 15 | (ls[:, 1::2] & 15) << 4).astype(np.uint8)
+        return _u8(f["d"], high, low, _nibbles(q.reshape(-1, 32)).reshape(len(q), 128))
+
+    def _unpack_blocks(self, b):
+        high = np.ascontiguousarray(b[:, 2:4]).view(np.uint16).astype(np.int32)
+        low = np.stack([b[:, 4:8] & 15, b[:, 4:8] >> 4], axis=-1).reshape(len(b), 8).astype(np.int32)
+        ls = low | ((high >> (2 * np.arange(8))) & 3) << 4
+        scale = _f16(b, 0) * (ls - 32).astype(F32)
+        return _unnibble(b[:, 8:].reshape(-1, 16)).reshape(len(b), 256), scale, np.zeros_like(scale)
+
+
 TYPES: dict[str, QuantType] = {
-    t.name: t for t in (Q8_0(), Q6_K(), Q5_1(), Q5_K(), Q5_0(), Q4_1(), Q4_K(), Q4_0(), IQ4_NL(), Q3_K(), Q2_K())
+    t.name: t for t in (Q8_0(), Q6_K(), Q5_1(), Q5_K(), Q5_0(), Q4_1(), Q4_K(), Q4_0(), IQ4_NL(), IQ4_XS(), Q3_K(),
+                        Q2_K())
 }
 
 
