@@ -133,8 +133,10 @@ def sequential_hessians(loaded: LoadedModel, windows: np.ndarray,
         yield measured
         if rounded:
             kept = _swap(linears, rounded(measured))
-            stop.outputs = stop.run()
-            _swap(linears, kept)
+            try:
+                stop.outputs = stop.run()
+            finally:
+                _swap(linears, kept)
     head = "token_embd.weight" if loaded.config.tie_word_embeddings else "output.weight"
     x = torch.cat([family.final_norm(model)(h).reshape(-1, h.shape[-1]) for h in walk.hidden]).double()
     measured = BlockHessians(-1, {head: (x.T @ x / x.shape[0]).float()}, {head: family.head(model)})

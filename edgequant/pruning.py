@@ -28,10 +28,10 @@ import torch
 
 from .adapters import Adapter, adapter_of
 from .calibration import block_input_grams
-from .walker import Walk
 from .errors import EdgequantError
 from .models import LoadedModel, block_shapes
 from .smoothing import kv_grouping
+from .walker import Walk
 
 DAMP = 1e-2  # ridge on the Gram diagonal, relative to its mean
 

@@ -159,7 +159,8 @@ def measure(
     for stop in Walk(loaded, windows):
         tail = Tail(model, stop.kwargs)
         for part in (p for p in parts if p.block == stop.index):
-            add(part, lambda: float(np.mean([r.mean_kl(tail.logits(h, stop.index)) for r, h in zip(ref, stop.inputs)])))
+            add(part, lambda tail=tail, stop=stop: float(np.mean([r.mean_kl(tail.logits(h, stop.index))
+                                                                  for r, h in zip(ref, stop.inputs)])))
     for part in (p for p in parts if p.block < 0):
         add(part, None)
     return Sensitivity(entries, int(windows.size))

@@ -245,7 +245,7 @@ def search_scales(
     ``types`` maps GGUF matrix names to the ggml type each will be stored in. The search reads
     the first ``max_tokens`` of the windows, and only those windows are carried through the blocks.
     One block's activations are held at a time; folding leaves each block's outputs unchanged, so
-    the next block's inputs need no re-run."""
+    the folded block, run on its inputs, hands the next block the inputs it had before."""
     config, family = loaded.config, loaded.adapter
     choices, folded = [], Folded()
     for stop in Walk(loaded, windows[: -(-max_tokens // windows.shape[1])], progress):

@@ -6,11 +6,15 @@ model is streamed, :mod:`edgequant.blocks`) and the block's inputs in hand; the 
 work there: gathers statistics and Hessians, folds scaling maps, prunes and refits, rounds. When
 the caller moves on, the walk runs the block on its inputs, or takes the outputs the caller set
 (a quantized stream, a pruned variant, a removed block passing its inputs on), and unmaps it.
-One block's weights and one set of hidden states are in memory at a time, whatever the depth;
-after the last block, :attr:`Walk.hidden` holds the final hidden states (before the final norm).
+A streamed model has one block's weights in memory at a time, and the walk one block's inputs
+and outputs, whatever the depth. After the last block, :attr:`Walk.hidden` holds the final hidden
+states (before the final norm); it stays None if the loop is left early.
 
 The hidden states stay float32, as the blocks make them: a block's input is the previous
-block's exact output, so a walk gives the same figures as running the whole model.
+block's exact output, so a walk gives the same figures as running the whole model. The walk and
+the blocks run in inference mode: a stop's inputs and keyword arguments are inference tensors, to
+be cloned before autograd or an in-place change. The windows must all be the same length (the
+keyword arguments, the causal mask among them, are the last window's).
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torc
 
 
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """One decoder block's output hidden states (blocks return a tuple in some transformers versions)."""
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -82,8 +87,11 @@ class Walk:
     model in memory. ``progress`` is called as each block is left."""
 
     def __init__(self, target, windows: np.ndarray, progress: Callable[[], None] | None = None):
-        self.model = getattr(target, "model", target)
-        self._mapped = getattr(target, "block", lambda _i: nullcontext())
+        from .models import LoadedModel
+
+        loaded = isinstance(target, LoadedModel)
+        self.model = target.model if loaded else target
+        self._mapped = target.block if loaded else lambda _i: nullcontext()
         self.windows, self.progress = windows, progress
         self.hidden: list[torch.Tensor] | None = None  # the last block's outputs, once walked
         self.kwargs: dict = {}

@@ -99,3 +99,14 @@ def test_the_folded_ruquant_build_runs_in_llama_cpp_and_ort_as_simulated(tiny_bu
     names = {t["name"] for t in report["tensors"]}
     assert ("output.weight" in names) is not tied  # a tied head stays tied
     assert report["transform"]["residual"] is not tied and report["transform"]["online"].startswith("none")
+
+
+def test_gptq_on_the_simulated_grids_walks_the_blocks_and_beats_rounding_to_nearest(outliers):
+    from edgequant.activation_quant import gptq_weights
+
+    loaded, calib, windows, reference = outliers
+    rtn = fake_quantize(loaded.model, Setting(3, None))
+    gptq = fake_quantize(loaded.model, Setting(3, None, gptq=True))
+    gptq_weights(gptq, calib, 3)
+    kld = {name: evaluate(TorchLogits(sim), windows, reference).kld for name, sim in (("rtn", rtn), ("gptq", gptq))}
+    assert kld["gptq"] < kld["rtn"]

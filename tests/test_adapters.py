@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from edgequant.adapters import adapter, adapter_for_gguf, supported
-from edgequant.walker import block_inputs, run_block
 from edgequant.errors import EdgequantError
 from edgequant.models import load_model
 from edgequant.smoothing import fold
+from edgequant.walker import block_inputs, run_block
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
