@@ -276,7 +276,8 @@ class QuantType:
         imp = np.ones(cols, F32) if importance is None else np.asarray(importance, F32)
         imp = np.maximum(imp, imp.max() * 1e-6 if imp.max() > 0 else 1.0)
         step = max(1, _CHUNK_ELEMENTS // cols)
-        return Grid.of_rows([self._fit_rows(w[r : r + step], imp) for r in range(0, rows, step)])
+        parts = [self._fit_rows(w[r : r + step], imp) for r in range(0, rows, step)]
+        return parts[0].of_rows(parts)
 
     def _fit_rows(self, w, imp) -> Grid:
         rows, cols = w.shape
@@ -625,6 +626,7 @@ TYPES: dict[str, QuantType] = {
     t.name: t for t in (Q8_0(), Q6_K(), Q5_1(), Q5_K(), Q5_0(), Q4_1(), Q4_K(), Q4_0(), IQ4_NL(), IQ4_XS(), Q3_K(),
                         Q2_K())
 }
+from . import ggml_iquants  # noqa: E402, F401  (adds the codebook i-quants, built on the classes above, to TYPES)
 
 
 def get_type(name: str) -> QuantType:

@@ -84,3 +84,13 @@ def test_exported_tokenizer_matches_the_models_own(tiny_build, tiny_model):
     llm = Llama(str(out / "model.gguf"), vocab_only=True, verbose=False)
     ours = llm.tokenize(text.encode(), add_bos=False, special=False)
     assert ours == AutoTokenizer.from_pretrained(tiny_model())(text, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("ggml_type", ["IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS"])
+def test_i_quant_files_run_in_llama_cpp_and_ort_as_simulated(tiny_build, ggml_type):
+    out, report = tiny_build(ggml_type=ggml_type)
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out / "model.gguf").tensors}
+    assert types["blk.0.attn_q.weight"] == types["blk.1.ffn_down.weight"] == ggml_type
+    q = report["quality"]
+    assert_same_model(q["gguf"], q["gguf_sim"])
+    assert_same_model(q["onnx"], q["gguf_sim"])

@@ -4,10 +4,13 @@ import gguf
 import numpy as np
 import pytest
 
+from edgequant.ggml_iquants import CODEBOOK_TYPES
 from edgequant.ggml_quants import TYPES, get_type
 from tests.helpers import weights
 
 ALL = sorted(TYPES)
+CODEBOOK = sorted(t.name for t in CODEBOOK_TYPES)  # a vector per group of weights, not a code per weight
+SCALAR = [name for name in ALL if name not in CODEBOOK]
 
 
 def decode(qtype, data, shape):
@@ -26,7 +29,7 @@ def test_bytes_decode_in_gguf_py_exactly_to_the_grid_values(name, with_importanc
     np.testing.assert_array_equal(decode(qtype, data, w.shape), grid.values(q))
 
 
-@pytest.mark.parametrize("name", ALL)
+@pytest.mark.parametrize("name", SCALAR)
 def test_grid_round_is_the_nearest_grid_point(name):
     qtype, w = TYPES[name], weights(rows=8)
     grid = qtype.fit(w)
@@ -76,12 +79,33 @@ def test_unknown_type_name_is_a_clear_error():
         get_type("Q7_K")
 
 
+@pytest.mark.parametrize("name", CODEBOOK)
+def test_a_groups_vector_is_the_codebooks_nearest_under_the_importance_almost_always(name):
+    """The lattice table's 16 candidates hold the nearest of all the codebook's vectors for nearly
+    every group (measured 97.7% for IQ2_XXS to 99.6% for IQ3_S), and cost little where they miss."""
+    qtype, w = TYPES[name], weights(rows=8)
+    imp = np.random.default_rng(1).gamma(1.0, size=w.shape[1]).astype(np.float32)
+    grid = qtype.fit(w, imp)
+    codes, vectors, group = grid.round(w), qtype.codebook.vectors, qtype.codebook.group
+    weight = np.broadcast_to(imp, w.shape)
+    target, _ = qtype.targets(w, weight)
+    scale = grid._columns(grid.scale, 0, w.shape[1])
+    u = np.where(scale != 0, target / np.where(scale != 0, scale, 1), 0).reshape(-1, group)
+    every = (weight.reshape(-1, group)[:, None, :] * (u[:, None, :] - vectors[None]) ** 2).sum(-1)
+    ours, best = every[np.arange(len(u)), codes.index.reshape(-1)], every.min(1)
+    assert np.mean(ours <= best * (1 + 1e-6)) > 0.95
+    assert ours.sum() <= 1.03 * best.sum()
+
+
 @pytest.mark.parametrize("name", ALL)
 def test_unpack_reads_back_the_codes_and_grid_that_gguf_py_decodes(name):
     qtype, w = TYPES[name], weights()
     data = qtype.quantize(w)
     grid, q = qtype.unpack(data)
-    assert q.min() >= qtype.qmin and q.max() <= qtype.qmax
+    if name in CODEBOOK:
+        assert 0 <= q.index.min() and q.index.max() < len(qtype.codebook.vectors)
+    else:
+        assert q.min() >= qtype.qmin and q.max() <= qtype.qmax
     np.testing.assert_array_equal(grid.values(q), decode(qtype, data, w.shape))
     np.testing.assert_array_equal(qtype.pack(qtype.fit(w), q), data)  # the same codes pack to the same bytes
 

@@ -19,6 +19,10 @@ output side alone made the Q3_K file worse here: KLD 0.289 vs RTN's 0.280).
 feedback to matter. On the default model at Q8_0 everywhere, with QuBLAST's maps, GPTQ measured
 KLD 0.00189 ± 0.00005 and round-to-nearest 0.00195 ± 0.00004 (llama.cpp, 8176 tokens), and GPTQ
 tripled the build's time. A plan with nothing below 8 bits skips the Hessians altogether.
+
+The codebook i-quants (IQ2_XXS ... IQ3_S) choose a vector for a group of 4 or 8 weights, not a
+code per weight, so this column loop does not apply: they are rounded to nearest, each group's
+vector chosen under the Hessian's diagonal.
 """
 
 from __future__ import annotations
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 
 from ..calibration import BlockHessians, Calibration, sequential_hessians
+from ..ggml_iquants import CODEBOOK_TYPES
 from ..ggml_quants import EncodedTensor, Grid, QuantType, get_type
 from ..models import LoadedModel
 from ..planning import Plan
@@ -36,7 +41,7 @@ from . import rtn
 
 DAMP = 0.01
 COLUMN_BLOCK = 128
-ROUNDED_TO_NEAREST = {"Q8_0"}  # types GPTQ leaves to RTN (see above)
+ROUNDED_TO_NEAREST = {"Q8_0", *(t.name for t in CODEBOOK_TYPES)}  # types GPTQ leaves to RTN (see above)
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (a block's matrices in one go)
 
 
