@@ -110,10 +110,13 @@ class CodebookGrid(Grid):
         sign = np.where(np.unpackbits(codes.signs, axis=1, bitorder="little")[:, : v.shape[1]] != 0, F32(-1), F32(1))
         return v, sign
 
-    def round(self, w: np.ndarray, c0: int = 0) -> Codes:
+    def round(self, w: np.ndarray, c0: int = 0, importance: np.ndarray | None = None) -> Codes:
+        """The codes of ``w`` (rows, n), columns ``c0..c0+n`` (whole sign bytes), each group's vector
+        chosen under ``importance`` (n,) (default: the importance the grid was fitted under)."""
         rows, n = w.shape
-        imp = np.ones(n, F32) if self.importance is None else self.importance[c0 : c0 + n]
-        weight = np.broadcast_to(imp, w.shape)
+        if importance is None:
+            importance = np.ones(n, F32) if self.importance is None else self.importance[c0 : c0 + n]
+        weight = np.broadcast_to(np.asarray(importance, F32), w.shape)
         t, signs = self.qtype.targets(w, weight)
         with np.errstate(divide="ignore", invalid="ignore"):
             scale = self._columns(self.scale, c0, c0 + n)
