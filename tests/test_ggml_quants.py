@@ -80,9 +80,7 @@ def test_unknown_type_name_is_a_clear_error():
 
 
 @pytest.mark.parametrize("name", CODEBOOK)
-def test_a_groups_vector_is_the_codebooks_nearest_under_the_importance_almost_always(name):
-    """The lattice table's 16 candidates hold the nearest of all the codebook's vectors for nearly
-    every group (measured 97.7% for IQ2_XXS to 99.6% for IQ3_S), and cost little where they miss."""
+def test_a_groups_vector_is_the_codebooks_nearest_under_the_importance(name):
     qtype, w = TYPES[name], weights(rows=8)
     imp = np.random.default_rng(1).gamma(1.0, size=w.shape[1]).astype(np.float32)
     grid = qtype.fit(w, imp)
@@ -93,8 +91,7 @@ def test_a_groups_vector_is_the_codebooks_nearest_under_the_importance_almost_al
     u = np.where(scale != 0, target / np.where(scale != 0, scale, 1), 0).reshape(-1, group)
     every = (weight.reshape(-1, group)[:, None, :] * (u[:, None, :] - vectors[None]) ** 2).sum(-1)
     ours, best = every[np.arange(len(u)), codes.index.reshape(-1)], every.min(1)
-    assert np.mean(ours <= best * (1 + 1e-6)) > 0.95
-    assert ours.sum() <= 1.03 * best.sum()
+    np.testing.assert_allclose(ours, best, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", ALL)
