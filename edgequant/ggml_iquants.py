@@ -1,4 +1,4 @@
-"""The codebook i-quants: IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, encoded exactly.
+"""The codebook i-quants: IQ1_S, IQ1_M, IQ2_XXS, IQ2_XS, IQ2_S, IQ3_XXS and IQ3_S, encoded exactly.
 
 These types do not round each weight on its own. A super-block of 256 weights is cut into
 *groups* of 8 weights (IQ2) or 4 (IQ3). A group is stored as the index of a vector of magnitudes
@@ -118,15 +118,16 @@ class CodebookGrid(Grid):
         v, sign = self._magnitudes_and_signs(codes)
         return self._columns(self.scale, c0, c0 + v.shape[1]) * v * sign
 
-    def integers(self, codes: Codes) -> np.ndarray:
-        """Each weight as a signed integer (its codebook magnitude and sign): ``values`` is
-        exactly the sub-block's scale times it (the magnitudes are small integers)."""
+    def integers(self, codes: Codes) -> tuple[np.ndarray, np.ndarray]:
+        """Each weight as a signed integer and each sub-block's scale for it: ``values`` is exactly
+        their product (codebook values are small integers, or multiples of 1/8 for IQ1)."""
         v, sign = self._magnitudes_and_signs(codes)
-        return (v * sign).astype(np.int32)
+        step = self.qtype.integer_step
+        return np.rint(v * sign / step).astype(np.int32), (self.scale * F32(step)).astype(F32)
 
     def _magnitudes_and_signs(self, codes: Codes) -> tuple[np.ndarray, np.ndarray]:
         rows = codes.index.shape[0]
-        v = self.qtype.codebook.vectors[codes.index].reshape(rows, -1)
+        v = self.qtype.table[codes.index].reshape(rows, -1)
         sign = np.where(np.unpackbits(codes.signs, axis=1, bitorder="little")[:, : v.shape[1]] != 0, F32(-1), F32(1))
         return v, sign
 
@@ -142,7 +143,7 @@ class CodebookGrid(Grid):
             scale = self._columns(self.scale, c0, c0 + n)
             u = np.where(scale != 0, t / scale, 0).astype(F32)
         g = self.qtype.codebook.group
-        index = self.qtype.codebook.nearest(u.reshape(-1, g), np.ascontiguousarray(weight).reshape(-1, g))
+        index = self.qtype.choose(u.reshape(-1, g), np.ascontiguousarray(weight).reshape(-1, g), exact=True)
         return Codes(index.reshape(rows, -1).astype(np.int32), signs)
 
 
@@ -153,13 +154,26 @@ class _CodebookType(QuantType):
     qmin = qmax = 0
     gguf_type: type  # gguf-py's class (its grid and dequantizer)
     parity: bool  # 7 sign bits per 8 weights, the 8th their parity
+    scale_levels = 16  # sub-block scales are 4-bit
+    joint_columns = 8  # columns whose codes are chosen together (one sign byte)
+    integer_step = 1.0  # the codebook's values are whole multiples of this
 
     @cached_property
     def codebook(self) -> Codebook:
         return Codebook(self.gguf_type)
 
+    @property
+    def table(self) -> np.ndarray:
+        """The vector each index decodes to (before signs)."""
+        return self.codebook.vectors
+
+    def choose(self, u: np.ndarray, w: np.ndarray, exact: bool) -> np.ndarray:
+        """The index for each group ``u`` (n, group) under weights ``w``: the nearest (``exact``) or
+        the cheaper near one of the scale search."""
+        return (self.codebook.nearest if exact else self.codebook.near_one)(u, w)
+
     def unit(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
-        """The effective scale of sub-blocks with 4-bit scales ``s`` under fp16 ``d`` (as float32),
+        """The effective scale of sub-blocks with integer scales ``s`` under fp16 ``d`` (as float32),
         in the dequantizer's own float32 operations."""
         raise NotImplementedError
 
@@ -181,11 +195,11 @@ class _CodebookType(QuantType):
         t, _ = self.targets(w, weight)
         s_best = self._best_scales(t.reshape(-1, self.sub), np.ascontiguousarray(weight).reshape(-1, self.sub))
         s_best = s_best.reshape(-1, self.block // self.sub)  # per super-block
-        d = (s_best.max(1) / self.unit(np.full(1, 15, np.uint8), np.ones((1, 1), F32))[0, 0]).astype(F16)
+        units = self.unit(np.arange(self.scale_levels, dtype=np.uint8), np.ones((1, 1), F32))[0]  # increasing
+        d = (s_best.max(1) / units[-1]).astype(F16)
         d32 = d.astype(F32)[:, None]
         with np.errstate(divide="ignore", invalid="ignore"):
             ratio = np.where(d32 > 0, s_best / d32, 0)
-        units = self.unit(np.arange(16, dtype=np.uint8), np.ones((1, 1), F32))[0]  # 16 scales, increasing
         s = np.abs(ratio[..., None] - units).argmin(-1).astype(np.uint8)
         scale = self.unit(s, d32)
         n_sub = cols // self.sub
@@ -200,7 +214,7 @@ class _CodebookType(QuantType):
         for k in SCALE_TRIES:
             d = np.where(top > 0, top / (cb.levels[-1] * k), 1).astype(F32)
             u = t / d[:, None]
-            v = cb.vectors[cb.near_one(u.reshape(-1, cb.group), weight.reshape(-1, cb.group))].reshape(n, sub)
+            v = self.table[self.choose(u.reshape(-1, cb.group), weight.reshape(-1, cb.group), exact=False)].reshape(n, sub)
             sxl, sll = (weight * t * v).sum(1), (weight * v * v).sum(1)
             gain = np.where(sll > 0, sxl * sxl / np.where(sll > 0, sll, 1), 0)
             better = (gain > best_gain) & (sxl > 0)
@@ -337,10 +351,84 @@ class IQ3_S(_CodebookType):
         return _f16_raw(b), b[:, 2:66].astype(np.int32) | high << 8, b[:, 74:106], _unscale_nibbles(b[:, 106:110])
 
 
+class _IQ1(_CodebookType):
+    """IQ1_S / IQ1_M: vectors of -1, 0 and +1 (2048 of them, signs included), each shifted by +delta
+    or -delta (1/8), under 3-bit sub-block scales ``d * (2s + 1)``. An index here is the codebook
+    index plus 2048 when the shift is negative; ``table`` decodes both halves."""
+
+    parity = False
+    scale_levels = 8
+    integer_step = 0.125
+    delta_groups: int  # groups sharing one shift
+
+    @cached_property
+    def table(self) -> np.ndarray:
+        delta = F32(self.gguf_type.delta)
+        return np.concatenate([self.codebook.vectors + delta, self.codebook.vectors - delta])
+
+    @staticmethod
+    def unit(s, d):
+        return d * (2 * s.astype(np.uint16) + 1)
+
+    def targets(self, w, weight):
+        return w.astype(F32), np.zeros((w.shape[0], w.shape[1] // 8), np.uint8)  # the vectors hold the signs
+
+    def choose(self, u, w, exact):
+        """Both shifts tried; each run of ``delta_groups`` groups takes the one that fits it better."""
+        cb, delta = self.codebook, F32(self.gguf_type.delta)
+        found, cost = [], []
+        for shift in (delta, -delta):
+            index = (cb.nearest if exact else cb.near_one)(u - shift, w)
+            found.append(index)
+            cost.append((w * (u - shift - cb.vectors[index]) ** 2).sum(1).reshape(-1, self.delta_groups).sum(1))
+        negative = np.repeat(cost[1] < cost[0], self.delta_groups)
+        return np.where(negative, found[1] + len(cb.vectors), found[0])
+
+
+class IQ1_S(_IQ1):
+    ggml_type, gguf_type, nbytes, sub = GGMLQuantizationType.IQ1_S, gguf.quants.IQ1_S, 50, 32
+    delta_groups, joint_columns = 4, 32  # one shift per 32 weights: their codes are chosen together
+
+    def _pack_blocks(self, index, signs, s, d):  # low 8 index bits; per 32 weights a uint16 of the rest
+        base, negative = index & 2047, index[:, ::4] >> 11
+        high = ((base >> 8) & 7).astype(np.uint16).reshape(len(s), 8, 4) << np.array([0, 3, 6, 9], np.uint16)
+        qh = high.sum(-1, dtype=np.uint16) | s.astype(np.uint16) << 12 | negative.astype(np.uint16) << 15
+        return _u8(d, (base & 255).astype(np.uint8), qh.astype(np.uint16))
+
+    def _unpack_blocks(self, b):
+        qh = np.ascontiguousarray(b[:, 34:50]).view(np.uint16).astype(np.int32)  # (nb, 8)
+        high = (qh[..., None] >> np.array([0, 3, 6, 9])) & 7
+        index = b[:, 2:34].astype(np.int32) | high.reshape(len(b), 32) << 8
+        index |= np.repeat(qh >> 15, 4, axis=1) << 11
+        return _f16_raw(b), index, np.zeros((len(b), 32), np.uint8), ((qh >> 12) & 7).astype(np.uint8)
+
+
+class IQ1_M(_IQ1):
+    ggml_type, gguf_type, nbytes, sub = GGMLQuantizationType.IQ1_M, gguf.quants.IQ1_M, 56, 16
+    delta_groups = 1  # a shift per 8 weights
+
+    def _pack_blocks(self, index, signs, s, d):  # low index bits; a nibble per group; scales with d's nibbles
+        base, negative = index & 2047, index >> 11
+        nibble = ((base >> 8) & 7 | negative << 3).astype(np.uint8)
+        d_bits = d.view(np.uint16).astype(np.uint16)  # (nb, 1)
+        d_nibbles = (d_bits >> np.array([0, 4, 8, 12], np.uint16)) & 15
+        words = (s.astype(np.uint16).reshape(len(s), 4, 4) << np.array([0, 3, 6, 9], np.uint16)).sum(-1, dtype=np.uint16)
+        words = (words | d_nibbles << 12).astype(np.uint16)
+        return _u8((base & 255).astype(np.uint8), nibble[:, 0::2] | nibble[:, 1::2] << 4, words)
+
+    def _unpack_blocks(self, b):
+        nibbles = np.stack([b[:, 32:48] & 15, b[:, 32:48] >> 4], axis=-1).reshape(len(b), 32).astype(np.int32)
+        index = b[:, :32].astype(np.int32) | (nibbles & 7) << 8 | (nibbles >> 3) << 11
+        words = np.ascontiguousarray(b[:, 48:56]).view(np.uint16)
+        d = ((words >> 12) << np.array([0, 4, 8, 12], np.uint16)).sum(-1, dtype=np.uint16)
+        s = ((words[..., None] >> np.array([0, 3, 6, 9], np.uint16)) & 7).reshape(len(b), 16).astype(np.uint8)
+        return d.reshape(-1, 1).view(F16), index, np.zeros((len(b), 32), np.uint8), s
+
+
 def _f16_raw(b: np.ndarray) -> np.ndarray:
     """The fp16 ``d`` at the start of each block, as float16 (nblocks, 1)."""
     return np.ascontiguousarray(b[:, :2]).view(F16)
 
 
-CODEBOOK_TYPES = (IQ2_XXS(), IQ2_XS(), IQ2_S(), IQ3_XXS(), IQ3_S())
+CODEBOOK_TYPES = (IQ1_S(), IQ1_M(), IQ2_XXS(), IQ2_XS(), IQ2_S(), IQ3_XXS(), IQ3_S())
 TYPES.update({t.name: t for t in CODEBOOK_TYPES})

@@ -6,7 +6,7 @@ llama.cpp's quantizer picks (Q5_0, Q5_1, Q8_0). For Q2_K and Q3_K llama.cpp (0.3
 ``tensor_type_fallback``) picks Q4_0; we pick IQ4_NL instead: the same 4.5 bits per weight, and
 its non-linear codebook fits the bell-shaped weights better (on the default model's 576-wide
 matrices, 0.63x Q4_0's importance-weighted squared error; ``tests/test_ggml_quants.py`` checks it).
-The i-quants (IQ4_XS, IQ3_S ... IQ2_XXS) fall back to IQ4_NL, as in llama.cpp.
+The i-quants (IQ4_XS, IQ3_S ... IQ1_S) fall back to IQ4_NL, as in llama.cpp.
 
 The greedy mix here is the prior used by ``--method rtn/gptq`` (QuBLAST measures instead, see
 :mod:`edgequant.sensitivity` and :func:`knapsack`): every matrix starts on its cheapest rung, then the upgrade with the largest expected error
@@ -26,7 +26,7 @@ from .errors import EdgequantError
 from .ggml_quants import TYPES, get_type
 
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-            **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"), "IQ4_NL")}
+            **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
 LADDER = ["Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
 PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
 

@@ -23,7 +23,7 @@ def correlated_layer(rows=64, cols=512, tokens=2048, seed=0):
 
 
 @pytest.mark.parametrize("name", ["Q4_0", "IQ4_NL", "Q4_K", "Q3_K", "Q2_K", "Q6_K",  # a code per weight
-                                  "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS"])  # a vector per group
+                                  "IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"])  # a vector per group
 def test_codes_are_packed_as_chosen_and_lower_the_output_error(name):
     w, x, h = correlated_layer()
     qtype = get_type(name)

@@ -20,11 +20,11 @@ feedback to matter. On the default model at Q8_0 everywhere, with QuBLAST's maps
 KLD 0.00189 ± 0.00005 and round-to-nearest 0.00195 ± 0.00004 (llama.cpp, 8176 tokens), and GPTQ
 tripled the build's time. A plan with nothing below 8 bits skips the Hessians altogether.
 
-The codebook i-quants (IQ2_XXS ... IQ3_S) choose a vector for a group of 4 or 8 weights, not a
-code per weight. For them the loop goes 8 columns (one sign byte) at a time: the vectors and signs
-of those columns are chosen together, each column's error weighted by 1 / U_jj^2 (what rounding it
+The codebook i-quants (IQ1_S ... IQ3_S) choose a vector for a group of 4 or 8 weights, not a
+code per weight. For them the loop goes 8 columns (one sign byte; 32 for IQ1_S, whose shift is
+shared by 32 weights) at a time: the vectors and signs of those columns are chosen together, each column's error weighted by 1 / U_jj^2 (what rounding it
 costs once the columns after it are corrected), then the 8 columns' errors are spread over the
-columns after them as above. Act-order moves whole 8-column units (by their summed activation
+columns after them as above. Act-order moves whole units (by their summed activation
 energy): on the test layer of ``tests/test_gptq.py`` that took the output error from 0.82x to
 0.44-0.54x importance-weighted nearest rounding's.
 """
@@ -46,7 +46,6 @@ from . import rtn
 DAMP = 0.01
 COLUMN_BLOCK = 128
 ROUNDED_TO_NEAREST = {"Q8_0"}  # types GPTQ leaves to RTN (see above)
-SIGN_UNIT = 8  # columns a codebook type's codes are chosen for at once (one sign byte)
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (a block's matrices in one go)
 
 
@@ -113,8 +112,9 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act
     if not act_order:
         perm = torch.arange(cols)
     elif grouped:
-        units = torch.argsort(diag.reshape(-1, SIGN_UNIT).sum(1), descending=True)
-        perm = (units[:, None] * SIGN_UNIT + torch.arange(SIGN_UNIT)).reshape(-1)
+        unit = qtype.joint_columns
+        units = torch.argsort(diag.reshape(-1, unit).sum(1), descending=True)
+        perm = (units[:, None] * unit + torch.arange(unit)).reshape(-1)
     else:
         perm = torch.argsort(diag, descending=True)
     U = _inverse_cholesky_reversed(hessian, diag, perm.flip(0))
@@ -154,24 +154,24 @@ def _rounded_columns(weight: torch.Tensor, grid: Grid, U: torch.Tensor, perm: to
 
 
 def _rounded_groups(weight: torch.Tensor, grid: CodebookGrid, U: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor) -> Codes:
-    """GPTQ's loop for a codebook type, ``SIGN_UNIT`` columns at a time in ``perm``'s order of whole
+    """GPTQ's loop for a codebook type, its ``joint_columns`` at a time in ``perm``'s order of whole
     units (see the module's text)."""
     W = weight[:, perm]  # a copy
     W[:, dead[perm]] = 0.0
     rows, cols = W.shape
-    group = grid.qtype.codebook.group
-    index, signs = np.zeros((rows, cols // group), np.int32), np.zeros((rows, cols // SIGN_UNIT), np.uint8)
+    group, unit = grid.qtype.codebook.group, grid.qtype.joint_columns
+    index, signs = np.zeros((rows, cols // group), np.int32), np.zeros((rows, cols // 8), np.uint8)
     metric = (1.0 / U.diagonal() ** 2).numpy()
     for i1 in range(0, cols, COLUMN_BLOCK):
         i2 = min(i1 + COLUMN_BLOCK, cols)
         W1, U1 = W[:, i1:i2].clone(), U[i1:i2, i1:i2]
         E1 = torch.zeros_like(W1)
-        for j in range(0, i2 - i1, SIGN_UNIT):
+        for j in range(0, i2 - i1, unit):
             c = int(perm[i1 + j])  # the unit's first column in the matrix
-            codes = grid.round(W1[:, j : j + SIGN_UNIT].numpy(), c, importance=metric[i1 + j : i1 + j + SIGN_UNIT])
-            index[:, c // group : (c + SIGN_UNIT) // group], signs[:, c // SIGN_UNIT] = codes.index, codes.signs[:, 0]
+            codes = grid.round(W1[:, j : j + unit].numpy(), c, importance=metric[i1 + j : i1 + j + unit])
+            index[:, c // group : (c + unit) // group], signs[:, c // 8 : (c + unit) // 8] = codes.index, codes.signs
             value = torch.from_numpy(grid.values(codes, c))
-            for k in range(j, j + SIGN_UNIT):
+            for k in range(j, j + unit):
                 err = (W1[:, k] - value[:, k - j]) / U1[k, k]
                 W1[:, k:] -= err[:, None] * U1[k, k:][None, :]
                 E1[:, k] = err

@@ -15,9 +15,9 @@ of ``block_size`` weights with 2-, 4- or 8-bit unsigned codes, so:
   ``round(k * b / a) + z0``, ``k`` as large as 8 bits allow (8 for 5-bit codes, 17 for 4-bit, 85
   for 2-bit). The codes are still ggml's; only the offset is rounded, by at most ``a / (2k)``.
   Every converted tensor records its largest deviation from the GGUF values.
-* **codebook i-quants** (IQ2_XXS ... IQ3_S: sub-block scale times a codebook magnitude and a
-  sign) map exactly to 8 bits: each weight's signed magnitude (an integer up to 62) + 128, with
-  the sub-block (32, or 16 for IQ2_XS/IQ2_S) as the block and its effective scale.
+* **codebook i-quants** (IQ1_S ... IQ3_S: sub-block scale times a codebook value and a sign) map
+  exactly to 8 bits: each weight's signed value (an integer up to 62; for IQ1, eighths: -9..9 with
+  the scale divided by 8) + 128, with the sub-block (16 or 32 weights) as the block.
 """
 
 from __future__ import annotations
@@ -98,7 +98,8 @@ def _from_ggml_rows(ggml_type: str, data: np.ndarray) -> BlockQuantized:
     grid, q = qtype.unpack(data)
     gguf_values = grid.values(q)
     if isinstance(grid, CodebookGrid):  # scale times a signed integer up to 62: 8 bits, exact
-        out = BlockQuantized(ggml_type, 8, grid.sub, _packed(grid.integers(q) + 128, 8), grid.scale.astype(F32), None, 0.0)
+        integers, scale = grid.integers(q)
+        out = BlockQuantized(ggml_type, 8, grid.sub, _packed(integers + 128, 8), scale, None, 0.0)
     elif qtype.levels is not None or qtype.qmin < 0:
         signed = qtype.levels[q].astype(np.int32) if qtype.levels is not None else q
         low, high = (qtype.levels.min(), qtype.levels.max()) if qtype.levels is not None else (qtype.qmin, qtype.qmax)
