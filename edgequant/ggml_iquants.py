@@ -67,7 +67,7 @@ class Codebook:
         keys = np.arange(n_levels**self.group)
         digits = keys[:, None] // self.place[None, :] % n_levels
         lattice = self.levels[digits]
-        d2 = (lattice**2).sum(1)[:, None] - 2 * lattice @ self.vectors.T + (self.vectors**2).sum(1)[None, :]
+        d2 = (lattice**2).sum(1)[:, None] - 2 * lattice @ self.vectors.T + self.squares.sum(1)[None, :]
         return np.argsort(d2, axis=1, kind="stable")[:, :NEIGHBOURS].astype(np.int32)
 
     @cached_property

@@ -22,9 +22,9 @@ tripled the build's time. A plan with nothing below 8 bits skips the Hessians al
 
 The codebook i-quants (IQ1_S ... IQ3_S) choose a vector for a group of 4 or 8 weights, not a
 code per weight. For them the loop goes 8 columns (one sign byte; 32 for IQ1_S, whose shift is
-shared by 32 weights) at a time: the vectors and signs of those columns are chosen together, each column's error weighted by 1 / U_jj^2 (what rounding it
-costs once the columns after it are corrected), then the 8 columns' errors are spread over the
-columns after them as above. Act-order moves whole units (by their summed activation
+shared by 32 weights) at a time: the vectors and signs of those columns are chosen together, each
+column's error weighted by 1 / U_jj^2 (what rounding it costs once the columns after it are
+corrected), then those columns' errors are spread over the columns after them as above. Act-order moves whole units (by their summed activation
 energy): on the test layer of ``tests/test_gptq.py`` that took the output error from 0.82x to
 0.44-0.54x importance-weighted nearest rounding's.
 """
