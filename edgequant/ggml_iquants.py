@@ -114,6 +114,10 @@ class CodebookGrid(Grid):
                             first.sub, 0, 0, None, {k: np.concatenate([p.fields[k] for p in parts]) for k in first.fields},
                             first.qtype, first.importance)
 
+    @staticmethod
+    def codes_of_rows(parts: list[Codes]) -> Codes:
+        return Codes(np.concatenate([c.index for c in parts]), np.concatenate([c.signs for c in parts]))
+
     def values(self, codes: Codes, c0: int = 0) -> np.ndarray:
         v, sign = self._magnitudes_and_signs(codes)
         return self._columns(self.scale, c0, c0 + v.shape[1]) * v * sign

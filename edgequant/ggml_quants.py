@@ -67,6 +67,11 @@ class Grid:
                     first.qmin, first.qmax, first.levels,
                     {k: np.concatenate([p.fields[k] for p in parts]) for k in first.fields})
 
+    @staticmethod
+    def codes_of_rows(parts: list[np.ndarray]) -> np.ndarray:
+        """The codes of a matrix from the codes of its consecutive row ranges."""
+        return np.concatenate(parts)
+
     def _columns(self, a: np.ndarray, c0: int, c1: int) -> np.ndarray:
         """Per-sub-block array ``a`` (rows, n_sub) spread over columns ``c0..c1``."""
         return a[:, np.arange(c0, c1) // self.sub]
@@ -221,6 +226,7 @@ class QuantType:
     qmin: int  # code range (codebook indices for IQ4_NL)
     qmax: int
     levels: np.ndarray | None = None  # codebook of non-uniform types
+    joint_columns = 1  # columns whose codes GPTQ chooses together (a codebook type's sign unit)
 
     @property
     def name(self) -> str:

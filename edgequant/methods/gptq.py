@@ -93,9 +93,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act_orde
     """Codes (rows, cols) and the grid they live on, for ``weight`` given its input Hessian."""
     parts = list(gptq_rows(weight, hessian, qtype, act_order))
     codes, grids = [c for _, c, _ in parts], [g for _, _, g in parts]
-    if isinstance(codes[0], Codes):
-        return Codes(np.concatenate([c.index for c in codes]), np.concatenate([c.signs for c in codes])), grids[0].of_rows(grids)
-    return np.concatenate(codes), Grid.of_rows(grids)
+    return grids[0].codes_of_rows(codes), grids[0].of_rows(grids)
 
 
 @torch.no_grad()
@@ -108,7 +106,7 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act
     diag = torch.diag(hessian).clone()
     dead = diag == 0  # inputs never seen: their columns are zeroed, their Hessian diagonal set to 1
     diag[dead] = 1.0
-    grouped = hasattr(qtype, "codebook")  # a codebook type: act-order moves whole sign units
+    grouped = qtype.joint_columns > 1  # a codebook type: act-order moves whole sign units
     if not act_order:
         perm = torch.arange(cols)
     elif grouped:
