@@ -95,6 +95,9 @@ def build(
     formats: str = typer.Option("gguf,onnx", help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes)."),
     parity: bool = typer.Option(False, "--parity", help="Also score the torch simulation of the GGUF's bytes and ONNX Runtime "
                                 "at accuracy_level 0, which the runtimes must match (two more evaluations)."),
+    twin: bool = typer.Option(True, "--twin/--no-twin", help="Also quantize the model with llama.cpp's own quantizer at "
+                              "the nearest preset of the same or larger size (same importance matrix) and score it "
+                              "beside the build."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
@@ -105,7 +108,7 @@ def build(
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
                     sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity, eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
-                    parity=parity)
+                    parity=parity, twin=twin)
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
 
@@ -386,7 +389,14 @@ def _print_summary(report: dict) -> None:
             r, art = q[key], artifacts.get(fmt, {"path": "(gguf, not kept)", "bpw": float("nan"), "bytes": 0})
             table.add_row(art["path"], r["runtime"], f"{art['bpw']:.3f}", f"{art['bytes'] / 1e6:.1f}",
                           f"{r['ppl']:.3f}", f"{r['kld']:.4f}", f"{r['top1']:.3f}")
-    Console().print(table)
+    if "stock" in q:  # llama.cpp's own mix at this size: what the build gained over llama-quantize
+        r, twin = q["stock"], report["stock"]
+        table.add_row(twin["label"], r["runtime"], f"{twin['bpw']:.3f}", f"{twin['bytes'] / 1e6:.1f}",
+                      f"{r['ppl']:.3f}", f"{r['kld']:.4f}", f"{r['top1']:.3f}")
+    console = Console()
+    if not console.is_terminal:  # a pipe or a log: no 80-column wrapping of the file names
+        console.width = 140
+    console.print(table)
     t = report["text"]["evaluation"]
     typer.echo(f"evaluation: {t['source']}, {t['tokens']} tokens, ctx {t['ctx']}")
     p = report["predicted"]

@@ -47,6 +47,7 @@ from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
 from .sensitivity import HOW, Part, Sensitivity, split_parts
 from .rotations import untie
+from .twin import Twin, make_twin, reference_gguf
 from .smoothing import llama_cpp_activations, smooth
 
 
@@ -78,6 +79,7 @@ class BuildOptions:
     threads: int | None = None
     formats: tuple[str, ...] = FORMATS  # what goes into --out; the ONNX model is made from the GGUF's bytes
     pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
+    twin: bool = True  # also make, score and show llama.cpp's own mix at the GGUF's size (edgequant.twin)
 
     def __post_init__(self):
         """Mistyped names and numbers out of range fail here, before the model is loaded."""
@@ -166,6 +168,15 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
 
 
 @dataclass
+class TwinSource:
+    """Where the stock twin comes from: the full-precision GGUF and the importance matrix."""
+
+    path: Path
+    params: int  # of the full-precision model (the twin's bits per weight count over them)
+    importance: dict | None = None
+
+
+@dataclass
 class Planned:
     """Everything decided before any weight is rounded."""
 
@@ -181,6 +192,7 @@ class Planned:
     eval_label: str | None = None  # where the evaluation text came from
     pruning: Pruning | None = None  # what was pruned (asked for, or chosen by the joint search)
     search: dict | None = None  # the joint search's details
+    twin: TwinSource | None = None  # the full-precision GGUF llama.cpp's quantizer starts from
 
     def summary(self) -> dict:
         """What ``edgequant plan`` prints: budget, bit map, predicted size / memory / speed."""
@@ -205,15 +217,23 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
-    reference, label = None, None
+    reference, label, twin = None, None, None
 
-    def store_reference():
-        nonlocal reference, label
+    def store_reference(calibrated: bool = False):
+        """The reference log-probabilities and the stock twin's source, from the model as loaded
+        (``calibrated``: its importance now, as it is about to change)."""
+        nonlocal reference, label, twin
         if with_reference and reference is None:
             label, text = load_text(opts.eval_text, EVALUATION_TEXT)
             windows = token_windows(loaded.tokenizer, text, opts.eval_tokens, opts.ctx)
             with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
                 reference = reference_log_probs(loaded, windows, tick)
+            if opts.twin and "gguf" in opts.formats:
+                with progress.step("full-precision GGUF for llama.cpp's quantizer"):
+                    twin = TwinSource(reference_gguf(loaded), unpruned_params)
+                if calibrated and opts.use_importance:
+                    with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
+                        twin.importance = cached_activation_stats(loaded, calib, tick).importance
 
     unpruned_params = sum(p.numel() for p in loaded.model.parameters())
     if method.unties:  # the plan then counts both matrices
@@ -225,7 +245,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
         choice = _search(loaded, method, opts, device, calib, progress)
         pruning = choice.pruning
     if pruning:
-        store_reference()  # of the unpruned model
+        store_reference(calibrated=True)  # of the unpruned model
         pruning.check(loaded.model)
         if not loaded.adapter.per_block_sizes_arch:  # before the work: the file must hold per-block sizes
             raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.adapter.model_type}")
@@ -242,10 +262,12 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens,
                               opts.sensitivity)
     release_memory()  # the calibration passes' temporaries
+    if twin is not None and twin.importance is None:
+        twin.importance = calibration.importance
     plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     release_memory()  # the sensitivity table's
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference, label,
-                   pruning or None, choice.details if choice else None)
+                   pruning or None, choice.details if choice else None, twin)
 
 
 def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Device, calib, progress) -> Choice:
@@ -307,6 +329,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
             write_gguf(gguf_path, work, encoded, opts.method)
         artifacts = [_artifact(gguf_path, "gguf", out)]
         sim = _simulation(work, encoded, p.method.activation_aware) if opts.parity else None
+        twin_source = p.twin
         tokenizer, spill = work.tokenizer, work.store
         if spill is not None and sim is None:
             spill.close()  # now, not in a collection, where an interrupt would be lost
@@ -315,7 +338,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
                 artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer), out))
-        quality = _evaluate(reference, sim, stage, windows, opts, progress)
+        twin = None
+        if twin_source is not None:
+            with progress.step("llama.cpp's own mix at this size"):
+                twin = make_twin(twin_source.path, artifacts[0]["tensor_bytes"], twin_source.importance, stage)
+        quality = _evaluate(reference, sim, stage, windows, opts, progress, twin)
+        if twin is not None:
+            report["stock"] = twin.as_dict(twin_source.params)
+            twin.path.unlink()
         if spill is not None:
             spill.close()
         if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
@@ -424,11 +454,13 @@ class Simulation:
     a8_types: dict[str, str] | None
 
 
-def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, windows, opts, progress) -> dict:
+def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, windows, opts, progress,
+              twin: Twin | None = None) -> dict:
     """Quality of the files in ``stage`` against the full-precision ``reference``, each in its
-    own runtime, one runtime at a time. With ``opts.parity``, also what the runtimes must agree
-    with: the torch simulation of the GGUF's decoded bytes, and the ONNX model at accuracy_level 0
-    (float32 activations, the exact counterpart of the simulation)."""
+    own runtime, one runtime at a time (and of llama.cpp's ``twin``, under ``stock``). With
+    ``opts.parity``, also what the runtimes must agree with: the torch simulation of the GGUF's
+    decoded bytes, and the ONNX model at accuracy_level 0 (float32 activations, the exact
+    counterpart of the simulation)."""
     ctx, threads = windows.shape[1], opts.threads
     passes = []
     if sim is not None:
@@ -441,6 +473,8 @@ def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, wi
         passes.append(("onnx", lambda: OrtDecoder(stage / "onnx", threads)))
         if opts.parity:
             passes.append(("onnx_exact", lambda: OrtDecoder(stage / "onnx", threads, accuracy_level=0)))
+    if twin is not None:
+        passes.append(("stock", lambda: LlamaCppLogits(twin.path, ctx, threads)))
     release_memory()  # what the export left behind
     quality = {}
     for i, (key, open_candidate) in enumerate(passes or [("fp", lambda: reference)]):
@@ -456,7 +490,8 @@ def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, wi
 
 _EVALUATED = {"fp": "full precision", "gguf_sim": "torch simulation",
               "gguf_sim_a8": "torch simulation, 8-bit activations", "gguf": "GGUF in llama.cpp",
-              "onnx": "ONNX in onnxruntime", "onnx_exact": "ONNX in onnxruntime (accuracy_level 0)"}
+              "onnx": "ONNX in onnxruntime", "onnx_exact": "ONNX in onnxruntime (accuracy_level 0)",
+              "stock": "llama.cpp's own mix"}
 
 
 class _A8Logits(TorchLogits):

@@ -112,6 +112,7 @@ def _summary(report: dict) -> str:
         "decode speed": f"predicted {predicted:.0f} tok/s" + (f" · measured {measured:.0f}" if measured else ""),
         "quality": (f"ppl {quality['ppl']:.2f} (full precision {report['quality']['fp']['ppl']:.2f}) · "
                     f"KLD {quality['kld']:.4f} · top-1 {quality['top1']:.3f} in {quality['runtime']}"),
+        **_twin_item(report),
         "evaluation text": f"{report['text']['evaluation']['source']}, {report['text']['evaluation']['tokens']} tokens",
         "build": f"{report['build']['seconds'] / 60:.1f} min, peak RSS {report['build']['peak_rss_mb']:.0f} MB",
     }
@@ -119,6 +120,15 @@ def _summary(report: dict) -> str:
         items["transform"] = _transform_line(report["transform"])
     cells = "".join(f"<div><b>{escape(k)}</b>{escape(v)}</div>" for k, v in items.items())
     return f'<section id="summary" class="card">{cells}</section>\n'
+
+
+def _twin_item(report: dict) -> dict[str, str]:
+    """The summary's line on llama.cpp's own mix at this size (none when the build made no twin)."""
+    twin, quality = report.get("stock"), report["quality"].get("stock")
+    if not twin or not quality:
+        return {}
+    return {"llama.cpp at this size": f"{twin['label']}, {twin['bytes'] / 1e6:.1f} MB · {twin['bpw']:.2f} bpw · "
+                                      f"ppl {quality['ppl']:.2f} · KLD {quality['kld']:.4f} · top-1 {quality['top1']:.3f}"}
 
 
 def _transform_line(details: dict) -> str:
@@ -197,6 +207,9 @@ def _size_quality_svg(report: dict, ladder: dict | None) -> str:
         art = next((a for a in report["artifacts"] if a["format"] == key), None)
         if art and key in report["quality"]:
             ax.plot([art["bpw"]], [report["quality"][key]["kld"]], "*", markersize=14, color=colour, label=label)
+    if report.get("stock") and "stock" in report["quality"]:
+        ax.plot([report["stock"]["bpw"]], [report["quality"]["stock"]["kld"]], "D", markersize=8, color="#555",
+                label=f"{report['stock']['label']} (same text, same windows)")
     ax.set_yscale("log")
     ax.set_xlabel("bits per weight (tensor data / parameters)")
     ax.set_ylabel("KL divergence vs full precision")

@@ -24,10 +24,12 @@ from edgequant.models import LoadedModel, block_shapes, sizes_differ
 
 
 
-def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor], method: str) -> None:
-    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes. The
-    header lists every tensor first; their data follows one tensor at a time, the norms read
-    from the model as they are written (a streamed block is mapped only then)."""
+def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor] | None, method: str,
+               float_type: type = np.float32) -> None:
+    """Write ``path`` atomically. ``encoded`` maps GGUF names of 2-D weights to their bytes; None
+    stores every weight unquantized, as ``float_type`` (the full-precision file llama.cpp's own
+    quantizer starts from). The header lists every tensor first; their data follows one tensor at
+    a time, read from the model as they are written (a streamed block is mapped only then)."""
     path = Path(path)
     with atomic_path(path) as tmp:
         writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
@@ -38,7 +40,7 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
             writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
         stored = [(hf_name, t) for hf_name, t in loaded.model.state_dict(keep_vars=True).items() if _is_stored(loaded, hf_name)]
         for hf_name, t in stored:  # shapes only: a streamed block's tensors are on the meta device here
-            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded))
+            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded, float_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
@@ -46,7 +48,7 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
             writer.write_tensor_data(factors)
         for hf_name, t in loaded.state():
             if _is_stored(loaded, hf_name):
-                writer.write_tensor_data(_data(loaded, hf_name, t, encoded))
+                writer.write_tensor_data(_data(loaded, hf_name, t, encoded, float_type))
         writer.close()
 
 
@@ -54,21 +56,23 @@ def _is_stored(loaded: LoadedModel, hf_name: str) -> bool:
     return not (hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings)
 
 
-def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded):
+def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded, float_type):
     """(name, shape, dtype, bytes, ggml type) of a tensor's entry in the file, from its shape alone."""
     name = loaded.gguf_name(hf_name)
-    if len(shape) == 1:
-        return name, shape, np.dtype(np.float32), 4 * shape[0], None
+    if len(shape) == 1 or encoded is None:
+        dtype = np.dtype(np.float32 if len(shape) == 1 else float_type)
+        return name, shape, dtype, dtype.itemsize * int(np.prod(shape)), None
     data = encoded[name].data
     return name, data.shape, data.dtype, data.nbytes, gguf.GGMLQuantizationType[encoded[name].ggml_type]
 
 
-def _data(loaded: LoadedModel, hf_name: str, t, encoded) -> np.ndarray:
+def _data(loaded: LoadedModel, hf_name: str, t, encoded, float_type) -> np.ndarray:
     """The bytes of one tensor as the file stores them (q/k rows in llama.cpp's rotary order)."""
     name = loaded.gguf_name(hf_name)
     if t.ndim == 1:
         return t.float().numpy()
-    return np.ascontiguousarray(loaded.adapter.to_gguf(name, encoded[name].data, loaded.config))
+    data = t.float().numpy().astype(float_type, copy=False) if encoded is None else encoded[name].data
+    return np.ascontiguousarray(loaded.adapter.to_gguf(name, data, loaded.config))
 
 
 def overhead_bytes(loaded: LoadedModel) -> int:

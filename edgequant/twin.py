@@ -1,0 +1,91 @@
+"""The stock twin: llama.cpp's own quantizer at the build's size, scored beside the build.
+
+Every build shows what it gained over ``llama-quantize``:
+
+1. The full-precision model, as loaded (before any transform or pruning), is written once to a
+   float GGUF under the cache folder: the file a user would hand to ``llama-quantize``.
+2. llama.cpp's dry run sizes each of llama-quantize's presets on it, without quantizing
+   anything. The twin is the smallest preset whose tensor data is at least the build's GGUF's
+   (the largest preset when ours is larger still).
+3. It is quantized with the importance matrix the build used (the block matrices' mean squared
+   inputs, what ``llama-imatrix`` collects by default), as ``llama-quantize --imatrix`` would,
+   and scored in llama.cpp on the build's evaluation windows.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from exporters.gguf import write_gguf
+from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size
+
+from .errors import EdgequantError
+from .measured import cache_path, code_of
+from .models import LoadedModel
+
+FLOAT32_UP_TO = 2_000_000_000  # parameters: larger references are written as F16 (an 8B model: 16 GB)
+
+
+@dataclass
+class Twin:
+    mix: str  # llama-quantize's preset, e.g. "Q4_K_M"
+    path: Path
+    tensor_bytes: int
+    imatrix: bool  # quantized with the build's importance matrix
+
+    @property
+    def label(self) -> str:
+        return f"llama.cpp {self.mix}" + (" + imatrix" if self.imatrix else "")
+
+    def as_dict(self, params: int) -> dict:
+        return {"mix": self.mix, "imatrix": self.imatrix, "label": self.label, "bytes": self.path.stat().st_size,
+                "tensor_bytes": self.tensor_bytes, "bpw": self.tensor_bytes * 8 / params}
+
+
+def reference_gguf(loaded: LoadedModel) -> Path:
+    """The full-precision GGUF of ``loaded`` (written tensor by tensor on first use, then cached)."""
+    params = sum(p.numel() for p in loaded.model.parameters())
+    dtype = np.float32 if params <= FLOAT32_UP_TO else np.float16
+    path = cache_path("twin", loaded, code_of("exporters.gguf"), np.dtype(dtype).name.encode(), suffix=".gguf")
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_gguf(path, loaded, None, "full precision", dtype)
+    return path
+
+
+def imatrix_of(importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The block matrices' importance: what llama-imatrix collects by default (not the output)."""
+    return {name: v for name, v in importance.items() if name.startswith("blk.")}
+
+
+def choose_mix(source: Path, tensor_bytes: int, imatrix: dict[str, np.ndarray]) -> tuple[str, int]:
+    """(preset, its tensor bytes): the smallest of llama-quantize's presets on ``source`` with at
+    least ``tensor_bytes`` of tensor data, or the largest of them. Where rows fall back to 32-wide
+    blocks, presets can come out the same size; of those, the first in llama-quantize's order (the
+    nominally larger) is taken. Presets that need an importance matrix are left out when there is none."""
+    sizes = {}
+    for mix in STOCK_FTYPES:
+        try:
+            sizes[mix] = stock_size(source, mix, imatrix=imatrix or None)
+        except RuntimeError:  # an i-quant preset, and no importance matrix
+            continue
+    order = list(STOCK_FTYPES)  # largest first: of presets of one size, the nominally larger is taken
+    ranked = sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
+    mix, size = next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
+    return mix, size
+
+
+def make_twin(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray], folder: Path) -> Twin:
+    """llama.cpp's file at the build's size (:func:`choose_mix`), written into ``folder``."""
+    imatrix = imatrix_of(importance)
+    try:
+        mix, size = choose_mix(source, tensor_bytes, imatrix)
+        path = Path(folder) / f"llama.cpp-{mix}.gguf"
+        quantize_stock(source, path, mix, imatrix=imatrix or None, nthread=os.cpu_count() or 1)
+    except RuntimeError as e:  # e.g. a full disk; llama.cpp's reason in one line
+        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None
+    return Twin(mix, path, size, bool(imatrix))
