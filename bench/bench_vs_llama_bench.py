@@ -2,7 +2,7 @@
 
     python bench/bench_vs_llama_bench.py OUT_DIR [OUT_DIR ...] [--llama-bench PATH] [--threads 2]
 
-Without ``--llama-bench`` it runs ``bench/build_llama_bench.sh`` first, which builds llama-bench
+Without ``--llama-bench`` it runs ``bench/build_llama_tools.sh`` first, which builds llama-bench
 (once, ~6 min on 2 cores) from the llama.cpp sources of the installed llama-cpp-python.
 
 For each build folder: our probe (llama-cpp-python in a fresh process: 128-token prompt, then 64
@@ -46,9 +46,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.llama_bench is None:
-        script = Path(__file__).with_name("build_llama_bench.sh")
+        script = Path(__file__).with_name("build_llama_tools.sh")
         built = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
-        args.llama_bench = Path(built.stdout.strip().splitlines()[-1])
+        args.llama_bench = Path(built.stdout.strip().splitlines()[-1]) / "llama-bench"
     rows = []
     for folder in args.folders:
         mine, theirs = ours(folder, args.threads), llama_bench(args.llama_bench, folder / "model.gguf", args.threads)
