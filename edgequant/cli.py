@@ -397,6 +397,8 @@ def _print_summary(report: dict) -> None:
     if not console.is_terminal:  # a pipe or a log: no 80-column wrapping of the file names
         console.width = 140
     console.print(table)
+    if "error" in report.get("stock", {}):
+        typer.echo(f"llama.cpp's own mix at this size: not made ({report['stock']['error']})")
     t = report["text"]["evaluation"]
     typer.echo(f"evaluation: {t['source']}, {t['tokens']} tokens, ctx {t['ctx']}")
     p = report["predicted"]

@@ -120,6 +120,8 @@ class RowGrid:
     """:func:`quantize_rows`'s grids as an :class:`edgequant.ggml_quants.Grid`, so that GPTQ
     (:func:`edgequant.methods.gptq.gptq`) can choose the codes on them."""
 
+    joint_columns = 1  # GPTQ rounds its codes one column at a time
+
     def __init__(self, bits: int, group: int | None = None):
         self.bits, self.group = bits, group
 

@@ -116,6 +116,7 @@ class CodebookGrid(Grid):
 
     @staticmethod
     def codes_of_rows(parts: list[Codes]) -> Codes:
+        """The codes of a matrix from the codes of its consecutive row ranges."""
         return Codes(np.concatenate([c.index for c in parts]), np.concatenate([c.signs for c in parts]))
 
     def values(self, codes: Codes, c0: int = 0) -> np.ndarray:

@@ -218,10 +218,11 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
     reference, label, twin = None, None, None
+    tied = loaded.config.tie_word_embeddings  # as loaded (a method may untie the head below)
 
-    def store_reference(calibrated: bool = False):
+    def store_reference(twin_importance: bool = False):
         """The reference log-probabilities and the stock twin's source, from the model as loaded
-        (``calibrated``: its importance now, as it is about to change)."""
+        (``twin_importance``: the twin's importance matrix too, now, before pruning changes the model)."""
         nonlocal reference, label, twin
         if with_reference and reference is None:
             label, text = load_text(opts.eval_text, EVALUATION_TEXT)
@@ -230,8 +231,8 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
                 reference = reference_log_probs(loaded, windows, tick)
             if opts.twin and "gguf" in opts.formats:
                 with progress.step("full-precision GGUF for llama.cpp's quantizer"):
-                    twin = TwinSource(reference_gguf(loaded), unpruned_params)
-                if calibrated and opts.use_importance:
+                    twin = TwinSource(reference_gguf(loaded, tied), unpruned_params)
+                if twin_importance and opts.use_importance:
                     with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
                         twin.importance = cached_activation_stats(loaded, calib, tick).importance
 
@@ -245,10 +246,10 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
         choice = _search(loaded, method, opts, device, calib, progress)
         pruning = choice.pruning
     if pruning:
-        store_reference(calibrated=True)  # of the unpruned model
         pruning.check(loaded.model)
         if not loaded.adapter.per_block_sizes_arch:  # before the work: the file must hold per-block sizes
             raise EdgequantError(f"pruned models export for llama-family models only, not {loaded.adapter.model_type}")
+        store_reference(twin_importance=True)  # of the unpruned model
         with progress.step("prune and refit"):
             loaded = prune(loaded, pruning, calib)
     tgt = target(loaded, opts, device, unpruned_params if pruning else None)
@@ -338,10 +339,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
                 artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer), out))
-        twin = None
-        if twin_source is not None:
-            with progress.step("llama.cpp's own mix at this size"):
-                twin = make_twin(twin_source.path, artifacts[0]["tensor_bytes"], twin_source.importance, stage)
+        twin = _stock_twin(twin_source, artifacts[0]["tensor_bytes"], stage, report, progress)
         quality = _evaluate(reference, sim, stage, windows, opts, progress, twin)
         if twin is not None:
             report["stock"] = twin.as_dict(twin_source.params)
@@ -371,6 +369,19 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
                                "settings": settings(opts), "plan": {"rule": plan.rule, "bpw": plan.bpw, "file": "plan.json"},
                                "text": report["text"], "versions": library_versions()})
     return report
+
+
+def _stock_twin(source: TwinSource | None, tensor_bytes: int, stage: Path, report: dict, progress: Progress) -> Twin | None:
+    """llama.cpp's own file at the build's size, in ``stage`` (None without a source). It is a
+    comparison, not the product: if llama.cpp cannot make it, the build goes on and says why."""
+    if source is None:
+        return None
+    try:
+        with progress.step("llama.cpp's own mix at this size"):
+            return make_twin(source.path, tensor_bytes, source.importance, stage)
+    except EdgequantError as e:
+        report["stock"] = {"error": str(e)}  # shown where the twin's row would be
+        return None
 
 
 def _transform(p: Planned, opts: BuildOptions, progress: Progress) -> tuple[LoadedModel, dict, Calibration]:

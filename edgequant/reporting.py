@@ -125,6 +125,8 @@ def _summary(report: dict) -> str:
 def _twin_item(report: dict) -> dict[str, str]:
     """The summary's line on llama.cpp's own mix at this size (none when the build made no twin)."""
     twin, quality = report.get("stock"), report["quality"].get("stock")
+    if twin and "error" in twin:
+        return {"llama.cpp at this size": f"not made: {twin['error']}"}
     if not twin or not quality:
         return {}
     return {"llama.cpp at this size": f"{twin['label']}, {twin['bytes'] / 1e6:.1f} MB · {twin['bpw']:.2f} bpw · "

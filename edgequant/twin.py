@@ -15,19 +15,21 @@ Every build shows what it gained over ``llama-quantize``:
 from __future__ import annotations
 
 import os
+from importlib.metadata import version
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from exporters.gguf import write_gguf
-from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size
+from runtimes.llama_quantize import STOCK_FTYPES, ImatrixRequired, quantize_stock, stock_size
 
 from .errors import EdgequantError
 from .measured import cache_path, code_of
 from .models import LoadedModel
 
 FLOAT32_UP_TO = 2_000_000_000  # parameters: larger references are written as F16 (an 8B model: 16 GB)
+WRITING_CODE = ("exporters.gguf", "edgequant.adapters.base", "edgequant.models")  # what decides the file's bytes
 
 
 @dataclass
@@ -46,14 +48,26 @@ class Twin:
                 "tensor_bytes": self.tensor_bytes, "bpw": self.tensor_bytes * 8 / params}
 
 
-def reference_gguf(loaded: LoadedModel) -> Path:
-    """The full-precision GGUF of ``loaded`` (written tensor by tensor on first use, then cached)."""
+def reference_gguf(loaded: LoadedModel, tied: bool) -> Path:
+    """The full-precision GGUF of ``loaded`` (written tensor by tensor on first use, then cached).
+
+    ``tied``: the model came with its head tied to the embedding. A method that rotates the two
+    apart unties them before this is written, while they are still equal; the file ties them
+    again, as the model a user hands to ``llama-quantize`` has them. Above ``FLOAT32_UP_TO``
+    parameters the weights are stored as F16, which holds a bf16 checkpoint's weights exactly
+    between 2^-14 and 65504 in magnitude."""
     params = sum(p.numel() for p in loaded.model.parameters())
     dtype = np.float32 if params <= FLOAT32_UP_TO else np.float16
-    path = cache_path("twin", loaded, code_of("exporters.gguf"), np.dtype(dtype).name.encode(), suffix=".gguf")
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_gguf(path, loaded, None, "full precision", dtype)
+    was = loaded.config.tie_word_embeddings
+    loaded.config.tie_word_embeddings = tied
+    try:
+        path = cache_path("twin", loaded, code_of(*WRITING_CODE), version("gguf").encode(), np.dtype(dtype).name.encode(),
+                          suffix=".gguf")
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_gguf(path, loaded, None, "full precision", dtype)
+    finally:
+        loaded.config.tie_word_embeddings = was
     return path
 
 
@@ -71,12 +85,11 @@ def choose_mix(source: Path, tensor_bytes: int, imatrix: dict[str, np.ndarray]) 
     for mix in STOCK_FTYPES:
         try:
             sizes[mix] = stock_size(source, mix, imatrix=imatrix or None)
-        except RuntimeError:  # an i-quant preset, and no importance matrix
+        except ImatrixRequired:  # an i-quant preset, and no importance matrix
             continue
     order = list(STOCK_FTYPES)  # largest first: of presets of one size, the nominally larger is taken
     ranked = sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
-    mix, size = next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
-    return mix, size
+    return next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
 
 
 def make_twin(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray], folder: Path) -> Twin:
@@ -86,6 +99,6 @@ def make_twin(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray]
         mix, size = choose_mix(source, tensor_bytes, imatrix)
         path = Path(folder) / f"llama.cpp-{mix}.gguf"
         quantize_stock(source, path, mix, imatrix=imatrix or None, nthread=os.cpu_count() or 1)
-    except RuntimeError as e:  # e.g. a full disk; llama.cpp's reason in one line
+    except (RuntimeError, OSError) as e:  # e.g. a full disk; llama.cpp's reason in one line
         raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None
     return Twin(mix, path, size, bool(imatrix))

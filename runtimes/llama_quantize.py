@@ -81,8 +81,12 @@ def stock_size(src: Path, ftype: str, *, imatrix: dict[str, np.ndarray] | None =
         if llama_cpp.llama_model_quantize(str(src).encode(), b"", ctypes.byref(params)) != 0:
             raise RuntimeError(f"llama.cpp failed to size {src.name} as {ftype}: {_failure_reason(lines)}")
     if not imatrix and any("will require an imatrix" in line for line in lines):
-        raise RuntimeError(f"{ftype} needs an importance matrix")
+        raise ImatrixRequired(f"{ftype} needs an importance matrix")
     return _dry_run_bytes(lines)
+
+
+class ImatrixRequired(RuntimeError):
+    """The preset quantizes some tensors to types llama.cpp makes only with an importance matrix."""
 
 
 @contextlib.contextmanager
@@ -113,20 +117,24 @@ def _params(src: Path, ftype: str, imatrix, type_overrides, nthread: int) -> Ite
 def _dry_run_bytes(lines: list[str]) -> int:
     """The exact tensor bytes of a dry run: every tensor's rows times its new type's row size, from
     the lines llama.cpp logs per tensor (``[ne0, ne1, ...], type = f32, size = ... (q4_K)``)."""
-    total = 0
+    total, seen, count = 0, 0, None
     for line in "".join(lines).splitlines():
         found = _TENSOR_LINE.search(line)
         if found:
             ne = [int(n) for n in found["shape"].split(",")]
-            kind = gguf.GGMLQuantizationType[(found["new"] or found["old"]).upper()]
+            kind = getattr(gguf.GGMLQuantizationType, (found["new"] or found["old"]).upper(), None)
+            if kind is None:
+                raise RuntimeError(f"llama.cpp's dry run names a type gguf-py does not know: {line.strip()}")
             block, nbytes = gguf.GGML_QUANT_SIZES[kind]
             total += int(np.prod(ne[1:])) * ne[0] // block * nbytes
-    if not total:
-        raise RuntimeError("llama.cpp's dry run listed no tensors")
+            seen, count = seen + 1, int(found["of"])
+    if not seen or seen != count:
+        raise RuntimeError(f"llama.cpp's dry run listed {seen} of {count or '?'} tensors in a form read here")
     return total
 
 
-_TENSOR_LINE = re.compile(r"- \[(?P<shape>[\d, ]+)\], type =\s*(?P<old>\w+), size = [^(]*(?:\((?P<new>\w+)\))?")
+_TENSOR_LINE = re.compile(r"\[\s*\d+/\s*(?P<of>\d+)\]\s+\S+\s+- \[(?P<shape>[\d, ]+)\], type =\s*(?P<old>\w+), "
+                          r"size = [^(]*(?:\((?P<new>\w+)\))?")
 
 
 def write_f32_copy(src: Path, dst: Path) -> None:

@@ -109,3 +109,17 @@ def test_a_build_scores_llama_cpps_own_mix_of_the_same_size_beside_it(tiny_build
     assert 0 < stock["kld"] < 1
     assert not list(out.glob("llama.cpp-*"))  # scored beside ours, not shipped
     assert twin["label"] in (out / "report.html").read_text()
+
+
+def test_the_twins_source_has_the_head_tied_as_the_model_came_even_after_a_method_untied_it(tiny_model):
+    import gguf
+
+    from edgequant.models import load_model
+    from edgequant.rotations import untie
+    from edgequant.twin import reference_gguf
+
+    loaded = load_model(str(tiny_model("llama", tie_word_embeddings=True)))
+    untie(loaded.model)  # what the Hadamard method does before planning
+    names = {t.name for t in gguf.GGUFReader(reference_gguf(loaded, tied=True)).tensors}
+    assert "token_embd.weight" in names and "output.weight" not in names
+    assert loaded.config.tie_word_embeddings is False  # the model itself stays untied

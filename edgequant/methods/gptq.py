@@ -106,7 +106,7 @@ def gptq_rows(weight: torch.Tensor, hessian: torch.Tensor, qtype: QuantType, act
     diag = torch.diag(hessian).clone()
     dead = diag == 0  # inputs never seen: their columns are zeroed, their Hessian diagonal set to 1
     diag[dead] = 1.0
-    grouped = qtype.joint_columns > 1  # a codebook type: act-order moves whole sign units
+    grouped = qtype.joint_columns > 1  # codes chosen several columns at once: act-order moves whole units
     if not act_order:
         perm = torch.arange(cols)
     elif grouped:
