@@ -32,7 +32,7 @@ TINY_TOKENS = 512  # calibration and evaluation tokens of tiny builds: one windo
 EVAL_TOKENS = 4096  # real-model claims: 8 windows of 512
 CALIB_TOKENS = 2048
 
-REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme", "stock_mix"}
+REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme"}
 
 
 def pytest_configure(config):
@@ -148,36 +148,6 @@ def eval_windows(default_model):
     from edgequant.evaluation import token_windows
 
     return token_windows(default_model.tokenizer, load_text(None, EVALUATION_TEXT)[1], EVAL_TOKENS)
-
-
-@pytest.fixture(scope="session")
-def stock_mix(default_model, reference, tmp_path_factory):
-    """``stock_mix(mix, tokens=EVAL_TOKENS)`` -> (bits per weight, llama.cpp quality): llama.cpp's
-    own ``mix`` of the reference model, made as a user makes it (``llama_model_quantize`` on an F32
-    GGUF), scored on the first ``tokens`` of the evaluation text. Each is made once per run."""
-    from edgequant.assets import EVALUATION_TEXT, default_gguf, read_text
-    from edgequant.evaluation import token_windows
-    from edgequant.pipeline import gguf_tensor_stats
-    from runtimes.llama_quantize import quantize_stock, write_f32_copy
-    from runtimes.llamacpp import score_in_llama_cpp
-
-    folder = tmp_path_factory.mktemp("stock")
-    f32 = folder / "reference-f32.gguf"
-    made: dict = {}
-
-    def make(mix: str, tokens: int = EVAL_TOKENS):
-        if (mix, tokens) not in made:
-            path = folder / f"{mix}.gguf"
-            if not path.exists():
-                if not f32.exists():
-                    write_f32_copy(default_gguf(), f32)
-                quantize_stock(f32, path, mix)
-            n_bytes, n_params = gguf_tensor_stats(path)
-            windows = token_windows(default_model.tokenizer, read_text(EVALUATION_TEXT), tokens)
-            made[mix, tokens] = n_bytes * 8 / n_params, score_in_llama_cpp(path, windows, reference(windows))
-        return made[mix, tokens]
-
-    return make
 
 
 # ------------------------------------------------------------------- README's commands, as written
