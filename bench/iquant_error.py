@@ -55,7 +55,7 @@ def main() -> None:
     loaded = load_model(args.model, streamed=True)
     windows = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
     importance = cached_activation_stats(loaded, windows).importance
-    source = reference_gguf(loaded)
+    source = reference_gguf(loaded, loaded.config.tie_word_embeddings)
     del loaded
     imatrix = {k: v for k, v in importance.items() if k.startswith("blk.")}
     weights = {t.name: np.array(t.data, np.float32) for t in gguf.GGUFReader(source).tensors if t.name in names}
