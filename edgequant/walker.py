@@ -15,7 +15,7 @@ The hidden states stay float32, as the blocks make them: a block's input is the 
 block's exact output, so a walk gives the same figures as running the whole model. The walk and
 the blocks run in inference mode: a stop's inputs and keyword arguments are inference tensors, to
 be cloned before autograd or an in-place change. The windows must all be the same length (the
-keyword arguments, the causal mask among them, are the last window's).
+keyword arguments, the causal mask among them, are the first window's).
 """
 
 from __future__ import annotations
@@ -39,8 +39,9 @@ def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torc
     """Hidden states entering the first decoder block, one per window, and each block's keyword
     arguments (rotary embeddings, attention mask...), which differ between blocks in models that
     mix sliding-window and global attention layers. The model runs with every block's forward
-    replaced by one that records its arguments and passes its input on, and stops before the
-    final norm: no block computes anything, and the head never runs."""
+    replaced by one that records its arguments and passes its input on; it stops before the final
+    norm on the first window, at the first block on the others. No block computes anything, and
+    the head never runs."""
     family = adapter_of(model)
     layers = family.layers(model)
     hidden: list[torch.Tensor] = []
@@ -51,6 +52,8 @@ def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torc
             h = args[0] if args else kw.pop("hidden_states")
             if i == 0:
                 hidden.append(h)
+                if len(hidden) > 1:  # every window has the first's length, so the blocks' arguments are known
+                    raise _Stop
             kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
             return h
         return forward
