@@ -180,7 +180,7 @@ def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
         loaded.tokenizer.save_pretrained(tmp)
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
         n_vocab = loaded.config.vocab_size
-        sentencepiece = is_sentencepiece(spec)
+        sentencepiece = tokenizer_kind(spec) == "llama"
         if sentencepiece:
             tokens, scores, types = sentencepiece_vocab(spec, n_vocab, loaded.tokenizer.unk_token_id)
             w.add_tokenizer_model("llama")
@@ -206,8 +206,6 @@ def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
 
 
 def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
-    if spec["model"]["type"] != "BPE":
-        raise EdgequantError(f"only BPE tokenizers (byte-level or SentencePiece) can be exported, not {spec['model']['type']}")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [_TOKEN_UNUSED] * n_vocab
     for text, i in spec["model"]["vocab"].items():
@@ -221,11 +219,17 @@ def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def is_sentencepiece(spec: dict) -> bool:
-    """A SentencePiece BPE tokenizer (Llama 2, Gemma, Mistral v0.1): pieces spell spaces as "▁"
-    and unknown characters fall back to byte tokens."""
-    model, text = spec["model"], json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False)
-    return model["type"] == "BPE" and bool(model.get("byte_fallback")) and ("Metaspace" in text or "\u2581" in text)
+def tokenizer_kind(spec: dict) -> str:
+    """llama.cpp's name for the kind of a tokenizer.json: "gpt2" (byte-level BPE: SmolLM, Llama 3,
+    Qwen) or "llama" (SentencePiece BPE, which spells spaces "▁" and falls back to byte tokens:
+    Llama 2, Mistral v0.1, Gemma); anything else is refused."""
+    model = spec["model"]
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer"), spec.get("decoder")], ensure_ascii=False)
+    if model["type"] == "BPE" and "ByteLevel" in text:
+        return "gpt2"
+    if model["type"] == "BPE" and model.get("byte_fallback") and ("Metaspace" in text or "\u2581" in text):
+        return "llama"
+    raise EdgequantError(f"a {model['type']} tokenizer cannot be written to GGUF; byte-level BPE and SentencePiece BPE can")
 
 
 def sentencepiece_vocab(spec: dict, n_vocab: int, unknown: int | None) -> tuple[list[str], list[float], list[int]]:

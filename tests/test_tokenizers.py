@@ -68,3 +68,19 @@ def test_a_sentencepiece_vocabulary_is_written_as_llama_cpp_reads_it(sentencepie
     assert value("tokenizer.ggml.add_bos_token") is True and value("tokenizer.ggml.add_space_prefix") is True
     normal = [s for s, t in zip(scores, types) if t == 1]
     assert len(set(normal)) == len(normal)  # a strict merge order: no two pieces tie
+
+
+def test_a_tokenizer_llama_cpp_cannot_hold_is_refused_in_one_line(tiny_model, tmp_path):
+    """A word-level vocabulary (no merges, no byte fallback) has no GGUF form."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from edgequant.errors import EdgequantError
+
+    loaded = load_model(str(tiny_model()))
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(99)} | {"<unk>": 99}, unk_token="<unk>"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    loaded.tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    with pytest.raises(EdgequantError, match="WordLevel tokenizer cannot be written to GGUF"):
+        write_gguf(tmp_path / "model.gguf", loaded, None, "full precision", np.float32)
+    assert list(tmp_path.iterdir()) == []
