@@ -216,6 +216,11 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
+    if "onnx" in opts.formats and loaded.adapter.onnx_refusal:
+        raise EdgequantError(loaded.adapter.onnx_refusal)
+    if method.rotates and not loaded.adapter.rotations:
+        raise EdgequantError(f"--method {method.name} rotates what {loaded.adapter.model_type}'s norms after attention "
+                             "and the MLP would not let through; use qublast, gptq or rtn")
     reference, label, twin = None, None, None
     tied = loaded.config.tie_word_embeddings  # as loaded (a method may untie the head below)
 

@@ -91,7 +91,7 @@ def fold(family: Adapter, layer, config, group: Group, s: torch.Tensor) -> torch
         if into.bias is not None:
             into.bias.div_(s)
     else:  # a norm: its weight scales the channels
-        into.weight.div_(s)
+        family.scale_norm(into, s)
     if group.into == "v":
         s = per_o_column(config, s)
     for w in weights(family, layer, group):

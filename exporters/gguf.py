@@ -36,7 +36,7 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
         writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
         _add_metadata(writer, loaded, method)
         _add_tokenizer(writer, loaded)
-        factors = llama3_rope_factors(loaded.config)
+        factors = llama3_rope_factors(loaded)
         if factors is not None:
             writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
         stored = [(hf_name, t) for hf_name, t in loaded.model.state_dict(keep_vars=True).items() if _is_stored(loaded, hf_name)]
@@ -71,8 +71,9 @@ def _data(loaded: LoadedModel, hf_name: str, t, encoded, float_type) -> np.ndarr
     """The bytes of one tensor as the file stores them (q/k rows in llama.cpp's rotary order)."""
     name = loaded.gguf_name(hf_name)
     if t.ndim == 1:
-        return t.float().numpy()
-    data = t.float().numpy().astype(float_type, copy=False) if encoded is None else encoded[name].data
+        data = t.float().numpy()
+    else:
+        data = t.float().numpy().astype(float_type, copy=False) if encoded is None else encoded[name].data
     return np.ascontiguousarray(loaded.adapter.to_gguf(name, data, loaded.config))
 
 
@@ -132,7 +133,7 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
     if dim * c.num_attention_heads != c.hidden_size or per_block:
         w.add_key_length(dim)
         w.add_value_length(dim)
-    rope = _rope_parameters(c)
+    rope = loaded.adapter.rope_parameters(c)
     w.add_rope_freq_base(float(rope.get("rope_theta", 10000.0)))
     kind = rope.get("rope_type", "default")
     if kind in ("linear", "yarn"):
@@ -141,19 +142,14 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
         if "original_max_position_embeddings" in rope:
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     w.add_vocab_size(c.vocab_size)
+    loaded.adapter.gguf_metadata(w, c)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
-def _rope_parameters(config) -> dict:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    params = dict(params)
-    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
-    return params
-
-
-def llama3_rope_factors(config) -> np.ndarray | None:
+def llama3_rope_factors(loaded: LoadedModel) -> np.ndarray | None:
     """Per-frequency divisors of Llama 3.x rope scaling (llama.cpp reads them as rope_freqs)."""
-    rope = _rope_parameters(config)
+    config = loaded.config
+    rope = loaded.adapter.rope_parameters(config)
     if rope.get("rope_type") != "llama3":
         return None
     dim = head_dim(config)

@@ -83,9 +83,10 @@ def write_tiny_model(folder, model_type: str = "llama", seed: int = 0, **config)
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **{**TINY, **config}))
-    with torch.no_grad():  # biases (qwen2) and per-head q/k norms (qwen3) away from their neutral init
+    perturbed = (".bias", "norm.weight") if model_type.startswith("gemma") else (".bias", "q_norm.weight", "k_norm.weight")
+    with torch.no_grad():  # biases (qwen2), per-head q/k norms (qwen3), gemma's (1 + w) norms away from their neutral init
         for name, p in model.named_parameters():
-            if name.endswith((".bias", "q_norm.weight", "k_norm.weight")):
+            if name.endswith(perturbed):
                 p.add_(torch.randn_like(p) * 0.3)
     model.save_pretrained(folder)
     for name in ("tokenizer.json", "tokenizer_config.json"):

@@ -61,6 +61,9 @@ class Adapter:
     reads_gguf: ClassVar[tuple[str, ...]] = ()  # further GGUF architectures it loads
     permute_qk: ClassVar[bool] = False  # llama.cpp wants q/k rows in its interleaved rotary order
     per_block_sizes_arch: ClassVar[str | None] = None  # the GGUF architecture that holds pruned blocks
+    rotations: ClassVar[bool] = True  # a rotation of the residual stream passes through its blocks
+    onnx_refusal: ClassVar[str | None] = None  # why the family has no ONNX export, if it has none
+    gguf_reading_refusal: ClassVar[str | None] = None  # why its GGUF files cannot be loaded, if they cannot
 
     layers_path: ClassVar[str] = "model.layers"
     roles: ClassVar[dict[str, str]] = {  # role -> module path inside a block
@@ -119,6 +122,10 @@ class Adapter:
         built on the meta device."""
         rotary = model.model.rotary_emb
         model.model.rotary_emb = type(rotary)(config=model.config)
+
+    def scale_norm(self, norm, s: torch.Tensor) -> None:
+        """Divide the channels a norm puts out by ``s`` (through its weight)."""
+        norm.weight.div_(s)
 
     def module(self, layer, role: str) -> torch.nn.Module:
         return layer.get_submodule(self.roles[role])
@@ -179,7 +186,7 @@ class Adapter:
     # --- GGUF ---------------------------------------------------------------------------------------
 
     def to_gguf(self, gguf_tensor_name: str, w: np.ndarray, config) -> np.ndarray:
-        """A weight in the layout llama.cpp wants for this architecture."""
+        """A tensor (a weight, a norm, a bias) in the layout llama.cpp wants for this architecture."""
         return self._qk(gguf_tensor_name, w, config, to_gguf=True)
 
     def from_gguf(self, gguf_tensor_name: str, w: np.ndarray, config) -> np.ndarray:
@@ -188,6 +195,15 @@ class Adapter:
     def _qk(self, name: str, w: np.ndarray, config, to_gguf: bool) -> np.ndarray:
         heads = qk_heads(config, name, w.shape[0])
         return permute_qk(w, heads, to_gguf=to_gguf) if self.permute_qk and heads else w
+
+    def rope_parameters(self, config) -> dict:
+        """The rotary settings of the model's (global) attention layers: ``rope_theta``, ``rope_type`` and scaling."""
+        params = dict(getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {})
+        params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+        return params
+
+    def gguf_metadata(self, w: gguf.GGUFWriter, config) -> None:
+        """Hook: the architecture's own GGUF keys, beyond the ones every family writes."""
 
     def config_from_gguf(self, settings: dict) -> dict:
         """Hook: the transformers config settings read from a GGUF, adjusted for this family."""

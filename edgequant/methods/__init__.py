@@ -57,6 +57,7 @@ class Method:
     search: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> joint.Choice
     streams: bool = False  # works block by block on a streamed model (:mod:`edgequant.blocks`); else loaded whole
     unties: bool = False  # the transform needs separate embedding and output matrices
+    rotates: bool = False  # the transform rotates the residual stream or the value heads
     activation_aware: bool = False  # also report the torch simulation with 8-bit activations (W4A8)
 
 
@@ -92,9 +93,10 @@ METHODS: dict[str, Method] = {
                activation_aware=True),
         Method("ruquant", "Householder+Givens block rotations + tuned global Householder (folded; a tied "
                "model's build turns only the value heads), then GPTQ",
-               gptq.quantize, transform=folded(ruquant.folded_transform, _ruquant_options), activation_aware=True),
+               gptq.quantize, transform=folded(ruquant.folded_transform, _ruquant_options), rotates=True,
+               activation_aware=True),
         Method("hadamard", "QuaRot-style random Hadamard rotations (folded), then GPTQ",
-               gptq.quantize, transform=folded(hadamard.transform), unties=True, activation_aware=True),
+               gptq.quantize, transform=folded(hadamard.transform), unties=True, rotates=True, activation_aware=True),
         Method("gptq", "GPTQ (Hessian error compensation) on the greedy mix", gptq.quantize, streams=True),
         Method("rtn", "round to nearest on the importance-weighted grid, greedy mix", rtn.quantize, streams=True),
     )

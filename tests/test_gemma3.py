@@ -1,0 +1,80 @@
+"""Gemma 3 on small random models: its (1 + w) norms, post-norms, scaled embedding, GELU MLP and
+sliding-window layers with their own rope base reach llama.cpp as its gemma3 architecture, which
+then computes what torch computes."""
+
+import json
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from edgequant.errors import EdgequantError
+from edgequant.evaluation import token_windows
+from edgequant.models import load_model
+from exporters.gguf import write_gguf
+from runtimes.llamacpp import LlamaCppLogits
+from tests.helpers import assert_same_model
+
+# heads of 64 (llama.cpp scales attention by 1/sqrt(head_dim), so query_pre_attn_scalar is 64 too);
+# a window of 32 on 512-token windows, so the local layers see far less than the global one
+GEMMA = {"num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 1, "head_dim": 64,
+         "query_pre_attn_scalar": 64, "sliding_window": 32,
+         "layer_types": ["sliding_attention", "full_attention", "sliding_attention"],
+         "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                             "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}}}
+
+
+def test_the_gguf_holds_what_llama_cpp_reads_for_gemma3(tiny_model, tmp_path):
+    loaded = load_model(str(tiny_model("gemma3_text", **GEMMA)))
+    path = tmp_path / "model.gguf"
+    write_gguf(path, loaded, None, "full precision", np.float32)
+    reader = gguf.GGUFReader(path)
+    value = {name: field.contents() for name, field in reader.fields.items()}
+    assert value["general.architecture"] == "gemma3"
+    assert value["gemma3.rope.freq_base"] == 1e6 and value["gemma3.rope.freq_base_swa"] == 1e4
+    assert value["gemma3.attention.sliding_window"] == 32
+    assert value["gemma3.attention.sliding_window_pattern"] == [True, False, True]  # not llama.cpp's period of 6
+    norms = {t.name: np.asarray(t.data) for t in reader.tensors if t.name.endswith("norm.weight")}
+    assert {"blk.0.post_attention_norm.weight", "blk.0.post_ffw_norm.weight", "blk.0.attn_q_norm.weight"} <= set(norms)
+    hf = loaded.model.state_dict()
+    np.testing.assert_array_equal(norms["blk.0.ffn_norm.weight"], hf["model.layers.0.pre_feedforward_layernorm.weight"] + 1)
+
+
+def test_llama_cpp_runs_the_float_file_as_torch_runs_the_model(tiny_model, tmp_path):
+    from edgequant.assets import EVALUATION_TEXT, read_text
+    from edgequant.evaluation import score
+
+    loaded = load_model(str(tiny_model("gemma3_text", **GEMMA)))
+    path = tmp_path / "model.gguf"
+    write_gguf(path, loaded, None, "full precision", np.float32)
+    windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), 1024, 512)
+
+    def torch_logits(window):
+        with torch.inference_mode():
+            return loaded.model(torch.from_numpy(window)[None], use_cache=False).logits[0].numpy()
+
+    q = score({"torch": torch_logits, "llama.cpp": LlamaCppLogits(path, 512)}, windows, reference=torch_logits)
+    assert q["llama.cpp"].ppl == pytest.approx(q["torch"].ppl, rel=0.005), q
+    assert q["llama.cpp"].top1 > 0.99 and q["llama.cpp"].kld < 1.5e-4, q  # F16 KV cache, GELU from an fp16 table
+
+
+@pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"method": "qublast", "bpw": 4.5}], ids=["Q8_0", "qublast-4.5"])
+def test_a_gemma3_build_runs_in_llama_cpp_as_simulated(tiny_build, options):
+    out, report = tiny_build("gemma3_text", config=GEMMA, formats="gguf", **options)
+    q = report["quality"]
+    assert_same_model(q["gguf"], q["gguf_sim"], kld=float("inf"))
+    assert abs(q["gguf"]["kld"] - q["gguf_sim"]["kld"]) < 1.5e-4  # what llama.cpp adds to the float file itself
+    if "bpw" in options:
+        assert len({t["ggml_type"] for t in json.loads((out / "plan.json").read_text())["tensors"]}) > 1  # a mix
+
+
+def test_what_gemma3_cannot_do_yet_is_one_line(tiny_model, tmp_path):
+    from edgequant.pipeline import BuildOptions, build
+
+    folder = str(tiny_model("gemma3_text", **GEMMA))
+    with pytest.raises(EdgequantError, match="rotates"):
+        build(BuildOptions(model=folder, out=tmp_path / "a", method="hadamard", formats="gguf", calib_tokens=512, eval_tokens=512))
+    with pytest.raises(EdgequantError, match="no ONNX export"):
+        build(BuildOptions(model=folder, out=tmp_path / "b", formats="gguf,onnx", calib_tokens=512, eval_tokens=512))
+    assert list(tmp_path.iterdir()) == []
