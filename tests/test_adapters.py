@@ -11,7 +11,7 @@ from edgequant.models import load_model
 from edgequant.smoothing import fold
 from edgequant.walker import block_inputs, run_block
 
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
 
 def test_every_family_is_registered_by_its_model_type_and_gguf_architecture():
@@ -52,15 +52,18 @@ def test_a_groups_matrices_share_one_input_and_a_folded_scale_changes_nothing(ti
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
 
 
-def test_a_walk_calls_each_block_as_the_model_does(tiny_model):
-    """Sliding-window and global layers get different masks (and, in some families, rotary
+@pytest.mark.parametrize("model_type, config", [
+    ("qwen2", {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1}),
+    ("gemma3_text", {"sliding_window": 8, "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+], ids=["qwen2", "gemma3"])
+def test_a_walk_calls_each_block_as_the_model_does(tiny_model, model_type, config):
+    """Sliding-window and global layers get different masks (and in Gemma 3 their own rotary
     tables): a walk through a streamed model, block by block, ends where the model's own forward
     does."""
     from edgequant.walker import Walk
 
-    folder = tiny_model("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
-    loaded = load_model(str(folder), streamed=True)
-    assert loaded.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    loaded = load_model(str(tiny_model(model_type, num_hidden_layers=3, **config)), streamed=True)
+    assert set(loaded.config.layer_types) == {"full_attention", "sliding_attention"}
     windows = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0)).numpy()
     walked = Walk(loaded, windows).final_hidden()
     with torch.inference_mode():
