@@ -499,11 +499,9 @@ def gguf_config(reader: gguf.GGUFReader):
 
     meta = _gguf_metadata(reader)
     family = adapter_for_gguf(meta.get("general.architecture", "?"))
-    if family.gguf_reading_refusal:
-        raise EdgequantError(family.gguf_reading_refusal)
     tensors = {t.name: t for t in reader.tensors}
     where = getattr(reader.data, "filename", None) or "the GGUF file"
-    settings = family.config_from_gguf(_config_from_gguf(meta, tensors, where))
+    settings = family.config_from_gguf(_config_from_gguf(meta, tensors, where), meta)
     try:
         return family, AutoConfig.for_model(family.model_type, **settings)
     except Exception as e:  # transformers checks the sizes agree, e.g. heads divide the hidden size

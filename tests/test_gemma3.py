@@ -78,3 +78,15 @@ def test_what_gemma3_cannot_do_yet_is_one_line(tiny_model, tmp_path):
     with pytest.raises(EdgequantError, match="no ONNX export"):
         build(BuildOptions(model=folder, out=tmp_path / "b", formats="gguf,onnx", calib_tokens=512, eval_tokens=512))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_gemma3_gguf_loads_back_as_the_model_it_was_written_from(tiny_model, tmp_path):
+    loaded = load_model(str(tiny_model("gemma3_text", **GEMMA)))
+    path = tmp_path / "model.gguf"
+    write_gguf(path, loaded, None, "full precision", np.float32)
+    again = load_model(str(path))
+    for key in ("layer_types", "sliding_window", "rope_parameters", "query_pre_attn_scalar", "head_dim", "num_key_value_heads"):
+        assert getattr(again.config, key) == getattr(loaded.config, key), key
+    ids = torch.randint(0, 1000, (1, 96), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        torch.testing.assert_close(again.model(ids).logits, loaded.model(ids).logits, rtol=1e-4, atol=1e-4)

@@ -63,7 +63,6 @@ class Adapter:
     per_block_sizes_arch: ClassVar[str | None] = None  # the GGUF architecture that holds pruned blocks
     rotations: ClassVar[bool] = True  # a rotation of the residual stream passes through its blocks
     onnx_refusal: ClassVar[str | None] = None  # why the family has no ONNX export, if it has none
-    gguf_reading_refusal: ClassVar[str | None] = None  # why its GGUF files cannot be loaded, if they cannot
 
     layers_path: ClassVar[str] = "model.layers"
     roles: ClassVar[dict[str, str]] = {  # role -> module path inside a block
@@ -205,8 +204,8 @@ class Adapter:
     def gguf_metadata(self, w: gguf.GGUFWriter, config) -> None:
         """Hook: the architecture's own GGUF keys, beyond the ones every family writes."""
 
-    def config_from_gguf(self, settings: dict) -> dict:
-        """Hook: the transformers config settings read from a GGUF, adjusted for this family."""
+    def config_from_gguf(self, settings: dict, meta: dict) -> dict:
+        """Hook: the transformers config settings read from a GGUF (``meta``: its metadata), adjusted for this family."""
         return settings
 
 

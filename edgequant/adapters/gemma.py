@@ -29,7 +29,6 @@ class Gemma3(Adapter):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     rotations = False
     onnx_refusal = "gemma3 has no ONNX export yet (sliding-window layers and post-norms); use --formats gguf"
-    gguf_reading_refusal = "gemma3 GGUF files cannot be loaded yet; load the Hugging Face folder"
     roles = {**Adapter.roles, "ffn_norm": "pre_feedforward_layernorm"}
 
     def computed_buffers(self, model) -> None:
@@ -52,6 +51,23 @@ class Gemma3(Adapter):
 
     def from_gguf(self, gguf_tensor_name: str, w: np.ndarray, config) -> np.ndarray:
         return w - 1 if gguf_tensor_name.endswith("norm.weight") else w
+
+    def config_from_gguf(self, settings: dict, meta: dict) -> dict:
+        """Gemma 3's settings from llama.cpp's keys: the window and which layers have it (an array
+        per layer, or llama.cpp's period), the two rope bases, attention scaled by 1/sqrt(head_dim)."""
+        key = f"{self.gguf_name}."
+        n, window = settings["num_hidden_layers"], meta.get(key + "attention.sliding_window")
+        pattern = meta.get(key + "attention.sliding_window_pattern", LLAMA_CPP_PERIOD)
+        sliding = [bool(p) for p in pattern] if isinstance(pattern, list) else [i % pattern < pattern - 1 for i in range(n)]
+        if not window:
+            sliding = [False] * n
+        if len(sliding) != n:
+            raise EdgequantError(f"the GGUF's sliding-window pattern has {len(sliding)} entries for {n} layers")
+        theta = settings.pop("rope_theta")
+        return {**settings, "sliding_window": window or 4096, "layer_types": [SLIDING if s else FULL for s in sliding],
+                "rope_parameters": {FULL: {"rope_type": "default", "rope_theta": theta},
+                                    SLIDING: {"rope_type": "default", "rope_theta": float(meta.get(key + "rope.freq_base_swa", 10000.0))}},
+                "query_pre_attn_scalar": settings["head_dim"], "final_logit_softcapping": meta.get(key + "final_logit_softcapping")}
 
     def rope_parameters(self, config) -> dict:
         return dict(config.rope_parameters[FULL])
