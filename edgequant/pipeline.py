@@ -35,12 +35,13 @@ from .deployment import sha256, write_manifest
 from .devices import Device, load_device
 from .errors import EdgequantError, check_number
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
+from .kernels import load as load_kernels
 from .methods import Method, get_method
 from .memory import peak_rss_mb, release_memory
 from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
-from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
+from .planning import Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
@@ -122,14 +123,22 @@ class Target:
     def max_tensor_bytes(self) -> int:
         return self.budget.max_file_bytes - self.file_overhead
 
-    def embd_bytes(self, plan: Plan) -> int:
-        """Bytes of an untied input embedding: not read per decoded token."""
-        m = next((m for m in plan.matrices if m.name == "token_embd.weight"), None)
-        return 0 if self.shape.tied or m is None else plan.matrix_bytes(m)
+    min_tok_s: float | None = None
+
+    @property
+    def speed(self) -> Speed:
+        """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
+        floor = None
+        if self.min_tok_s is not None:
+            floor = self.device.effective_bandwidth / self.min_tok_s - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
+        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor)
 
     def predict(self, plan: Plan) -> dict:
-        return predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
-                       self.embd_bytes(plan))
+        speed = self.speed
+        return {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
+                          decode_bytes=plan.decode_bytes(speed.costs, speed.unread) + self.file_overhead,
+                          prefill_factor=plan.prefill_factor(speed.costs)),
+                "kernels": speed.costs.as_dict()}
 
 
 def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
@@ -147,7 +156,7 @@ def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned_par
     file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
                      file_overhead=file_overhead, bpw_params=unpruned_params)
-    return Target(device, shape, budget, file_overhead)
+    return Target(device, shape, budget, file_overhead, opts.min_tok_s)
 
 
 def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress,
@@ -160,10 +169,12 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
         plan, table = Plan(choice.types(matrices), matrices, other, "joint: pruning and types searched against the output KL within "
                            f"{tgt.max_tensor_bytes / 1e6:.2f} MB"), None
     elif method.allocate:
-        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress)
+        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, tgt.speed)
     else:
-        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}"), None
+        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}",
+                                 tgt.speed), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
+    tgt.speed.check(plan.decode_bytes(tgt.speed.costs, tgt.speed.unread), f"the {plan.rule} plan")
     return plan, table
 
 

@@ -6,7 +6,7 @@ llama.cpp's quantizer picks (Q5_0, Q5_1, Q8_0). For Q2_K and Q3_K llama.cpp (0.3
 ``tensor_type_fallback``) picks Q4_0; we pick IQ4_NL instead: the same 4.5 bits per weight, and
 its non-linear codebook fits the bell-shaped weights better (on the default model's 576-wide
 matrices, 0.63x Q4_0's importance-weighted squared error; ``tests/test_ggml_quants.py`` checks it).
-The i-quants (IQ4_XS, IQ3_S ... IQ1_S) fall back to IQ4_NL, as in llama.cpp.
+The i-quants (IQ4_XS, IQ3_S ... IQ1_S) need rows of 256 too and fall back to IQ4_NL, as in llama.cpp.
 
 The greedy mix here is the prior used by ``--method rtn/gptq`` (QuBLAST measures instead, see
 :mod:`edgequant.sensitivity` and :func:`knapsack`): every matrix starts on its cheapest rung, then the upgrade with the largest expected error
@@ -24,10 +24,16 @@ import numpy as np
 
 from .errors import EdgequantError
 from .ggml_quants import TYPES, get_type
+from .kernels import UNMEASURED, KernelCosts
 
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
             **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
-LADDER = ["Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
+LADDER = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
+          "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
+# The embedding / output matrix takes no i-quant below 3 bits: none of llama.cpp's mixes gives it
+# one (its IQ1/IQ2_XXS/IQ2_XS mixes keep it at Q2_K; IQ2_S, IQ2_M and IQ3_XXS at IQ3_S).
+NOT_FOR_EMBEDDING = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
+EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
 
 
@@ -71,6 +77,17 @@ class Plan:
     def bpw(self) -> float:
         return self.total_bytes * 8 / self.total_params
 
+    def decode_bytes(self, costs: KernelCosts, skip: tuple[str, ...] = ()) -> float:
+        """Bandwidth-equivalent bytes one decoded token reads (float32 tensors at face value;
+        matrices named in ``skip`` not at all)."""
+        read = [m for m in self.matrices if m.name not in skip]
+        return costs.decode_bytes(self.types, {m.name: self.matrix_bytes(m) for m in read}) + 4 * self.other_params
+
+    def prefill_factor(self, costs: KernelCosts) -> float:
+        """The weights' mean prefill cost per weight, over the fastest type's."""
+        weights = costs.prefill_weights(self.types, {m.name: m.params for m in self.matrices}) + self.other_params
+        return weights / self.total_params
+
     def as_dict(self) -> dict:
         return {
             "rule": self.rule,
@@ -93,18 +110,18 @@ def fitting_type(name: str, cols: int) -> str:
     return t
 
 
-def _ladder(cols: int) -> list[str]:
-    """The rungs that fit rows of ``cols`` weights, one type per size, smallest first."""
+def _ladder(m: Matrix) -> list[str]:
+    """The rungs that fit ``m``'s rows, one type per size, smallest first."""
     rungs: dict[float, str] = {}
     for t in LADDER:
-        if TYPES[t].fits(cols):
+        if TYPES[t].fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING):
             rungs.setdefault(TYPES[t].bpw, t)
     return [rungs[b] for b in sorted(rungs)]
 
 
 def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
     """Bytes of the smallest mix: every matrix on its cheapest rung."""
-    return Plan({m.name: _ladder(m.cols)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
+    return Plan({m.name: _ladder(m)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
 
 
 def check_type_name(ggml_type: str) -> None:
@@ -119,32 +136,69 @@ def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
     return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
 
 
-def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str) -> Plan:
-    """The greedy mix of at most ``max_bytes`` (all tensors counted)."""
-    ladders = {m.name: _ladder(m.cols) for m in matrices}
+@dataclass(frozen=True)
+class Speed:
+    """What the types cost the kernels (:mod:`edgequant.kernels`), and the decode floor.
+
+    A type that decodes slower than its bytes costs ``bytes * (factor - 1)`` more bandwidth per
+    token: the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller but 15%
+    slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a token
+    reads (bytes + slowdown, tensors only) within ``max_decode_bytes``."""
+
+    costs: KernelCosts = UNMEASURED
+    unread: tuple[str, ...] = ()  # matrices a decoded token does not read (an untied input embedding)
+    max_decode_bytes: float | None = None  # of all tensors: matrices at their factors, float32 ones at face value
+
+    def slowdown(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
+        """Slowdown bytes of matrices ``nbytes`` (name -> bytes) at ``types``."""
+        return sum(n * (self.costs.decode_factor(types[k]) - 1) for k, n in nbytes.items() if k not in self.unread)
+
+    def decode(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
+        """Bandwidth-equivalent bytes per token of matrices ``nbytes`` at ``types``."""
+        return sum(n * self.costs.decode_factor(types[k]) for k, n in nbytes.items() if k not in self.unread)
+
+    def check(self, decode_bytes: float, what: str) -> None:
+        if self.max_decode_bytes is not None and decode_bytes > self.max_decode_bytes:
+            raise EdgequantError(f"--min-tok-s cannot be met: {what} reads {decode_bytes / 1e6:.1f} MB per token "
+                                 f"(bandwidth-equivalent), {self.max_decode_bytes / 1e6:.1f} MB allowed")
+
+
+def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed()) -> Plan:
+    """The greedy mix of at most ``max_bytes`` (all tensors counted): each upgrade's expected
+    error reduction over what it costs, its extra bytes plus its extra slowdown bytes."""
+    ladders = {m.name: _ladder(m) for m in matrices}
     level = {m.name: 0 for m in matrices}
     plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, rule)
     budget, used = max_bytes, plan.total_bytes
     if used > budget:
         raise EdgequantError(f"{rule} cannot be met: the smallest mix is {plan.bpw:.3f} bpw ({used / 1e6:.1f} MB)")
+    sizes = {m.name: plan.matrix_bytes(m) for m in matrices}
+    decoded = speed.decode(plan.types, sizes) + 4 * other_params
+    speed.check(decoded, "the smallest mix")
     while True:
-        best, best_gain, best_extra = None, 0.0, 0.0
+        best, best_gain, best_step = None, 0.0, (0.0, 0.0)
         for m in matrices:
             ladder, i = ladders[m.name], level[m.name]
             if i + 1 == len(ladder):
                 continue
-            cur, nxt = TYPES[ladder[i]], TYPES[ladder[i + 1]]
-            extra = m.params * (nxt.bpw - cur.bpw) / 8
-            if used + extra > budget:
+            cur, nxt = {m.name: ladder[i]}, {m.name: ladder[i + 1]}
+            extra = m.params * (TYPES[ladder[i + 1]].bpw - TYPES[ladder[i]].bpw) / 8
+            after = {m.name: m.params // TYPES[ladder[i + 1]].block * TYPES[ladder[i + 1]].nbytes}
+            more_decode = speed.decode(nxt, after) - speed.decode(cur, {m.name: sizes[m.name]})
+            if used + extra > budget or (speed.max_decode_bytes is not None
+                                         and decoded + more_decode > speed.max_decode_bytes):
                 continue
-            gain = PRIORITY.get(m.role, 1.0) * m.params * (4.0**-cur.bpw - 4.0**-nxt.bpw) / extra
+            cost = extra + speed.slowdown(nxt, after) - speed.slowdown(cur, {m.name: sizes[m.name]})
+            gain = PRIORITY.get(m.role, 1.0) * m.params * (4.0 ** -TYPES[ladder[i]].bpw - 4.0 ** -TYPES[ladder[i + 1]].bpw)
+            gain = gain / cost if cost > 0 else float("inf")
             if gain > best_gain:
-                best, best_gain, best_extra = m, gain, extra
+                best, best_gain, best_step = m, gain, (extra, more_decode)
         if best is None:
             return plan
-        used += best_extra
+        used, decoded = used + best_step[0], decoded + best_step[1]
         level[best.name] += 1
         plan.types[best.name] = ladders[best.name][level[best.name]]
+        sizes[best.name] = plan.matrix_bytes(best)
 
 
 def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: int = 1 << 16) -> list[int] | None:
@@ -152,6 +206,11 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: in
     cost with the summed bytes <= ``budget``. Exact dynamic programme over byte counts in units
     of ``budget / resolution`` (sizes rounded up, so the answer always fits). Returns the chosen
     option index per item, or None when even the smallest options do not fit."""
+    return _knapsack(options, budget, resolution)[0]
+
+
+def _knapsack(options, budget: int, resolution: int = 1 << 16) -> tuple[list[int] | None, np.ndarray, int]:
+    """(:func:`knapsack`'s choice, the least summed cost within each capacity, the capacity unit in bytes)."""
     unit = max(1, -(-budget // resolution))
     cap = budget // unit
     best = np.zeros(cap + 1)  # least cost of the items so far within capacity c
@@ -170,10 +229,54 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: in
         best = new
         picks.append(pick)
     if not np.isfinite(best[cap]):
-        return None
+        return None, best, unit
     chosen, c = [], cap
     for opts, pick in zip(reversed(options), reversed(picks)):
         j = int(pick[c])
         chosen.append(j)
         c -= -(-opts[j][0] // unit)
-    return chosen[::-1]
+    return chosen[::-1], best, unit
+
+
+MARGIN = 0.01  # share of the budget the price of a byte is read over
+
+
+def byte_price(best: np.ndarray, unit: int) -> float:
+    """Cost per byte at the budget's margin: what the last ``MARGIN`` of the budget saves."""
+    cap = len(best) - 1
+    for k in (max(1, int(cap * MARGIN)), 1):
+        if np.isfinite(best[cap - k]):
+            return max(0.0, float(best[cap - k] - best[cap]) / (k * unit))
+    return 0.0
+
+
+def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], budget: int,
+                        max_decode: float | None = None) -> list[int] | None:
+    """One (bytes, cost, slowdown bytes, decode bytes) option per item within ``budget`` bytes,
+    minimising cost + price * slowdown, the price of a byte being the cost the budget's last bytes
+    buy (:func:`byte_price`, from the same programme without the slowdown). With ``max_decode``,
+    also within that many decode bytes: the decode bytes are charged too, at the least extra
+    price that brings them within (bisection). None when nothing fits."""
+    plain, best, unit = _knapsack([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
+    if plain is None:
+        return None
+    price = byte_price(best, unit)
+
+    def solve(extra: float) -> list[int] | None:
+        return knapsack([[(b, c + price * slow + extra * dec) for b, c, slow, dec in opts] for opts in options], budget)
+
+    def decode(chosen: list[int]) -> float:
+        return sum(opts[j][3] for opts, j in zip(options, chosen))
+
+    chosen = solve(0.0) if any(o[2] for opts in options for o in opts) else plain
+    if max_decode is None or decode(chosen) <= max_decode:
+        return chosen
+    low, high = 0.0, max(price, 1e-12)
+    while decode(solve(high)) > max_decode:
+        high *= 4
+        if high > 1e12 * max(price, 1e-12):
+            return None
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if decode(solve(mid)) > max_decode else (low, mid)
+    return solve(high)

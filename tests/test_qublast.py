@@ -24,8 +24,12 @@ def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model)
     parts = split_parts(matrices_of(default_model)[0])
     assert len(parts) == 2 * default_model.config.num_hidden_layers + 1
     ffn = next(p for p in parts if p.key == "0.ffn")
+    # gate and up (576-wide rows) fall back as llama.cpp does; down (1536-wide) takes every candidate
     assert [Part.label(t) for t in ffn.options()] == [
-        "IQ4_NL/Q2_K", "IQ4_NL/Q3_K", "Q5_0/Q4_K", "Q5_0/Q5_K", "Q8_0/Q6_K", "Q8_0"]
+        "IQ4_NL/IQ1_S", "IQ4_NL/IQ1_M", "IQ4_NL/IQ2_XXS", "IQ4_NL/IQ2_XS", "IQ4_NL/IQ2_S", "IQ4_NL/Q2_K",
+        "IQ4_NL/IQ3_XXS", "IQ4_NL/Q3_K", "IQ4_NL/IQ3_S", "IQ4_NL/IQ4_XS", "Q5_0/Q4_K", "Q5_0/Q5_K", "Q8_0/Q6_K", "Q8_0"]
+    embd = next(p for p in parts if p.block < 0)  # no i-quant below 3 bits, as in llama.cpp's mixes
+    assert [Part.label(t) for t in embd.options()] == ["IQ4_NL", "Q5_0", "Q8_0"]
 
 
 def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chosen_ones(qublast):
@@ -33,7 +37,8 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
     sensitivity = json.loads((out / "plan.json").read_text())["sensitivity"]
     assert sensitivity["tokens"] == 256  # --sensitivity-tokens
     table = sensitivity["entries"]
-    assert len(table) == 5 * 6  # two blocks' attention and MLP and the embedding, six types each (rows of 256)
+    # two blocks' attention and MLP, 14 types each (rows of 256 take them all), and the embedding's 9
+    assert len(table) == 4 * 14 + 9
     by_part: dict = {}
     for e in table:
         by_part.setdefault(e["part"], []).append(e["kl"])
