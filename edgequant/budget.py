@@ -108,6 +108,16 @@ def prefill_ops_per_s(device: Device) -> float:
     return device.cpu_cores * device.cpu_ghz * 1e9 * per_cycle * 2 * COMPUTE_EFFICIENCY
 
 
+PROMPT_RATIO = 1.0  # prompt tokens per decoded token in the turn the planner weighs speed over
+
+
+def prefill_bytes(device: Device) -> float:
+    """What one weight's prefill work per token is worth in decode bytes on ``device``, for a
+    turn of ``PROMPT_RATIO`` prompt tokens per decoded one: a prompt token costs ``2 / ops``
+    seconds per weight, a decoded token ``1 / bandwidth`` per byte."""
+    return PROMPT_RATIO * 2 * device.effective_bandwidth / prefill_ops_per_s(device)
+
+
 def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0,
             decode_bytes: float | None = None, prefill_factor: float = 1.0) -> dict:
     """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context.

@@ -29,7 +29,7 @@ from runtimes.ort import OrtDecoder, check_model, model_file
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .budget import Budget, Shape, check_fits, predict, resolve
+from .budget import Budget, Shape, check_fits, predict, prefill_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
@@ -131,7 +131,7 @@ class Target:
         floor = None
         if self.min_tok_s is not None:
             floor = self.device.effective_bandwidth / self.min_tok_s - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
-        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor)
+        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor, prefill_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
         speed = self.speed

@@ -141,17 +141,23 @@ class Speed:
     """What the types cost the kernels (:mod:`edgequant.kernels`), and the decode floor.
 
     A type that decodes slower than its bytes costs ``bytes * (factor - 1)`` more bandwidth per
-    token: the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller but 15%
-    slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a token
-    reads (bytes + slowdown, tensors only) within ``max_decode_bytes``."""
+    token; one that prefills slower than the fastest costs ``weights * (factor - 1) * prefill_bytes``
+    more, ``prefill_bytes`` being what one weight's prefill work is worth in decode bytes (set by the
+    device: a turn of as many prompt tokens as decoded ones, see :func:`edgequant.budget.prefill_bytes`).
+    Together they are the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller
+    but 15% slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a
+    decoded token reads (tensors only) within ``max_decode_bytes``."""
 
     costs: KernelCosts = UNMEASURED
     unread: tuple[str, ...] = ()  # matrices a decoded token does not read (an untied input embedding)
     max_decode_bytes: float | None = None  # of all tensors: matrices at their factors, float32 ones at face value
+    prefill_bytes: float = 0.0  # decode bytes one weight's prefill (per token) is worth
 
     def slowdown(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Slowdown bytes of matrices ``nbytes`` (name -> bytes) at ``types``."""
-        return sum(n * (self.costs.decode_factor(types[k]) - 1) for k, n in nbytes.items() if k not in self.unread)
+        decode = sum(n * (self.costs.decode_factor(types[k]) - 1) for k, n in nbytes.items() if k not in self.unread)
+        weights = {k: n // get_type(types[k]).nbytes * get_type(types[k]).block for k, n in nbytes.items()}
+        return decode + self.prefill_bytes * sum(w * (self.costs.prefill_factor(types[k]) - 1) for k, w in weights.items())
 
     def decode(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Bandwidth-equivalent bytes per token of matrices ``nbytes`` at ``types``."""
