@@ -34,7 +34,10 @@ from .planning import NOT_FOR_EMBEDDING, Matrix, fitting_type
 from .walker import Walk, run_block
 
 CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS",
-              "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # smallest first
+              "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # smallest first
+# Q4_0 is the one 32-block candidate: llama.cpp repacks it for its fastest CPU kernels (AVX2, Arm
+# dotprod/i8mm), so with the kernels' costs priced in (:class:`edgequant.planning.Speed`) it can
+# beat IQ4_NL (rows of 576) or Q4_K of the same size.
 # The default model's reference weights lie on the Q4_1 grid they were shipped in, so the affine
 # 32-block types reproduce them exactly (KL 0 at Q5_1): measured, they would win for that reason
 # alone. Where the stand-in is one of them, the symmetric type of the same width is used.

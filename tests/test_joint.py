@@ -41,9 +41,9 @@ def test_the_types_cost_what_qublasts_table_measured_for_the_part():
     # 576-wide rows take no K- or i-quant: IQ1_S ... Q3_K and IQ4_XS all stand in as IQ4_NL, so one
     # entry (named by the first candidate) costs them all
     assert costs[0]["attn"]["IQ1_S"] == 1.0 / parts[0].nbytes({"blk.0.attn_q.weight": "IQ4_NL"})
-    assert "Q3_K" not in costs[0]["attn"] and len(costs[0]["attn"]) == 3  # IQ4_NL, Q5_0, Q8_0
+    assert "Q3_K" not in costs[0]["attn"] and len(costs[0]["attn"]) == 4  # IQ4_NL, Q4_0, Q5_0, Q8_0
     assert costs[0]["ffn"]["Q3_K"] == 1.0 / parts[1].nbytes({"blk.0.ffn_down.weight": "Q3_K"})
-    assert len(costs[0]["ffn"]) == 14 and -1 not in costs  # 1536-wide rows take every candidate
+    assert len(costs[0]["ffn"]) == 15 and -1 not in costs  # 1536-wide rows take every candidate
 
 
 @pytest.fixture(scope="module")
