@@ -60,6 +60,7 @@ class Plan:
     matrices: list[Matrix]
     other_params: int
     rule: str
+    pricing: dict | None = None  # how the allocation priced the kernels' slowdown (QuBLAST)
 
     def matrix_bytes(self, m: Matrix) -> int:
         t = get_type(self.types[m.name])
@@ -91,6 +92,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {
             "rule": self.rule,
+            "pricing": self.pricing,
             "bytes": self.total_bytes,
             "bpw": self.bpw,
             "tensors": [
@@ -257,15 +259,16 @@ def byte_price(best: np.ndarray, unit: int) -> float:
 
 
 def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], budget: int,
-                        max_decode: float | None = None) -> list[int] | None:
+                        max_decode: float | None = None) -> tuple[list[int] | None, float, float]:
     """One (bytes, cost, slowdown bytes, decode bytes) option per item within ``budget`` bytes,
     minimising cost + price * slowdown, the price of a byte being the cost the budget's last bytes
     buy (:func:`byte_price`, from the same programme without the slowdown). With ``max_decode``,
     also within that many decode bytes: the decode bytes are charged too, at the least extra
-    price that brings them within (bisection). None when nothing fits."""
+    price that brings them within (bisection). Returns (the choice or None when nothing fits,
+    the price of a byte, the extra price of a decode byte)."""
     plain, best, unit = _knapsack([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
     if plain is None:
-        return None
+        return None, 0.0, 0.0
     price = byte_price(best, unit)
 
     def solve(extra: float) -> list[int] | None:
@@ -276,13 +279,13 @@ def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], bu
 
     chosen = solve(0.0) if any(o[2] for opts in options for o in opts) else plain
     if max_decode is None or decode(chosen) <= max_decode:
-        return chosen
+        return chosen, price, 0.0
     low, high = 0.0, max(price, 1e-12)
     while decode(solve(high)) > max_decode:
         high *= 4
         if high > 1e12 * max(price, 1e-12):
-            return None
+            return None, price, high
     for _ in range(30):
         mid = (low + high) / 2
         low, high = (mid, high) if decode(solve(mid)) > max_decode else (low, mid)
-    return solve(high)
+    return solve(high), price, high

@@ -124,17 +124,17 @@ def test_a_plan_two_percent_smaller_but_fifteen_percent_slower_loses():
     A slightly slow option that saves much is still taken."""
     fast, slow = (100, 0.50, 0.0, 100.0), (98, 0.49, 98 * 0.15, 98 * 1.15)
     assert knapsack([[fast[:2], slow[:2]], [o[:2] for o in _convex()]], 200) == [1, 52]  # bytes alone: the slow one
-    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0] == 0
+    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0][0] == 0
     bargain = (98, 0.30, 98 * 0.01, 98 * 1.01)
-    assert knapsack_with_speed([[fast, bargain], _convex()], 200)[0] == 1
+    assert knapsack_with_speed([[fast, bargain], _convex()], 200)[0][0] == 1
 
 
 def test_a_decode_floor_trades_bytes_for_faster_types():
     fast, slow = (100, 0.50, 0.0, 100.0), (100, 0.10, 100 * 0.2, 120.0)
-    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0] == 1  # worth its slowdown
-    chosen = knapsack_with_speed([[fast, slow], _convex()], 200, max_decode=165)
+    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0][0] == 1  # worth its slowdown
+    chosen, _, _ = knapsack_with_speed([[fast, slow], _convex()], 200, max_decode=165)
     assert chosen[0] == 0 and 100 + _convex()[chosen[1]][3] <= 165
-    assert knapsack_with_speed([[slow], _convex()], 200, max_decode=165) is None  # 120 + 50 at the least
+    assert knapsack_with_speed([[slow], _convex()], 200, max_decode=165)[0] is None  # 120 + 50 at the least
 
 
 def test_the_greedy_mix_prices_a_slow_rung_and_keeps_the_decode_floor():

@@ -54,20 +54,24 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
 
 
 def test_the_mix_is_the_least_summed_kl_within_the_cap(qublast):
-    """The knapsack's choice against every assignment of the table that fits the same bytes."""
+    """The knapsack's choice against every assignment of the table that fits the same bytes, each
+    option's KL charged for its kernels' slowdown at the price of a byte (plan.json's ``pricing``)."""
     import itertools
 
     out, report = qublast
     assert report["budget"]["binding"] == "--bpw" and report["artifacts"][0]["bpw"] <= BPW
-    table = json.loads((out / "plan.json").read_text())["sensitivity"]["entries"]
-    options: dict = {}
-    for e in table:
-        options.setdefault(e["part"], []).append((e["bytes"], e["kl"]))
-    chosen = {(b["part"] if b["index"] < 0 else f"{b['index']}.{b['part']}"): b["sensitivity"] for b in report["blocks"]}
-    chosen_bytes = sum(next(n for n, kl in options[part] if kl == chosen[part]) for part in options)
-    best = min(sum(kl for _, kl in pick) for pick in itertools.product(*options.values())
+    plan = json.loads((out / "plan.json").read_text())
+    pricing = plan["pricing"]  # each option's KL plus its kernels' slowdown at the price of a byte
+    assert pricing["decode_price"] == 0  # no --min-tok-s
+    options: dict = {}  # part -> option -> (bytes, KL + slowdown priced)
+    for e in plan["sensitivity"]["entries"]:
+        slowdown = pricing["byte_price"] * pricing["slowdown_bytes"][e["part"]][e["option"]]
+        options.setdefault(e["part"], {})[e["option"]] = (e["bytes"], e["kl"] + slowdown)
+    picked = [options[b["part"] if b["index"] < 0 else f"{b['index']}.{b['part']}"][b["ggml_type"]] for b in report["blocks"]]
+    chosen_bytes = sum(n for n, _ in picked)
+    best = min(sum(cost for _, cost in pick) for pick in itertools.product(*(o.values() for o in options.values()))
                if sum(n for n, _ in pick) <= chosen_bytes)
-    assert sum(chosen.values()) == pytest.approx(best)
+    assert sum(cost for _, cost in picked) == pytest.approx(best)
 
 
 def test_scaling_maps_shrink_activation_outliers(readme):

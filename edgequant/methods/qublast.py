@@ -49,13 +49,18 @@ def allocate(
     entries = table.by_part()
     options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), speed.decode(e.types, p.sizes(e.types)))
                 for e in entries[p.key]] for p in parts]
-    chosen = knapsack_with_speed(options, max_bytes - other_bytes, max_decode)
+    chosen, price, extra = knapsack_with_speed(options, max_bytes - other_bytes, max_decode)
     if chosen is None:  # the bytes fit (above): the decode floor does not
         raise EdgequantError(f"--min-tok-s cannot be met: no mix within {max_bytes / 1e6:.1f} MB reads under "
                              f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
-    return _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
-                 + (" (the types' slowdown priced in)" if any(o[2] for opts in options for o in opts) else "")), table
+    priced = any(o[2] for opts in options for o in opts)
+    plan = _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
+                 + (" (the types' slowdown priced in)" if priced else ""))
+    plan.pricing = {"kernels": speed.costs.as_dict(), "byte_price": price, "decode_price": extra,
+                    "slowdown_bytes": {p.key: {e.option: o[2] for e, o in zip(entries[p.key], opts)}
+                                       for p, opts in zip(parts, options)}}
+    return plan, table
 
 
 def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
