@@ -288,7 +288,8 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     tgt = target(loaded, opts, device)
     with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
         importance = cached_activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
-    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens), progress)
+    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens),
+                         progress, tgt.speed)
 
 
 def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict | None) -> dict | None:
