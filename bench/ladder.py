@@ -89,7 +89,7 @@ def score(path: Path, windows, reference, params: int, args) -> dict:
 
 def llama_imatrix(tools: Path, f32: Path, calib_text: str, out: Path, tokens: int, threads: int) -> Path:
     """``llama-imatrix`` on the calibration text in windows of 512 tokens, as a user runs it."""
-    path = out / "llama-imatrix.gguf"
+    path = out / f"llama-imatrix-{f32.stem}-{tokens}.gguf"  # the reference's cache name: model and writer
     if not path.exists():
         text = out / "calibration.txt"
         text.write_text(calib_text)
@@ -167,7 +167,7 @@ def main() -> None:
             print(_line(rows[-1]), flush=True)
         if len(rows) == before or (args.ours_at != "all" and mix not in args.ours_at.split(",")):
             continue
-        target = rows[-1]["bpw"]  # the size of the stock mix (with the imatrix: the same types)
+        target = rows[-1]["bpw"]  # the size of the stock mix made with the imatrix (without, some differ)
         ours = {label: OURS[label] for label in args.ours.split(",")}
         if mix in args.no_maps_at.split(","):
             ours["qublast without maps"] = NO_MAPS

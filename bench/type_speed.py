@@ -4,7 +4,7 @@
                                [--llama-bench PATH] [--write device_profiles/kernels/host-x86_64.json]
 
 For every type, llama.cpp's own quantizer writes the model with every matrix in that type (the
-embedding too; the norms stay float32), and ``llama-bench`` times it on ``--threads`` threads:
+embedding too; the norms stay float32; ``bytes`` counts the tensor data), and ``llama-bench`` times it on ``--threads`` threads:
 ``pp128`` (prefill, 128 tokens from an empty cache) and ``tg64`` (64 decoded tokens), 3 runs each.
 The model must have rows of 256 everywhere so that no type falls back (Qwen2.5-Coder-1.5B's are).
 The very-low-bit types need an importance matrix to quantize at all; speed does not depend on it,
@@ -35,6 +35,7 @@ from edgequant.atomic import write_text  # noqa: E402
 from edgequant.devices import detect_host  # noqa: E402
 from edgequant.kernels import DEFAULT, TABLES, from_measurements  # noqa: E402
 from edgequant.models import load_model  # noqa: E402
+from edgequant.pipeline import gguf_tensor_stats  # noqa: E402
 from edgequant.twin import reference_gguf  # noqa: E402
 from runtimes.llama_quantize import quantize_stock  # noqa: E402
 
@@ -88,7 +89,7 @@ def main() -> int:
             dst = Path(tmp) / f"{t}.gguf"
             started = time.time()
             uniform_file(src, dst, t, imatrix, args.threads)
-            rows[t] = {"bytes": dst.stat().st_size, **llama_bench(args.llama_bench, dst, args.threads)}
+            rows[t] = {"bytes": gguf_tensor_stats(dst)[0], **llama_bench(args.llama_bench, dst, args.threads)}
             dst.unlink()
             print(f"{t:8} {rows[t]['bytes'] / 1e6:8.1f} MB  tg64 {rows[t]['decode_tok_s']:7.2f}  "
                   f"pp128 {rows[t]['prefill_tok_s']:8.2f}  ({time.time() - started:.0f} s)", file=sys.stderr)

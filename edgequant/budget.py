@@ -111,7 +111,7 @@ def prefill_ops_per_s(device: Device) -> float:
 PROMPT_RATIO = 1.0  # prompt tokens per decoded token in the turn the planner weighs speed over
 
 
-def prefill_bytes(device: Device) -> float:
+def prefill_weight_bytes(device: Device) -> float:
     """What one weight's prefill work per token is worth in decode bytes on ``device``, for a
     turn of ``PROMPT_RATIO`` prompt tokens per decoded one: a prompt token costs ``2 / ops``
     seconds per weight, a decoded token ``1 / bandwidth`` per byte."""

@@ -18,12 +18,13 @@ The split is the one of :mod:`edgequant.ggml_quants`: ``fit`` chooses the sub-bl
 read llama.cpp's bytes.
 
 A group's codes are the codebook vector nearest it under the importance weights, found among all
-of the codebook's vectors by two matrix products (:meth:`Codebook.nearest`). The scale search tries
+of the codebook's vectors by one matrix product (:meth:`Codebook.nearest`). The scale search tries
 8 scales per sub-block. For the codebooks of up to 512 vectors it searches them all too (the matrix
-products are faster than any lookup); for IQ1's 2048 it uses a cheaper search: each weight's
+product is faster than any lookup); for the larger ones (IQ2_S's 1024, IQ1's 2048) it uses a
+cheaper search: each weight's
 nearest magnitude level gives the group a point of the level lattice, a table made once per type
 lists the ``NEIGHBOURS`` codebook vectors closest to each point, and the weighted error chooses
-among those (:meth:`Codebook.near_one`: the nearest of all for 98-99.6% of groups).
+among those (:meth:`Codebook.near_one`: the nearest of all for 98-99% of groups).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ class Codebook:
 
     def near_one(self, u: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Index of a codebook vector near each row of ``u`` (n, group) under weights ``w``: the best
-        of the ``NEIGHBOURS`` nearest the group's lattice point (the nearest of all for 98-99.6% of
+        of the ``NEIGHBOURS`` nearest the group's lattice point (the nearest of all for 98-99% of
         groups; used where many scales are tried)."""
         key = _nearest_level(u, self.levels) @ self.place
         # sum w (u - v)^2 less its first term, sum w u^2, the same for every candidate
@@ -91,8 +92,8 @@ class Codebook:
         return self.near[key, score.argmin(-1)]
 
     def search(self, u: np.ndarray, w: np.ndarray, exact: bool) -> np.ndarray:
-        """:meth:`nearest` when ``exact`` or when the codebook is small enough that the two matrix
-        products beat the neighbour table's lookups (up to ``EXACT_UP_TO`` vectors); else :meth:`near_one`."""
+        """:meth:`nearest` when ``exact`` or when the codebook is small enough that its matrix
+        product beats the neighbour table's lookups (up to ``EXACT_UP_TO`` vectors); else :meth:`near_one`."""
         return self.nearest(u, w) if exact or len(self.vectors) <= EXACT_UP_TO else self.near_one(u, w)
 
     def nearest(self, u: np.ndarray, w: np.ndarray) -> np.ndarray:

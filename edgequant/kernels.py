@@ -7,8 +7,10 @@ size suggests, and in prefill (compute bound) the types differ more still. A pla
 smaller but 15% slower is a worse plan, so the planner needs each type's cost.
 
 The costs come from a table measured by ``bench/type_speed.py`` with llama.cpp's own tools: one
-file per type with every matrix of a model in that type (``llama-quantize --pure``), timed by
-``llama-bench`` (decode ``tg``, prefill ``pp``) on fixed threads. From the table:
+file per type with every matrix of a model in that type (llama.cpp's quantizer with a tensor-type
+override on every weight), timed by ``llama-bench`` (decode ``tg``, prefill ``pp``) on fixed
+threads. From the table (per-token costs that do not scale with the bytes, such as attention, are
+counted in with them: a small file looks a little slower per byte than it is):
 
 * **decode factor** of a type: its seconds per token per byte of file, over the fastest type's
   (>= 1). A matrix of ``n`` bytes then costs ``n * factor`` bytes of bandwidth per token.
@@ -16,9 +18,8 @@ file per type with every matrix of a model in that type (``llama-quantize --pure
   has the same weights, so this is a cost per weight).
 
 A type the table lacks counts as fast as the fastest. The table in ``device_profiles/kernels/``
-is measured on this repository's host (x86-64); a device profile may name its own
-(``kernels = "..."``), and until one is measured on a board the host's stands in, as
-report.json says (``predicted.kernels``).
+is measured on the build host (x86-64); every device profile uses it until tables are measured on
+the boards, and report.json names the table behind each prediction (``predicted.kernels``).
 """
 
 from __future__ import annotations
@@ -48,14 +49,6 @@ class KernelCosts:
 
     def prefill_factor(self, ggml_type: str) -> float:
         return self.prefill.get(ggml_type, 1.0)
-
-    def decode_bytes(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
-        """Bandwidth-equivalent bytes per token of matrices ``nbytes`` (name -> bytes) at ``types``."""
-        return sum(n * self.decode_factor(types[name]) for name, n in nbytes.items())
-
-    def prefill_weights(self, types: dict[str, str], params: dict[str, int]) -> float:
-        """Compute-equivalent weights of matrices ``params`` (name -> weights) at ``types``."""
-        return sum(n * self.prefill_factor(types[name]) for name, n in params.items())
 
     def as_dict(self) -> dict:
         return {"name": self.name, "source": self.source}

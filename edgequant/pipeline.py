@@ -29,7 +29,7 @@ from runtimes.ort import OrtDecoder, check_model, model_file
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .budget import Budget, Shape, check_fits, predict, prefill_bytes, resolve
+from .budget import Budget, Shape, check_fits, predict, prefill_weight_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
@@ -118,12 +118,11 @@ class Target:
     shape: Shape
     budget: Budget
     file_overhead: int  # GGUF bytes besides tensor data
+    min_tok_s: float | None = None
 
     @property
     def max_tensor_bytes(self) -> int:
         return self.budget.max_file_bytes - self.file_overhead
-
-    min_tok_s: float | None = None
 
     @property
     def speed(self) -> Speed:
@@ -131,13 +130,14 @@ class Target:
         floor = None
         if self.min_tok_s is not None:
             floor = self.device.effective_bandwidth / self.min_tok_s - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
-        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor, prefill_bytes(self.device))
+        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
+                     prefill_weight_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
         speed = self.speed
         return {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
-                          decode_bytes=plan.decode_bytes(speed.costs, speed.unread) + self.file_overhead,
-                          prefill_factor=plan.prefill_factor(speed.costs)),
+                          decode_bytes=speed.plan_decode_bytes(plan) + self.file_overhead,
+                          prefill_factor=speed.plan_prefill_factor(plan)),
                 "kernels": speed.costs.as_dict()}
 
 
@@ -163,18 +163,18 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
               choice: Choice | None = None):
     """(plan, sensitivity table or None) within the target's budget (``choice``: the joint search's types)."""
     matrices, other = matrices_of(loaded)
+    speed = tgt.speed
     if ggml_type:
         plan, table = uniform(matrices, other, ggml_type), None
     elif choice:
         plan, table = Plan(choice.types(matrices), matrices, other, "joint: pruning and types searched against the output KL within "
                            f"{tgt.max_tensor_bytes / 1e6:.2f} MB"), None
     elif method.allocate:
-        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, tgt.speed)
+        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, speed)
     else:
-        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}",
-                                 tgt.speed), None
+        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
-    tgt.speed.check(plan.decode_bytes(tgt.speed.costs, tgt.speed.unread), f"the {plan.rule} plan")
+    speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
 
 

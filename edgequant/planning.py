@@ -29,9 +29,10 @@ from .kernels import UNMEASURED, KernelCosts
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
             **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
 LADDER = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
-          "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
+          "IQ4_NL", "Q4_0", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # of equal size, the first is tried first
 # The embedding / output matrix takes no i-quant below 3 bits: none of llama.cpp's mixes gives it
-# one (its IQ1/IQ2_XXS/IQ2_XS mixes keep it at Q2_K; IQ2_S, IQ2_M and IQ3_XXS at IQ3_S).
+# one (an untied token_embd gets Q2_K in its IQ1/IQ2_XXS/IQ2_XS mixes and IQ3_S in IQ2_S, IQ2_M and
+# IQ3_XXS; output.weight, or a tied embedding, Q5_K or more).
 NOT_FOR_EMBEDDING = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
 EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
@@ -78,17 +79,6 @@ class Plan:
     def bpw(self) -> float:
         return self.total_bytes * 8 / self.total_params
 
-    def decode_bytes(self, costs: KernelCosts, skip: tuple[str, ...] = ()) -> float:
-        """Bandwidth-equivalent bytes one decoded token reads (float32 tensors at face value;
-        matrices named in ``skip`` not at all)."""
-        read = [m for m in self.matrices if m.name not in skip]
-        return costs.decode_bytes(self.types, {m.name: self.matrix_bytes(m) for m in read}) + 4 * self.other_params
-
-    def prefill_factor(self, costs: KernelCosts) -> float:
-        """The weights' mean prefill cost per weight, over the fastest type's."""
-        weights = costs.prefill_weights(self.types, {m.name: m.params for m in self.matrices}) + self.other_params
-        return weights / self.total_params
-
     def as_dict(self) -> dict:
         return {
             "rule": self.rule,
@@ -113,12 +103,9 @@ def fitting_type(name: str, cols: int) -> str:
 
 
 def _ladder(m: Matrix) -> list[str]:
-    """The rungs that fit ``m``'s rows, one type per size, smallest first."""
-    rungs: dict[float, str] = {}
-    for t in LADDER:
-        if TYPES[t].fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING):
-            rungs.setdefault(TYPES[t].bpw, t)
-    return [rungs[b] for b in sorted(rungs)]
+    """The types that fit ``m``'s rows, smallest first (``LADDER``'s order among equal sizes)."""
+    fit = [t for t in LADDER if TYPES[t].fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING)]
+    return sorted(fit, key=lambda t: TYPES[t].bpw)
 
 
 def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
@@ -143,27 +130,42 @@ class Speed:
     """What the types cost the kernels (:mod:`edgequant.kernels`), and the decode floor.
 
     A type that decodes slower than its bytes costs ``bytes * (factor - 1)`` more bandwidth per
-    token; one that prefills slower than the fastest costs ``weights * (factor - 1) * prefill_bytes``
-    more, ``prefill_bytes`` being what one weight's prefill work is worth in decode bytes (set by the
-    device: a turn of as many prompt tokens as decoded ones, see :func:`edgequant.budget.prefill_bytes`).
-    Together they are the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller
-    but 15% slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a
-    decoded token reads (tensors only) within ``max_decode_bytes``."""
+    token; one that prefills slower than the fastest costs ``weights * (factor - 1)`` more prefill
+    work, worth ``prefill_weight_bytes`` decode bytes a weight (set by the device, for a turn of as
+    many prompt tokens as decoded ones: :func:`edgequant.budget.prefill_weight_bytes`). Together
+    they are the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller but 15%
+    slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a decoded
+    token reads (all tensors) within ``max_decode_bytes``.
+
+    The embedding/output matrix has no prefill excess: prefill looks up rows of the embedding and
+    computes the output only for the last prompt token. An untied embedding (``unread``) is not
+    read when decoding either."""
 
     costs: KernelCosts = UNMEASURED
     unread: tuple[str, ...] = ()  # matrices a decoded token does not read (an untied input embedding)
     max_decode_bytes: float | None = None  # of all tensors: matrices at their factors, float32 ones at face value
-    prefill_bytes: float = 0.0  # decode bytes one weight's prefill (per token) is worth
+    prefill_weight_bytes: float = 0.0  # decode bytes that one weight's prefill work on a token is worth
 
     def slowdown(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Slowdown bytes of matrices ``nbytes`` (name -> bytes) at ``types``."""
         decode = sum(n * (self.costs.decode_factor(types[k]) - 1) for k, n in nbytes.items() if k not in self.unread)
-        weights = {k: n // get_type(types[k]).nbytes * get_type(types[k]).block for k, n in nbytes.items()}
-        return decode + self.prefill_bytes * sum(w * (self.costs.prefill_factor(types[k]) - 1) for k, w in weights.items())
+        prefill = sum(_weights(types[k], n) * (self.costs.prefill_factor(types[k]) - 1)
+                      for k, n in nbytes.items() if k not in EMBEDDING_NAMES)
+        return decode + self.prefill_weight_bytes * prefill
 
     def decode(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Bandwidth-equivalent bytes per token of matrices ``nbytes`` at ``types``."""
         return sum(n * self.costs.decode_factor(types[k]) for k, n in nbytes.items() if k not in self.unread)
+
+    def plan_decode_bytes(self, plan: Plan) -> float:
+        """Bandwidth-equivalent bytes a token decoded with ``plan`` reads (float32 tensors at face value)."""
+        return self.decode(plan.types, {m.name: plan.matrix_bytes(m) for m in plan.matrices}) + 4 * plan.other_params
+
+    def plan_prefill_factor(self, plan: Plan) -> float:
+        """The mean prefill cost of ``plan``'s weights, over the fastest type's (the embedding/output at 1)."""
+        work = sum(m.params * (1 if m.name in EMBEDDING_NAMES else self.costs.prefill_factor(plan.types[m.name]))
+                   for m in plan.matrices)
+        return (work + plan.other_params) / plan.total_params
 
     def check(self, decode_bytes: float, what: str) -> None:
         if self.max_decode_bytes is not None and decode_bytes > self.max_decode_bytes:
@@ -171,42 +173,70 @@ class Speed:
                                  f"(bandwidth-equivalent), {self.max_decode_bytes / 1e6:.1f} MB allowed")
 
 
+def _weights(ggml_type: str, nbytes: int) -> int:
+    t = get_type(ggml_type)
+    return nbytes // t.nbytes * t.block
+
+
+@dataclass
+class _Rungs:
+    """One matrix's ladder for the greedy mix: per rung its type, bytes, decode bytes, slowdown
+    bytes and expected error (``priority * params * 4**-bpw``)."""
+
+    types: list[str]
+    nbytes: np.ndarray
+    decode: np.ndarray
+    slowdown: np.ndarray
+    error: np.ndarray
+
+    @classmethod
+    def of(cls, m: Matrix, speed: Speed) -> _Rungs:
+        types = _ladder(m)
+        sizes = [m.params // TYPES[t].block * TYPES[t].nbytes for t in types]
+        return cls(types, np.array(sizes, float),
+                   np.array([speed.decode({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
+                   np.array([speed.slowdown({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
+                   PRIORITY.get(m.role, 1.0) * m.params * 4.0 ** -np.array([TYPES[t].bpw for t in types]))
+
+    def best_step(self, i: int, room: float, decode_room: float) -> tuple[float, int]:
+        """(error drop per byte of cost, rung) of the best move up from rung ``i`` that fits ``room``
+        bytes and ``decode_room`` decode bytes; cost = extra bytes + extra slowdown bytes, a move
+        that costs nothing being worth any other. (0, -1) when none fits or gains."""
+        extra, more_decode = self.nbytes[i + 1:] - self.nbytes[i], self.decode[i + 1:] - self.decode[i]
+        gain = self.error[i] - self.error[i + 1:]
+        cost = extra + self.slowdown[i + 1:] - self.slowdown[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(cost > 0, gain / cost, np.where(gain >= 0, np.inf, -np.inf))
+        ratio[(extra > room) | (more_decode > decode_room) | ((gain <= 0) & (cost >= 0))] = -np.inf
+        if not len(ratio) or ratio.max() <= 0:
+            return 0.0, -1
+        j = int(ratio.argmax())
+        return float(ratio[j]), i + 1 + j
+
+
 def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed()) -> Plan:
-    """The greedy mix of at most ``max_bytes`` (all tensors counted): each upgrade's expected
-    error reduction over what it costs, its extra bytes plus its extra slowdown bytes."""
-    ladders = {m.name: _ladder(m) for m in matrices}
+    """The greedy mix of at most ``max_bytes`` (all tensors counted): again and again the move up
+    a matrix's ladder (to any larger rung) with the largest expected error drop per byte of cost,
+    its extra bytes plus its extra slowdown bytes, within the bytes and the decode floor."""
+    rungs = {m.name: _Rungs.of(m, speed) for m in matrices}
     level = {m.name: 0 for m in matrices}
-    plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, rule)
-    budget, used = max_bytes, plan.total_bytes
-    if used > budget:
+    plan = Plan({m.name: rungs[m.name].types[0] for m in matrices}, matrices, other_params, rule)
+    used = plan.total_bytes
+    if used > max_bytes:
         raise EdgequantError(f"{rule} cannot be met: the smallest mix is {plan.bpw:.3f} bpw ({used / 1e6:.1f} MB)")
-    sizes = {m.name: plan.matrix_bytes(m) for m in matrices}
-    decoded = speed.decode(plan.types, sizes) + 4 * other_params
+    decoded = speed.plan_decode_bytes(plan)
     speed.check(decoded, "the smallest mix")
+    floor = np.inf if speed.max_decode_bytes is None else speed.max_decode_bytes
     while True:
-        best, best_gain, best_step = None, 0.0, (0.0, 0.0)
-        for m in matrices:
-            ladder, i = ladders[m.name], level[m.name]
-            if i + 1 == len(ladder):
-                continue
-            cur, nxt = {m.name: ladder[i]}, {m.name: ladder[i + 1]}
-            extra = m.params * (TYPES[ladder[i + 1]].bpw - TYPES[ladder[i]].bpw) / 8
-            after = {m.name: m.params // TYPES[ladder[i + 1]].block * TYPES[ladder[i + 1]].nbytes}
-            more_decode = speed.decode(nxt, after) - speed.decode(cur, {m.name: sizes[m.name]})
-            if used + extra > budget or (speed.max_decode_bytes is not None
-                                         and decoded + more_decode > speed.max_decode_bytes):
-                continue
-            cost = extra + speed.slowdown(nxt, after) - speed.slowdown(cur, {m.name: sizes[m.name]})
-            gain = PRIORITY.get(m.role, 1.0) * m.params * (4.0 ** -TYPES[ladder[i]].bpw - 4.0 ** -TYPES[ladder[i + 1]].bpw)
-            gain = gain / cost if cost > 0 else float("inf")
-            if gain > best_gain:
-                best, best_gain, best_step = m, gain, (extra, more_decode)
-        if best is None:
+        steps = {name: r.best_step(level[name], max_bytes - used, floor - decoded) for name, r in rungs.items()}
+        name = max(steps, key=lambda k: steps[k][0])
+        ratio, j = steps[name]
+        if j < 0:
             return plan
-        used, decoded = used + best_step[0], decoded + best_step[1]
-        level[best.name] += 1
-        plan.types[best.name] = ladders[best.name][level[best.name]]
-        sizes[best.name] = plan.matrix_bytes(best)
+        r, i = rungs[name], level[name]
+        used += r.nbytes[j] - r.nbytes[i]
+        decoded += r.decode[j] - r.decode[i]
+        level[name], plan.types[name] = j, r.types[j]
 
 
 def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: int = 1 << 16) -> list[int] | None:
@@ -214,10 +244,10 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: in
     cost with the summed bytes <= ``budget``. Exact dynamic programme over byte counts in units
     of ``budget / resolution`` (sizes rounded up, so the answer always fits). Returns the chosen
     option index per item, or None when even the smallest options do not fit."""
-    return _knapsack(options, budget, resolution)[0]
+    return knapsack_curve(options, budget, resolution)[0]
 
 
-def _knapsack(options, budget: int, resolution: int = 1 << 16) -> tuple[list[int] | None, np.ndarray, int]:
+def knapsack_curve(options, budget: int, resolution: int = 1 << 16) -> tuple[list[int] | None, np.ndarray, int]:
     """(:func:`knapsack`'s choice, the least summed cost within each capacity, the capacity unit in bytes)."""
     unit = max(1, -(-budget // resolution))
     cap = budget // unit
@@ -266,7 +296,7 @@ def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], bu
     also within that many decode bytes: the decode bytes are charged too, at the least extra
     price that brings them within (bisection). Returns (the choice or None when nothing fits,
     the price of a byte, the extra price of a decode byte)."""
-    plain, best, unit = _knapsack([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
+    plain, best, unit = knapsack_curve([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
     if plain is None:
         return None, 0.0, 0.0
     price = byte_price(best, unit)

@@ -48,7 +48,7 @@ from ..errors import EdgequantError
 from ..ggml_quants import get_type
 from ..adapters import BlockShape, adapter_of
 from ..models import LoadedModel, sizes_differ
-from ..planning import Matrix, Speed, knapsack, knapsack_with_speed
+from ..planning import Matrix, Speed, knapsack_curve, byte_price, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
 from ..evaluation import Reference
@@ -151,7 +151,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
                              f"{smallest / 1e6:.1f} MB")
     ctx = calibration.windows.shape[1]
     table = measure_table(loaded, parts, calibration, progress)
-    price = _byte_price(parts, table, speed, budget - fixed)
+    price = _byte_price(parts, table, speed, budget - 4 * other_params)
     costs = _type_costs(parts, table, speed, price)
     embd_kl = [e.kl for e in table.by_part()[embd.key]]  # in embd.options() order
     embd_options = [(e.bytes, e.kl + price * speed.slowdown(e.types, embd.sizes(e.types)))
@@ -203,7 +203,7 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         "byte_price": price,
         "estimate_scale": scale.value,
         "planned_bytes": used + embd_options[chosen[-1]][0],
-        "blocks": [{"index": b, "option": o.label(), "bytes": o.bytes, "kl": o.kl} for b, o in picked.items()],
+        "blocks": [{"index": b, "option": o.label(), "bytes": o.bytes, "kl": o.kl - o.charge} for b, o in picked.items()],
         "embedding": Part.label(embd_types),
     }
     return Choice(pruning, picked, embd_types, details)
@@ -229,11 +229,12 @@ def _byte_price(parts: list[Part], table: Sensitivity, speed: Speed, budget: int
     """The KL a byte buys at the budget's margin in the unpruned parts' knapsack (at the smallest
     unpruned mix, 2% up, when the budget is below it): the price of a slowdown byte."""
     entries = table.by_part()
-    options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), 0.0) for e in entries[p.key]] for p in parts]
-    if not any(o[2] for opts in options for o in opts):
+    options = [[(e.bytes, e.kl) for e in entries[p.key]] for p in parts]
+    if not any(speed.slowdown(e.types, p.sizes(e.types)) for p in parts for e in entries[p.key]):
         return 0.0
     smallest = sum(min(o[0] for o in opts) for opts in options)
-    return knapsack_with_speed(options, max(budget, int(smallest * 1.02)))[1]
+    _, best, unit = knapsack_curve(options, max(budget, int(smallest * 1.02)))
+    return byte_price(best, unit)
 
 
 def _solve(items: list[list[tuple[int, float]]], budget: int) -> list[int]:

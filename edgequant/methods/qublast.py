@@ -4,8 +4,10 @@ maps, and GPTQ (or RTN) as the rounding step.
 1. ``allocate``: measure the sensitivity table (:mod:`edgequant.sensitivity`): the KL each
    block's attention / MLP part (and the embedding) adds when quantized alone, for every type
    the part can take; then choose one option per part minimising the summed KL under the byte
-   budget (exact multiple-choice knapsack, :func:`edgequant.planning.knapsack`). When the
-   largest option of every part fits, nothing needs measuring.
+   budget, each option charged for its kernels' slowdown at the price of a byte, and within the
+   decode floor of ``--min-tok-s`` (exact multiple-choice knapsack,
+   :func:`edgequant.planning.knapsack_with_speed`). When the largest option of every part fits
+   (and reads fast enough), nothing needs measuring.
 2. ``transform``: activation scaling maps (folded in place), searched per block and group for the types just
    chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
 3. ``quantize``: GPTQ onto the exact ggml grids (``rounding="rtn"`` for round-to-nearest).
@@ -18,7 +20,7 @@ from dataclasses import asdict
 from ..calibration import Calibration
 from ..errors import EdgequantError
 from ..models import LoadedModel
-from ..planning import Matrix, Plan, Speed, knapsack_with_speed
+from ..planning import Matrix, Plan, Speed, knapsack, knapsack_with_speed
 from ..progress import Progress
 from ..sensitivity import Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
 from ..smoothing import search_scales
@@ -50,7 +52,11 @@ def allocate(
     options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), speed.decode(e.types, p.sizes(e.types)))
                 for e in entries[p.key]] for p in parts]
     chosen, price, extra = knapsack_with_speed(options, max_bytes - other_bytes, max_decode)
-    if chosen is None:  # the bytes fit (above): the decode floor does not
+    if chosen is None and (max_decode is None or knapsack([[o[:2] for o in opts] for opts in options],
+                                                          max_bytes - other_bytes) is None):
+        raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is at the smallest mix, "
+                             f"{smallest / 1e6:.1f} MB: give it a little more")
+    if chosen is None:
         raise EdgequantError(f"--min-tok-s cannot be met: no mix within {max_bytes / 1e6:.1f} MB reads under "
                              f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
