@@ -73,6 +73,8 @@ def main() -> int:
     ap.add_argument("--llama-bench", type=Path, default=None)
     ap.add_argument("--write", type=Path, default=None, help=f"store the table (the planner reads {TABLES / DEFAULT}.json)")
     args = ap.parse_args()
+    if args.write:
+        args.write.parent.mkdir(parents=True, exist_ok=True)
     if args.llama_bench is None:
         built = subprocess.run(["bash", str(ROOT / "bench" / "build_llama_tools.sh")], capture_output=True, text=True,
                                check=True)
