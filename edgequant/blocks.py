@@ -1,8 +1,8 @@
 """Decoder blocks kept on disk: a model whose blocks are float32 in memory only while worked on.
 
-A streamed build never holds the whole float32 model. Its embedding, final norm and output
-head stay in memory; each decoder block's parameters live in a float32 file of its own (under
-the cache folder's ``spill/``), and are *mapped* into the model while the block is worked on:
+A streamed build never holds the whole float32 model. Each decoder block's parameters live in
+a float32 file of its own (under the cache folder's ``spill/``), and are *mapped* into the model
+while the block is worked on:
 
 * a forward pass through a block maps it on the way in and unmaps it on the way out, so any
   code that runs the model (calibration hooks, the sensitivity tail, the simulation) works as
@@ -12,14 +12,20 @@ the cache folder's ``spill/``), and are *mapped* into the model while the block 
   kept when the block is unmapped.
 
 Outside those, a block's parameters are tensors on torch's ``meta`` device: shapes, no data.
-The peak RSS of a walk is then the resident parts plus the block being worked on, whatever the
+
+The embedding and the output head (``keep``) are files too, mapped for the whole build, but
+their pages are handed back to the kernel whenever ``block(i)`` is left: a forward pass touches
+them again, a block's own work (a walk's stop) does not. For Llama-3.1-8B they are 2.1 GB each
+in float32, which sat beside the GPTQ stage's largest block. The norms stay in memory.
+
+The peak RSS of a walk is then the small parts plus the block being worked on, whatever the
 depth. (Pages of an unmapped file leave the process: the kernel's page cache keeps them while
 memory is free, and reads them back from disk when it is not.)
 """
 
 from __future__ import annotations
 
-import errno
+import mmap
 import shutil
 import tempfile
 import weakref
@@ -33,7 +39,7 @@ import numpy as np
 import torch
 
 from .adapters import adapter_of
-from .errors import EdgequantError
+from .errors import EdgequantError, disk_full_as_error
 from .memory import trim_heap
 
 
@@ -55,6 +61,7 @@ class BlockStore:
         self.slots: dict[int, list[_Slot]] = {}
         self.depth: Counter[int] = Counter()
         self.maps: dict[int, np.memmap] = {}
+        self.kept: list[mmap.mmap] = []
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
             layer.register_forward_pre_hook(lambda _m, _a, i=i: self._enter(i))
@@ -69,7 +76,7 @@ class BlockStore:
 
         spill = cache_dir() / "spill"
         spill.mkdir(parents=True, exist_ok=True)
-        needed = 4 * sum(p.numel() for p in adapter_of(model).layers(model).parameters())
+        needed = 4 * sum(p.numel() for p in model.parameters())
         free = shutil.disk_usage(spill).free
         if needed > free:
             raise EdgequantError(f"spilling the model's blocks needs {needed / 1e6:.0f} MB on the disk of {spill}; "
@@ -84,23 +91,30 @@ class BlockStore:
 
     def _write(self, i: int, fetch: Callable[[str], np.ndarray]) -> None:
         slots, offset = [], 0
-        try:
-            with open(self._path(i), "wb") as f:
-                for name, param in self.layers[i].named_parameters():
-                    module, _, pname = name.rpartition(".")
-                    array = np.ascontiguousarray(fetch(name), dtype=np.float32)
-                    if array.shape != tuple(param.shape):
-                        raise EdgequantError(f"block {i}: {name} is {array.shape}, expected {tuple(param.shape)}")
-                    array.tofile(f)
-                    slots.append(_Slot(module, pname, tuple(param.shape), offset))
-                    offset += array.size
-        except OSError as e:
-            if e.errno == errno.ENOSPC:
-                free = shutil.disk_usage(self.folder).free
-                raise EdgequantError(f"no space left to spill the model's blocks to {self.folder} "
-                                     f"({free / 1e6:.0f} MB free)") from None
-            raise
+        with self._spilling(), open(self._path(i), "wb") as f:
+            for name, param in self.layers[i].named_parameters():
+                module, _, pname = name.rpartition(".")
+                array = np.ascontiguousarray(fetch(name), dtype=np.float32)
+                if array.shape != tuple(param.shape):
+                    raise EdgequantError(f"block {i}: {name} is {array.shape}, expected {tuple(param.shape)}")
+                array.tofile(f)
+                slots.append(_Slot(module, pname, tuple(param.shape), offset))
+                offset += array.size
         self.slots[i] = slots
+
+    def keep(self, name: str, array: np.ndarray) -> torch.Tensor:
+        """``array`` (a part outside the blocks) as a tensor mapped from a file of its own, whose
+        pages are handed back each time a block is left (see the module's text)."""
+        path = self.folder / f"{name}.f32"
+        with self._spilling():
+            np.ascontiguousarray(array, dtype=np.float32).tofile(path)
+        with open(path, "r+b") as f:
+            kept = mmap.mmap(f.fileno(), 0)
+        self.kept.append(kept)
+        return torch.from_numpy(np.frombuffer(kept, np.float32).reshape(array.shape))
+
+    def _spilling(self):
+        return disk_full_as_error(self.folder, "to spill the model's weights to")
 
     @contextmanager
     def block(self, i: int) -> Iterator[torch.nn.Module]:
@@ -110,6 +124,7 @@ class BlockStore:
             yield self.layers[i]
         finally:
             self._exit(i, trim=True)
+            self._release_kept()
 
     def _enter(self, i: int) -> None:
         self.depth[i] += 1
@@ -131,12 +146,20 @@ class BlockStore:
             if trim:
                 trim_heap()
 
+    def _release_kept(self) -> None:
+        """Hand the kept parts' pages back (a block's own work is done without them; a forward
+        pass, which reads the head after the last block, does not come through here)."""
+        for kept in self.kept:
+            kept.madvise(mmap.MADV_DONTNEED)
+
     def _set(self, i: int, s: _Slot, t: torch.Tensor) -> None:
         module = self.layers[i].get_submodule(s.module) if s.module else self.layers[i]
         module._parameters[s.name] = torch.nn.Parameter(t, requires_grad=t.device.type != "meta")
 
     def close(self) -> None:
-        """Delete the blocks' files now (else when the store is collected, or at exit)."""
+        """Delete the files now (else when the store is collected, or at exit). The kept parts'
+        files go when the model's tensors of them do."""
+        self.kept.clear()
         self._remove()
 
     @property

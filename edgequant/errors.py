@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import errno
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
 
 class EdgequantError(Exception):
     """A problem with the user's input or environment, explained in one line."""
@@ -22,3 +28,17 @@ def check_number(option: str, value: float | None, above: float | None = None, a
         bounds.append(f"<= {at_most:g}")
     if bounds:
         raise EdgequantError(f"{option} must be {' and '.join(bounds)}, got {value:g}")
+
+
+@contextmanager
+def disk_full_as_error(folder: Path, doing: str) -> Iterator[None]:
+    """A full disk while writing into ``folder`` as one line (``doing`` says what, e.g. "to keep
+    the rounded model in"). numpy's short writes carry no errno, so a full disk is also told by
+    its free space."""
+    try:
+        yield
+    except OSError as e:
+        free = shutil.disk_usage(folder).free
+        if e.errno == errno.ENOSPC or (e.errno is None and free < 64 << 20):
+            raise EdgequantError(f"no space left {doing} {folder} ({free / 1e6:.0f} MB free)") from None
+        raise

@@ -131,8 +131,8 @@ def resize_blocks(model, sizes: list[BlockShape]) -> None:
 
 def load_model(spec: str | Path | None = None, streamed: bool = False) -> LoadedModel:
     """``None``/"default" or another built-in name -> that model; a folder -> Hugging Face; a
-    ``.gguf`` file -> GGUF. ``streamed``: the decoder blocks go to disk (:mod:`edgequant.blocks`)
-    as they are read; only the embedding, the head and the final norm stay in memory."""
+    ``.gguf`` file -> GGUF. ``streamed``: the decoder blocks, the embedding and the head go to disk
+    (:mod:`edgequant.blocks`) as they are read; only the norms stay in memory."""
     from .assets import BUILTIN_MODELS, builtin_model
 
     if spec is None or str(spec) in BUILTIN_MODELS:
@@ -213,14 +213,16 @@ class _Shards:
 
 def _fill(model, fetch, streamed: bool) -> BlockStore | None:
     """Give ``model`` (on the meta device) its float32 weights, each read with ``fetch(name)``,
-    one tensor at a time: the blocks to disk if ``streamed``, everything else into memory."""
+    one tensor at a time: if ``streamed``, the blocks and the 2-D parts (embedding, head) to disk
+    (:class:`BlockStore`), the norms into memory; else everything into memory."""
     config, family = model.config, adapter_of(model)
     store = BlockStore.create(model, fetch) if streamed else None
     for name in list(model.state_dict(keep_vars=True)):
         if streamed and family.block_index(name) >= 0 or name == "lm_head.weight" and config.tie_word_embeddings:
             continue
         module_path, _, pname = name.rpartition(".")
-        data = torch.from_numpy(np.asarray(fetch(name), dtype=np.float32))  # fetched into memory of its own
+        array = np.asarray(fetch(name), dtype=np.float32)  # fetched into memory of its own
+        data = store.keep(name, array) if store is not None and array.ndim == 2 else torch.from_numpy(array)
         model.get_submodule(module_path)._parameters[pname] = torch.nn.Parameter(data)
     family.computed_buffers(model)
     if config.tie_word_embeddings:
@@ -438,18 +440,20 @@ def read_tensor_data(path: Path, t) -> np.ndarray:
 
 def check_memory(skeleton, streamed: bool) -> None:
     """Refuse, before reading any weight, a model this machine cannot hold: whole, its float32
-    weights; streamed, the parts that stay in memory (embedding, head, norms) and two blocks (one
-    worked on, one copy of it), against the memory the system says is available."""
-    sizes = [(name, p.numel() * 4) for name, p in skeleton.named_parameters()]
+    weights; streamed, the largest of the mapped parts (the head, read whole by every forward pass),
+    the norms and two blocks (one worked on, one copy of it), against the memory the system says is
+    available."""
+    sizes = [(name, p.numel() * 4, p.ndim) for name, p in skeleton.named_parameters()]
     family = adapter_of(skeleton)
     if streamed:
         block = max(sum(p.numel() for p in layer.parameters()) for layer in family.layers(skeleton)) * 4
-        needed = sum(n for name, n in sizes if family.block_index(name) < 0) + 2 * block
+        outside = [(n, ndim) for name, n, ndim in sizes if family.block_index(name) < 0]
+        needed = max(n for n, ndim in outside if ndim == 2) + sum(n for n, ndim in outside if ndim == 1) + 2 * block
     else:
-        needed = sum(n for _, n in sizes)
+        needed = sum(n for _, n, _ in sizes)
     available = available_memory()
     if available is not None and needed > available:
-        how = "streamed (embedding, head and two blocks in float32)" if streamed else "in float32"
+        how = "streamed (the head and two blocks in float32)" if streamed else "in float32"
         raise EdgequantError(f"the model needs {needed / 1e9:.1f} GB of memory {how}; this machine has "
                              f"{available / 1e9:.1f} GB available")
 

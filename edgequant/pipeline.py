@@ -344,8 +344,9 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         sim = _simulation(work, encoded, p.method.activation_aware) if opts.parity else None
         twin_source = p.twin
         tokenizer, spill = work.tokenizer, work.store
+        encoded.close()  # the files go now, not in a collection, where an interrupt would be lost
         if spill is not None and sim is None:
-            spill.close()  # now, not in a collection, where an interrupt would be lost
+            spill.close()
         del work, p, encoded  # from here on only the files (and, with --parity, the simulation) are held
         release_memory()
         if "onnx" in opts.formats:

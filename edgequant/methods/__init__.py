@@ -1,8 +1,9 @@
 """Quantization methods, each one module, registered here as a :class:`Method`.
 
-Every method rounds: ``quantize(loaded, plan, calibration, progress) -> {GGUF name: EncodedTensor}``.
-``plan`` gives each matrix its ggml type; ``calibration`` holds the calibration token windows
-and E[x^2] per input column (may be empty). The result is the exact bytes that the exporters
+Every method rounds: ``quantize(loaded, plan, calibration, progress) -> {GGUF name: EncodedTensor}``,
+a :class:`..codestore.CodeStore` (the bytes wait on disk for the exporter). ``plan`` gives each
+matrix its ggml type; ``calibration`` holds the calibration token windows and E[x^2] per input
+column (may be empty). The result is the exact bytes that the exporters
 write. ``quantize`` leaves ``loaded.model`` as it found it.
 
 A method may also choose the plan itself (``allocate``, from measurements, within a byte
@@ -27,7 +28,7 @@ from typing import Callable, Protocol
 
 from ..calibration import Calibration
 from ..errors import EdgequantError
-from ..ggml_quants import EncodedTensor
+from ..codestore import CodeStore
 from ..models import LoadedModel
 from ..planning import Plan
 from ..fakequant import Setting
@@ -43,7 +44,7 @@ class Quantize(Protocol):
         plan: Plan,
         calibration: Calibration,
         progress: Callable[[str], None] | None = None,
-    ) -> dict[str, EncodedTensor]: ...
+    ) -> CodeStore: ...
 
 
 @dataclass(frozen=True)

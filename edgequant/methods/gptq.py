@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from ..calibration import BlockHessians, Calibration, sequential_hessians
+from ..codestore import CodeStore
 from ..ggml_iquants import Codes, CodebookGrid
 from ..ggml_quants import EncodedTensor, Grid, QuantType, get_type
 from ..models import LoadedModel
@@ -54,13 +55,13 @@ def quantize(
     plan: Plan,
     calibration: Calibration,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, EncodedTensor]:
+) -> CodeStore:
     if all(t in ROUNDED_TO_NEAREST for t in plan.types.values()):
         return rtn.quantize(loaded, plan, calibration, progress)
-    encoded = {}
+    encoded = CodeStore()
 
     def round_block(block: BlockHessians) -> dict[str, torch.Tensor]:
-        """The block's matrices rounded (their codes kept in ``encoded``), as weights."""
+        """The block's matrices rounded (their codes spilled to ``encoded``), as weights."""
         weights = {}
         for name, hessian in block.hessians.items():
             if name == "token_embd.weight":

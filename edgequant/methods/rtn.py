@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Callable
 
 from ..calibration import Calibration
+from ..codestore import CodeStore
 from ..ggml_quants import EncodedTensor, get_type
 from ..models import LoadedModel
 from ..planning import Plan
@@ -19,8 +20,11 @@ def quantize(
     plan: Plan,
     calibration: Calibration,
     progress: Callable[[str], None] | None = None,
-) -> dict[str, EncodedTensor]:
-    return {name: encode(name, w, plan, calibration, progress) for name, w in loaded.matrices()}
+) -> CodeStore:
+    encoded = CodeStore()
+    for name, w in loaded.matrices():
+        encoded[name] = encode(name, w, plan, calibration, progress)
+    return encoded
 
 
 def encode(name, weight, plan: Plan, calibration: Calibration, progress=None) -> EncodedTensor:
