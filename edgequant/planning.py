@@ -30,10 +30,12 @@ FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", 
             **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
 LADDER = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
           "IQ4_NL", "Q4_0", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # of equal size, the first is tried first
-# The embedding / output matrix takes no i-quant below 3 bits: none of llama.cpp's mixes gives it
-# one (an untied token_embd gets Q2_K in its IQ1/IQ2_XXS/IQ2_XS mixes and IQ3_S in IQ2_S, IQ2_M and
-# IQ3_XXS; output.weight, or a tied embedding, Q5_K or more).
-NOT_FOR_EMBEDDING = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S")
+# The embedding / output matrix takes no 256-block i-quant. The output matmul (output.weight, or a
+# tied embedding) reads the whole matrix for every token, and these types decode 1.6x (IQ4_XS) to
+# 6.8x (IQ1_S) slower per byte than the fastest on the measured host (device_profiles/kernels/);
+# llama.cpp's own i-quant mixes give it Q5_K or more. An untied token_embd, only looked up, gets
+# Q2_K or IQ3_S there; Q3_K, of IQ3_S's size, stands in for the latter.
+NOT_FOR_EMBEDDING = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
 EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
 

@@ -59,7 +59,7 @@ class Part:
         return sum(m.params for m in self.matrices)
 
     def candidates(self) -> tuple[str, ...]:
-        """The candidate types of this part (the embedding's start at 3 bits, see :mod:`edgequant.planning`)."""
+        """The candidate types of this part (the embedding's without 256-block i-quants, see :mod:`edgequant.planning`)."""
         return CANDIDATES if self.block >= 0 else tuple(t for t in CANDIDATES if t not in NOT_FOR_EMBEDDING)
 
     def options(self) -> list[dict[str, str]]:

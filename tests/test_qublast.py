@@ -31,7 +31,7 @@ def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model)
         "Q8_0/Q6_K", "Q8_0"]
     attn = next(p for p in parts if p.key == "0.attn")  # Q4_0 beside IQ4_NL: the same size, faster kernels
     assert [Part.label(t) for t in attn.options()] == ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"]
-    embd = next(p for p in parts if p.block < 0)  # no i-quant below 3 bits, as in llama.cpp's mixes
+    embd = next(p for p in parts if p.block < 0)  # no 256-block i-quant, as in llama.cpp's mixes
     assert [Part.label(t) for t in embd.options()] == ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"]
 
 
@@ -40,8 +40,8 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
     sensitivity = json.loads((out / "plan.json").read_text())["sensitivity"]
     assert sensitivity["tokens"] == 256  # --sensitivity-tokens
     table = sensitivity["entries"]
-    # two blocks' attention and MLP, 15 types each (rows of 256 take them all), and the embedding's 10
-    assert len(table) == 4 * 15 + 10
+    # two blocks' attention and MLP, 15 types each (rows of 256 take them all), and the embedding's 7
+    assert len(table) == 4 * 15 + 7
     by_part: dict = {}
     for e in table:
         by_part.setdefault(e["part"], []).append(e["kl"])
