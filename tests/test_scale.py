@@ -18,7 +18,7 @@ WIDE = {"hidden_size": 1024, "intermediate_size": 2816, "num_attention_heads": 8
 
 def test_peak_memory_does_not_grow_with_depth(tiny_model, tmp_path):
     beyond_file, block_bytes = {}, None
-    for depth in (4, 16):
+    for depth in (3, 9):
         model = tiny_model("llama", num_hidden_layers=depth, **WIDE)
         out = tmp_path / f"depth-{depth}"
         succeeded(edgequant("build", "--model", model, "--out", out, "--method", "rtn", "--type", "Q4_K", "--calib-tokens", 512,
@@ -27,7 +27,7 @@ def test_peak_memory_does_not_grow_with_depth(tiny_model, tmp_path):
         beyond_file[depth] = report["build"]["peak_rss_mb"] * 2**20 - (out / "model.gguf").stat().st_size
         block_bytes = 4 * sum(t["rows"] * t["cols"] for t in json.loads((out / "plan.json").read_text())["tensors"]
                               if t["name"].startswith("blk.0."))
-    assert abs(beyond_file[16] - beyond_file[4]) < 3 * block_bytes, (beyond_file, block_bytes)
+    assert abs(beyond_file[9] - beyond_file[3]) < 3 * block_bytes, (beyond_file, block_bytes)  # whole: 6 blocks more
 
 
 def _file_pages_resident() -> int:
