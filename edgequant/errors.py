@@ -30,15 +30,21 @@ def check_number(option: str, value: float | None, above: float | None = None, a
         raise EdgequantError(f"{option} must be {' and '.join(bounds)}, got {value:g}")
 
 
+def disk_is_full(error: OSError, folder: Path) -> bool:
+    """Whether ``error``, raised while writing into ``folder``, means its disk is full. numpy's
+    short writes ("Not enough free space to write ...") carry no errno, so they are told by the
+    free space left."""
+    return error.errno == errno.ENOSPC or (error.errno is None and shutil.disk_usage(folder).free < 64 << 20)
+
+
 @contextmanager
 def disk_full_as_error(folder: Path, doing: str) -> Iterator[None]:
     """A full disk while writing into ``folder`` as one line (``doing`` says what, e.g. "to keep
-    the rounded model in"). numpy's short writes carry no errno, so a full disk is also told by
-    its free space."""
+    the rounded model in")."""
     try:
         yield
     except OSError as e:
-        free = shutil.disk_usage(folder).free
-        if e.errno == errno.ENOSPC or (e.errno is None and free < 64 << 20):
+        if disk_is_full(e, folder):
+            free = shutil.disk_usage(folder).free
             raise EdgequantError(f"no space left {doing} {folder} ({free / 1e6:.0f} MB free)") from None
         raise

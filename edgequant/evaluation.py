@@ -10,7 +10,6 @@ the reference is one too, run beside the candidates (:func:`score`).
 
 from __future__ import annotations
 
-import errno
 import math
 import os
 import tempfile
@@ -124,7 +123,7 @@ class SpilledReferences:
 
     def __init__(self, logits: Iterable[torch.Tensor]):
         from .assets import cache_dir
-        from .errors import EdgequantError
+        from .errors import disk_full_as_error
 
         folder = cache_dir() / "spill"
         folder.mkdir(parents=True, exist_ok=True)
@@ -133,16 +132,14 @@ class SpilledReferences:
         self.neg_entropies: list[torch.Tensor] = []
         self._remove = weakref.finalize(self, self.path.unlink, True)  # missing_ok
         try:
-            with os.fdopen(fd, "wb") as f:
+            with disk_full_as_error(folder, "for the reference's log-probabilities in"), os.fdopen(fd, "wb") as f:
                 for window in logits:
                     logp = torch.log_softmax(window.float(), -1)
                     logp.numpy().tofile(f)
                     self.neg_entropies.append(torch.einsum("ij,ij->i", logp.exp(), logp))
                     self.count, self.shape = self.count + 1, tuple(logp.shape)
-        except OSError as e:
+        except BaseException:
             self._remove()
-            if e.errno == errno.ENOSPC:
-                raise EdgequantError(f"no space left for the reference's log-probabilities in {folder}") from None
             raise
 
     def __len__(self) -> int:

@@ -8,7 +8,6 @@ that folder survives until the new one is complete).
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -33,7 +32,7 @@ from .budget import Budget, Shape, check_fits, predict, prefill_weight_bytes, re
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
-from .errors import EdgequantError, check_number
+from .errors import EdgequantError, check_number, disk_is_full
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .kernels import load as load_kernels
 from .methods import Method, get_method
@@ -583,13 +582,12 @@ def _onnx_artifact(exported: dict, out: Path) -> dict:
 @contextmanager
 def _write_errors(out: Path, stage: Path) -> Iterator[None]:
     """A failed write of the build becomes one line, checked while the staging folder still fills
-    the disk (numpy's short writes carry no errno, so a full disk is told by its free space)."""
+    the disk."""
     try:
         yield
     except OSError as e:
-        free = shutil.disk_usage(stage).free
-        if e.errno == errno.ENOSPC or free < 64 << 20:
-            raise EdgequantError(f"no space left on the disk of {out} ({free / 1e6:.1f} MB free)") from None
+        if disk_is_full(e, stage):
+            raise EdgequantError(f"no space left on the disk of {out} ({shutil.disk_usage(stage).free / 1e6:.1f} MB free)") from None
         raise EdgequantError(f"cannot write {out}: {e.strerror or e}") from None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from .atomic import atomic_path
+from .errors import disk_full_as_error
 from .measured import cache_path, code_of
 from .models import LoadedModel
 from .walker import Walk
@@ -49,7 +50,7 @@ def reference_log_probs(loaded: LoadedModel, windows: np.ndarray, progress=None)
     path = cache_path("reference", loaded, code_of(__name__, "edgequant.walker"), windows.tobytes(), suffix=".f16")
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp:
+        with disk_full_as_error(path.parent, "for the reference's log-probabilities in"), atomic_path(path) as tmp:
             _write_log_probs(loaded, windows, tmp, progress)
     elif progress:
         for _ in range(loaded.config.num_hidden_layers + len(windows)):

@@ -137,14 +137,15 @@ class Sensitivity:
 
 
 class Tail:
-    """Runs the model from block ``start`` to the logits, on cached hidden states."""
+    """Runs the model from block ``start`` to the logits, on cached hidden states (``kwargs``:
+    every block's keyword arguments, :attr:`edgequant.walker.Walk.kwargs`)."""
 
-    def __init__(self, model, kwargs):
+    def __init__(self, model, kwargs: list[dict]):
         self.model, self.kwargs, self.family = model, kwargs, adapter_of(model)
 
     def logits(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        for layer in self.family.layers(self.model)[start:]:
-            hidden = run_block(layer, hidden, self.kwargs)
+        for layer, kwargs in list(zip(self.family.layers(self.model), self.kwargs))[start:]:
+            hidden = run_block(layer, hidden, kwargs)
         return self.family.logits(self.model, hidden)[0]
 
 
@@ -168,8 +169,9 @@ def measure(
             if progress:
                 progress()
 
-    for stop in Walk(loaded, windows):
-        tail = Tail(model, stop.kwargs)
+    walk = Walk(loaded, windows)
+    for stop in walk:
+        tail = Tail(model, walk.kwargs)
         for part in (p for p in parts if p.block == stop.index):
             add(part, lambda tail=tail, stop=stop: float(np.mean([r.mean_kl(tail.logits(h, stop.index))
                                                                   for r, h in zip(ref, stop.inputs)])))
@@ -299,10 +301,10 @@ def estimate(
         with torch.inference_mode(), loaded.block(part.block):
             if part.block >= 0:
                 layer, x = family.layers(model)[part.block], inputs[part.block]
-                before = [run_block(layer, h, kwargs) for h in x]
+                before = [run_block(layer, h, kwargs[part.block]) for h in x]
 
             def block_kl(part=part) -> float:
-                return float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs) - y)[0] ** 2).sum(-1).mean())
+                return float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs[part.block]) - y)[0] ** 2).sum(-1).mean())
                                       for h, y, f in zip(x, before, fisher[part.block])]))
 
             for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
@@ -312,7 +314,7 @@ def estimate(
     return Sensitivity(entries, int(windows.size), "Fisher estimate at the block's output (blocks); measured (embedding)")
 
 
-def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[torch.Tensor], kwargs: dict):
+def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[torch.Tensor], kwargs: list[dict]):
     """Per block and window, the diagonal Fisher information (tokens, hidden) of the output
     distribution with respect to the block's output: gradients walked back from the logits
     one block at a time, each block re-run from its stored input."""
@@ -335,7 +337,7 @@ def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[t
                 layer, new = family.layers(model)[b], []
                 for h, g in zip(inputs[b], grads):
                     x = h.clone().requires_grad_()
-                    out = run_block(layer, x, kwargs)
+                    out = run_block(layer, x, kwargs[b])
                     new.append(torch.stack([torch.autograd.grad(out, x, grad_outputs=gs, retain_graph=True)[0] for gs in g]))
                 grads = new
     return fisher
@@ -347,14 +349,18 @@ def rank_correlation(a, b) -> float:
     return float(np.corrcoef(*ranks)[0, 1])
 
 
-def _trainable(value):
-    """``value`` with every tensor in it copied out of inference mode (autograd may save it)."""
+def _trainable(value, copies: dict | None = None):
+    """``value`` with every tensor in it copied out of inference mode (autograd may save it); a
+    tensor found twice (the blocks' shared rotary tables and mask) is copied once."""
+    copies = {} if copies is None else copies
     if isinstance(value, torch.Tensor):
-        return value.clone()
+        if id(value) not in copies:
+            copies[id(value)] = value.clone()
+        return copies[id(value)]
     if isinstance(value, (tuple, list)):
-        return type(value)(_trainable(v) for v in value)
+        return type(value)(_trainable(v, copies) for v in value)
     if isinstance(value, dict):
-        return {k: _trainable(v) for k, v in value.items()}
+        return {k: _trainable(v, copies) for k, v in value.items()}
     return value
 
 

@@ -7,14 +7,15 @@ work there: gathers statistics and Hessians, folds scaling maps, prunes and refi
 the caller moves on, the walk runs the block on its inputs, or takes the outputs the caller set
 (a quantized stream, a pruned variant, a removed block passing its inputs on), and unmaps it.
 A streamed model has one block's weights in memory at a time, and the walk one block's inputs
-and outputs, whatever the depth. After the last block, :attr:`Walk.hidden` holds the final hidden
+and outputs, whatever the depth. Each block is called with its own keyword arguments, as the
+model's forward calls it (:func:`block_inputs`). After the last block, :attr:`Walk.hidden` holds the final hidden
 states (before the final norm); it stays None if the loop is left early.
 
 The hidden states stay float32, as the blocks make them: a block's input is the previous
 block's exact output, so a walk gives the same figures as running the whole model. The walk and
 the blocks run in inference mode: a stop's inputs and keyword arguments are inference tensors, to
 be cloned before autograd or an in-place change. The windows must all be the same length (the
-keyword arguments, the causal mask among them, are the last window's).
+keyword arguments, the causal mask among them, are the first window's).
 """
 
 from __future__ import annotations
@@ -34,28 +35,47 @@ class _Stop(Exception):
 
 
 @torch.inference_mode()
-def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], dict]:
-    """Hidden states entering the first transformer block, one per window, and the keyword
-    arguments (rotary embeddings, causal mask...) the blocks are called with."""
-    first = adapter_of(model).layers(model)[0]
-    captured: dict = {}
+def block_inputs(model: torch.nn.Module, windows: np.ndarray) -> tuple[list[torch.Tensor], list[dict]]:
+    """Hidden states entering the first decoder block, one per window, and each block's keyword
+    arguments (rotary embeddings, attention mask...), which differ between blocks in models that
+    mix sliding-window and global attention layers. The model runs with every block's forward
+    replaced by one that records its arguments and passes its input on; it stops before the final
+    norm on the first window, at the first block on the others. No block computes anything, and
+    the head never runs."""
+    family = adapter_of(model)
+    layers = family.layers(model)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[dict] = [{} for _ in layers]
 
-    def grab(_module, args, kwargs):
-        captured["hidden"] = args[0] if args else kwargs.pop("hidden_states")
-        captured["kwargs"] = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        raise _Stop
+    def recorder(i: int):
+        def forward(*args, **kw):
+            h = args[0] if args else kw.pop("hidden_states")
+            if i == 0:
+                hidden.append(h)
+                if len(hidden) > 1:  # every window has the first's length, so the blocks' arguments are known
+                    raise _Stop
+            kwargs[i] = {k: v for k, v in kw.items() if k != "hidden_states"}
+            return h
+        return forward
 
-    handle = first.register_forward_pre_hook(grab, with_kwargs=True, prepend=True)  # before a streamed block is mapped
-    hidden = []
+    for i, layer in enumerate(layers):
+        layer.forward = recorder(i)  # an instance attribute, over the class's forward
+    handle = family.final_norm(model).register_forward_pre_hook(_raise_stop)
     try:
         for window in windows:
             try:
                 model(torch.from_numpy(window)[None], use_cache=False)
             except _Stop:
-                hidden.append(captured["hidden"])
+                pass
     finally:
         handle.remove()
-    return hidden, captured["kwargs"]
+        for layer in layers:
+            del layer.forward
+    return hidden, kwargs
+
+
+def _raise_stop(*_args):
+    raise _Stop
 
 
 def run_block(block, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
@@ -71,7 +91,7 @@ class Stop:
     index: int
     block: torch.nn.Module
     inputs: list[torch.Tensor]  # one per window
-    kwargs: dict
+    kwargs: dict  # this block's
     outputs: list[torch.Tensor] | None = None  # set to hand the next block these instead of the block's own
 
     def run(self, block: torch.nn.Module | None = None, inputs: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
@@ -94,14 +114,14 @@ class Walk:
         self._mapped = target.block if loaded else lambda _i: nullcontext()
         self.windows, self.progress = windows, progress
         self.hidden: list[torch.Tensor] | None = None  # the last block's outputs, once walked
-        self.kwargs: dict = {}
+        self.kwargs: list[dict] = []  # every block's keyword arguments, once the walk has begun
 
     @torch.inference_mode()
     def __iter__(self) -> Iterator[Stop]:
         hidden, self.kwargs = block_inputs(self.model, self.windows)
         for i, block in enumerate(adapter_of(self.model).layers(self.model)):
             with self._mapped(i):
-                stop = Stop(i, block, hidden, self.kwargs)
+                stop = Stop(i, block, hidden, self.kwargs[i])
                 yield stop
                 hidden = stop.run() if stop.outputs is None else stop.outputs
             if self.progress:

@@ -9,6 +9,7 @@ tokenizer files, and ``general.*`` says the file was made by edgequant and how.
 from __future__ import annotations
 
 import json
+import re
 import tempfile
 from pathlib import Path
 
@@ -169,19 +170,35 @@ def llama3_rope_factors(config) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------- tokenizer
 
-_TOKEN_NORMAL, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED = 1, 3, 4, 5
+_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
+    """The model's tokenizer as llama.cpp reads it: a byte-level BPE vocabulary ("gpt2", with its
+    merges) or a SentencePiece one ("llama", with scores)."""
     with tempfile.TemporaryDirectory() as tmp:
         loaded.tokenizer.save_pretrained(tmp)
         spec = json.loads((Path(tmp) / "tokenizer.json").read_text())
-        tokens, types = _vocab(spec, loaded.config.vocab_size)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre(bpe_pre_tokenizer(spec))
-        w.add_token_list(tokens)
-        w.add_token_types(types)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=len(tokens))
+        n_vocab = loaded.config.vocab_size
+        sentencepiece = tokenizer_kind(spec) == "llama"
+        if sentencepiece:
+            tokens, scores, types = sentencepiece_vocab(spec, n_vocab, loaded.tokenizer.unk_token_id)
+            w.add_tokenizer_model("llama")
+            w.add_tokenizer_pre("default")
+            w.add_token_list(tokens)
+            w.add_token_scores(scores)
+            w.add_token_types(types)
+            w.add_add_space_prefix(_adds_space_prefix(spec))
+        else:
+            tokens, types = _vocab(spec, n_vocab)
+            w.add_tokenizer_model("gpt2")
+            w.add_tokenizer_pre(bpe_pre_tokenizer(spec))
+            w.add_token_list(tokens)
+            w.add_token_types(types)
+        special = gguf.SpecialVocab(tmp, load_merges=not sentencepiece, n_vocab=len(tokens))
+        if sentencepiece:  # transformers 5 keeps add_bos in the post-processor, where gguf-py does not look
+            first = loaded.tokenizer("a").input_ids
+            special.add_special_token["bos"] = bool(first) and first[0] == loaded.tokenizer.bos_token_id
         special.add_to_gguf(w, quiet=True)
         template = Path(tmp) / "chat_template.jinja"
         if special.chat_template is None and template.is_file():
@@ -189,8 +206,6 @@ def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
 
 
 def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
-    if spec["model"]["type"] != "BPE":
-        raise EdgequantError(f"only byte-level BPE tokenizers can be exported so far, not {spec['model']['type']}")
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
     types = [_TOKEN_UNUSED] * n_vocab
     for text, i in spec["model"]["vocab"].items():
@@ -202,6 +217,55 @@ def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
             tokens[i] = added["content"]
             types[i] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER
     return tokens, types
+
+
+def tokenizer_kind(spec: dict) -> str:
+    """llama.cpp's name for the kind of a tokenizer.json: "gpt2" (byte-level BPE: SmolLM, Llama 3,
+    Qwen) or "llama" (SentencePiece BPE, which spells spaces "▁" and falls back to byte tokens:
+    Llama 2, Mistral v0.1, Gemma); anything else is refused."""
+    model = spec["model"]
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer"), spec.get("decoder")], ensure_ascii=False)
+    if model["type"] == "BPE" and "ByteLevel" in text:
+        return "gpt2"
+    if model["type"] == "BPE" and model.get("byte_fallback") and ("Metaspace" in text or "\u2581" in text):
+        return "llama"
+    raise EdgequantError(f"a {model['type']} tokenizer cannot be written to GGUF; byte-level BPE and SentencePiece BPE can")
+
+
+def sentencepiece_vocab(spec: dict, n_vocab: int, unknown: int | None) -> tuple[list[str], list[float], list[int]]:
+    """(tokens, scores, types) of a SentencePiece BPE tokenizer.json (``unknown``: the id of its
+    unknown token). llama.cpp merges the pair
+    whose joined piece scores highest; a piece scores minus the rank of the first merge that makes
+    it, which is the order the Hugging Face tokenizer merges in. Added tokens are cut out of the
+    text first: special ones as control tokens, the others as user-defined text (spaces as spaces)."""
+    tokens, types = _vocab(spec, n_vocab)
+    merges = spec["model"].get("merges", [])
+    rank: dict[str, int] = {}
+    for r, merge in enumerate(merges):
+        a, b = merge if isinstance(merge, list) else merge.split(" ", 1)
+        rank.setdefault(a + b, r)
+    scores = [-1000.0] * n_vocab
+    for i, (token, kind) in enumerate(zip(tokens, types)):
+        if kind == _TOKEN_NORMAL:
+            if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
+                scores[i], types[i] = 0.0, _TOKEN_BYTE
+            else:
+                scores[i] = -float(rank.get(token, len(merges) + i))
+        elif kind == _TOKEN_USER:
+            tokens[i] = token.replace("\u2581", " ")
+    if unknown is not None and unknown < n_vocab:
+        types[unknown] = _TOKEN_UNKNOWN
+    return tokens, scores, types
+
+
+def _adds_space_prefix(spec: dict) -> bool:
+    """Whether the tokenizer puts "▁" before the text (a Metaspace that prepends, or a Prepend normalizer)."""
+    pre, normalizer = spec.get("pre_tokenizer") or {}, json.dumps(spec.get("normalizer"))
+    parts = pre.get("pretokenizers", [pre]) if pre else []
+    metaspace = [p for p in parts if p.get("type") == "Metaspace"]
+    if metaspace:
+        return metaspace[0].get("prepend_scheme", "always") in ("first", "always")
+    return '"Prepend"' in normalizer
 
 
 def bpe_pre_tokenizer(spec: dict) -> str:

@@ -93,6 +93,34 @@ def write_tiny_model(folder, model_type: str = "llama", seed: int = 0, **config)
     return folder
 
 
+def write_spm_tokenizer(folder, vocab: int = 3000) -> None:
+    """A Llama-2-style SentencePiece BPE tokenizer (byte fallback, digits split, "▁" for spaces)
+    trained on the built-in c4 text, written over ``folder``'s tokenizer as ``tokenizer.model``
+    and the ``tokenizer.json`` transformers makes of it."""
+    import json
+    import tempfile
+
+    import sentencepiece
+    from transformers import AutoTokenizer
+
+    from edgequant.assets import read_text
+
+    folder = Path(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        corpus = Path(tmp) / "c4.txt"
+        corpus.write_text(read_text("c4.utf8")[:400_000], encoding="utf-8")
+        sentencepiece.SentencePieceTrainer.train(
+            input=str(corpus), model_prefix=str(folder / "tokenizer"), vocab_size=vocab, model_type="bpe",
+            byte_fallback=True, split_digits=True, allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
+            normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, num_threads=1, minloglevel=2)
+    (folder / "tokenizer.vocab").unlink()
+    (folder / "tokenizer.json").unlink(missing_ok=True)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "LlamaTokenizer", "add_bos_token": True,
+                                                              "legacy": False, "bos_token": "<s>", "eos_token": "</s>",
+                                                              "unk_token": "<unk>"}))
+    AutoTokenizer.from_pretrained(folder).save_pretrained(folder)
+
+
 # ------------------------------------------------------------------------- README's commands
 
 README = Path(__file__).resolve().parent.parent / "README.md"

@@ -37,7 +37,7 @@ def test_a_groups_matrices_share_one_input_and_a_folded_scale_changes_nothing(ti
     hooks = [family.module(layer, role).register_forward_pre_hook(lambda _m, args, role=role: seen.update({role: args[0]}))
              for g in family.groups for role in g.consumers]
     with torch.no_grad():
-        before = run_block(layer, hidden[0], kwargs)
+        before = run_block(layer, hidden[0], kwargs[0])
     for h in hooks:
         h.remove()
     for g in family.groups:
@@ -48,5 +48,22 @@ def test_a_groups_matrices_share_one_input_and_a_folded_scale_changes_nothing(ti
         for g in family.groups:
             channels = family.module(layer, g.into).weight.shape[0]
             fold(family, layer, model.config, g, torch.rand(channels, generator=torch.Generator().manual_seed(1)) + 0.5)
-        after = run_block(layer, hidden[0], kwargs)
+        after = run_block(layer, hidden[0], kwargs[0])
     torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-4)
+
+
+def test_a_walk_calls_each_block_as_the_model_does(tiny_model):
+    """Sliding-window and global layers get different masks (and, in some families, rotary
+    tables): a walk through a streamed model, block by block, ends where the model's own forward
+    does."""
+    from edgequant.walker import Walk
+
+    folder = tiny_model("qwen2", num_hidden_layers=3, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    loaded = load_model(str(folder), streamed=True)
+    assert loaded.config.layer_types == ["full_attention", "sliding_attention", "sliding_attention"]
+    windows = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0)).numpy()
+    walked = Walk(loaded, windows).final_hidden()
+    with torch.inference_mode():
+        for window, hidden in zip(windows, walked):
+            whole = loaded.model(torch.from_numpy(window)[None], use_cache=False).logits
+            torch.testing.assert_close(loaded.adapter.logits(loaded.model, hidden), whole, rtol=1e-4, atol=1e-4)

@@ -53,7 +53,7 @@ def llama_cpp_buffers(path, n_ctx: int) -> tuple[float, float]:
 @pytest.mark.parametrize("config, n_ctx", [({}, 256), ({}, 4096), ({"hidden_size": 512, "num_attention_heads": 8}, 2048)],
                          ids=["tiny-256", "tiny-4096", "wider-2048"])
 def test_kv_cache_and_compute_buffer_match_what_llama_cpp_allocates(tiny_build, tiny_model, config, n_ctx):
-    out, _ = tiny_build(config=config, ggml_type="Q8_0")
+    out, _ = tiny_build(config=config, ggml_type="Q8_0", **({"formats": "gguf", "parity": False} if config else {}))
     kv_mib, compute_mib = llama_cpp_buffers(out / "model.gguf", n_ctx)
     shape = _shape(load_model(tiny_model(**config)))
     assert shape.kv_bytes(n_ctx) / 2**20 == pytest.approx(kv_mib, rel=0.01)

@@ -167,7 +167,8 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
     scale = _Ratio()
     used = fixed
     with progress.step("joint search: walk the blocks", space.n) as tick:
-        for stop in Walk(loaded, windows, tick):  # each block on what the blocks before it, as chosen, hand over
+        walk = Walk(loaded, windows, tick)
+        for stop in walk:  # each block on what the blocks before it, as chosen, hand over
             b, layer, states, kwargs = stop.index, stop.block, stop.inputs, stop.kwargs
             now = probe.estimate(b, layer, states, kwargs, costs[b])
             later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
@@ -175,13 +176,13 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
             if b + 1 == space.n and all(o.removed for o in picked.values()):
                 mine = [o for o in mine if not o.removed]  # the last block left stays
             at = _solve([[(o.bytes, o.scaled(scale.value)) for o in mine], *later, embd_options], budget - used)[0]
-            base = probe.kl(stop.run(inputs=probe.of(states)), b + 1, kwargs)
+            base = probe.kl(stop.run(inputs=probe.of(states)), b + 1, walk.kwargs)
             built, measured = [], []
             for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
                 variant, keep = _realise(loaded, b, layer, o, now, calibration.importance)
                 out = stop.run(variant, probe.of(states)) if variant else probe.of(states)
                 charge = price * space.slowdown(b, o, speed)  # the types' kernels, priced as in the estimates
-                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, kwargs) - base) + charge, measured=True,
+                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, walk.kwargs) - base) + charge, measured=True,
                                         estimated=0.0, charge=charge))
                 built.append((variant, keep))
                 if o.estimated > 0:  # what the pruning cost beyond its types' measured cost, against its estimate
@@ -353,7 +354,7 @@ class _Probe:
         """The states the refits and channel scores are measured on."""
         return states[: len(states) - self.n] if self.disjoint else states
 
-    def kl(self, hidden: list[torch.Tensor], start: int, kwargs: dict) -> float:
+    def kl(self, hidden: list[torch.Tensor], start: int, kwargs: list[dict]) -> float:
         """Measured: the output KL when blocks ``start``.. run on ``hidden``."""
         self.runs += 1
         tail = Tail(self.loaded.model, kwargs)
