@@ -144,7 +144,7 @@ class Tail:
         self.model, self.kwargs, self.family = model, kwargs, adapter_of(model)
 
     def logits(self, hidden: torch.Tensor, start: int) -> torch.Tensor:
-        for layer, kwargs in list(zip(self.family.layers(self.model), self.kwargs))[start:]:
+        for layer, kwargs in zip(self.family.layers(self.model)[start:], self.kwargs[start:]):
             hidden = run_block(layer, hidden, kwargs)
         return self.family.logits(self.model, hidden)[0]
 

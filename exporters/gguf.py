@@ -170,9 +170,6 @@ def llama3_rope_factors(config) -> np.ndarray | None:
 
 # ------------------------------------------------------------------------------- tokenizer
 
-_TOKEN_NORMAL, _TOKEN_UNKNOWN, _TOKEN_CONTROL, _TOKEN_USER, _TOKEN_UNUSED, _TOKEN_BYTE = 1, 2, 3, 4, 5, 6
-
-
 def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
     """The model's tokenizer as llama.cpp reads it: a byte-level BPE vocabulary ("gpt2", with its
     merges) or a SentencePiece one ("llama", with scores)."""
@@ -205,17 +202,17 @@ def _add_tokenizer(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
             w.add_chat_template(template.read_text())
 
 
-def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[int]]:
+def _vocab(spec: dict, n_vocab: int) -> tuple[list[str], list[gguf.TokenType]]:
     tokens = [f"[PAD{i}]" for i in range(n_vocab)]
-    types = [_TOKEN_UNUSED] * n_vocab
+    types = [gguf.TokenType.UNUSED] * n_vocab
     for text, i in spec["model"]["vocab"].items():
         if i < n_vocab:
-            tokens[i], types[i] = text, _TOKEN_NORMAL
+            tokens[i], types[i] = text, gguf.TokenType.NORMAL
     for added in spec.get("added_tokens", []):
         i = added["id"]
         if i < n_vocab:
             tokens[i] = added["content"]
-            types[i] = _TOKEN_CONTROL if added.get("special") else _TOKEN_USER
+            types[i] = gguf.TokenType.CONTROL if added.get("special") else gguf.TokenType.USER_DEFINED
     return tokens, types
 
 
@@ -232,7 +229,7 @@ def tokenizer_kind(spec: dict) -> str:
     raise EdgequantError(f"a {model['type']} tokenizer cannot be written to GGUF; byte-level BPE and SentencePiece BPE can")
 
 
-def sentencepiece_vocab(spec: dict, n_vocab: int, unknown: int | None) -> tuple[list[str], list[float], list[int]]:
+def sentencepiece_vocab(spec: dict, n_vocab: int, unknown: int | None) -> tuple[list[str], list[float], list[gguf.TokenType]]:
     """(tokens, scores, types) of a SentencePiece BPE tokenizer.json (``unknown``: the id of its
     unknown token). llama.cpp merges the pair
     whose joined piece scores highest; a piece scores minus the rank of the first merge that makes
@@ -246,15 +243,15 @@ def sentencepiece_vocab(spec: dict, n_vocab: int, unknown: int | None) -> tuple[
         rank.setdefault(a + b, r)
     scores = [-1000.0] * n_vocab
     for i, (token, kind) in enumerate(zip(tokens, types)):
-        if kind == _TOKEN_NORMAL:
+        if kind == gguf.TokenType.NORMAL:
             if re.fullmatch(r"<0x[0-9A-F]{2}>", token):
-                scores[i], types[i] = 0.0, _TOKEN_BYTE
+                scores[i], types[i] = 0.0, gguf.TokenType.BYTE
             else:
                 scores[i] = -float(rank.get(token, len(merges) + i))
-        elif kind == _TOKEN_USER:
+        elif kind == gguf.TokenType.USER_DEFINED:
             tokens[i] = token.replace("\u2581", " ")
     if unknown is not None and unknown < n_vocab:
-        types[unknown] = _TOKEN_UNKNOWN
+        types[unknown] = gguf.TokenType.UNKNOWN
     return tokens, scores, types
 
 
