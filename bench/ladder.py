@@ -20,9 +20,13 @@
    error where no unpruned mix is that small.
 4. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
    against the full-precision model) and, with ``--speed``, times it with ``llama-bench`` (pp128
-   and tg64 on ``--threads``). Prints one table sorted by bits per weight (also JSON and CSV; the
+   and tg64 on ``--threads``; run the timing on an idle CPU, after the builds if need be). Prints one table sorted by bits per weight (also JSON and CSV; the
    JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's
    sensitivity table is measured once and then read from the cache.
+
+Every file's row is kept in ``OUT/rows/`` as soon as it is measured, and a later run with the same
+``--out`` reads it back instead of making the file again. A ladder of many hours (the 1.5B's takes
+about fifteen) can so be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import sys
 import time
 from pathlib import Path
 
+from edgequant.atomic import write_text
 from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, read_text
 from edgequant.calibration import cached_activation_stats
 from edgequant.errors import EdgequantError
@@ -74,17 +79,18 @@ def build_ours(model: str, out: Path, bpw: float, calib_tokens: int, options: li
     return json.loads(done.stdout)
 
 
-def score(path: Path, windows, reference, params: int, args) -> dict:
-    """llama.cpp's quality of the file, its size, its bits per weight counted over the reference
-    model's ``params`` (for a pruned file: the equivalent at equal size) and, with ``--speed``,
-    llama-bench's decode and prefill tok/s."""
+def score(path: Path, windows, reference, params: int) -> dict:
+    """llama.cpp's quality of the file, its path and size, and its bits per weight counted over the
+    reference model's ``params`` (for a pruned file: the equivalent at equal size)."""
     q = score_in_llama_cpp(path, windows, reference)
     n_bytes, _ = gguf_tensor_stats(path)
-    speed = {}
-    if args.speed:
-        rates = llama_bench(args.tools / "llama-bench", path, args.threads)
-        speed = {"tg_tok_s": rates["decode_tok_s"], "pp_tok_s": rates["prefill_tok_s"]}
-    return {"bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict(), **speed}
+    return {"path": str(path), "bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
+
+
+def timed(row: dict, args) -> dict:
+    """``row`` with llama-bench's decode and prefill tok/s of its file on ``--threads``."""
+    rates = llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads)
+    return {**row, "tg_tok_s": rates["decode_tok_s"], "pp_tok_s": rates["prefill_tok_s"]}
 
 
 def llama_imatrix(tools: Path, f32: Path, calib_text: str, out: Path, tokens: int, threads: int) -> Path:
@@ -143,48 +149,76 @@ def main() -> None:
     params = sum(p.numel() for p in loaded.model.parameters())
     if args.imatrix == "llama":
         calib_text = loaded.tokenizer.decode(calib.reshape(-1).tolist())
-        imatrix_file = llama_imatrix(args.tools, f32, calib_text, args.out, args.calib_tokens, args.threads)
+        importance = llama_imatrix(args.tools, f32, calib_text, args.out, args.calib_tokens, args.threads)
     else:
-        imatrix = imatrix_of(cached_activation_stats(loaded, calib).importance)
+        importance = imatrix_of(cached_activation_stats(loaded, calib).importance)
+    stock_sources = (f32, importance)
+
+    def scoring(path: Path) -> dict:
+        return score(path, windows, reference, params)
 
     rows = []
     for mix in args.mixes.split(","):
-        before = len(rows)
+        stock = []
         for with_imatrix in (False, True):
+            name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
             path = args.out / f"stock-{mix}{'-imatrix' if with_imatrix else ''}.gguf"
-            start = time.time()
-            try:
-                if args.imatrix == "llama":
-                    llama_quantize(args.tools, f32, path, mix, imatrix_file if with_imatrix else None, args.threads)
-                else:
-                    quantize_stock(f32, path, mix, imatrix=imatrix if with_imatrix else None)
-            except RuntimeError as e:  # llama.cpp refuses the very low-bit mixes without an imatrix
-                print(f"llama.cpp {mix}{' + imatrix' if with_imatrix else ''}: not made ({e})", flush=True)
-                continue
-            made = time.time() - start
-            rows.append({"file": f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else ""),
-                         "seconds": made, "peak_rss_mb": None, **score(path, windows, reference, params, args)})
-            print(_line(rows[-1]), flush=True)
-        if len(rows) == before or (args.ours_at != "all" and mix not in args.ours_at.split(",")):
+            stock += measured(args, name, lambda: make_stock(path, mix, with_imatrix, stock_sources, args, scoring))
+        rows += stock
+        if not stock or (args.ours_at != "all" and mix not in args.ours_at.split(",")):
             continue
-        target = rows[-1]["bpw"]  # the size of the stock mix made with the imatrix (without, some differ)
+        target = stock[-1]["bpw"]  # the size of the stock mix made with the imatrix (without, some differ)
         ours = {label: OURS[label] for label in args.ours.split(",")}
         if mix in args.no_maps_at.split(","):
             ours["qublast without maps"] = NO_MAPS
         for label, options in ours.items():
-            rows += build_and_score(f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}",
-                                    target, args, options, windows, reference, params)
+            name, out = f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}"
+            rows += measured(args, name, lambda: build_and_score(name, out, target, args, options, scoring))
     for point in filter(None, args.bpw_points.split(",")):
         for label, options in AT_POINTS.items():
-            rows += build_and_score(f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw",
-                                    float(point), args, options, windows, reference, params)
+            name, out = f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw"
+            rows += measured(args, name, lambda: build_and_score(name, out, float(point), args, options, scoring))
 
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size, loaded.name)
 
 
-def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], windows, reference,
-                    params: int) -> list[dict]:
+def measured(args, name: str, make) -> list[dict]:
+    """The rows of the file ``name``: kept from an earlier run with this ``--out`` or measured now by
+    ``make`` (none when the file cannot be made), with ``--speed`` timed if they are not yet, and
+    kept at once. (Speeds can so be measured in a later run on an otherwise idle CPU.)"""
+    kept = args.out / "rows" / (name.replace(" ", "_").replace("/", "_") + ".json")
+    rows = json.loads(kept.read_text()) if kept.exists() else make()
+    if args.speed:
+        rows = [row if "tg_tok_s" in row else timed(row, args) for row in rows]
+    if kept.exists():
+        for row in rows:
+            print(_line(row) + "  (kept)", flush=True)
+    kept.parent.mkdir(exist_ok=True)
+    write_text(kept, json.dumps(rows))
+    return rows
+
+
+def make_stock(path: Path, mix: str, with_imatrix: bool, sources: tuple, args, scoring) -> list[dict]:
+    """llama.cpp's ``mix`` of the reference, made as ``--imatrix`` says, and its row (none when
+    llama.cpp refuses the mix, as it does the very low-bit ones without an importance matrix)."""
+    f32, importance = sources
+    name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
+    start = time.time()
+    try:
+        if args.imatrix == "llama":
+            llama_quantize(args.tools, f32, path, mix, importance if with_imatrix else None, args.threads)
+        else:
+            quantize_stock(f32, path, mix, imatrix=importance if with_imatrix else None)
+    except RuntimeError as e:
+        print(f"{name}: not made ({e})", flush=True)
+        return []
+    row = {"file": name, "seconds": time.time() - start, "peak_rss_mb": None, **scoring(path)}
+    print(_line(row), flush=True)
+    return [row]
+
+
+def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], scoring) -> list[dict]:
     """One of our builds at ``bpw`` scored in llama.cpp: its row, or none when it cannot be made."""
     try:
         report = build_ours(args.model, out, bpw, args.calib_tokens, options)
@@ -192,7 +226,7 @@ def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], 
         print(f"{name}: skipped ({e})", flush=True)
         return []
     row = {"file": name, "seconds": report["build"]["seconds"], "peak_rss_mb": report["build"]["peak_rss_mb"],
-           **score(out / "model.gguf", windows, reference, params, args)}
+           **scoring(out / "model.gguf")}
     print(_line(row), flush=True)
     if report.get("scaling_maps"):
         print(f"  {_outliers(report['scaling_maps'])}", flush=True)
