@@ -1,11 +1,16 @@
 """The stock llama.cpp ladder against our methods, at matching file sizes, measured in llama.cpp.
 
-    python bench/ladder.py [--eval-tokens 8192] [--mixes Q2_K,...] [--ours-at Q3_K_M,Q4_K_M|all|none]
-                           [--ours rtn,gptq,qublast,joint,...] [--bpw-points 2.5,3.0] [--out DIR]
+    python bench/ladder.py [--model default|qwen2.5-coder-1.5b] [--eval-tokens 8192] [--mixes Q2_K,...]
+                           [--ours-at Q3_K_M,Q4_K_M|all|none] [--ours rtn,gptq,qublast,joint,...]
+                           [--bpw-points 2.5,3.0] [--imatrix ours|llama] [--tools DIR] [--speed] [--out DIR]
 
-1. Writes an F32 GGUF of the reference model, then llama.cpp's own mixes through
-   ``llama_model_quantize`` (llama-cpp-python), each without and with an importance matrix
-   (ours, from the calibration text, passed through the API exactly as llama-quantize does).
+1. Writes a full-precision GGUF of the reference model, then llama.cpp's own mixes, each without
+   (where llama.cpp allows it) and with an importance matrix. With ``--imatrix ours`` (the default)
+   the importance is ours, from the calibration text, passed through ``llama_model_quantize``
+   (llama-cpp-python) exactly as llama-quantize passes its file's. With ``--imatrix llama`` the files
+   are made the way users make them: ``llama-imatrix`` on the calibration text (as a text file, ctx
+   512), then ``llama-quantize --imatrix``, both built by ``bench/build_llama_tools.sh`` (``--tools``
+   names their folder; without it the script runs first).
 2. For each stock mix, builds our RTN, RTN + importance, GPTQ and QuBLAST files (QuBLAST also
    without its activation scaling maps, where ``--no-maps-at`` lists the mix) at the stock
    file's bits per weight (``--bpw``), so rows compare at the same size. Each of our builds runs
@@ -14,8 +19,14 @@
    ``--method joint`` (pruning + mixed precision) and QuBLAST, which is skipped with its own
    error where no unpruned mix is that small.
 4. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
-   against the full-precision model) and prints one table sorted by bits per weight (also JSON
-   and CSV; the JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's sensitivity table is measured once and then read from the cache.
+   against the full-precision model) and, with ``--speed``, times it with ``llama-bench`` (pp128
+   and tg64 on ``--threads``; run the timing on an idle CPU, after the builds if need be). Prints one table sorted by bits per weight (also JSON and CSV; the
+   JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's
+   sensitivity table is measured once and then read from the cache.
+
+Every file's row is kept in ``OUT/rows/`` as soon as it is measured, and a later run with the same
+``--out`` reads it back instead of making the file again. A ladder of many hours (the 1.5B's takes
+about fifteen) can so be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``.
 """
 
 from __future__ import annotations
@@ -28,33 +39,40 @@ import sys
 import time
 from pathlib import Path
 
-from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, default_gguf, read_text
-from edgequant.calibration import activation_stats
+from edgequant.atomic import write_text
+from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, read_text
+from edgequant.calibration import cached_activation_stats
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import token_windows
 from edgequant.reference import reference_log_probs
 from edgequant.models import load_model
 from edgequant.pipeline import gguf_tensor_stats
 from edgequant.reporting import ladder_file
-from runtimes.llama_quantize import quantize_stock, write_f32_copy
+from edgequant.twin import imatrix_of, reference_gguf
+from runtimes.llama_quantize import quantize_stock
 from runtimes.llamacpp import score_in_llama_cpp
+from type_speed import llama_bench  # bench/type_speed.py
 
 MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
+LOW_BIT_MIXES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q2_K",
+                 "Q3_K_M", "IQ4_XS", "Q4_K_M"]  # for a model whose rows take every i-quant (``--mixes low``)
 OURS = {  # row label -> edgequant build options
     "rtn": ["--method", "rtn", "--no-importance"],
     "rtn + importance": ["--method", "rtn"],
     "gptq": ["--method", "gptq"],
     "qublast": ["--method", "qublast"],
     "joint": ["--method", "joint"],
+    "default": [],  # the build's default method
 }
 AT_POINTS = {"joint": OURS["joint"], "qublast": OURS["qublast"]}
 NO_MAPS = ["--method", "qublast", "--no-maps"]
 
 
-def build_ours(out: Path, bpw: float, calib_tokens: int, options: list[str]) -> dict:
+def build_ours(model: str, out: Path, bpw: float, calib_tokens: int, options: list[str]) -> dict:
     """One ``edgequant build`` in its own process; returns its report (raises on failure)."""
-    cmd = [sys.executable, "-m", "edgequant.cli", "build", "--bpw", f"{bpw:.6f}", "--out", str(out),
-           "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--json", *options]
+    cmd = [sys.executable, "-m", "edgequant.cli", "build", "--model", model, "--bpw", f"{bpw:.6f}", "--out", str(out),
+           "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--formats", "gguf", "--no-twin", "--json",
+           *options]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:
         raise EdgequantError(done.stderr.strip().splitlines()[-1])
@@ -62,11 +80,39 @@ def build_ours(out: Path, bpw: float, calib_tokens: int, options: list[str]) -> 
 
 
 def score(path: Path, windows, reference, params: int) -> dict:
-    """llama.cpp's quality of the file, its size, and its bits per weight counted over the
+    """llama.cpp's quality of the file, its path and size, and its bits per weight counted over the
     reference model's ``params`` (for a pruned file: the equivalent at equal size)."""
     q = score_in_llama_cpp(path, windows, reference)
     n_bytes, _ = gguf_tensor_stats(path)
-    return {"bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
+    return {"path": str(path), "bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
+
+
+def timed(row: dict, args) -> dict:
+    """``row`` with llama-bench's decode and prefill tok/s of its file on ``--threads``."""
+    rates = llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads)
+    return {**row, "tg_tok_s": rates["decode_tok_s"], "pp_tok_s": rates["prefill_tok_s"]}
+
+
+def llama_imatrix(tools: Path, f32: Path, calib_text: str, out: Path, tokens: int, threads: int) -> Path:
+    """``llama-imatrix`` on the calibration text in windows of 512 tokens, as a user runs it."""
+    path = out / f"llama-imatrix-{f32.stem}-{tokens}.gguf"  # the reference's cache name: model and writer
+    if not path.exists():
+        text = out / "calibration.txt"
+        text.write_text(calib_text)
+        cmd = [str(tools / "llama-imatrix"), "-m", str(f32), "-f", str(text), "-o", str(path), "-c", "512",
+               "--chunks", str(max(1, tokens // 512)), "-t", str(threads)]
+        subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return path
+
+
+def llama_quantize(tools: Path, f32: Path, dst: Path, mix: str, imatrix: Path | None, threads: int) -> None:
+    """``llama-quantize [--imatrix FILE] F32 DST MIX THREADS``; RuntimeError with its last line on failure."""
+    cmd = [str(tools / "llama-quantize"), *(["--imatrix", str(imatrix)] if imatrix else []), str(f32), str(dst), mix,
+           str(threads)]
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    if done.returncode:
+        dst.unlink(missing_ok=True)
+        raise RuntimeError((done.stderr.strip().splitlines() or ["failed"])[-1])
 
 
 def main() -> None:
@@ -80,57 +126,107 @@ def main() -> None:
     ap.add_argument("--bpw-points", default="", help="bits per weight where joint and QuBLAST are built too, e.g. 2.5,3.0")
     ap.add_argument("--no-maps-at", default="Q3_K_M,Q4_K_M", help="mixes where QuBLAST also runs without maps")
     ap.add_argument("--out", type=Path, default=Path("bench-out/ladder"))
+    ap.add_argument("--model", default="default")
+    ap.add_argument("--imatrix", choices=("ours", "llama"), default="ours",
+                    help="the stock files' importance matrix: ours through the API, or llama-imatrix's through llama-quantize")
+    ap.add_argument("--tools", type=Path, default=None, help="folder of llama-imatrix, llama-quantize and llama-bench")
+    ap.add_argument("--speed", action="store_true", help="also time every file with llama-bench")
+    ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.mixes == "low":
+        args.mixes = ",".join(LOW_BIT_MIXES)
+    if args.tools is None and (args.imatrix == "llama" or args.speed):
+        built = subprocess.run(["bash", str(Path(__file__).with_name("build_llama_tools.sh"))], capture_output=True,
+                               text=True, check=True)
+        args.tools = Path(built.stdout.strip().splitlines()[-1])
 
-    loaded = load_model("default")
+    loaded = load_model(args.model, streamed=True)
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     calib = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
     reference = reference_log_probs(loaded, windows)
-    f32 = args.out / "reference-f32.gguf"
-    if not f32.exists():
-        write_f32_copy(default_gguf(), f32)
+    f32 = reference_gguf(loaded, bool(loaded.config.tie_word_embeddings))
     params = sum(p.numel() for p in loaded.model.parameters())
-    imatrix = {k: v for k, v in activation_stats(loaded, calib).importance.items() if k.startswith("blk.")}
+    if args.imatrix == "llama":
+        calib_text = loaded.tokenizer.decode(calib.reshape(-1).tolist())
+        importance = llama_imatrix(args.tools, f32, calib_text, args.out, args.calib_tokens, args.threads)
+    else:
+        importance = imatrix_of(cached_activation_stats(loaded, calib).importance)
+    stock_sources = (f32, importance)
+
+    def scoring(path: Path) -> dict:
+        return score(path, windows, reference, params)
 
     rows = []
     for mix in args.mixes.split(","):
+        stock = []
         for with_imatrix in (False, True):
+            name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
             path = args.out / f"stock-{mix}{'-imatrix' if with_imatrix else ''}.gguf"
-            start = time.time()
-            quantize_stock(f32, path, mix, imatrix=imatrix if with_imatrix else None)
-            made = time.time() - start
-            rows.append({"file": f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else ""),
-                         "seconds": made, "peak_rss_mb": None, **score(path, windows, reference, params)})
-            print(_line(rows[-1]), flush=True)
-        if args.ours_at != "all" and mix not in args.ours_at.split(","):
+            stock += measured(args, name, lambda: make_stock(path, mix, with_imatrix, stock_sources, args, scoring))
+        rows += stock
+        if not stock or (args.ours_at != "all" and mix not in args.ours_at.split(",")):
             continue
-        target = rows[-2]["bpw"]  # the size of the plain stock mix
+        target = stock[-1]["bpw"]  # the size of the stock mix made with the imatrix (without, some differ)
         ours = {label: OURS[label] for label in args.ours.split(",")}
         if mix in args.no_maps_at.split(","):
             ours["qublast without maps"] = NO_MAPS
         for label, options in ours.items():
-            rows += build_and_score(f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}",
-                                    target, args, options, windows, reference, params)
+            name, out = f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}"
+            rows += measured(args, name, lambda: build_and_score(name, out, target, args, options, scoring))
     for point in filter(None, args.bpw_points.split(",")):
         for label, options in AT_POINTS.items():
-            rows += build_and_score(f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw",
-                                    float(point), args, options, windows, reference, params)
+            name, out = f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw"
+            rows += measured(args, name, lambda: build_and_score(name, out, float(point), args, options, scoring))
 
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size, loaded.name)
 
 
-def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], windows, reference,
-                    params: int) -> list[dict]:
+def measured(args, name: str, make) -> list[dict]:
+    """The rows of the file ``name``: kept from an earlier run with this ``--out`` or measured now by
+    ``make`` (none when the file cannot be made), with ``--speed`` timed if they are not yet, and
+    kept at once. (Speeds can so be measured in a later run on an otherwise idle CPU.)"""
+    kept = args.out / "rows" / (name.replace(" ", "_").replace("/", "_") + ".json")
+    rows = json.loads(kept.read_text()) if kept.exists() else make()
+    if args.speed:
+        rows = [row if "tg_tok_s" in row else timed(row, args) for row in rows]
+    if kept.exists():
+        for row in rows:
+            print(_line(row) + "  (kept)", flush=True)
+    kept.parent.mkdir(exist_ok=True)
+    write_text(kept, json.dumps(rows))
+    return rows
+
+
+def make_stock(path: Path, mix: str, with_imatrix: bool, sources: tuple, args, scoring) -> list[dict]:
+    """llama.cpp's ``mix`` of the reference, made as ``--imatrix`` says, and its row (none when
+    llama.cpp refuses the mix, as it does the very low-bit ones without an importance matrix)."""
+    f32, importance = sources
+    name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
+    start = time.time()
+    try:
+        if args.imatrix == "llama":
+            llama_quantize(args.tools, f32, path, mix, importance if with_imatrix else None, args.threads)
+        else:
+            quantize_stock(f32, path, mix, imatrix=importance if with_imatrix else None)
+    except RuntimeError as e:
+        print(f"{name}: not made ({e})", flush=True)
+        return []
+    row = {"file": name, "seconds": time.time() - start, "peak_rss_mb": None, **scoring(path)}
+    print(_line(row), flush=True)
+    return [row]
+
+
+def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], scoring) -> list[dict]:
     """One of our builds at ``bpw`` scored in llama.cpp: its row, or none when it cannot be made."""
     try:
-        report = build_ours(out, bpw, args.calib_tokens, options)
+        report = build_ours(args.model, out, bpw, args.calib_tokens, options)
     except EdgequantError as e:  # e.g. a size below our smallest mix
         print(f"{name}: skipped ({e})", flush=True)
         return []
     row = {"file": name, "seconds": report["build"]["seconds"], "peak_rss_mb": report["build"]["peak_rss_mb"],
-           **score(out / "model.gguf", windows, reference, params)}
+           **scoring(out / "model.gguf")}
     print(_line(row), flush=True)
     if report.get("scaling_maps"):
         print(f"  {_outliers(report['scaling_maps'])}", flush=True)
@@ -162,13 +258,14 @@ def _outliers(maps: list[dict]) -> str:
 
 def _line(r: dict) -> str:
     rss = f"{r['peak_rss_mb']:7.0f}" if r["peak_rss_mb"] else f"{'':7}"
+    speed = f" {r['tg_tok_s']:7.1f} {r['pp_tok_s']:8.1f}" if "tg_tok_s" in r else ""
     return (f"{r['file']:<48} {r['bpw']:6.3f} {r['MB']:7.1f} {r['ppl']:8.3f} ±{r['ppl_se']:.2f} "
-            f"{r['kld']:.4f} ±{r['kld_se']:.4f} {r['top1']:.3f} {r['seconds']:6.1f}s {rss}")
+            f"{r['kld']:.4f} ±{r['kld_se']:.4f} {r['top1']:.3f} {r['seconds']:6.1f}s {rss}{speed}")
 
 
 def _write(rows: list[dict], out: Path, tokens: int, model: str) -> None:
     header = (f"{'file':<48} {'bpw':>6} {'MB':>7} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'time':>7} "
-              f"{'RSS MB':>7}")
+              f"{'RSS MB':>7}" + (f" {'tg64':>7} {'pp128':>8}" if any("tg_tok_s" in r for r in rows) else ""))
     print(f"\nllama.cpp, wiki.utf8, {tokens} tokens, ctx 512; bpw = tensor bytes x 8 / the reference model's "
           "parameters (a pruned file's equivalent at equal size); RSS = peak RSS of our build process")
     print(header)
@@ -179,7 +276,7 @@ def _write(rows: list[dict], out: Path, tokens: int, model: str) -> None:
     ladder_file(model).parent.mkdir(parents=True, exist_ok=True)
     ladder_file(model).write_text(result)  # where report.html looks for llama.cpp's mixes
     with open(out / "ladder.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -126,18 +126,25 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
     text = device.path.read_text()
     text = re.sub(r"(?m)^decode_efficiency\s*=\s*[0-9.]+", f"decode_efficiency = {efficiency:.3f}", text)
     note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
-            f"{bytes_per_token / 1e6:.1f} MB of weights per token")
+            f"{bytes_per_token / 1e6:.1f} MB of weights per token (bandwidth-equivalent: each type at its kernel's decode factor)")
     text = re.sub(r'(?m)^decode_efficiency\s*=\s*".*"$', f"decode_efficiency = {json.dumps(note)}", text)
     out = folder / "device.calibrated.toml"
     write_text(out, text)
     return out
 
 
-def _weights_read_per_token(gguf_path: Path) -> int:
+def _weights_read_per_token(gguf_path: Path) -> float:
     """Bytes of the file that one decoded token reads, as the planner counts them: all of it but
-    an untied input embedding (one row of it is read). The KV cache of a short bench is left out."""
+    an untied input embedding (one row of it is read), each tensor at its type's decode factor
+    (:mod:`edgequant.kernels`), so that the efficiency is of the bandwidth, not of the kernels.
+    The KV cache of a short bench is left out."""
+    from .kernels import load
     from .models import gguf_tensor_infos
 
+    costs, plan = load(), gguf_path.with_name("plan.json")
+    types = {t["name"]: t["ggml_type"] for t in json.loads(plan.read_text())["tensors"]} if plan.is_file() else {}
     tensors = {t.name: t.n_bytes for t in gguf_tensor_infos(gguf_path)}
-    untied = tensors.get("token_embd.weight", 0) if "output.weight" in tensors else 0
-    return gguf_path.stat().st_size - untied
+    unread = "token_embd.weight" if "output.weight" in tensors else None
+    slowdown = sum(n * (costs.decode_factor(types[name]) - 1) for name, n in tensors.items()
+                   if name in types and name != unread)
+    return gguf_path.stat().st_size - tensors.get(unread, 0) + slowdown

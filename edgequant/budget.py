@@ -108,10 +108,24 @@ def prefill_ops_per_s(device: Device) -> float:
     return device.cpu_cores * device.cpu_ghz * 1e9 * per_cycle * 2 * COMPUTE_EFFICIENCY
 
 
-def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0) -> dict:
-    """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context."""
+PROMPT_RATIO = 1.0  # prompt tokens per decoded token in the turn the planner weighs speed over
+
+
+def prefill_weight_bytes(device: Device) -> float:
+    """What one weight's prefill work per token is worth in decode bytes on ``device``, for a
+    turn of ``PROMPT_RATIO`` prompt tokens per decoded one: a prompt token costs ``2 / ops``
+    seconds per weight, a decoded token ``1 / bandwidth`` per byte."""
+    return PROMPT_RATIO * 2 * device.effective_bandwidth / prefill_ops_per_s(device)
+
+
+def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0,
+            decode_bytes: float | None = None, prefill_factor: float = 1.0) -> dict:
+    """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context.
+    ``decode_bytes``: the bandwidth-equivalent bytes a token reads (default ``file_bytes`` less
+    an untied embedding's ``embd_bytes``), and ``prefill_factor`` the weights' mean prefill
+    cost, both from the types' kernel costs (:mod:`edgequant.kernels`)."""
     kv, overhead = shape.kv_bytes(ctx), shape.overhead_bytes(ctx)
-    per_token = file_bytes - embd_bytes + kv
+    per_token = (file_bytes - embd_bytes if decode_bytes is None else decode_bytes) + kv
     memory = file_bytes + kv + overhead
     return {
         "file_bytes": file_bytes,
@@ -121,7 +135,7 @@ def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes:
         "usable_bytes": device.usable_bytes,
         "fits": memory <= device.usable_bytes,
         "decode_tok_s": device.effective_bandwidth / per_token,
-        "prefill_tok_s": prefill_ops_per_s(device) / (2 * shape.params),
+        "prefill_tok_s": prefill_ops_per_s(device) / (2 * shape.params * prefill_factor),
         "ctx": ctx,
     }
 

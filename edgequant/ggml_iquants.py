@@ -18,11 +18,13 @@ The split is the one of :mod:`edgequant.ggml_quants`: ``fit`` chooses the sub-bl
 read llama.cpp's bytes.
 
 A group's codes are the codebook vector nearest it under the importance weights, found among all
-of the codebook's vectors by two matrix products (:meth:`Codebook.nearest`). The scale search tries
-8 scales per sub-block and uses a cheaper search there: each weight's nearest magnitude level gives
-the group a point of the level lattice (3^8 points for IQ2, 8^4 for IQ3), a table made once per type
-lists the ``NEIGHBOURS`` codebook vectors closest to each point, and the weighted error chooses among
-those (:meth:`Codebook.near_one`: the nearest of all for 98-99.6% of groups).
+of the codebook's vectors by one matrix product (:meth:`Codebook.nearest`). The scale search tries
+8 scales per sub-block. For the codebooks of up to 512 vectors it searches them all too (the matrix
+product is faster than any lookup); for the larger ones (IQ2_S's 1024, IQ1's 2048) it uses a
+cheaper search: each weight's
+nearest magnitude level gives the group a point of the level lattice, a table made once per type
+lists the ``NEIGHBOURS`` codebook vectors closest to each point, and the weighted error chooses
+among those (:meth:`Codebook.near_one`: the nearest of all for 98-99% of groups).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from gguf import GGMLQuantizationType
 from .ggml_quants import F16, F32, TYPES, Grid, QuantType, _nearest_level, _u8
 
 NEIGHBOURS = 16  # codebook vectors tried per group
+EXACT_UP_TO = 512  # codebook size up to which the scale search scores every vector (faster than the table)
 NEAREST_ELEMENTS = 1 << 21  # groups x codebook vectors scored at once (8 MB)
 SCALE_TRIES = np.linspace(0.7, 1.4, 8, dtype=F32)  # sub-block scales tried: the largest magnitude onto
 # this many times the top level, each then refitted by least squares (15 tries from 0.6 to 1.3 cost
@@ -71,32 +74,48 @@ class Codebook:
         return np.argsort(d2, axis=1, kind="stable")[:, :NEIGHBOURS].astype(np.int32)
 
     @cached_property
+    def near_stacked(self) -> np.ndarray:
+        """(lattice points, NEIGHBOURS, 2 group): each neighbour's squares, then the vector itself."""
+        return np.concatenate([self.squares, self.vectors], 1)[self.near]
+
+    @cached_property
     def place(self) -> np.ndarray:
         return len(self.levels) ** np.arange(self.group)
 
     def near_one(self, u: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Index of a codebook vector near each row of ``u`` (n, group) under weights ``w``: the best
-        of the ``NEIGHBOURS`` nearest the group's lattice point (the nearest of all for 98-99.6% of
+        of the ``NEIGHBOURS`` nearest the group's lattice point (the nearest of all for 98-99% of
         groups; used where many scales are tried)."""
-        key = (_nearest_level(u, self.levels) * self.place).sum(-1)
-        candidates = self.near[key]  # (n, NEIGHBOURS)
-        err = (w[:, None, :] * (u[:, None, :] - self.vectors[candidates]) ** 2).sum(-1)
-        return candidates[np.arange(len(u)), err.argmin(-1)]
+        key = _nearest_level(u, self.levels) @ self.place
+        # sum w (u - v)^2 less its first term, sum w u^2, the same for every candidate
+        score = np.einsum("nkj,nj->nk", self.near_stacked[key], np.concatenate([w, -2 * w * u], 1))
+        return self.near[key, score.argmin(-1)]
+
+    def search(self, u: np.ndarray, w: np.ndarray, exact: bool) -> np.ndarray:
+        """:meth:`nearest` when ``exact`` or when the codebook is small enough that its matrix
+        product beats the neighbour table's lookups (up to ``EXACT_UP_TO`` vectors); else :meth:`near_one`."""
+        return self.nearest(u, w) if exact or len(self.vectors) <= EXACT_UP_TO else self.near_one(u, w)
 
     def nearest(self, u: np.ndarray, w: np.ndarray) -> np.ndarray:
         """Index of the codebook vector nearest each row of ``u`` (n, group) under weights ``w``:
         of all of them, sum w (u - v)^2 = sum w u^2 - 2 sum (w u) v + sum w v^2, the last two terms
-        for every vector at once as two matrix products, ``NEAREST_ELEMENTS`` scores at a time."""
+        for every vector at once as one matrix product of [w, -2 w u] and [v^2, v],
+        ``NEAREST_ELEMENTS`` scores at a time."""
         out = np.empty(len(u), np.int64)
         step = max(1, NEAREST_ELEMENTS // len(self.vectors))
         for r in range(0, len(u), step):
-            ur, wr = u[r : r + step], w[r : r + step]
-            out[r : r + step] = (wr @ self.squares.T - 2 * (wr * ur) @ self.vectors.T).argmin(1)
+            wr = w[r : r + step]
+            out[r : r + step] = (np.concatenate([wr, -2 * wr * u[r : r + step]], 1) @ self.stacked).argmin(1)
         return out
 
     @cached_property
     def squares(self) -> np.ndarray:
         return self.vectors * self.vectors
+
+    @cached_property
+    def stacked(self) -> np.ndarray:
+        """(2 group, K): the squares over the vectors, one column per codebook vector."""
+        return np.ascontiguousarray(np.concatenate([self.squares, self.vectors], 1).T)
 
 
 @dataclass
@@ -175,7 +194,7 @@ class _CodebookType(QuantType):
     def choose(self, u: np.ndarray, w: np.ndarray, exact: bool) -> np.ndarray:
         """The index for each group ``u`` (n, group) under weights ``w``: the nearest (``exact``) or
         the cheaper near one of the scale search."""
-        return (self.codebook.nearest if exact else self.codebook.near_one)(u, w)
+        return self.codebook.search(u, w, exact)
 
     def unit(self, s: np.ndarray, d: np.ndarray) -> np.ndarray:
         """The effective scale of sub-blocks with integer scales ``s`` under fp16 ``d`` (as float32),
@@ -383,7 +402,7 @@ class _IQ1(_CodebookType):
         cb, delta = self.codebook, F32(self.gguf_type.delta)
         found, cost = [], []
         for shift in (delta, -delta):
-            index = (cb.nearest if exact else cb.near_one)(u - shift, w)
+            index = cb.search(u - shift, w, exact)
             found.append(index)
             cost.append((w * (u - shift - cb.vectors[index]) ** 2).sum(1).reshape(-1, self.delta_groups).sum(1))
         negative = np.repeat(cost[1] < cost[0], self.delta_groups)

@@ -28,18 +28,19 @@ from runtimes.ort import OrtDecoder, check_model, model_file
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .budget import Budget, Shape, check_fits, predict, resolve
+from .budget import Budget, Shape, check_fits, predict, prefill_weight_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device, load_device
 from .errors import EdgequantError, check_number, disk_is_full
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
+from .kernels import load as load_kernels
 from .methods import Method, get_method
 from .memory import peak_rss_mb, release_memory
 from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
-from .planning import Matrix, Plan, check_type_name, for_budget, smallest_bytes, uniform
+from .planning import Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
@@ -116,19 +117,27 @@ class Target:
     shape: Shape
     budget: Budget
     file_overhead: int  # GGUF bytes besides tensor data
+    min_tok_s: float | None = None
 
     @property
     def max_tensor_bytes(self) -> int:
         return self.budget.max_file_bytes - self.file_overhead
 
-    def embd_bytes(self, plan: Plan) -> int:
-        """Bytes of an untied input embedding: not read per decoded token."""
-        m = next((m for m in plan.matrices if m.name == "token_embd.weight"), None)
-        return 0 if self.shape.tied or m is None else plan.matrix_bytes(m)
+    @property
+    def speed(self) -> Speed:
+        """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
+        floor = None
+        if self.min_tok_s is not None:
+            floor = self.device.effective_bandwidth / self.min_tok_s - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
+        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
+                     prefill_weight_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
-        return predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
-                       self.embd_bytes(plan))
+        speed = self.speed
+        return {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
+                          decode_bytes=speed.plan_decode_bytes(plan) + self.file_overhead,
+                          prefill_factor=speed.plan_prefill_factor(plan)),
+                "kernels": speed.costs.as_dict()}
 
 
 def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
@@ -146,23 +155,25 @@ def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned_par
     file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
                      file_overhead=file_overhead, bpw_params=unpruned_params)
-    return Target(device, shape, budget, file_overhead)
+    return Target(device, shape, budget, file_overhead, opts.min_tok_s)
 
 
 def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress,
               choice: Choice | None = None):
     """(plan, sensitivity table or None) within the target's budget (``choice``: the joint search's types)."""
     matrices, other = matrices_of(loaded)
+    speed = tgt.speed
     if ggml_type:
         plan, table = uniform(matrices, other, ggml_type), None
     elif choice:
         plan, table = Plan(choice.types(matrices), matrices, other, "joint: pruning and types searched against the output KL within "
                            f"{tgt.max_tensor_bytes / 1e6:.2f} MB"), None
     elif method.allocate:
-        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress)
+        plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, speed)
     else:
-        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}"), None
+        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
+    speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
 
 
@@ -281,7 +292,8 @@ def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Dev
     tgt = target(loaded, opts, device)
     with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
         importance = cached_activation_stats(loaded, calib, tick).importance if opts.use_importance else {}
-    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens), progress)
+    return method.search(loaded, *matrices_of(loaded), tgt.max_tensor_bytes, Calibration(calib, importance, opts.sensitivity_tokens),
+                         progress, tgt.speed)
 
 
 def _pruning_report(pruning: Pruning | None, pruned: LoadedModel, search: dict | None) -> dict | None:

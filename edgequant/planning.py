@@ -6,7 +6,7 @@ llama.cpp's quantizer picks (Q5_0, Q5_1, Q8_0). For Q2_K and Q3_K llama.cpp (0.3
 ``tensor_type_fallback``) picks Q4_0; we pick IQ4_NL instead: the same 4.5 bits per weight, and
 its non-linear codebook fits the bell-shaped weights better (on the default model's 576-wide
 matrices, 0.63x Q4_0's importance-weighted squared error; ``tests/test_ggml_quants.py`` checks it).
-The i-quants (IQ4_XS, IQ3_S ... IQ1_S) fall back to IQ4_NL, as in llama.cpp.
+The i-quants (IQ4_XS, IQ3_S ... IQ1_S) need rows of 256 too and fall back to IQ4_NL, as in llama.cpp.
 
 The greedy mix here is the prior used by ``--method rtn/gptq`` (QuBLAST measures instead, see
 :mod:`edgequant.sensitivity` and :func:`knapsack`): every matrix starts on its cheapest rung, then the upgrade with the largest expected error
@@ -24,10 +24,19 @@ import numpy as np
 
 from .errors import EdgequantError
 from .ggml_quants import TYPES, get_type
+from .kernels import UNMEASURED, KernelCosts
 
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
             **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
-LADDER = ["Q2_K", "Q3_K", "Q4_K", "IQ4_NL", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # first of equal size wins
+LADDER = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
+          "IQ4_NL", "Q4_0", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # of equal size, the first is tried first
+# The embedding / output matrix takes no 256-block i-quant. The output matmul (output.weight, or a
+# tied embedding) reads the whole matrix for every token, and these types decode 1.6x (IQ4_XS) to
+# 6.8x (IQ1_S) slower per byte than the fastest on the measured host (device_profiles/kernels/);
+# llama.cpp's own i-quant mixes give it Q5_K or more. An untied token_embd, only looked up, gets
+# Q2_K or IQ3_S there; Q3_K, of IQ3_S's size, stands in for the latter.
+NOT_FOR_EMBEDDING = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ3_XXS", "IQ3_S", "IQ4_XS")
+EMBEDDING_NAMES = ("token_embd.weight", "output.weight")
 PRIORITY = {"attn_v": 2.0, "ffn_down": 2.0, "token_embd": 2.0, "output": 2.0, "attn_k": 0.5}
 
 
@@ -54,6 +63,7 @@ class Plan:
     matrices: list[Matrix]
     other_params: int
     rule: str
+    pricing: dict | None = None  # how the allocation priced the kernels' slowdown (QuBLAST)
 
     def matrix_bytes(self, m: Matrix) -> int:
         t = get_type(self.types[m.name])
@@ -74,6 +84,7 @@ class Plan:
     def as_dict(self) -> dict:
         return {
             "rule": self.rule,
+            "pricing": self.pricing,
             "bytes": self.total_bytes,
             "bpw": self.bpw,
             "tensors": [
@@ -93,18 +104,15 @@ def fitting_type(name: str, cols: int) -> str:
     return t
 
 
-def _ladder(cols: int) -> list[str]:
-    """The rungs that fit rows of ``cols`` weights, one type per size, smallest first."""
-    rungs: dict[float, str] = {}
-    for t in LADDER:
-        if TYPES[t].fits(cols):
-            rungs.setdefault(TYPES[t].bpw, t)
-    return [rungs[b] for b in sorted(rungs)]
+def _ladder(m: Matrix) -> list[str]:
+    """The types that fit ``m``'s rows, smallest first (``LADDER``'s order among equal sizes)."""
+    fit = [t for t in LADDER if TYPES[t].fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING)]
+    return sorted(fit, key=lambda t: TYPES[t].bpw)
 
 
 def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
     """Bytes of the smallest mix: every matrix on its cheapest rung."""
-    return Plan({m.name: _ladder(m.cols)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
+    return Plan({m.name: _ladder(m)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
 
 
 def check_type_name(ggml_type: str) -> None:
@@ -119,32 +127,118 @@ def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
     return Plan(types, matrices, other_params, f"uniform {ggml_type.upper()}")
 
 
-def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str) -> Plan:
-    """The greedy mix of at most ``max_bytes`` (all tensors counted)."""
-    ladders = {m.name: _ladder(m.cols) for m in matrices}
+@dataclass(frozen=True)
+class Speed:
+    """What the types cost the kernels (:mod:`edgequant.kernels`), and the decode floor.
+
+    A type that decodes slower than its bytes costs ``bytes * (factor - 1)`` more bandwidth per
+    token; one that prefills slower than the fastest costs ``weights * (factor - 1)`` more prefill
+    work, worth ``prefill_weight_bytes`` decode bytes a weight (set by the device, for a turn of as
+    many prompt tokens as decoded ones: :func:`edgequant.budget.prefill_weight_bytes`). Together
+    they are the *slowdown bytes*. The allocators price them like bytes (a plan 2% smaller but 15%
+    slower is no bargain) and, under ``--min-tok-s``, keep the bandwidth-equivalent bytes a decoded
+    token reads (all tensors) within ``max_decode_bytes``.
+
+    The embedding/output matrix has no prefill excess: prefill looks up rows of the embedding and
+    computes the output only for the last prompt token. An untied embedding (``unread``) is not
+    read when decoding either."""
+
+    costs: KernelCosts = UNMEASURED
+    unread: tuple[str, ...] = ()  # matrices a decoded token does not read (an untied input embedding)
+    max_decode_bytes: float | None = None  # of all tensors: matrices at their factors, float32 ones at face value
+    prefill_weight_bytes: float = 0.0  # decode bytes that one weight's prefill work on a token is worth
+
+    def slowdown(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
+        """Slowdown bytes of matrices ``nbytes`` (name -> bytes) at ``types``."""
+        decode = sum(n * (self.costs.decode_factor(types[k]) - 1) for k, n in nbytes.items() if k not in self.unread)
+        prefill = sum(_weights(types[k], n) * (self.costs.prefill_factor(types[k]) - 1)
+                      for k, n in nbytes.items() if k not in EMBEDDING_NAMES)
+        return decode + self.prefill_weight_bytes * prefill
+
+    def decode(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
+        """Bandwidth-equivalent bytes per token of matrices ``nbytes`` at ``types``."""
+        return sum(n * self.costs.decode_factor(types[k]) for k, n in nbytes.items() if k not in self.unread)
+
+    def plan_decode_bytes(self, plan: Plan) -> float:
+        """Bandwidth-equivalent bytes a token decoded with ``plan`` reads (float32 tensors at face value)."""
+        return self.decode(plan.types, {m.name: plan.matrix_bytes(m) for m in plan.matrices}) + 4 * plan.other_params
+
+    def plan_prefill_factor(self, plan: Plan) -> float:
+        """The mean prefill cost of ``plan``'s weights, over the fastest type's (the embedding/output at 1)."""
+        work = sum(m.params * (1 if m.name in EMBEDDING_NAMES else self.costs.prefill_factor(plan.types[m.name]))
+                   for m in plan.matrices)
+        return (work + plan.other_params) / plan.total_params
+
+    def check(self, decode_bytes: float, what: str) -> None:
+        if self.max_decode_bytes is not None and decode_bytes > self.max_decode_bytes:
+            raise EdgequantError(f"--min-tok-s cannot be met: {what} reads {decode_bytes / 1e6:.1f} MB per token "
+                                 f"(bandwidth-equivalent), {self.max_decode_bytes / 1e6:.1f} MB allowed")
+
+
+def _weights(ggml_type: str, nbytes: int) -> int:
+    t = get_type(ggml_type)
+    return nbytes // t.nbytes * t.block
+
+
+@dataclass
+class _Rungs:
+    """One matrix's ladder for the greedy mix: per rung its type, bytes, decode bytes, slowdown
+    bytes and expected error (``priority * params * 4**-bpw``)."""
+
+    types: list[str]
+    nbytes: np.ndarray
+    decode: np.ndarray
+    slowdown: np.ndarray
+    error: np.ndarray
+
+    @classmethod
+    def of(cls, m: Matrix, speed: Speed) -> _Rungs:
+        types = _ladder(m)
+        sizes = [m.params // TYPES[t].block * TYPES[t].nbytes for t in types]
+        return cls(types, np.array(sizes, float),
+                   np.array([speed.decode({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
+                   np.array([speed.slowdown({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
+                   PRIORITY.get(m.role, 1.0) * m.params * 4.0 ** -np.array([TYPES[t].bpw for t in types]))
+
+    def best_step(self, i: int, room: float, decode_room: float) -> tuple[float, int]:
+        """(error drop per byte of cost, rung) of the best move up from rung ``i`` that fits ``room``
+        bytes and ``decode_room`` decode bytes; cost = extra bytes + extra slowdown bytes, a move
+        that costs nothing being worth any other. (0, -1) when none fits or gains."""
+        extra, more_decode = self.nbytes[i + 1:] - self.nbytes[i], self.decode[i + 1:] - self.decode[i]
+        gain = self.error[i] - self.error[i + 1:]
+        cost = extra + self.slowdown[i + 1:] - self.slowdown[i]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ratio = np.where(cost > 0, gain / cost, np.where(gain >= 0, np.inf, -np.inf))
+        ratio[(extra > room) | (more_decode > decode_room) | ((gain <= 0) & (cost >= 0))] = -np.inf
+        if not len(ratio) or ratio.max() <= 0:
+            return 0.0, -1
+        j = int(ratio.argmax())
+        return float(ratio[j]), i + 1 + j
+
+
+def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed()) -> Plan:
+    """The greedy mix of at most ``max_bytes`` (all tensors counted): again and again the move up
+    a matrix's ladder (to any larger rung) with the largest expected error drop per byte of cost,
+    its extra bytes plus its extra slowdown bytes, within the bytes and the decode floor."""
+    rungs = {m.name: _Rungs.of(m, speed) for m in matrices}
     level = {m.name: 0 for m in matrices}
-    plan = Plan({m.name: ladders[m.name][0] for m in matrices}, matrices, other_params, rule)
-    budget, used = max_bytes, plan.total_bytes
-    if used > budget:
+    plan = Plan({m.name: rungs[m.name].types[0] for m in matrices}, matrices, other_params, rule)
+    used = plan.total_bytes
+    if used > max_bytes:
         raise EdgequantError(f"{rule} cannot be met: the smallest mix is {plan.bpw:.3f} bpw ({used / 1e6:.1f} MB)")
+    decoded = speed.plan_decode_bytes(plan)
+    speed.check(decoded, "the smallest mix")
+    floor = np.inf if speed.max_decode_bytes is None else speed.max_decode_bytes
     while True:
-        best, best_gain, best_extra = None, 0.0, 0.0
-        for m in matrices:
-            ladder, i = ladders[m.name], level[m.name]
-            if i + 1 == len(ladder):
-                continue
-            cur, nxt = TYPES[ladder[i]], TYPES[ladder[i + 1]]
-            extra = m.params * (nxt.bpw - cur.bpw) / 8
-            if used + extra > budget:
-                continue
-            gain = PRIORITY.get(m.role, 1.0) * m.params * (4.0**-cur.bpw - 4.0**-nxt.bpw) / extra
-            if gain > best_gain:
-                best, best_gain, best_extra = m, gain, extra
-        if best is None:
+        steps = {name: r.best_step(level[name], max_bytes - used, floor - decoded) for name, r in rungs.items()}
+        name = max(steps, key=lambda k: steps[k][0])
+        ratio, j = steps[name]
+        if j < 0:
             return plan
-        used += best_extra
-        level[best.name] += 1
-        plan.types[best.name] = ladders[best.name][level[best.name]]
+        r, i = rungs[name], level[name]
+        used += r.nbytes[j] - r.nbytes[i]
+        decoded += r.decode[j] - r.decode[i]
+        level[name], plan.types[name] = j, r.types[j]
 
 
 def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: int = 1 << 16) -> list[int] | None:
@@ -152,6 +246,11 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: in
     cost with the summed bytes <= ``budget``. Exact dynamic programme over byte counts in units
     of ``budget / resolution`` (sizes rounded up, so the answer always fits). Returns the chosen
     option index per item, or None when even the smallest options do not fit."""
+    return knapsack_curve(options, budget, resolution)[0]
+
+
+def knapsack_curve(options, budget: int, resolution: int = 1 << 16) -> tuple[list[int] | None, np.ndarray, int]:
+    """(:func:`knapsack`'s choice, the least summed cost within each capacity, the capacity unit in bytes)."""
     unit = max(1, -(-budget // resolution))
     cap = budget // unit
     best = np.zeros(cap + 1)  # least cost of the items so far within capacity c
@@ -170,10 +269,55 @@ def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: in
         best = new
         picks.append(pick)
     if not np.isfinite(best[cap]):
-        return None
+        return None, best, unit
     chosen, c = [], cap
     for opts, pick in zip(reversed(options), reversed(picks)):
         j = int(pick[c])
         chosen.append(j)
         c -= -(-opts[j][0] // unit)
-    return chosen[::-1]
+    return chosen[::-1], best, unit
+
+
+MARGIN = 0.01  # share of the budget the price of a byte is read over
+
+
+def byte_price(best: np.ndarray, unit: int) -> float:
+    """Cost per byte at the budget's margin: what the last ``MARGIN`` of the budget saves."""
+    cap = len(best) - 1
+    for k in (max(1, int(cap * MARGIN)), 1):
+        if np.isfinite(best[cap - k]):
+            return max(0.0, float(best[cap - k] - best[cap]) / (k * unit))
+    return 0.0
+
+
+def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], budget: int,
+                        max_decode: float | None = None) -> tuple[list[int] | None, float, float]:
+    """One (bytes, cost, slowdown bytes, decode bytes) option per item within ``budget`` bytes,
+    minimising cost + price * slowdown, the price of a byte being the cost the budget's last bytes
+    buy (:func:`byte_price`, from the same programme without the slowdown). With ``max_decode``,
+    also within that many decode bytes: the decode bytes are charged too, at the least extra
+    price that brings them within (bisection). Returns (the choice or None when nothing fits,
+    the price of a byte, the extra price of a decode byte)."""
+    plain, best, unit = knapsack_curve([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
+    if plain is None:
+        return None, 0.0, 0.0
+    price = byte_price(best, unit)
+
+    def solve(extra: float) -> list[int] | None:
+        return knapsack([[(b, c + price * slow + extra * dec) for b, c, slow, dec in opts] for opts in options], budget)
+
+    def decode(chosen: list[int]) -> float:
+        return sum(opts[j][3] for opts, j in zip(options, chosen))
+
+    chosen = solve(0.0) if any(o[2] for opts in options for o in opts) else plain
+    if max_decode is None or decode(chosen) <= max_decode:
+        return chosen, price, 0.0
+    low, high = 0.0, max(price, 1e-12)
+    while decode(solve(high)) > max_decode:
+        high *= 4
+        if high > 1e12 * max(price, 1e-12):
+            return None, price, high
+    for _ in range(30):
+        mid = (low + high) / 2
+        low, high = (mid, high) if decode(solve(mid)) > max_decode else (low, mid)
+    return solve(high), price, high

@@ -20,7 +20,7 @@ from .errors import EdgequantError
 
 PAGE = "report.html"
 PARTS = ("attn", "ffn")
-BITS_COLOURS, BITS_RANGE = "viridis", (2.0, 9.0)  # one scale for every build, so pages compare at a glance
+BITS_COLOURS, BITS_RANGE = "viridis", (1.5, 9.0)  # IQ1_S to Q8_0: one scale for every build, so pages compare at a glance
 
 
 def ladder_file(model_name: str) -> Path:

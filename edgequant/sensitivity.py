@@ -30,10 +30,14 @@ from .evaluation import HeldReferences, SpilledReferences, references
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
-from .planning import Matrix, fitting_type
+from .planning import NOT_FOR_EMBEDDING, Matrix, fitting_type
 from .walker import Walk, run_block
 
-CANDIDATES = ("Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_0")
+CANDIDATES = ("IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS",
+              "Q4_0", "Q4_K", "Q5_K", "Q6_K", "Q8_0")  # smallest first
+# Q4_0 is the one 32-block candidate: llama.cpp repacks it for its fastest CPU kernels (AVX2, Arm
+# dotprod/i8mm), so with the kernels' costs priced in (:class:`edgequant.planning.Speed`) it can
+# beat IQ4_NL (rows of 576) or Q4_K of the same size.
 # The default model's reference weights lie on the Q4_1 grid they were shipped in, so the affine
 # 32-block types reproduce them exactly (KL 0 at Q5_1): measured, they would win for that reason
 # alone. Where the stand-in is one of them, the symmetric type of the same width is used.
@@ -54,10 +58,14 @@ class Part:
     def params(self) -> int:
         return sum(m.params for m in self.matrices)
 
+    def candidates(self) -> tuple[str, ...]:
+        """The candidate types of this part (the embedding's without 256-block i-quants, see :mod:`edgequant.planning`)."""
+        return CANDIDATES if self.block >= 0 else tuple(t for t in CANDIDATES if t not in NOT_FOR_EMBEDDING)
+
     def options(self) -> list[dict[str, str]]:
         """Distinct type assignments, one per candidate type, smallest first."""
         seen: dict[tuple, dict[str, str]] = {}
-        for t in CANDIDATES:
+        for t in self.candidates():
             types = self.types_for(t)
             seen.setdefault(tuple(types.values()), types)
         return sorted(seen.values(), key=self.nbytes)
@@ -66,8 +74,12 @@ class Part:
         """Each matrix's type when the part takes ``candidate`` (its stand-in where the blocks do not fit)."""
         return {m.name: stand_in(candidate, m.cols) for m in self.matrices}
 
+    def sizes(self, types: dict[str, str]) -> dict[str, int]:
+        """Each matrix's bytes at ``types``."""
+        return {m.name: m.params // get_type(types[m.name]).block * get_type(types[m.name]).nbytes for m in self.matrices}
+
     def nbytes(self, types: dict[str, str]) -> int:
-        return sum(m.params // get_type(types[m.name]).block * get_type(types[m.name]).nbytes for m in self.matrices)
+        return sum(self.sizes(types).values())
 
     @staticmethod
     def label(types: dict[str, str]) -> str:

@@ -13,7 +13,8 @@ from edgequant.budget import Shape, predict, resolve
 from edgequant.devices import load_device
 from edgequant.models import load_model
 from edgequant.pipeline import matrices_of
-from edgequant.planning import knapsack
+from edgequant.kernels import KernelCosts, from_measurements
+from edgequant.planning import Matrix, Speed, for_budget, knapsack, knapsack_with_speed
 from tests.helpers import assert_clean_failure, edgequant
 
 
@@ -93,7 +94,7 @@ def test_plan_prints_types_and_predictions_without_writing(tiny_model, tmp_path)
 @pytest.mark.slow
 def test_impossible_budget_names_the_smallest_size_that_would_fit():
     result = edgequant("plan", "--device", "raspberry-pi-4-4gb", "--budget-mb", "20", "-q")
-    assert_clean_failure(result, "smallest mix that would fit is 71.4 MB")
+    assert_clean_failure(result, "smallest mix that would fit is 67.8 MB")
 
 
 def test_unknown_device_lists_the_closest_names():
@@ -110,3 +111,50 @@ def test_devices_lists_every_profile_as_json():
     result = edgequant("devices", "--json")
     names = {d["name"] for d in json.loads(result.stdout)}
     assert {"host", "raspberry-pi-4-4gb", "jetson-orin-nano-8gb", "android-snapdragon-8-gen-3"} <= names
+
+
+def _convex(n: int = 101) -> list[tuple[int, float, float, float]]:
+    """An item whose cost falls smoothly with its bytes (50 ... 150), every option at full speed."""
+    return [(b, 100.0 / b, 0.0, float(b)) for b in range(50, 50 + n)]
+
+
+def test_a_plan_two_percent_smaller_but_fifteen_percent_slower_loses():
+    """The slow option saves 2 of 100 bytes and a little cost; its slowdown (15% of its bytes,
+    priced like bytes at the budget's margin) costs more than it saves, so the fast one is chosen.
+    A slightly slow option that saves much is still taken."""
+    fast, slow = (100, 0.50, 0.0, 100.0), (98, 0.49, 98 * 0.15, 98 * 1.15)
+    assert knapsack([[fast[:2], slow[:2]], [o[:2] for o in _convex()]], 200) == [1, 52]  # bytes alone: the slow one
+    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0][0] == 0
+    bargain = (98, 0.30, 98 * 0.01, 98 * 1.01)
+    assert knapsack_with_speed([[fast, bargain], _convex()], 200)[0][0] == 1
+
+
+def test_a_decode_floor_trades_bytes_for_faster_types():
+    fast, slow = (100, 0.50, 0.0, 100.0), (100, 0.10, 100 * 0.2, 120.0)
+    assert knapsack_with_speed([[fast, slow], _convex()], 200)[0][0] == 1  # worth its slowdown
+    chosen, _, _ = knapsack_with_speed([[fast, slow], _convex()], 200, max_decode=165)
+    assert chosen[0] == 0 and 100 + _convex()[chosen[1]][3] <= 165
+    assert knapsack_with_speed([[slow], _convex()], 200, max_decode=165)[0] is None  # 120 + 50 at the least
+
+
+def test_the_greedy_mix_prices_a_slow_rung_and_keeps_the_decode_floor():
+    matrices = [Matrix(f"blk.{b}.ffn_down.weight", 256, 1536) for b in range(4)]
+    slow_iq = KernelCosts("test", "made up", decode={t: 3.0 for t in ("IQ3_XXS", "IQ3_S", "IQ4_XS")})
+    budget = int(sum(m.params for m in matrices) * 4.3 / 8)
+    plain = for_budget(matrices, 0, budget, "test")
+    priced = for_budget(matrices, 0, budget, "test", Speed(slow_iq))
+    assert "IQ4_XS" in plain.types.values() and not {"IQ3_XXS", "IQ3_S", "IQ4_XS"} & set(priced.types.values())
+    slow_prefill = Speed(KernelCosts("test", "made up", prefill={"IQ4_XS": 4.0}), prefill_weight_bytes=0.1)
+    assert "IQ4_XS" not in for_budget(matrices, 0, budget, "test", slow_prefill).types.values()
+    floor = Speed(slow_iq, max_decode_bytes=budget * 0.8)  # a slow rung in the way: jumped over
+    kept = for_budget(matrices, 0, budget, "test", floor)
+    assert floor.plan_decode_bytes(kept) <= budget * 0.8 and "Q3_K" in kept.types.values()
+
+
+def test_decode_and_prefill_factors_come_from_uniform_files_rates():
+    costs = from_measurements("t", "made up", {"Q8_0": {"bytes": 200, "decode_tok_s": 10, "prefill_tok_s": 100},
+                                                "Q4_0": {"bytes": 100, "decode_tok_s": 20, "prefill_tok_s": 120},
+                                                "IQ2_XS": {"bytes": 60, "decode_tok_s": 25, "prefill_tok_s": 40}})
+    assert costs.decode_factor("Q8_0") == costs.decode_factor("Q4_0") == 1.0  # bandwidth bound
+    assert costs.decode_factor("IQ2_XS") == pytest.approx((1 / (25 * 60)) / (1 / (10 * 200)))
+    assert costs.prefill_factor("IQ2_XS") == pytest.approx(3.0) and costs.prefill_factor("Q4_K") == 1.0

@@ -24,8 +24,15 @@ def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model)
     parts = split_parts(matrices_of(default_model)[0])
     assert len(parts) == 2 * default_model.config.num_hidden_layers + 1
     ffn = next(p for p in parts if p.key == "0.ffn")
+    # gate and up (576-wide rows) fall back as llama.cpp does; down (1536-wide) takes every candidate
     assert [Part.label(t) for t in ffn.options()] == [
-        "IQ4_NL/Q2_K", "IQ4_NL/Q3_K", "Q5_0/Q4_K", "Q5_0/Q5_K", "Q8_0/Q6_K", "Q8_0"]
+        "IQ4_NL/IQ1_S", "IQ4_NL/IQ1_M", "IQ4_NL/IQ2_XXS", "IQ4_NL/IQ2_XS", "IQ4_NL/IQ2_S", "IQ4_NL/Q2_K",
+        "IQ4_NL/IQ3_XXS", "IQ4_NL/Q3_K", "IQ4_NL/IQ3_S", "IQ4_NL/IQ4_XS", "Q4_0", "Q5_0/Q4_K", "Q5_0/Q5_K",
+        "Q8_0/Q6_K", "Q8_0"]
+    attn = next(p for p in parts if p.key == "0.attn")  # Q4_0 beside IQ4_NL: the same size, faster kernels
+    assert [Part.label(t) for t in attn.options()] == ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"]
+    embd = next(p for p in parts if p.block < 0)  # no 256-block i-quant, as in llama.cpp's mixes
+    assert [Part.label(t) for t in embd.options()] == ["IQ4_NL", "Q4_0", "Q5_0", "Q8_0"]
 
 
 def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chosen_ones(qublast):
@@ -33,7 +40,8 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
     sensitivity = json.loads((out / "plan.json").read_text())["sensitivity"]
     assert sensitivity["tokens"] == 256  # --sensitivity-tokens
     table = sensitivity["entries"]
-    assert len(table) == 5 * 6  # two blocks' attention and MLP and the embedding, six types each (rows of 256)
+    # two blocks' attention and MLP, 15 types each (rows of 256 take them all), and the embedding's 7
+    assert len(table) == 4 * 15 + 7
     by_part: dict = {}
     for e in table:
         by_part.setdefault(e["part"], []).append(e["kl"])
@@ -46,20 +54,24 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
 
 
 def test_the_mix_is_the_least_summed_kl_within_the_cap(qublast):
-    """The knapsack's choice against every assignment of the table that fits the same bytes."""
+    """The knapsack's choice against every assignment of the table that fits the same bytes, each
+    option's KL charged for its kernels' slowdown at the price of a byte (plan.json's ``pricing``)."""
     import itertools
 
     out, report = qublast
     assert report["budget"]["binding"] == "--bpw" and report["artifacts"][0]["bpw"] <= BPW
-    table = json.loads((out / "plan.json").read_text())["sensitivity"]["entries"]
-    options: dict = {}
-    for e in table:
-        options.setdefault(e["part"], []).append((e["bytes"], e["kl"]))
-    chosen = {(b["part"] if b["index"] < 0 else f"{b['index']}.{b['part']}"): b["sensitivity"] for b in report["blocks"]}
-    chosen_bytes = sum(next(n for n, kl in options[part] if kl == chosen[part]) for part in options)
-    best = min(sum(kl for _, kl in pick) for pick in itertools.product(*options.values())
+    plan = json.loads((out / "plan.json").read_text())
+    pricing = plan["pricing"]  # each option's KL plus its kernels' slowdown at the price of a byte
+    assert pricing["decode_price"] == 0  # no --min-tok-s
+    options: dict = {}  # part -> option -> (bytes, KL + slowdown priced)
+    for e in plan["sensitivity"]["entries"]:
+        slowdown = pricing["byte_price"] * pricing["slowdown_bytes"][e["part"]][e["option"]]
+        options.setdefault(e["part"], {})[e["option"]] = (e["bytes"], e["kl"] + slowdown)
+    picked = [options[b["part"] if b["index"] < 0 else f"{b['index']}.{b['part']}"][b["ggml_type"]] for b in report["blocks"]]
+    chosen_bytes = sum(n for n, _ in picked)
+    best = min(sum(cost for _, cost in pick) for pick in itertools.product(*(o.values() for o in options.values()))
                if sum(n for n, _ in pick) <= chosen_bytes)
-    assert sum(chosen.values()) == pytest.approx(best)
+    assert sum(cost for _, cost in picked) == pytest.approx(best)
 
 
 def test_scaling_maps_shrink_activation_outliers(readme):

@@ -52,9 +52,9 @@ class Method:
     name: str
     summary: str
     quantize: Quantize
-    allocate: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> (Plan, table)
+    allocate: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress, speed) -> (Plan, table)
     transform: Callable | None = None  # (loaded, plan, calibration, progress) -> (model to round, details dict)
-    search: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress) -> joint.Choice
+    search: Callable | None = None  # (loaded, matrices, other_params, max_bytes, calibration, progress, speed) -> joint.Choice
     streams: bool = False  # works block by block on a streamed model (:mod:`edgequant.blocks`); else loaded whole
     unties: bool = False  # the transform needs separate embedding and output matrices
     rotates: bool = False  # the transform rotates the residual stream or the value heads

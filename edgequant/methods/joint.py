@@ -48,7 +48,7 @@ from ..errors import EdgequantError
 from ..ggml_quants import get_type
 from ..adapters import BlockShape, adapter_of
 from ..models import LoadedModel, sizes_differ
-from ..planning import Matrix, knapsack
+from ..planning import Matrix, Speed, knapsack_curve, byte_price, knapsack
 from ..progress import Progress
 from ..pruning import Pruning, prune_ffn, prune_heads
 from ..evaluation import Reference
@@ -78,6 +78,7 @@ class Option:
     kl: float = 0.0
     measured: bool = False
     estimated: float = 0.0  # the share of ``kl`` that is a Fisher estimate (the pruning's), not measured
+    charge: float = 0.0  # the share of a measured ``kl`` that is its kernels' slowdown, priced
 
     def scaled(self, ratio: float) -> float:
         """``kl`` with its estimated share multiplied by ``ratio``."""
@@ -129,8 +130,9 @@ class Choice:
 
 @torch.no_grad()
 def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_bytes: int,
-           calibration: Calibration, progress: Progress) -> Choice:
-    """The pruning and types of least output KL within ``max_bytes`` of tensors."""
+           calibration: Calibration, progress: Progress, speed: Speed = Speed()) -> Choice:
+    """The pruning and types of least output KL within ``max_bytes`` of tensors, the types'
+    kernel slowdown priced in as QuBLAST prices it (``speed``; the decode floor is not searched)."""
     started = time.time()
     model = loaded.model
     if not loaded.adapter.per_block_sizes_arch:
@@ -149,8 +151,11 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
                              f"{smallest / 1e6:.1f} MB")
     ctx = calibration.windows.shape[1]
     table = measure_table(loaded, parts, calibration, progress)
-    costs = _type_costs(parts, table)
-    embd_options = [(e.bytes, e.kl) for e in table.by_part()[embd.key]]  # in embd.options() order
+    price = _byte_price(parts, table, speed, budget - 4 * other_params)
+    costs = _type_costs(parts, table, speed, price)
+    embd_kl = [e.kl for e in table.by_part()[embd.key]]  # in embd.options() order
+    embd_options = [(e.bytes, e.kl + price * speed.slowdown(e.types, embd.sizes(e.types)))
+                    for e in table.by_part()[embd.key]]
     windows = calibration.windows[: max(1, (FIT_TOKENS + PROBE_TOKENS) // ctx)]
     n_probe = max(1, min(PROBE_TOKENS // ctx, len(windows) // 2))
     probe = _Probe(loaded, windows[len(windows) - n_probe:], disjoint=len(windows) > 1)
@@ -176,7 +181,9 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
             for o in dict.fromkeys([mine[0], *mine[max(0, at - NEIGHBOURS): at + NEIGHBOURS + 1]]):
                 variant, keep = _realise(loaded, b, layer, o, now, calibration.importance)
                 out = stop.run(variant, probe.of(states)) if variant else probe.of(states)
-                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, walk.kwargs) - base), measured=True, estimated=0.0))
+                charge = price * space.slowdown(b, o, speed)  # the types' kernels, priced as in the estimates
+                measured.append(replace(o, kl=max(0.0, probe.kl(out, b + 1, walk.kwargs) - base) + charge, measured=True,
+                                        estimated=0.0, charge=charge))
                 built.append((variant, keep))
                 if o.estimated > 0:  # what the pruning cost beyond its types' measured cost, against its estimate
                     scale.add(measured[-1].kl - (o.kl - o.estimated), o.estimated)
@@ -193,25 +200,42 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         "measurements": probe.runs,
         "probe_tokens": int(probe.tokens),
         "fit_tokens": int(sum(w.size for w in probe.fit(list(windows)))),
-        "measured_kl": sum(o.kl for o in picked.values()) + embd_options[chosen[-1]][1],
+        "measured_kl": sum(o.kl - o.charge for o in picked.values()) + embd_kl[chosen[-1]],
+        "byte_price": price,
         "estimate_scale": scale.value,
         "planned_bytes": used + embd_options[chosen[-1]][0],
-        "blocks": [{"index": b, "option": o.label(), "bytes": o.bytes, "kl": o.kl} for b, o in picked.items()],
+        "blocks": [{"index": b, "option": o.label(), "bytes": o.bytes, "kl": o.kl - o.charge} for b, o in picked.items()],
         "embedding": Part.label(embd_types),
     }
     return Choice(pruning, picked, embd_types, details)
 
 
-def _type_costs(parts: list[Part], table: Sensitivity) -> dict[int, dict[str, dict[str, float]]]:
-    """Block -> part kind ("attn" / "ffn") -> candidate type -> the table's KL of that part at it."""
+def _type_costs(parts: list[Part], table: Sensitivity, speed: Speed = Speed(), price: float = 0.0
+                ) -> dict[int, dict[str, dict[str, float]]]:
+    """Block -> part kind ("attn" / "ffn") -> candidate type -> the table's KL of that part at it,
+    plus its kernels' slowdown bytes at ``price`` a byte."""
     entries = table.by_part()
     out: dict[int, dict[str, dict[str, float]]] = {}
     for p in parts:
         if p.block < 0:
             continue
         kl = {tuple(e.types.values()): e.kl for e in entries[p.key]}
-        out.setdefault(p.block, {})[p.kind] = {c: kl[tuple(p.types_for(c).values())] for c in _distinct_candidates(p)}
+        out.setdefault(p.block, {})[p.kind] = {
+            c: kl[tuple(p.types_for(c).values())] + price * speed.slowdown(p.types_for(c), p.sizes(p.types_for(c)))
+            for c in _distinct_candidates(p)}
     return out
+
+
+def _byte_price(parts: list[Part], table: Sensitivity, speed: Speed, budget: int) -> float:
+    """The KL a byte buys at the budget's margin in the unpruned parts' knapsack (at the smallest
+    unpruned mix, 2% up, when the budget is below it): the price of a slowdown byte."""
+    entries = table.by_part()
+    options = [[(e.bytes, e.kl) for e in entries[p.key]] for p in parts]
+    if not any(speed.slowdown(e.types, p.sizes(e.types)) for p in parts for e in entries[p.key]):
+        return 0.0
+    smallest = sum(min(o[0] for o in opts) for opts in options)
+    _, best, unit = knapsack_curve(options, max(budget, int(smallest * 1.02)))
+    return byte_price(best, unit)
 
 
 def _solve(items: list[list[tuple[int, float]]], budget: int) -> list[int]:
@@ -259,6 +283,13 @@ class _Space:
                 size = attn.nbytes(attn.types_for(a)) + mlp.nbytes(mlp.types_for(m)) + self.norm_bytes
                 options.append(Option(False, shape, a, m, size, kl, estimated=pruned))
         return _pareto(options) if changes else options
+
+    def slowdown(self, b: int, option: Option, speed: Speed) -> float:
+        """Slowdown bytes of block ``b`` made into ``option`` (:class:`edgequant.planning.Speed`)."""
+        if option.removed:
+            return 0.0
+        attn, mlp = self._parts(b, option.shape)
+        return sum(speed.slowdown(p.types_for(t), p.sizes(p.types_for(t))) for p, t in ((attn, option.attn), (mlp, option.mlp)))
 
     def _parts(self, b: int, s: BlockShape) -> tuple[Part, Part]:
         """Block ``b``'s attention and MLP parts at sizes ``s``."""

@@ -4,8 +4,10 @@ maps, and GPTQ (or RTN) as the rounding step.
 1. ``allocate``: measure the sensitivity table (:mod:`edgequant.sensitivity`): the KL each
    block's attention / MLP part (and the embedding) adds when quantized alone, for every type
    the part can take; then choose one option per part minimising the summed KL under the byte
-   budget (exact multiple-choice knapsack, :func:`edgequant.planning.knapsack`). When the
-   largest option of every part fits, nothing needs measuring.
+   budget, each option charged for its kernels' slowdown at the price of a byte, and within the
+   decode floor of ``--min-tok-s`` (exact multiple-choice knapsack,
+   :func:`edgequant.planning.knapsack_with_speed`). When the largest option of every part fits
+   (and reads fast enough), nothing needs measuring.
 2. ``transform``: activation scaling maps (folded in place), searched per block and group for the types just
    chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
 3. ``quantize``: GPTQ onto the exact ggml grids (``rounding="rtn"`` for round-to-nearest).
@@ -18,7 +20,7 @@ from dataclasses import asdict
 from ..calibration import Calibration
 from ..errors import EdgequantError
 from ..models import LoadedModel
-from ..planning import Matrix, Plan, knapsack
+from ..planning import Matrix, Plan, Speed, knapsack, knapsack_with_speed
 from ..progress import Progress
 from ..sensitivity import Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
 from ..smoothing import search_scales
@@ -30,12 +32,16 @@ def allocate(
     max_bytes: int,
     calibration: Calibration,
     progress: Progress,
+    speed: Speed = Speed(),
 ) -> tuple[Plan, Sensitivity | None]:
-    """The plan of least summed sensitivity within ``max_bytes`` (all tensors counted)."""
+    """The plan of least summed sensitivity within ``max_bytes`` (all tensors counted), the
+    types' slowdown priced in and the decode floor kept (``speed``)."""
     parts = split_parts(matrices)
     other_bytes = 4 * other_params
+    max_decode = None if speed.max_decode_bytes is None else speed.max_decode_bytes - other_bytes
     largest = [p.options()[-1] for p in parts]
-    if sum(p.nbytes(t) for p, t in zip(parts, largest)) + other_bytes <= max_bytes:
+    if (sum(p.nbytes(t) for p, t in zip(parts, largest)) + other_bytes <= max_bytes
+            and (max_decode is None or sum(speed.decode(t, p.sizes(t)) for p, t in zip(parts, largest)) <= max_decode)):
         return _plan(parts, largest, matrices, other_params, "qublast: every part at its largest type fits"), None
     smallest = sum(p.nbytes(p.options()[0]) for p in parts) + other_bytes
     if smallest > max_bytes:
@@ -43,10 +49,24 @@ def allocate(
                              f"{smallest / 1e6:.1f} MB")
     table = measure_table(loaded, parts, calibration, progress)
     entries = table.by_part()
-    options = [[(e.bytes, e.kl) for e in entries[p.key]] for p in parts]
-    chosen = knapsack(options, max_bytes - other_bytes)
+    options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), speed.decode(e.types, p.sizes(e.types)))
+                for e in entries[p.key]] for p in parts]
+    chosen, price, extra = knapsack_with_speed(options, max_bytes - other_bytes, max_decode)
+    if chosen is None and (max_decode is None or knapsack([[o[:2] for o in opts] for opts in options],
+                                                          max_bytes - other_bytes) is None):
+        raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is at the smallest mix, "
+                             f"{smallest / 1e6:.1f} MB: give it a little more")
+    if chosen is None:
+        raise EdgequantError(f"--min-tok-s cannot be met: no mix within {max_bytes / 1e6:.1f} MB reads under "
+                             f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
-    return _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"), table
+    priced = any(o[2] for opts in options for o in opts)
+    plan = _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
+                 + (" (the types' slowdown priced in)" if priced else ""))
+    plan.pricing = {"kernels": speed.costs.as_dict(), "byte_price": price, "decode_price": extra,
+                    "slowdown_bytes": {p.key: {e.option: o[2] for e, o in zip(entries[p.key], opts)}
+                                       for p, opts in zip(parts, options)}}
+    return plan, table
 
 
 def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
