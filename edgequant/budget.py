@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 
 from .devices import Device
 from .errors import EdgequantError
-from .adapters import head_dim
+from .adapters import adapter_of, head_dim
 from .models import block_shapes
 
 N_UBATCH = 512  # llama.cpp's default micro-batch; a shorter context shortens it
@@ -46,15 +46,18 @@ class Shape:
     params: int
     tied: bool
     hidden: int
+    state_bytes: int = 0  # a recurrent model's fixed state (Mamba-2), instead of a KV cache
 
     @classmethod
     def of(cls, model, params: int) -> Shape:
-        config = model.config
-        return cls(sum(s.kv_heads for s in block_shapes(model)), head_dim(config), config.vocab_size,
-                   params, bool(config.tie_word_embeddings), config.hidden_size)
+        config, family = model.config, adapter_of(model)
+        kv_heads = 0 if family.recurrent else sum(s.kv_heads for s in block_shapes(model))
+        return cls(kv_heads, head_dim(config), config.vocab_size, params, bool(config.tie_word_embeddings),
+                   config.hidden_size, family.state_bytes(config))
 
     def kv_bytes(self, ctx: int) -> int:
-        return 2 * self.kv_heads * self.head_dim * ctx * 2
+        """The KV cache at ``ctx`` (F16 keys and values), or a recurrent model's state."""
+        return 2 * self.kv_heads * self.head_dim * ctx * 2 + self.state_bytes
 
     def compute_buffer_bytes(self, ctx: int) -> int:
         """llama.cpp's CPU compute buffer at context ``ctx`` (see the module docstring)."""

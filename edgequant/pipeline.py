@@ -77,7 +77,8 @@ class BuildOptions:
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
     parity: bool = False  # also score the torch simulation of the GGUF's bytes and ORT at accuracy_level 0
     threads: int | None = None
-    formats: tuple[str, ...] = FORMATS  # what goes into --out; the ONNX model is made from the GGUF's bytes
+    formats: tuple[str, ...] | None = None  # what goes into --out (None: both, or the GGUF alone for a family
+    # with no ONNX export); the ONNX model is made from the GGUF's bytes
     pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
     twin: bool = True  # also make, score and show llama.cpp's own mix at the GGUF's size (edgequant.twin)
 
@@ -104,8 +105,8 @@ class BuildOptions:
             self.formats = tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
         if self.pruning is not None and not isinstance(self.pruning, Pruning):
             raise EdgequantError("pruning takes an edgequant.pruning.Pruning")
-        unknown = set(self.formats) - set(FORMATS)
-        if unknown or not self.formats:
+        unknown = set(self.formats or ()) - set(FORMATS)
+        if unknown or self.formats == ():
             raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
 
 
@@ -171,7 +172,8 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
     elif method.allocate:
         plan, table = method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, speed)
     else:
-        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed), None
+        plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed,
+                                 loaded.ties()), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
     speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
@@ -227,7 +229,9 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
-    if "onnx" in opts.formats and loaded.adapter.onnx_refusal:
+    if opts.formats is None:
+        opts.formats = ("gguf",) if loaded.adapter.onnx_refusal else FORMATS
+    elif "onnx" in opts.formats and loaded.adapter.onnx_refusal:
         raise EdgequantError(loaded.adapter.onnx_refusal)
     if method.rotates and not loaded.adapter.rotations:
         raise EdgequantError(f"--method {method.name} rotates what {loaded.adapter.model_type}'s norms after attention "

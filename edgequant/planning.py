@@ -192,13 +192,14 @@ class _Rungs:
     error: np.ndarray
 
     @classmethod
-    def of(cls, m: Matrix, speed: Speed) -> _Rungs:
-        types = _ladder(m)
-        sizes = [m.params // TYPES[t].block * TYPES[t].nbytes for t in types]
-        return cls(types, np.array(sizes, float),
-                   np.array([speed.decode({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
-                   np.array([speed.slowdown({m.name: t}, {m.name: n}) for t, n in zip(types, sizes)]),
-                   PRIORITY.get(m.role, 1.0) * m.params * 4.0 ** -np.array([TYPES[t].bpw for t in types]))
+    def of(cls, item: tuple[Matrix, ...], speed: Speed) -> _Rungs:
+        """The ladder of one matrix, or of matrices stored as one tensor (rows of one width) moving together."""
+        types = _ladder(item[0])
+        sizes = [{m.name: m.params // TYPES[t].block * TYPES[t].nbytes for m in item} for t in types]
+        return cls(types, np.array([sum(n.values()) for n in sizes], float),
+                   np.array([speed.decode(dict.fromkeys(n, t), n) for t, n in zip(types, sizes)]),
+                   np.array([speed.slowdown(dict.fromkeys(n, t), n) for t, n in zip(types, sizes)]),
+                   sum(PRIORITY.get(m.role, 1.0) * m.params for m in item) * 4.0 ** -np.array([TYPES[t].bpw for t in types]))
 
     def best_step(self, i: int, room: float, decode_room: float) -> tuple[float, int]:
         """(error drop per byte of cost, rung) of the best move up from rung ``i`` that fits ``room``
@@ -216,13 +217,18 @@ class _Rungs:
         return float(ratio[j]), i + 1 + j
 
 
-def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed()) -> Plan:
+def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed(),
+               ties: list[tuple[str, ...]] = ()) -> Plan:
     """The greedy mix of at most ``max_bytes`` (all tensors counted): again and again the move up
     a matrix's ladder (to any larger rung) with the largest expected error drop per byte of cost,
-    its extra bytes plus its extra slowdown bytes, within the bytes and the decode floor."""
-    rungs = {m.name: _Rungs.of(m, speed) for m in matrices}
-    level = {m.name: 0 for m in matrices}
-    plan = Plan({m.name: rungs[m.name].types[0] for m in matrices}, matrices, other_params, rule)
+    its extra bytes plus its extra slowdown bytes, within the bytes and the decode floor. The
+    matrices of each of ``ties`` (GGUF names of parts the file stores as one tensor) move together."""
+    by_name = {m.name: m for m in matrices}
+    tied = {name: tie for tie in ties for name in tie}
+    items = list(dict.fromkeys(tuple(by_name[n] for n in tied.get(m.name, (m.name,))) for m in matrices))
+    rungs = {item: _Rungs.of(item, speed) for item in items}
+    level = dict.fromkeys(items, 0)
+    plan = Plan({m.name: rungs[item].types[0] for item in items for m in item}, matrices, other_params, rule)
     used = plan.total_bytes
     if used > max_bytes:
         raise EdgequantError(f"{rule} cannot be met: the smallest mix is {plan.bpw:.3f} bpw ({used / 1e6:.1f} MB)")
@@ -230,15 +236,16 @@ def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: 
     speed.check(decoded, "the smallest mix")
     floor = np.inf if speed.max_decode_bytes is None else speed.max_decode_bytes
     while True:
-        steps = {name: r.best_step(level[name], max_bytes - used, floor - decoded) for name, r in rungs.items()}
-        name = max(steps, key=lambda k: steps[k][0])
-        ratio, j = steps[name]
+        steps = {item: r.best_step(level[item], max_bytes - used, floor - decoded) for item, r in rungs.items()}
+        item = max(steps, key=lambda k: steps[k][0])
+        ratio, j = steps[item]
         if j < 0:
             return plan
-        r, i = rungs[name], level[name]
+        r, i = rungs[item], level[item]
         used += r.nbytes[j] - r.nbytes[i]
         decoded += r.decode[j] - r.decode[i]
-        level[name], plan.types[name] = j, r.types[j]
+        level[item] = j
+        plan.types |= dict.fromkeys((m.name for m in item), r.types[j])
 
 
 def knapsack(options: list[list[tuple[int, float]]], budget: int, resolution: int = 1 << 16) -> list[int] | None:

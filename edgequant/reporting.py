@@ -19,7 +19,7 @@ from .atomic import write_text
 from .errors import EdgequantError
 
 PAGE = "report.html"
-PARTS = ("attn", "ffn")
+PARTS = {"attn": "attention", "ffn": "MLP", "ssm": "SSM mixer"}  # the bit map's rows, those a model has
 BITS_COLOURS, BITS_RANGE = "viridis", (1.5, 9.0)  # IQ1_S to Q8_0: one scale for every build, so pages compare at a glance
 
 
@@ -167,20 +167,21 @@ def _bitmap_svg(blocks: list[dict]) -> str:
     import numpy as np
 
     layers = sorted({b["index"] for b in blocks if b["index"] >= 0})
-    bits = np.full((len(PARTS), len(layers)), np.nan)
+    parts = [p for p in PARTS if any(b["part"] == p for b in blocks)]
+    bits = np.full((len(parts), len(layers)), np.nan)
     names = {}
     for b in blocks:
-        if b["index"] >= 0 and b["part"] in PARTS:
-            bits[PARTS.index(b["part"]), layers.index(b["index"])] = b["bits"]
+        if b["index"] >= 0 and b["part"] in parts:
+            bits[parts.index(b["part"]), layers.index(b["index"])] = b["bits"]
             names[b["part"], b["index"]] = b["ggml_type"]
     fig = _figure(11, 2.4)
     ax = fig.add_subplot()
     image = ax.imshow(bits, aspect="auto", cmap=BITS_COLOURS, vmin=BITS_RANGE[0], vmax=BITS_RANGE[1])
-    ax.set_yticks(range(len(PARTS)), ["attention", "MLP"])
+    ax.set_yticks(range(len(parts)), [PARTS[p] for p in parts])
     ax.set_xticks(range(len(layers)), [str(i) for i in layers], fontsize=7)
     ax.set_xlabel("block")
     for (part, index), name in names.items():
-        y, x = PARTS.index(part), layers.index(index)
+        y, x = parts.index(part), layers.index(index)
         ax.text(x, y, name.replace("/", "\n"), ha="center", va="center", fontsize=5, rotation=90,
                 color="white" if bits[y, x] < np.nanmean(bits) else "black")
     fig.colorbar(image, ax=ax, label="bits per weight", pad=0.01)
@@ -242,7 +243,7 @@ def _sensitivity_table(report: dict, plan: dict) -> str:
     return f'<div class="tables">{"".join(tables)}</div>'
 
 
-KINDS = ("embd", "attn", "ffn")
+KINDS = ("embd", "attn", "ffn", "ssm")
 
 
 def _kind_table(kind: str, entries: list[dict], chosen: dict) -> str:
@@ -255,7 +256,7 @@ def _kind_table(kind: str, entries: list[dict], chosen: dict) -> str:
             f'<td{" class=chosen" if chosen.get(part) == o else ""}>'
             f'{"" if kl.get((part, o)) is None else f"{kl[part, o]:.1e}"}</td>' for o in options)
         rows.append(f"<tr><td>{escape(part.partition('.')[0] if kind != 'embd' else part)}</td>{cells}</tr>")
-    title = {"embd": "embedding", "attn": "attention", "ffn": "MLP"}[kind]
+    title = {"embd": "embedding", **PARTS}[kind]
     return f"<table><caption>{title}</caption><tr><th>block</th>{head}</tr>{''.join(rows)}</table>"
 
 

@@ -47,7 +47,7 @@ AFFINE_TO_SYMMETRIC = {"Q4_1": "Q4_0", "Q5_1": "Q5_0"}
 @dataclass(frozen=True)
 class Part:
     block: int  # -1 for the embedding / output matrices
-    kind: str  # "attn", "ffn" or "embd"
+    kind: str  # "attn", "ffn", "ssm" (a state-space block's projections) or "embd"
     matrices: tuple[Matrix, ...]
 
     @property
@@ -97,7 +97,7 @@ def split_parts(matrices: list[Matrix]) -> list[Part]:
     for m in matrices:
         fields = m.name.split(".")
         if fields[0] == "blk":
-            key = (int(fields[1]), "attn" if fields[2].startswith("attn") else "ffn")
+            key = (int(fields[1]), next((k for k in ("attn", "ssm") if fields[2].startswith(k)), "ffn"))
         else:
             key = (-1, "embd")
         groups.setdefault(key, []).append(m)

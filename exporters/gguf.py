@@ -36,41 +36,79 @@ def write_gguf(path: Path, loaded: LoadedModel, encoded: dict[str, EncodedTensor
         writer = gguf.GGUFWriter(tmp, gguf_arch(loaded))
         _add_metadata(writer, loaded, method)
         _add_tokenizer(writer, loaded)
-        factors = llama3_rope_factors(loaded)
-        if factors is not None:
-            writer.add_tensor_info("rope_freqs.weight", factors.shape, factors.dtype, factors.nbytes)
-        stored = [(hf_name, t) for hf_name, t in loaded.model.state_dict(keep_vars=True).items() if _is_stored(loaded, hf_name)]
-        for hf_name, t in stored:  # shapes only: a streamed block's tensors are on the meta device here
-            writer.add_tensor_info(*_info(loaded, hf_name, tuple(t.shape), encoded, float_type))
+        extra = [*(("rope_freqs.weight", f) for f in [llama3_rope_factors(loaded)] if f is not None),
+                 *loaded.adapter.gguf_tensors(loaded.config)]
+        for name, data in extra:
+            writer.add_tensor_info(name, data.shape, data.dtype, data.nbytes)
+        shapes = {hf_name: tuple(t.shape) for hf_name, t in loaded.model.state_dict(keep_vars=True).items()
+                  if _is_stored(loaded, hf_name)}  # shapes only: a streamed block's tensors are on the meta device here
+        tensors = file_tensors(loaded, list(shapes))
+        for name, parts in tensors:
+            writer.add_tensor_info(*_info(loaded, name, parts, shapes, encoded, float_type))
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_ti_data_to_file()
-        if factors is not None:
-            writer.write_tensor_data(factors)
+        for _, data in extra:
+            writer.write_tensor_data(data)
+        whole_of = {part: (name, parts) for name, parts in tensors for part in parts}
+        pending: dict[str, dict[str, np.ndarray]] = {}
         for hf_name, t in loaded.state():
-            if _is_stored(loaded, hf_name):
-                writer.write_tensor_data(_data(loaded, hf_name, t, encoded, float_type))
+            if hf_name not in whole_of:
+                continue
+            name, parts = whole_of[hf_name]
+            pending.setdefault(name, {})[hf_name] = _data(loaded, hf_name, t, encoded, float_type)
+            if len(pending[name]) == len(parts):  # a fused matrix is written when its last part is read
+                done = pending.pop(name)
+                writer.write_tensor_data(np.concatenate([done[p] for p in parts]) if len(parts) > 1 else done[hf_name])
         writer.close()
+
+
+def file_tensors(loaded: LoadedModel, hf_names: list[str]) -> list[tuple[str, list[str]]]:
+    """The file's tensors in the order they are written, each with the state-dict entries it
+    holds: one, or the parts of a matrix the family stores fused (in row order), written where
+    the last of them comes."""
+    family, whole_of = loaded.adapter, {}
+    for block in range(len(family.layers(loaded.model))):
+        for whole, parts in family.fused.items():
+            names = [family.in_block(block, f"{p}.weight") for p in parts]
+            for name in names:
+                whole_of[name] = (loaded.gguf_name(family.in_block(block, f"{whole}.weight")), names)
+    position = {hf_name: i for i, hf_name in enumerate(hf_names)}
+    out = []
+    for i, hf_name in enumerate(hf_names):
+        name, parts = whole_of.get(hf_name, (loaded.gguf_name(hf_name), [hf_name]))
+        if max(position[p] for p in parts) == i:
+            out.append((name, parts))
+    return out
 
 
 def _is_stored(loaded: LoadedModel, hf_name: str) -> bool:
     return not (hf_name == "lm_head.weight" and loaded.config.tie_word_embeddings)
 
 
-def _info(loaded: LoadedModel, hf_name: str, shape: tuple[int, ...], encoded, float_type):
-    """(name, shape, dtype, bytes, ggml type) of a tensor's entry in the file, from its shape alone."""
-    name = loaded.gguf_name(hf_name)
-    if len(shape) == 1 or encoded is None:
-        dtype = np.dtype(np.float32 if len(shape) == 1 else float_type)
+def _info(loaded: LoadedModel, name: str, parts: list[str], shapes: dict, encoded, float_type):
+    """(name, shape, dtype, bytes, ggml type) of a tensor's entry in the file, from the shapes of
+    the state-dict entries it holds alone (their rows one after another)."""
+    shape = (sum(shapes[p][0] for p in parts), *shapes[parts[0]][1:])
+    if len(shape) != 2:  # norms, biases, a convolution: float32, in the layout the family's file has
+        shape = loaded.adapter.to_gguf(name, np.zeros(shape, np.float32), loaded.config).shape
+        return name, shape, np.dtype(np.float32), 4 * int(np.prod(shape)), None
+    if encoded is None:
+        dtype = np.dtype(float_type)
         return name, shape, dtype, dtype.itemsize * int(np.prod(shape)), None
-    data = encoded[name].data
-    return name, data.shape, data.dtype, data.nbytes, gguf.GGMLQuantizationType[encoded[name].ggml_type]
+    codes = [encoded[loaded.gguf_name(p)] for p in parts]
+    if len({c.ggml_type for c in codes}) > 1:
+        raise EdgequantError(f"{name} is one tensor in the file, but its parts were given the types "
+                             f"{', '.join(c.ggml_type for c in codes)}")
+    data = codes[0].data
+    rows = sum(c.data.shape[0] for c in codes)
+    return name, (rows, *data.shape[1:]), data.dtype, data.nbytes // data.shape[0] * rows, gguf.GGMLQuantizationType[codes[0].ggml_type]
 
 
 def _data(loaded: LoadedModel, hf_name: str, t, encoded, float_type) -> np.ndarray:
     """The bytes of one tensor as the file stores them (q/k rows in llama.cpp's rotary order)."""
     name = loaded.gguf_name(hf_name)
-    if t.ndim == 1:
+    if t.ndim != 2:
         data = t.float().numpy()
     else:
         data = t.float().numpy().astype(float_type, copy=False) if encoded is None else encoded[name].data
@@ -111,13 +149,23 @@ def gguf_arch(loaded: LoadedModel) -> str:
 
 def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
     c = loaded.config
-    dim = head_dim(c)
     w.add_name(loaded.name)
     w.add_string("general.quantized_by", f"edgequant {__version__}")
     w.add_string("edgequant.method", method)
     w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
     w.add_embedding_length(c.hidden_size)
+    if not loaded.adapter.recurrent:
+        _add_attention_metadata(w, loaded)
+    loaded.adapter.gguf_metadata(w, c)
+    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
+
+
+def _add_attention_metadata(w: gguf.GGUFWriter, loaded: LoadedModel) -> None:
+    """What llama.cpp reads of a transformer's blocks: context, FFN width, heads (per block when
+    they differ), head and rotary dimensions, rope base and scaling, norm epsilon, vocabulary."""
+    c = loaded.config
+    dim = head_dim(c)
+    w.add_context_length(c.max_position_embeddings)
     per_block = sizes_differ(loaded.model)
     if per_block:  # one entry per block
         sizes = block_shapes(loaded.model)
@@ -129,7 +177,7 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
         w.add_head_count(c.num_attention_heads)
         w.add_head_count_kv(c.num_key_value_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_rope_dimension_count(dim)
+    w.add_rope_dimension_count(loaded.adapter.rope_dimensions(c))
     if dim * c.num_attention_heads != c.hidden_size or per_block:
         w.add_key_length(dim)
         w.add_value_length(dim)
@@ -142,8 +190,6 @@ def _add_metadata(w: gguf.GGUFWriter, loaded: LoadedModel, method: str) -> None:
         if "original_max_position_embeddings" in rope:
             w.add_rope_scaling_orig_ctx_len(int(rope["original_max_position_embeddings"]))
     w.add_vocab_size(c.vocab_size)
-    loaded.adapter.gguf_metadata(w, c)
-    w.add_quantization_version(gguf.GGML_QUANT_VERSION)
 
 
 def llama3_rope_factors(loaded: LoadedModel) -> np.ndarray | None:

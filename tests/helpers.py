@@ -65,6 +65,16 @@ def assert_same_model(runtime: dict, simulated: dict, ppl: float = 0.01, kld: fl
     assert relative_gap(runtime["kld"], simulated["kld"]) < kld, (runtime, simulated)
 
 
+def assert_runs_as_simulated(quality: dict) -> None:
+    """A build's GGUF in llama.cpp and its torch simulation agree: perplexity within 1%, and KL
+    divergence from full precision within 10% or within what llama.cpp adds to a float file by
+    itself (its F16 KV cache and 8-bit activation blocks, an absolute 1.5e-4: a Q8_0 build's own
+    KL is about 1e-4)."""
+    runtime, simulated = quality["gguf"], quality["gguf_sim"]
+    assert_same_model(runtime, simulated, kld=float("inf"))
+    assert abs(runtime["kld"] - simulated["kld"]) < max(1.5e-4, 0.1 * simulated["kld"]), (runtime, simulated)
+
+
 TINY = {"vocab_size": 49152, "hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64, "max_position_embeddings": 2048,
         "tie_word_embeddings": True, "initializer_range": 0.05}  # at 4.5 bpw: KLD ~0.02, top-1 agreement ~0.5
@@ -145,3 +155,27 @@ def commands(block: str) -> list[list[str]]:
 FIRST = commands(blocks("bash")[0])  # the newcomer's build (the other line of that block is the test command)
 QUICKSTART = commands(blocks("bash")[1])
 PYTHON = blocks("python")[0]
+
+
+def float_file_in_llama_cpp_and_torch(folder, tmp_path) -> dict:
+    """The model in ``folder`` written as a float32 GGUF and scored in llama.cpp and in torch on
+    the same two 512-token windows of the evaluation text, torch the reference: {runtime: quality}."""
+    import torch
+
+    from edgequant.assets import EVALUATION_TEXT, read_text
+    from edgequant.evaluation import score, token_windows
+    from edgequant.models import load_model
+    from exporters.gguf import write_gguf
+    from runtimes.llamacpp import LlamaCppLogits
+
+    loaded = load_model(str(folder))
+    path = Path(tmp_path) / "model.gguf"
+    write_gguf(path, loaded, None, "full precision", np.float32)
+    windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), 1024, 512)
+
+    def torch_logits(window):
+        with torch.inference_mode():
+            return loaded.model(torch.from_numpy(window)[None], use_cache=False).logits[0].numpy()
+
+    return score({"torch": torch_logits, "llama.cpp": LlamaCppLogits(path, 512)}, windows, reference=torch_logits)
+

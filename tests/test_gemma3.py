@@ -10,11 +10,9 @@ import pytest
 import torch
 
 from edgequant.errors import EdgequantError
-from edgequant.evaluation import token_windows
 from edgequant.models import load_model
 from exporters.gguf import write_gguf
-from runtimes.llamacpp import LlamaCppLogits
-from tests.helpers import assert_same_model
+from tests.helpers import assert_runs_as_simulated, float_file_in_llama_cpp_and_torch
 
 # heads of 64 (llama.cpp scales attention by 1/sqrt(head_dim), so query_pre_attn_scalar is 64 too);
 # a window of 32 on 512-token windows, so the local layers see far less than the global one
@@ -42,19 +40,7 @@ def test_the_gguf_holds_what_llama_cpp_reads_for_gemma3(tiny_model, tmp_path):
 
 
 def test_llama_cpp_runs_the_float_file_as_torch_runs_the_model(tiny_model, tmp_path):
-    from edgequant.assets import EVALUATION_TEXT, read_text
-    from edgequant.evaluation import score
-
-    loaded = load_model(str(tiny_model("gemma3_text", **GEMMA)))
-    path = tmp_path / "model.gguf"
-    write_gguf(path, loaded, None, "full precision", np.float32)
-    windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), 1024, 512)
-
-    def torch_logits(window):
-        with torch.inference_mode():
-            return loaded.model(torch.from_numpy(window)[None], use_cache=False).logits[0].numpy()
-
-    q = score({"torch": torch_logits, "llama.cpp": LlamaCppLogits(path, 512)}, windows, reference=torch_logits)
+    q = float_file_in_llama_cpp_and_torch(tiny_model("gemma3_text", **GEMMA), tmp_path)
     assert q["llama.cpp"].ppl == pytest.approx(q["torch"].ppl, rel=0.005), q
     assert q["llama.cpp"].top1 > 0.99 and q["llama.cpp"].kld < 1.5e-4, q  # F16 KV cache, GELU from an fp16 table
 
@@ -62,9 +48,7 @@ def test_llama_cpp_runs_the_float_file_as_torch_runs_the_model(tiny_model, tmp_p
 @pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"method": "qublast", "bpw": 4.5}], ids=["Q8_0", "qublast-4.5"])
 def test_a_gemma3_build_runs_in_llama_cpp_as_simulated(tiny_build, options):
     out, report = tiny_build("gemma3_text", config=GEMMA, formats="gguf", **options)
-    q = report["quality"]
-    assert_same_model(q["gguf"], q["gguf_sim"], kld=float("inf"))
-    assert abs(q["gguf"]["kld"] - q["gguf_sim"]["kld"]) < 1.5e-4  # what llama.cpp adds to the float file itself
+    assert_runs_as_simulated(report["quality"])
     if "bpw" in options:
         assert len({t["ggml_type"] for t in json.loads((out / "plan.json").read_text())["tensors"]}) > 1  # a mix
 

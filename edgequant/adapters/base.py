@@ -63,6 +63,12 @@ class Adapter:
     per_block_sizes_arch: ClassVar[str | None] = None  # the GGUF architecture that holds pruned blocks
     rotations: ClassVar[bool] = True  # a rotation of the residual stream passes through its blocks
     onnx_refusal: ClassVar[str | None] = None  # why the family has no ONNX export, if it has none
+    # matrices the checkpoint and the GGUF file hold as one (path in a block -> the parts' paths, in
+    # row order); inside edgequant they are split into the parts (:meth:`split_fused`)
+    fused: ClassVar[dict[str, tuple[str, ...]]] = {}
+    names_arch: ClassVar[gguf.MODEL_ARCH | None] = None  # GGUF names of what ``gguf_arch``'s map lacks (the parts)
+    renames: ClassVar[dict[str, str]] = {}  # state-dict name endings -> the names gguf-py's map knows them by
+    recurrent: ClassVar[bool] = False  # no attention: a fixed recurrent state instead of a KV cache (Mamba-2)
 
     layers_path: ClassVar[str] = "model.layers"
     roles: ClassVar[dict[str, str]] = {  # role -> module path inside a block
@@ -121,6 +127,28 @@ class Adapter:
         built on the meta device."""
         rotary = model.model.rotary_emb
         model.model.rotary_emb = type(rotary)(config=model.config)
+
+    def split_fused(self, model) -> None:
+        """On a model built on the meta device: each matrix in :attr:`fused` replaced by its parts,
+        new linear layers beside it in the same module, and by a :class:`Concat` of them where the
+        family's forward pass calls it. Every other module then sees the roles it knows."""
+        for layer in self.layers(model):
+            for whole, parts in self.fused.items():
+                parent_path, _, name = whole.rpartition(".")
+                parent = layer.get_submodule(parent_path)
+                fused = getattr(parent, name)
+                if fused.bias is not None:
+                    raise EdgequantError(f"{self.model_type}: a fused {name} with a bias is not supported")
+                delattr(parent, name)
+                names = [part.rpartition(".")[2] for part in parts]
+                for part, rows in zip(names, self.part_rows(model.config, whole)):
+                    setattr(parent, part, torch.nn.Linear(fused.in_features, rows, bias=False,
+                                                          device=fused.weight.device, dtype=fused.weight.dtype))
+                object.__setattr__(parent, name, Concat(parent, names))  # not a submodule: no weights of its own
+
+    def part_rows(self, config, whole: str) -> tuple[int, ...]:
+        """Rows of each part of the fused matrix ``whole`` (a key of :attr:`fused`)."""
+        raise NotImplementedError
 
     def scale_norm(self, norm, s: torch.Tensor) -> None:
         """Divide the channels a norm puts out by ``s`` (through its weight)."""
@@ -204,9 +232,33 @@ class Adapter:
     def gguf_metadata(self, w: gguf.GGUFWriter, config) -> None:
         """Hook: the architecture's own GGUF keys, beyond the ones every family writes."""
 
-    def config_from_gguf(self, settings: dict, meta: dict) -> dict:
-        """Hook: the transformers config settings read from a GGUF (``meta``: its metadata), adjusted for this family."""
+    def config_from_gguf(self, settings: dict, meta: dict, tensors: dict) -> dict:
+        """Hook: the transformers config settings read from a GGUF (``meta``: its metadata,
+        ``tensors``: gguf-py's tensors by name), adjusted for this family."""
         return settings
+
+    def gguf_tensors(self, config) -> list[tuple[str, np.ndarray]]:
+        """Hook: float32 tensors the family's GGUF holds besides the model's own (rope factors)."""
+        return []
+
+    def state_bytes(self, config) -> int:
+        """Bytes of a recurrent state per sequence (0: the family has a KV cache instead)."""
+        return 0
+
+    def rope_dimensions(self, config) -> int:
+        """How many of a head's dimensions the rotary embedding turns."""
+        return head_dim(config)
+
+
+class Concat:
+    """Stands where a fused linear layer was: the outputs of its parts, called by name on their
+    module at each call (so a part replaced later, by a wrapper or a smaller layer, is the one used)."""
+
+    def __init__(self, parent: torch.nn.Module, names: list[str]):
+        self.parent, self.names = parent, names
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([getattr(self.parent, n)(x) for n in self.names], dim=-1)
 
 
 def head_dim(config) -> int:

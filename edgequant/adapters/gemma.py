@@ -52,7 +52,7 @@ class Gemma3(Adapter):
     def from_gguf(self, gguf_tensor_name: str, w: np.ndarray, config) -> np.ndarray:
         return w - 1 if gguf_tensor_name.endswith("norm.weight") else w
 
-    def config_from_gguf(self, settings: dict, meta: dict) -> dict:
+    def config_from_gguf(self, settings: dict, meta: dict, tensors: dict) -> dict:
         """Gemma 3's settings from llama.cpp's keys: the window and which layers have it (an array
         per layer, or llama.cpp's period), the two rope bases, attention scaled by 1/sqrt(head_dim)."""
         key = f"{self.gguf_name}."

@@ -10,7 +10,7 @@ class Qwen2(Adapter):
     model_types = ("qwen2",)
     gguf_arch = gguf.MODEL_ARCH.QWEN2
 
-    def config_from_gguf(self, settings: dict, meta: dict) -> dict:
+    def config_from_gguf(self, settings: dict, meta: dict, tensors: dict) -> dict:
         return {k: v for k, v in settings.items() if k != "head_dim"}  # Qwen2's config has none
 
 
