@@ -46,7 +46,7 @@ def test_llama_cpp_runs_the_float_file_as_torch_runs_the_model(tiny_model, tmp_p
     assert q["llama.cpp"].top1 > 0.99 and q["llama.cpp"].kld < 1e-5, q
 
 
-@pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"method": "qublast", "bpw": 4.5}], ids=["Q8_0", "qublast-4.5"])
+@pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"method": "qublast-rtn", "bpw": 4.5, "sensitivity_tokens": 256}], ids=["Q8_0", "qublast-4.5"])
 def test_a_mamba2_build_runs_in_llama_cpp_as_simulated(tiny_build, options):
     out, report = tiny_build("mamba2", config=MAMBA2, formats=None, **options)  # the default formats: GGUF alone
     assert [a["format"] for a in report["artifacts"]] == ["gguf"]
