@@ -76,3 +76,10 @@ def test_what_mamba2_cannot_do_is_one_line(tiny_model, tmp_path):
     with pytest.raises(EdgequantError, match="rotates"):
         build(BuildOptions(model=folder, out=tmp_path / "b", method="hadamard", formats="gguf", calib_tokens=512, eval_tokens=512))
     assert list(tmp_path.iterdir()) == []
+    loaded = load_model(folder)
+    write_gguf(tmp_path / "model.gguf", loaded, None, "full precision", np.float32)
+    from exporters.onnx import export_onnx
+
+    with pytest.raises(EdgequantError, match="selective-scan"):  # nor from a mamba2 GGUF
+        export_onnx(tmp_path / "model.gguf", tmp_path / "onnx")
+    assert not (tmp_path / "onnx").exists()

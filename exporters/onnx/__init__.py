@@ -41,6 +41,8 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
     check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
     family, config = gguf_config(reader)
+    if family.onnx_refusal:
+        raise EdgequantError(family.onnx_refusal)
     floats, matrices = {}, {}
     for t in reader.tensors:
         kind = t.tensor_type.name
