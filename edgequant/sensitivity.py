@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -149,6 +150,44 @@ class Tail:
         return self.family.logits(self.model, hidden)[0]
 
 
+class Kept:
+    """The entries measured so far, written to ``path`` after every part, so that a measurement
+    stopped on the way (a 1.5B model's options, the i-quants among them, take hours) resumes at
+    the part it was on. ``path`` None keeps them in memory only."""
+
+    def __init__(self, path: Path | None = None):
+        self.path = path
+        done = path is not None and path.is_file()
+        self.entries: list[Entry] = Sensitivity.from_dict(json.loads(path.read_text())).entries if done else []
+
+    def has(self, part: Part) -> bool:
+        return any(e.part == part.key for e in self.entries)
+
+    def add(self, part: Part, found: list[Entry]) -> None:
+        self.entries += found
+        if self.path is not None:
+            write_text(self.path, json.dumps(Sensitivity(self.entries, 0).as_dict()))
+
+    def skip(self, part: Part, progress) -> bool:
+        """Whether ``part`` was measured before (its options then count as done)."""
+        if not self.has(part):
+            return False
+        for _ in part.options() if progress else ():
+            progress()
+        return True
+
+    def measure(self, loaded: LoadedModel, part: Part, importance, block_kl, ref, tokens, progress) -> None:
+        """Every option of ``part`` (through :func:`option_kls`), unless kept from before."""
+        if self.skip(part, progress):
+            return
+        found = []
+        for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
+            found.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
+            if progress:
+                progress()
+        self.add(part, found)
+
+
 @torch.inference_mode()
 def measure(
     loaded: LoadedModel,
@@ -156,18 +195,16 @@ def measure(
     windows: np.ndarray,
     importance: dict[str, np.ndarray],
     progress: Callable[[], None] | None = None,
+    kept: Kept | None = None,
 ) -> Sensitivity:
     """The KL of every option of every part, each part quantized alone (RTN + importance)."""
     model = loaded.model
     tokens = torch.from_numpy(windows)
     ref = references((model(t[None], use_cache=False).logits[0] for t in tokens), _nbytes(loaded, windows))
-    entries = []
+    kept = kept or Kept()
 
     def add(part: Part, block_kl: Callable[[], float] | None) -> None:
-        for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
-            entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
-            if progress:
-                progress()
+        kept.measure(loaded, part, importance, block_kl, ref, tokens, progress)
 
     walk = Walk(loaded, windows)
     for stop in walk:
@@ -177,7 +214,7 @@ def measure(
                                                                   for r, h in zip(ref, stop.inputs)])))
     for part in (p for p in parts if p.block < 0):
         add(part, None)
-    return Sensitivity(entries, int(windows.size))
+    return Sensitivity(kept.entries, int(windows.size))
 
 
 def option_kls(loaded: LoadedModel, part: Part, importance: dict[str, np.ndarray], block_kl: Callable[[], float],
@@ -205,9 +242,10 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
                     get_type(types[m.name]).dequantized(originals[m.name].numpy(), importance.get(m.name),
                                                         out=weights[m.name].detach().numpy())
                 yield types
-        finally:
+        finally:  # also when stopped: then perhaps outside the inference mode the weights were made in
             for m in part.matrices:
-                weights[m.name].copy_(originals[m.name])
+                with torch.inference_mode(weights[m.name].is_inference()):
+                    weights[m.name].copy_(originals[m.name])
 
 
 def _nbytes(loaded: LoadedModel, windows: np.ndarray) -> int:
@@ -277,6 +315,7 @@ def estimate(
     windows: np.ndarray,
     importance: dict[str, np.ndarray],
     progress: Callable[[], None] | None = None,
+    kept: Kept | None = None,
 ) -> Sensitivity:
     """The KL of every option of every part at a cost linear in depth.
 
@@ -296,8 +335,10 @@ def estimate(
     with torch.inference_mode():
         ref = references((family.logits(model, h)[0] for h in hidden), _nbytes(loaded, windows))
     fisher = _fisher(loaded, inputs, hidden, kwargs)
-    entries = []
+    kept = kept or Kept()
     for part in sorted(parts, key=lambda p: (p.block < 0, p.block)):
+        if kept.skip(part, progress):
+            continue
         with torch.inference_mode(), loaded.block(part.block):
             if part.block >= 0:
                 layer, x = family.layers(model)[part.block], inputs[part.block]
@@ -307,11 +348,8 @@ def estimate(
                 return float(np.mean([0.5 * float((f * (run_block(layer, h, kwargs[part.block]) - y)[0] ** 2).sum(-1).mean())
                                       for h, y, f in zip(x, before, fisher[part.block])]))
 
-            for types, kl in option_kls(loaded, part, importance, block_kl, ref, tokens):
-                entries.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
-                if progress:
-                    progress()
-    return Sensitivity(entries, int(windows.size), "Fisher estimate at the block's output (blocks); measured (embedding)")
+            kept.measure(loaded, part, importance, block_kl, ref, tokens, progress)
+    return Sensitivity(kept.entries, int(windows.size), "Fisher estimate at the block's output (blocks); measured (embedding)")
 
 
 def _fisher(loaded: LoadedModel, inputs: list[list[torch.Tensor]], final: list[torch.Tensor], kwargs: list[dict]):
@@ -391,7 +429,9 @@ def cached_measure(loaded: LoadedModel, parts, windows, importance, progress=Non
                       options, how.encode(), suffix=".json")
     if path.is_file():
         return Sensitivity.from_dict(json.loads(path.read_text()))
-    table = HOW[how](loaded, parts, windows, importance, progress)
     path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_suffix(".partial.json")  # the parts measured so far by a run that was stopped
+    table = HOW[how](loaded, parts, windows, importance, progress, Kept(partial))
     write_text(path, json.dumps(table.as_dict()))
+    partial.unlink(missing_ok=True)
     return table

@@ -112,6 +112,40 @@ def test_the_fisher_estimate_ranks_options_as_the_measured_kl_does(tiny_model):
     assert 0.5 < np.median(np.array(estimated) / np.array(measured)) < 2
 
 
+def test_a_stopped_sensitivity_measurement_resumes_at_the_part_it_was_on(tiny_model, monkeypatch):
+    """Each part's options are kept on disk as soon as they are measured: a run stopped in its
+    second part (Ctrl-C, or the end of a session) leaves the first, and the next run measures only
+    the rest, to the table an uninterrupted run makes."""
+    from edgequant import sensitivity
+    from edgequant.assets import read_text
+    from edgequant.calibration import activation_stats
+    from edgequant.evaluation import token_windows
+    from edgequant.models import load_model
+
+    loaded = load_model(tiny_model(), streamed=True)
+    windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 128, 128)
+    importance = activation_stats(loaded, windows).importance
+    parts = [p for p in split_parts(matrices_of(loaded)[0]) if p.block == 0]  # attention, then the MLP
+    first = len(parts[0].options())
+
+    def stop_in_the_second_part(counted=[0]):
+        counted[0] += 1
+        if counted[0] == first + 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        sensitivity.cached_measure(loaded, parts, windows, importance, stop_in_the_second_part)
+    measured = []
+    stock = sensitivity.option_kls
+    monkeypatch.setattr(sensitivity, "option_kls", lambda _l, part, *a: measured.append(part.key) or stock(_l, part, *a))
+    resumed = sensitivity.cached_measure(loaded, parts, windows, importance)
+    assert parts[0].key not in measured and set(measured) == {p.key for p in parts[1:]}
+    monkeypatch.setattr(sensitivity, "option_kls", stock)
+    whole = sensitivity.measure(loaded, parts, windows, importance)
+    assert [(e.part, e.option) for e in resumed.entries] == [(e.part, e.option) for e in whole.entries]
+    assert [e.kl for e in resumed.entries] == pytest.approx([e.kl for e in whole.entries], rel=1e-6)
+
+
 @pytest.mark.parametrize("tied", [True, False])
 def test_the_embedding_and_head_are_measured_as_if_rounded_whole(tiny_model, tied):
     """The embedding/head part's KL, measured without a copy of either matrix (the rows the text
