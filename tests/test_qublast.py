@@ -125,7 +125,7 @@ def test_a_stopped_sensitivity_measurement_resumes_at_the_part_it_was_on(tiny_mo
     loaded = load_model(tiny_model(), streamed=True)
     windows = token_windows(loaded.tokenizer, read_text("c4.utf8"), 128, 128)
     importance = activation_stats(loaded, windows).importance
-    parts = [p for p in split_parts(matrices_of(loaded)[0]) if p.block == 0]  # attention, then the MLP
+    parts = [p for p in split_parts(matrices_of(loaded)[0]) if p.kind == "attn"]  # block 0's, then block 1's
     first = len(parts[0].options())
 
     def stop_in_the_second_part(counted=[0]):
