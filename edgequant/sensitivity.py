@@ -48,7 +48,7 @@ AFFINE_TO_SYMMETRIC = {"Q4_1": "Q4_0", "Q5_1": "Q5_0"}
 @dataclass(frozen=True)
 class Part:
     block: int  # -1 for the embedding / output matrices
-    kind: str  # "attn", "ffn" or "embd"
+    kind: str  # "attn", "ffn", "ssm" (a state-space block's projections) or "embd"
     matrices: tuple[Matrix, ...]
 
     @property
@@ -98,7 +98,7 @@ def split_parts(matrices: list[Matrix]) -> list[Part]:
     for m in matrices:
         fields = m.name.split(".")
         if fields[0] == "blk":
-            key = (int(fields[1]), "attn" if fields[2].startswith("attn") else "ffn")
+            key = (int(fields[1]), next((k for k in ("attn", "ssm") if fields[2].startswith(k)), "ffn"))
         else:
             key = (-1, "embd")
         groups.setdefault(key, []).append(m)
@@ -163,7 +163,8 @@ class Kept:
     def has(self, part: Part) -> bool:
         return any(e.part == part.key for e in self.entries)
 
-    def add(self, part: Part, found: list[Entry]) -> None:
+    def add(self, found: list[Entry]) -> None:
+        """One part's entries, kept."""
         self.entries += found
         if self.path is not None:
             write_text(self.path, json.dumps(Sensitivity(self.entries, 0).as_dict()))
@@ -185,7 +186,7 @@ class Kept:
             found.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
             if progress:
                 progress()
-        self.add(part, found)
+        self.add(found)
 
 
 @torch.inference_mode()
@@ -244,7 +245,7 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
                 yield types
         finally:  # also when stopped: then perhaps outside the inference mode the weights were made in
             for m in part.matrices:
-                with torch.inference_mode(weights[m.name].is_inference()):
+                with torch.inference_mode() if weights[m.name].is_inference() else torch.no_grad():
                     weights[m.name].copy_(originals[m.name])
 
 
@@ -407,7 +408,8 @@ def n_measurements(parts: list[Part]) -> int:
 
 
 # the modules whose code decides a measured table: this one, the block runner, the encoders, the fallbacks
-MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.walker", "edgequant.ggml_quants", "edgequant.planning")
+# the code a table's numbers depend on (the options themselves, types per matrix, are keyed as data)
+MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.walker", "edgequant.ggml_quants", "edgequant.ggml_iquants")
 
 
 HOW = {"measured": measure, "fisher": estimate}
