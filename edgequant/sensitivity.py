@@ -163,7 +163,8 @@ class Kept:
     def has(self, part: Part) -> bool:
         return any(e.part == part.key for e in self.entries)
 
-    def add(self, part: Part, found: list[Entry]) -> None:
+    def add(self, found: list[Entry]) -> None:
+        """One part's entries, kept."""
         self.entries += found
         if self.path is not None:
             write_text(self.path, json.dumps(Sensitivity(self.entries, 0).as_dict()))
@@ -185,7 +186,7 @@ class Kept:
             found.append(Entry(part.key, Part.label(types), types, part.nbytes(types), kl))
             if progress:
                 progress()
-        self.add(part, found)
+        self.add(found)
 
 
 @torch.inference_mode()
@@ -244,7 +245,7 @@ def rounded_options(loaded: LoadedModel, part: Part, importance: dict[str, np.nd
                 yield types
         finally:  # also when stopped: then perhaps outside the inference mode the weights were made in
             for m in part.matrices:
-                with torch.inference_mode(weights[m.name].is_inference()):
+                with torch.inference_mode() if weights[m.name].is_inference() else torch.no_grad():
                     weights[m.name].copy_(originals[m.name])
 
 
@@ -407,7 +408,8 @@ def n_measurements(parts: list[Part]) -> int:
 
 
 # the modules whose code decides a measured table: this one, the block runner, the encoders, the fallbacks
-MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.walker", "edgequant.ggml_quants", "edgequant.planning")
+# the code a table's numbers depend on (the options themselves, types per matrix, are keyed as data)
+MEASURING_CODE = (__name__, "edgequant.calibration", "edgequant.walker", "edgequant.ggml_quants", "edgequant.ggml_iquants")
 
 
 HOW = {"measured": measure, "fisher": estimate}
