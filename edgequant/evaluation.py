@@ -44,18 +44,29 @@ class Quality:
 
 
 def token_windows(tokenizer, text: str, n_tokens: int, ctx: int = DEFAULT_CTX) -> np.ndarray:
-    """(n_windows, ctx) int array covering the first ``n_tokens`` tokens of ``text``."""
-    n_windows = max(1, n_tokens // ctx)
-    needed = n_windows * ctx
+    """(n_windows, ctx) int array covering the first ``n_tokens`` tokens of ``text``. When the
+    tokenizer puts a BOS token before a text (Gemma, Llama-2), every window starts with it, as in
+    llama.cpp's perplexity and imatrix tools: such models are lost without it (gemma3-270m in
+    torch, 1024 tokens of wiki.utf8: perplexity 23.0 without, 12.6 with)."""
+    bos = bos_token(tokenizer)
+    n_windows, step = max(1, n_tokens // ctx), ctx - (bos is not None)
+    needed = n_windows * step
     chars = needed * 8
     ids: list[int] = []
     while len(ids) < needed and chars < len(text) * 2:
         ids = tokenizer(text[:chars], add_special_tokens=False)["input_ids"]
         chars *= 2
-    n_windows = min(n_windows, len(ids) // ctx)
+    n_windows = min(n_windows, len(ids) // step)
     if n_windows == 0:
         raise ValueError(f"the text holds {len(ids)} tokens, fewer than one window of {ctx}")
-    return np.asarray(ids[: n_windows * ctx], dtype=np.int64).reshape(n_windows, ctx)
+    windows = np.asarray(ids[: n_windows * step], dtype=np.int64).reshape(n_windows, step)
+    return windows if bos is None else np.concatenate([np.full((n_windows, 1), bos, np.int64), windows], axis=1)
+
+
+def bos_token(tokenizer) -> int | None:
+    """The token ``tokenizer`` puts before every text, if it puts one."""
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
 
 
 class TorchLogits:
