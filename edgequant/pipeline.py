@@ -349,7 +349,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         with progress.step("export GGUF"):
             write_gguf(gguf_path, work, encoded, opts.method)
         artifacts = [_artifact(gguf_path, "gguf", out)]
-        sim = _simulation(work, encoded, p.method.activation_aware) if opts.parity else None
+        sim = _simulation(work, encoded, p.method.activation_aware or work.adapter.activation_sensitive) if opts.parity else None
         twin_source = p.twin
         tokenizer, spill = work.tokenizer, work.store
         encoded.close()  # the files go now, not in a collection, where an interrupt would be lost

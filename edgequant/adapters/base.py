@@ -63,6 +63,9 @@ class Adapter:
     per_block_sizes_arch: ClassVar[str | None] = None  # the GGUF architecture that holds pruned blocks
     rotations: ClassVar[bool] = True  # a rotation of the residual stream passes through its blocks
     onnx_refusal: ClassVar[str | None] = None  # why the family has no ONNX export, if it has none
+    # llama.cpp's 8-bit activation blocks move the family's outputs by more than parity allows:
+    # --parity also runs the simulation with them (gguf_sim_a8)
+    activation_sensitive: ClassVar[bool] = False
     # matrices the checkpoint and the GGUF file hold as one (path in a block -> the parts' paths, in
     # row order); inside edgequant they are split into the parts (:meth:`split_fused`)
     fused: ClassVar[dict[str, tuple[str, ...]]] = {}

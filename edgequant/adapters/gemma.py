@@ -29,6 +29,7 @@ class Gemma3(Adapter):
     gguf_arch = gguf.MODEL_ARCH.GEMMA3
     rotations = False
     onnx_refusal = "gemma3 has no ONNX export yet (sliding-window layers and post-norms); use --formats gguf"
+    activation_sensitive = True  # gemma3-270m: KLD 0.004 from llama.cpp's activation rounding alone
     roles = {**Adapter.roles, "ffn_norm": "pre_feedforward_layernorm"}
 
     def computed_buffers(self, model) -> None:
