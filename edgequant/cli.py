@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -418,9 +419,14 @@ def fetch_model(name: str = typer.Argument("default", help="default, or qwen2.5-
     typer.echo(path)
 
 
+def _terminate(_number, _frame):
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading bars on stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    signal.signal(signal.SIGTERM, _terminate)  # unwinds like Ctrl-C: temporary files and spills removed
     try:
         app()
     except KeyboardInterrupt:

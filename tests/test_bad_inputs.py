@@ -320,6 +320,32 @@ def test_no_pickle_is_ever_loaded():
 
 # ---------------------------------------------------------------------------------- Ctrl-C
 
+def test_sigterm_unwinds_like_ctrl_c_and_a_killed_build_s_spill_is_swept(tiny_model, tmp_path, bad_input_messages):
+    """``kill`` (SIGTERM) mid-build removes the build's spilled blocks and codes, as Ctrl-C does; the
+    folder a SIGKILLed build left behind is removed by the next build that spills."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = cache / "spill" / f"pid-{dead.pid}"
+    left.mkdir(parents=True)
+    (left / "block-0.f32").write_bytes(b"\0" * 4096)
+    cmd = [sys.executable, "-m", "edgequant.cli", *quick_build(tiny_model("llama", num_hidden_layers=4), out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "EDGEQUANT_CACHE": str(cache)})
+    mine = cache / "spill" / f"pid-{proc.pid}"
+    deadline = time.time() + 300
+    while not (mine.is_dir() and any(mine.rglob("*.f32"))) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert not left.exists()  # swept when the build made its own folder
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = proc.wait(timeout=120), proc.stderr.read()
+    error = stderr.strip().splitlines()[-1]
+    bad_input_messages["build: SIGTERM mid-build"] = error.removeprefix("edgequant: error: ")
+    assert code == 130 and error == "edgequant: error: interrupted; nothing was written", stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert list((cache / "spill").iterdir()) == [] and not out.exists()
+
+
 @pytest.mark.slow  # the default model is built: its steps last long enough to be interrupted in
 @pytest.mark.parametrize("step, after_line, delay", [
     ("quantization", "calibrate ", 2.0),
