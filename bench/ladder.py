@@ -25,8 +25,8 @@
    sensitivity table is measured once and then read from the cache.
 
 Every file's row is kept in ``OUT/rows/`` as soon as it is measured, and a later run with the same
-``--out`` reads it back instead of making the file again. A ladder of many hours (the 1.5B's takes
-about fifteen) can so be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``.
+``--out`` reads it back instead of making the file again. A ladder of many hours (the 1.5B's) can so
+be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def main() -> None:
         for with_imatrix in (False, True):
             name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
             path = args.out / f"stock-{mix}{'-imatrix' if with_imatrix else ''}.gguf"
-            stock += measured(args, name, lambda: make_stock(path, mix, with_imatrix, stock_sources, args, scoring))
+            stock += measured(args, name, lambda: make_stock(name, path, mix, with_imatrix, stock_sources, args, scoring))
         rows += stock
         if not stock or (args.ours_at != "all" and mix not in args.ours_at.split(",")):
             continue
@@ -199,11 +199,10 @@ def measured(args, name: str, make) -> list[dict]:
     return rows
 
 
-def make_stock(path: Path, mix: str, with_imatrix: bool, sources: tuple, args, scoring) -> list[dict]:
-    """llama.cpp's ``mix`` of the reference, made as ``--imatrix`` says, and its row (none when
-    llama.cpp refuses the mix, as it does the very low-bit ones without an importance matrix)."""
+def make_stock(name: str, path: Path, mix: str, with_imatrix: bool, sources: tuple, args, scoring) -> list[dict]:
+    """llama.cpp's ``mix`` of the reference, made as ``--imatrix`` says, and its row ``name`` (none
+    when llama.cpp refuses the mix, as it does the very low-bit ones without an importance matrix)."""
     f32, importance = sources
-    name = f"llama.cpp {mix}" + (" + imatrix" if with_imatrix else "")
     start = time.time()
     try:
         if args.imatrix == "llama":

@@ -124,7 +124,7 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
                              f"{device.name}: the model fits in the CPU's caches, or that profile is not this device's; "
                              "no profile written")
     text = device.path.read_text()
-    text = re.sub(r"(?m)^decode_efficiency\s*=\s*[0-9.]+", f"decode_efficiency = {efficiency:.3f}", text)
+    text = re.sub(r"(?m)^decode_efficiency\s*=\s*[0-9.eE+-]+", f"decode_efficiency = {efficiency:.4g}", text)
     note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
             f"{bytes_per_token / 1e6:.1f} MB of weights per token (bandwidth-equivalent: each type at its kernel's decode factor)")
     text = re.sub(r'(?m)^decode_efficiency\s*=\s*".*"$', f"decode_efficiency = {json.dumps(note)}", text)

@@ -72,10 +72,9 @@ class BlockStore:
     def create(cls, model: torch.nn.Module, fetch: Callable[[str], np.ndarray]) -> "BlockStore":
         """Spill every block of ``model`` (on the meta device) to disk, each parameter read with
         ``fetch(state-dict name)``, one tensor in memory at a time."""
-        from .assets import cache_dir
+        from .spill import spill_dir
 
-        spill = cache_dir() / "spill"
-        spill.mkdir(parents=True, exist_ok=True)
+        spill = spill_dir()
         needed = 4 * sum(p.numel() for p in model.parameters())
         free = shutil.disk_usage(spill).free
         if needed > free:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional
@@ -21,10 +22,34 @@ def _fail(message: str, code: int = 1):
     raise typer.Exit(code)
 
 
+class _Interrupts:
+    """Ctrl-C and SIGTERM raise KeyboardInterrupt, and are remembered: a library that catches it
+    and raises something else (numpy does, inside its C code) cannot turn an interrupt into a
+    failure."""
+
+    came = False
+
+    @classmethod
+    def handle(cls, _number, _frame):
+        cls.came = True
+        raise KeyboardInterrupt
+
+    @classmethod
+    def install(cls) -> None:
+        signal.signal(signal.SIGTERM, cls.handle)
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # started in the background: stays ignored
+            signal.signal(signal.SIGINT, cls.handle)
+
+
 def _run(fn, *args, **kwargs):
     """Call ``fn``; known failures become one line on stderr and a non-zero exit."""
     try:
-        return fn(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except Exception:
+            if _Interrupts.came:
+                raise KeyboardInterrupt from None  # the error an interrupt became on its way out
+            raise
     except EdgequantError as e:
         _fail(str(e))
     except InterruptedAfterSwap as e:
@@ -421,6 +446,7 @@ def fetch_model(name: str = typer.Argument("default", help="default, qwen2.5-cod
 def main() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # no weight-loading bars on stderr
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _Interrupts.install()  # SIGTERM unwinds as Ctrl-C does: temporary files and spills removed
     try:
         app()
     except KeyboardInterrupt:

@@ -29,10 +29,9 @@ class CodeStore(Mapping):
 
     def __init__(self, folder: Path | None = None):
         if folder is None:
-            from .assets import cache_dir
+            from .spill import spill_dir
 
-            (cache_dir() / "spill").mkdir(parents=True, exist_ok=True)
-            folder = Path(tempfile.mkdtemp(prefix="codes-", dir=cache_dir() / "spill"))
+            folder = Path(tempfile.mkdtemp(prefix="codes-", dir=spill_dir()))
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self._entries: dict[str, tuple[str, Path, np.dtype, tuple[int, ...]]] = {}

@@ -133,11 +133,10 @@ class SpilledReferences:
     memory, 16 windows of 512 tokens over a 151936-token vocabulary are 5 GB of probabilities."""
 
     def __init__(self, logits: Iterable[torch.Tensor]):
-        from .assets import cache_dir
         from .errors import disk_full_as_error
+        from .spill import spill_dir
 
-        folder = cache_dir() / "spill"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = spill_dir()
         fd, name = tempfile.mkstemp(prefix="reference-", suffix=".f32", dir=folder)
         self.path, self.count, self.shape = Path(name), 0, (0, 0)
         self.neg_entropies: list[torch.Tensor] = []

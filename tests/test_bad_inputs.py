@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgequant.assets import default_gguf
-from tests.helpers import edgequant, one_line_error
+from tests.helpers import TINY, edgequant, one_line_error
 
 
 def quick_build(model, out, *extra):
@@ -121,7 +121,7 @@ MATRIX = {
     "build: config.json is not JSON": (lambda f, o: quick_build(f.bad_json, o), ["config.json", "JSON"]),
     "build: unsupported architecture": (lambda f, o: quick_build(f.neox, o), ["gpt_neox", "llama", "qwen3"]),
     "build: truncated safetensors": (lambda f, o: quick_build(f.cut_weights, o), ["cut-weights"]),
-    "build: wrong tokenizer": (lambda f, o: quick_build(f.wrong_tokenizer, o), ["tokenizer", "100", "49152"]),
+    "build: wrong tokenizer": (lambda f, o: quick_build(f.wrong_tokenizer, o), ["tokenizer", "100", str(TINY["vocab_size"])]),
     "build: sharded folder missing a shard": (lambda f, o: quick_build(f.missing_shard, o),
                                               ["model-00002-of-00002.safetensors"]),
     "build: model too large for this machine": (lambda f, o: quick_build(f.huge, o), ["GB", "available"]),
@@ -129,8 +129,8 @@ MATRIX = {
     "build: not a GGUF file": (lambda f, o: quick_build(f.junk_gguf, o), ["junk.gguf"]),
     "build: unknown device": (lambda f, o: quick_build(f.model, o, "--device", "pi-zero"), ["pi-zero", "known"]),
     "build: malformed device profile": (lambda f, o: quick_build(f.model, o, "--device", f.bad_profile), ["board.toml"]),
-    "build: budget below the smallest file": (lambda f, o: quick_build(f.model, o, "--budget-mb", "2"), ["MB"]),
-    "build: bits per weight too low": (lambda f, o: quick_build(f.model, o, "--bpw", "2"), ["smallest mix"]),
+    "build: budget below the smallest file": (lambda f, o: quick_build(f.model, o, "--budget-mb", "0.5"), ["MB"]),
+    "build: bits per weight too low": (lambda f, o: quick_build(f.model, o, "--bpw", "1.5"), ["smallest mix"]),
     "build: unknown ggml type": (lambda f, o: quick_build(f.model, o, "--type", "Q7_K"), ["Q7_K"]),
     "build: joint search given a uniform type": (lambda f, o: quick_build(f.model, o, "--method", "joint", "--type", "Q4_0"),
                                                 ["joint", "itself"]),
@@ -145,11 +145,11 @@ MATRIX = {
     "build: --out is a file": (lambda f, o: quick_build(f.model, f.a_file), ["not a folder"]),
     "build: --out on a read-only filesystem": (lambda f, o: quick_build(f.model, "/proc/edgequant-out"), ["/proc"]),
     "plan: unknown device": (lambda f, o: ["plan", "--model", f.model, "--device", "pi-zero", "-q"], ["pi-zero"]),
-    "plan: budget below the smallest file": (lambda f, o: ["plan", "--model", f.model, "--budget-mb", "2", "-q"], ["MB"]),
+    "plan: budget below the smallest file": (lambda f, o: ["plan", "--model", f.model, "--budget-mb", "0.5", "-q"], ["MB"]),
     "plan: zero calibration tokens": (lambda f, o: ["plan", "--calib-tokens", "0", "-q"], ["--calib-tokens"]),
     "plan: sensitivity on 8 tokens": (lambda f, o: ["plan", "--sensitivity-tokens", "8", "-q"], ["--sensitivity-tokens", ">= 16"]),
     "plan: joint search below what pruning can reach": (lambda f, o: ["plan", "--model", f.model, "--method", "joint",
-                                                                      "--budget-mb", "2", "--calib-tokens", "512", "-q"],
+                                                                      "--budget-mb", "0.2", "--calib-tokens", "512", "-q"],
                                                         ["pruning can reach"]),
     "eval: unknown simulated method": (lambda f, o: ["eval", "--wbits", "4", "--abits", "4", "--method", "omniquant"], ["omniquant", "ruquant"]),
     "eval: one-bit activations": (lambda f, o: ["eval", "--wbits", "4", "--abits", "1"], ["2 to 8 bits"]),
@@ -253,8 +253,13 @@ def small_disk(tmp_path):
 
 
 @pytest.fixture
-def disk_of_80_mb(tmp_path):
-    yield from _tmpfs(tmp_path / "disk", "80m")
+def disk_of_2_mb(tmp_path):
+    yield from _tmpfs(tmp_path / "disk", "2m")
+
+
+@pytest.fixture
+def disk_of_12_mb(tmp_path):
+    yield from _tmpfs(tmp_path / "disk", "12m")
 
 
 def _tmpfs(disk: Path, size: str) -> Iterator[Path]:
@@ -275,23 +280,24 @@ def test_a_disk_that_fills_while_spilling_the_blocks_leaves_nothing_behind(small
     assert not (small_disk / "out").exists() and list((small_disk / "cache" / "spill").iterdir()) == []
 
 
-def test_a_disk_that_fills_while_storing_the_reference_leaves_nothing_behind(disk_of_80_mb, tiny_model, tiny_build,
+def test_a_disk_that_fills_while_storing_the_reference_leaves_nothing_behind(disk_of_12_mb, tiny_model, tiny_build,
                                                                              bad_input_messages):
-    """The full-precision log-probabilities wait in the cache folder too: 100 MB for 512 tokens,
-    beside the reference model's 57 MB of spilled blocks."""
-    env = {**os.environ, "EDGEQUANT_CACHE": str(disk_of_80_mb / "cache")}
+    """The full-precision log-probabilities wait in the cache folder too: 8.4 MB for 512 tokens of
+    the tiny model's 4096-token vocabulary, beside the reference model's 10.5 MB of spilled blocks."""
+    env = {**os.environ, "EDGEQUANT_CACHE": str(disk_of_12_mb / "cache")}
     gguf_file = tiny_build(ggml_type="Q8_0")[0] / "model.gguf"
     message = one_line_error(edgequant("eval", gguf_file, "-r", tiny_model(), "--eval-tokens", 512, "-q", env=env))
-    bad_input_messages["eval: the disk fills while storing the reference (80 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
+    bad_input_messages["eval: the disk fills while storing the reference (12 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
     assert "no space left" in message and "log-probabilities" in message
-    assert [p for p in disk_of_80_mb.rglob("*") if p.is_file()] == []
+    assert [p for p in disk_of_12_mb.rglob("*") if p.is_file()] == []
 
 
-def test_out_on_a_full_disk_leaves_nothing_behind(small_disk, tiny_model, bad_input_messages):
-    message = one_line_error(edgequant(*quick_build(tiny_model(), small_disk / "out", "--type", "Q8_0", "--formats", "gguf")))
-    bad_input_messages["build: --out on a full disk (8 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
+def test_out_on_a_full_disk_leaves_nothing_behind(disk_of_2_mb, tiny_model, bad_input_messages):
+    """The tiny model's Q8_0 file is 2.9 MB."""
+    message = one_line_error(edgequant(*quick_build(tiny_model(), disk_of_2_mb / "out", "--type", "Q8_0", "--formats", "gguf")))
+    bad_input_messages["build: --out on a full disk (2 MB tmpfs)"] = message.removeprefix("edgequant: error: ")
     assert "no space left" in message
-    assert list(small_disk.iterdir()) == []
+    assert list(disk_of_2_mb.iterdir()) == []
 
 
 def test_help_lists_every_command_and_every_option_is_explained():
@@ -319,6 +325,32 @@ def test_no_pickle_is_ever_loaded():
 
 
 # ---------------------------------------------------------------------------------- Ctrl-C
+
+def test_sigterm_unwinds_like_ctrl_c_and_a_killed_build_s_spill_is_swept(tiny_model, tmp_path, bad_input_messages):
+    """``kill`` (SIGTERM) mid-build removes the build's spilled blocks and codes, as Ctrl-C does; the
+    folder a SIGKILLed build left behind is removed by the next build that spills."""
+    cache, out = tmp_path / "cache", tmp_path / "out"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left = cache / "spill" / f"pid-{dead.pid}"
+    left.mkdir(parents=True)
+    (left / "block-0.f32").write_bytes(b"\0" * 4096)
+    cmd = [sys.executable, "-m", "edgequant.cli", *quick_build(tiny_model("llama", num_hidden_layers=4), out)]
+    proc = subprocess.Popen(cmd, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True,
+                            env={**os.environ, "EDGEQUANT_CACHE": str(cache)})
+    mine = cache / "spill" / f"pid-{proc.pid}"
+    deadline = time.time() + 300
+    while not (mine.is_dir() and any(mine.rglob("*.f32"))) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    assert not left.exists()  # swept when the build made its own folder
+    proc.send_signal(signal.SIGTERM)
+    code, stderr = proc.wait(timeout=120), proc.stderr.read()
+    error = stderr.strip().splitlines()[-1]
+    bad_input_messages["build: SIGTERM mid-build"] = error.removeprefix("edgequant: error: ")
+    assert code == 130 and error == "edgequant: error: interrupted; nothing was written", stderr[-2000:]
+    assert "Traceback" not in stderr
+    assert list((cache / "spill").iterdir()) == [] and not out.exists()
+
 
 @pytest.mark.slow  # the default model is built: its steps last long enough to be interrupted in
 @pytest.mark.parametrize("step, after_line, delay", [

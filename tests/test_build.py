@@ -33,9 +33,6 @@ def test_llama_cpp_and_the_torch_simulation_agree(tiny_build, options):
     assert q["gguf"]["kld"] > 0.005  # 4-bit and 3-bit files do lose something
 
 
-# (the embedding is 88% of the tiny model. At a 4.5 cap the greedy mix leaves it at Q3_K: it takes no
-# 256-block i-quant, and once the blocks have climbed to Q8_0 its next rungs, Q4_K/Q4_0/IQ4_NL at 4.5 bpw,
-# no longer fit, and a greedy mix never steps back: 4.00 bpw. A planner question for the branch's note.)
 @pytest.mark.parametrize("bpw", [5.0, 4.0])
 def test_a_bpw_cap_is_never_exceeded_and_the_file_is_measured(tiny_build, bpw):
     out, report = tiny_build(bpw=bpw)

@@ -112,15 +112,17 @@ def test_deploy_verify_and_bench_over_ssh_then_calibrate_the_profile(built, serv
 
 
 def test_a_decode_rate_the_profile_cannot_explain_writes_no_profile(built, tmp_path):
-    from edgequant.benchmark import calibrate_profile
+    from edgequant.benchmark import _weights_read_per_token, calibrate_profile
     from edgequant.errors import EdgequantError
 
     folder = shutil.copytree(built, tmp_path / "build")
     (folder / "device.calibrated.toml").unlink(missing_ok=True)
     report = json.loads((folder / "report.json").read_text())
-    report["device"] = load_device("raspberry-pi-5-8gb").as_dict()  # 17 GB/s: 1000 tok/s of 27 MB is 1.6x that
+    pi5 = load_device("raspberry-pi-5-8gb")
+    report["device"] = pi5.as_dict()
     (folder / "report.json").write_text(json.dumps(report))
-    measured = {"target": "ssh://pi5/~/m", "results": [{"runtime": "llama.cpp", "decode_tok_s": {"median": 1000.0}}]}
+    too_fast = 1.6 * pi5.bandwidth_gbs * 1e9 / _weights_read_per_token(folder / "model.gguf")  # 1.6x its bandwidth
+    measured = {"target": "ssh://pi5/~/m", "results": [{"runtime": "llama.cpp", "decode_tok_s": {"median": too_fast}}]}
     with pytest.raises(EdgequantError, match="fits in the CPU's caches"):
         calibrate_profile(folder, measured)
     assert not (folder / "device.calibrated.toml").exists()

@@ -10,7 +10,7 @@ import pytest
 from edgequant.pipeline import matrices_of
 from edgequant.sensitivity import Part, split_parts
 
-BPW = 4.0  # on the tiny model, whose 49152-row embedding is most of its weights
+BPW = 4.0  # on the tiny model: a cap that binds
 
 
 @pytest.fixture(scope="module")

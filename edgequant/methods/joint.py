@@ -171,10 +171,10 @@ def search(loaded: LoadedModel, matrices: list[Matrix], other_params: int, max_b
         for stop in walk:  # each block on what the blocks before it, as chosen, hand over
             b, layer, states, kwargs = stop.index, stop.block, stop.inputs, stop.kwargs
             now = probe.estimate(b, layer, states, kwargs, costs[b])
-            later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c])] for c in range(b + 1, space.n)]
-            mine = space.options(b, now)
-            if b + 1 == space.n and all(o.removed for o in picked.values()):
-                mine = [o for o in mine if not o.removed]  # the last block left stays
+            none_kept = all(o.removed for o in picked.values())  # then the last block stays, and is planned so
+            later = [[(o.bytes, o.scaled(scale.value)) for o in space.options(c, first[c], none_kept and c + 1 == space.n)]
+                     for c in range(b + 1, space.n)]
+            mine = space.options(b, now, none_kept and b + 1 == space.n)
             at = _solve([[(o.bytes, o.scaled(scale.value)) for o in mine], *later, embd_options], budget - used)[0]
             base = probe.kl(stop.run(inputs=probe.of(states)), b + 1, walk.kwargs)
             built, measured = [], []
@@ -264,11 +264,11 @@ class _Space:
         self.n = len(self.matrices)
         self.norm_bytes = 4 * sum(t.numel() for t in loaded.adapter.layers(loaded.model)[0].parameters() if t.ndim == 1)
 
-    def options(self, b: int, changes: Changes | None = None) -> list[Option]:
+    def options(self, b: int, changes: Changes | None = None, keep: bool = False) -> list[Option]:
         """Block ``b``'s options that no smaller one matches, smallest first (without
-        ``changes``: every shape at its smallest types, for sizes only)."""
+        ``changes``: every shape at its smallest types, for sizes only); ``keep``: not removed."""
         removal = changes.removed if changes else 0.0
-        options = [Option(True, kl=removal, estimated=removal)]
+        options = [] if keep else [Option(True, kl=removal, estimated=removal)]
         full_attn, full_mlp = self._parts(b, self.full)
         for width, kv in product(widths(self.full.ffn), range(self.full.kv_heads, 0, -1)):
             shape = BlockShape(width, kv * self.per_group, kv)
