@@ -672,6 +672,7 @@ def _config_from_gguf(meta: dict, tensors: dict, where: str = "the GGUF file") -
         tie_word_embeddings="output.weight" not in tensors,
         bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta.get("tokenizer.ggml.eos_token_id"),
+        pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),  # the file's, not the family's default
     )
     if per_block:
         cfg["edgequant_block_shapes"] = _block_shapes(per_block, cfg, where)

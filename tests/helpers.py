@@ -91,7 +91,11 @@ def write_tiny_model(folder, model_type: str = "llama", seed: int = 0, **config)
 
     config = {**TINY, **config}
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(model_type, **config))
+    made = AutoConfig.for_model(model_type, **config)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):  # a family's defaults (phi3's 32000) past the vocabulary
+        if isinstance(getattr(made, key, None), int) and getattr(made, key) >= made.vocab_size:
+            setattr(made, key, None)
+    model = AutoModelForCausalLM.from_config(made)
     perturbed = (".bias", "norm.weight") if model_type.startswith("gemma") else (".bias", "q_norm.weight", "k_norm.weight")
     with torch.no_grad():  # biases (qwen2), per-head q/k norms (qwen3), gemma's (1 + w) norms away from their neutral init
         for name, p in model.named_parameters():

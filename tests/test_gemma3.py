@@ -45,7 +45,7 @@ def test_llama_cpp_runs_the_float_file_as_torch_runs_the_model(tiny_model, tmp_p
     assert q["llama.cpp"].top1 > 0.99 and q["llama.cpp"].kld < 1.5e-4, q  # F16 KV cache, GELU from an fp16 table
 
 
-@pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"method": "qublast-rtn", "bpw": 4.5, "sensitivity_tokens": 256}], ids=["Q8_0", "qublast-4.5"])
+@pytest.mark.parametrize("options", [{"ggml_type": "Q8_0"}, {"bpw": 4.5}], ids=["Q8_0", "mixed-4.5"])
 def test_a_gemma3_build_runs_in_llama_cpp_as_simulated(tiny_build, options):
     out, report = tiny_build("gemma3_text", config=GEMMA, formats="gguf", **options)
     assert_runs_as_simulated(report["quality"])
