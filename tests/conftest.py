@@ -32,20 +32,21 @@ TINY_TOKENS = 512  # calibration and evaluation tokens of tiny builds: one windo
 EVAL_TOKENS = 4096  # real-model claims: 8 windows of 512
 CALIB_TOKENS = 2048
 
-REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme"}
+REAL_MODEL_FIXTURES = {"default_model", "reference", "calib_windows", "eval_windows", "readme", "gemma3_270m_q8_0"}
 
 
 def pytest_configure(config):
-    """The suite's own cache: the default model's float32 folder (a pure function of the installed
-    package) is linked in from the user's cache when it is there; measured tables are not."""
+    """The suite's own cache: the default model's float32 folder and the fetched models' GGUFs
+    (pure functions of the packages) are linked in from the user's cache when they are there;
+    measured tables are not."""
     if os.environ.get("EDGEQUANT_SUITE_CACHE"):
         return  # already set up (a subprocess of the suite)
-    from edgequant.assets import DEFAULT_MODEL, cache_dir
+    from edgequant.assets import DEFAULT_MODEL, PACKAGED_MODELS, cache_dir
 
-    user_model = cache_dir() / DEFAULT_MODEL
     suite = Path(tempfile.mkdtemp(prefix="edgequant-suite-cache-"))
-    if (user_model / "config.json").is_file():
-        (suite / DEFAULT_MODEL).symlink_to(user_model)
+    for name in (DEFAULT_MODEL, *PACKAGED_MODELS):
+        if (cache_dir() / name).is_dir():
+            (suite / name).symlink_to(cache_dir() / name)
     os.environ["EDGEQUANT_CACHE"] = os.environ["EDGEQUANT_SUITE_CACHE"] = str(suite)
     config.add_cleanup(lambda: shutil.rmtree(suite, ignore_errors=True))
 
@@ -148,6 +149,18 @@ def eval_windows(default_model):
     from edgequant.evaluation import token_windows
 
     return token_windows(default_model.tokenizer, load_text(None, EVALUATION_TEXT)[1], EVAL_TOKENS)
+
+
+@pytest.fixture(scope="session")
+def gemma3_270m_q8_0(tmp_path_factory):
+    """(out folder, report) of gemma3-270m (the real model, built in) at Q8_0, RTN, GGUF only, with
+    the parity evaluations on 2048 tokens."""
+    from edgequant.pipeline import BuildOptions, build
+
+    out = tmp_path_factory.mktemp("gemma3-270m") / "out"
+    options = BuildOptions(model="gemma3-270m", out=out, method="rtn", ggml_type="Q8_0", formats="gguf", parity=True,
+                           twin=False, calib_tokens=512, eval_tokens=2048)
+    return out, build(options)
 
 
 # ------------------------------------------------------------------- README's commands, as written
