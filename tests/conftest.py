@@ -2,11 +2,12 @@
 
 Two kinds of model:
 
-* **tiny random models** (``tiny_model``, ``tiny_build``): llama / mistral / qwen2 / qwen3 folders
-  with the default model's tokenizer and widths that ggml's blocks fit, made in seconds. Everything
-  that checks mechanics uses them: formats, parity across runtimes, pruning shapes, reports,
-  deploy, bad inputs.
-* **the real default model** (``default_model`` and the builds below): for claims about quality.
+* **tiny random models** (``tiny_model``, ``tiny_build``): llama / mistral / qwen2 / qwen3 (and
+  gemma3 / phi3 / mamba2) folders with the first 4096 tokens of the default model's tokenizer and
+  widths that ggml's blocks fit, made in seconds. Everything that checks mechanics uses them:
+  formats, parity across runtimes, pruning shapes, reports, deploy, bad inputs.
+* **the real default model** (``default_model`` and the builds below), and gemma3-270m
+  (``gemma3_270m_q8_0``): for claims about quality.
   Each distinct build is made once per run and read by every file that needs it. A test that uses
   one of them is marked ``slow`` automatically (``-m "not slow"`` skips them).
 

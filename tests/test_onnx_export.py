@@ -67,7 +67,9 @@ def test_onnx_runtime_reads_the_packed_blocks_as_we_decode_them(name):
 
 # ------------------------------------------------------------------ whole models, on tiny random ones
 
-MIXED = {"bpw": 3.5}  # the tiny model's greedy mix: Q3_K (4-bit in ORT) beside affine K-quants (8-bit)
+# QuBLAST's mix on the tiny model (test_qublast's build): Q3_K (4-bit in ORT) beside affine K-quants
+# and IQ4_XS (8-bit)
+MIXED = {"method": "qublast-rtn", "scaling_maps": False, "bpw": 4.0, "sensitivity_tokens": 256}
 
 
 def test_ort_runs_the_same_weights_as_the_torch_simulation(tiny_build):
