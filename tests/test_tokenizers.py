@@ -84,3 +84,19 @@ def test_a_tokenizer_llama_cpp_cannot_hold_is_refused_in_one_line(tiny_model, tm
     with pytest.raises(EdgequantError, match="WordLevel tokenizer cannot be written to GGUF"):
         write_gguf(tmp_path / "model.gguf", loaded, None, "full precision", np.float32)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_windows_start_with_bos_where_the_tokenizer_puts_one_and_llama_cpp_says_so_too(sentencepiece_gguf, tiny_model):
+    """Evaluation and calibration windows begin as the model's texts begin: with BOS for a
+    SentencePiece vocabulary that adds one (the GGUF says add_bos_token too), without for byte-level BPE."""
+    from edgequant.evaluation import bos_token, token_windows
+
+    loaded, path = sentencepiece_gguf
+    windows = token_windows(loaded.tokenizer, read_text("wiki.utf8"), 1024, 256)
+    assert windows.shape == (4, 256) and (windows[:, 0] == loaded.tokenizer.bos_token_id).all()
+    assert (windows[:, 1:] != loaded.tokenizer.bos_token_id).all()  # the text itself, 255 tokens a window
+    assert gguf.GGUFReader(path).fields["tokenizer.ggml.add_bos_token"].contents() is True
+    plain = load_model(str(tiny_model())).tokenizer  # SmolLM2's: a BOS token it never puts before a text
+    assert plain.bos_token_id is not None and bos_token(plain) is None
+    assert token_windows(plain, read_text("wiki.utf8"), 512, 256)[0].tolist() == \
+        plain(read_text("wiki.utf8")[:4096], add_special_tokens=False).input_ids[:256]
