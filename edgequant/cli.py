@@ -409,7 +409,7 @@ def _print_summary(report: dict) -> None:
     fp = q["fp"]
     table.add_row("full precision", "torch", "32", "", f"{fp['ppl']:.3f}", "", "")
     artifacts = {a["format"]: a for a in report["artifacts"]}
-    for key, fmt in (("gguf_sim", "gguf"), ("gguf", "gguf"), ("onnx", "onnx"), ("onnx_exact", "onnx")):
+    for key, fmt in (("gguf_sim", "gguf"), ("gguf_sim_a8", "gguf"), ("gguf", "gguf"), ("onnx", "onnx"), ("onnx_exact", "onnx")):
         if key in q:
             r, art = q[key], artifacts.get(fmt, {"path": "(gguf, not kept)", "bpw": float("nan"), "bytes": 0})
             table.add_row(art["path"], r["runtime"], f"{art['bpw']:.3f}", f"{art['bytes'] / 1e6:.1f}",

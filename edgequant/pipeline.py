@@ -529,6 +529,8 @@ _EVALUATED = {"fp": "full precision", "gguf_sim": "torch simulation",
 class _A8Logits(TorchLogits):
     """The simulation run with llama.cpp's 8-bit activation blocks."""
 
+    runtime = "torch, 8-bit activations"
+
     def __init__(self, sim: Simulation):
         super().__init__(sim.model)
         self.types = sim.a8_types
