@@ -10,6 +10,7 @@ the folders of processes that no longer exist.
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 from pathlib import Path
@@ -19,15 +20,20 @@ from .assets import cache_dir
 
 def spill_dir() -> Path:
     """This process's spill folder (made on first use, after sweeping those of dead processes)."""
-    root = cache_dir() / "spill"
-    mine = root / f"pid-{os.getpid()}"
-    if not mine.is_dir():
-        root.mkdir(parents=True, exist_ok=True)
-        for folder in root.glob("pid-*"):
-            if not _alive(folder.name.removeprefix("pid-")):
-                shutil.rmtree(folder, ignore_errors=True)
-        mine.mkdir(exist_ok=True)
-        atexit.register(shutil.rmtree, mine, True)
+    return _made(cache_dir() / "spill", os.getpid())
+
+
+@functools.cache
+def _made(root: Path, pid: int) -> Path:
+    """Once per process and cache folder: a folder left under our pid by a dead process that had it
+    before is taken over, and removed at our exit too."""
+    root.mkdir(parents=True, exist_ok=True)
+    for folder in root.glob("pid-*"):
+        if not _alive(folder.name.removeprefix("pid-")):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = root / f"pid-{pid}"
+    mine.mkdir(exist_ok=True)
+    atexit.register(shutil.rmtree, mine, True)
     return mine
 
 
