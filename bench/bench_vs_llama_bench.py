@@ -2,8 +2,8 @@
 
     python bench/bench_vs_llama_bench.py OUT_DIR [OUT_DIR ...] [--llama-bench PATH] [--threads 2]
 
-Without ``--llama-bench`` it runs ``bench/build_llama_tools.sh`` first, which builds llama-bench
-(once, ~6 min on 2 cores) from the llama.cpp sources of the installed llama-cpp-python.
+Without ``--llama-bench`` it builds llama.cpp's programs first (``edgequant tools``: once, ~6 min on
+2 cores) from the llama.cpp sources of the installed llama-cpp-python.
 
 For each build folder: our probe (llama-cpp-python in a fresh process: 128-token prompt, then 64
 greedy decode steps, median of 3 after a warm-up) and llama-bench's own tests with the same
@@ -19,6 +19,8 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
+from runtimes.rpc import build_tools
 
 
 def ours(folder: Path, threads: int) -> dict:
@@ -46,9 +48,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     if args.llama_bench is None:
-        script = Path(__file__).with_name("build_llama_tools.sh")
-        built = subprocess.run(["bash", str(script)], capture_output=True, text=True, check=True)
-        args.llama_bench = Path(built.stdout.strip().splitlines()[-1]) / "llama-bench"
+        args.llama_bench = build_tools() / "llama-bench"  # runtimes/build_llama_cpp.sh (once)
     rows = []
     for folder in args.folders:
         mine, theirs = ours(folder, args.threads), llama_bench(args.llama_bench, folder / "model.gguf", args.threads)

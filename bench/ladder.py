@@ -9,7 +9,7 @@
    the importance is ours, from the calibration text, passed through ``llama_model_quantize``
    (llama-cpp-python) exactly as llama-quantize passes its file's. With ``--imatrix llama`` the files
    are made the way users make them: ``llama-imatrix`` on the calibration text (as a text file, ctx
-   512), then ``llama-quantize --imatrix``, both built by ``bench/build_llama_tools.sh`` (``--tools``
+   512), then ``llama-quantize --imatrix``, both built by ``runtimes/build_llama_cpp.sh`` (``--tools``
    names their folder; without it the script runs first).
 2. For each stock mix, builds our RTN, RTN + importance, GPTQ and QuBLAST files (QuBLAST also
    without its activation scaling maps, where ``--no-maps-at`` lists the mix) at the stock
@@ -50,6 +50,7 @@ from edgequant.pipeline import gguf_tensor_stats
 from edgequant.reporting import ladder_file
 from edgequant.twin import imatrix_of, reference_gguf
 from runtimes.llama_quantize import quantize_stock
+from runtimes.rpc import build_tools
 from runtimes.llamacpp import score_in_llama_cpp
 from type_speed import llama_bench  # bench/type_speed.py
 
@@ -137,9 +138,7 @@ def main() -> None:
     if args.mixes == "low":
         args.mixes = ",".join(LOW_BIT_MIXES)
     if args.tools is None and (args.imatrix == "llama" or args.speed):
-        built = subprocess.run(["bash", str(Path(__file__).with_name("build_llama_tools.sh"))], capture_output=True,
-                               text=True, check=True)
-        args.tools = Path(built.stdout.strip().splitlines()[-1])
+        args.tools = build_tools()  # runtimes/build_llama_cpp.sh (once)
 
     loaded = load_model(args.model, streamed=True)
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)

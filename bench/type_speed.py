@@ -11,7 +11,7 @@ The very-low-bit types need an importance matrix to quantize at all; speed does 
 so a flat one (all ones) stands in. Prints the table, with the factors the planner derives from it
 (:mod:`edgequant.kernels`); ``--write`` stores it as the planner's table.
 
-Without ``--llama-bench`` it runs ``bench/build_llama_tools.sh`` first (~4 min on 2 cores, once).
+Without ``--llama-bench`` it builds llama.cpp's programs first (``edgequant tools``: ~6 min on 2 cores, once).
 A run takes about 1 min per type on the 1.5B model (2 cores). Run it with nothing else on the CPU.
 """
 
@@ -38,6 +38,7 @@ from edgequant.models import load_model  # noqa: E402
 from edgequant.pipeline import gguf_tensor_stats  # noqa: E402
 from edgequant.twin import reference_gguf  # noqa: E402
 from runtimes.llama_quantize import quantize_stock  # noqa: E402
+from runtimes.rpc import build_tools  # noqa: E402
 
 TYPES = ("Q8_0", "Q6_K", "Q5_K", "Q5_1", "Q5_0", "Q4_K", "Q4_1", "Q4_0", "IQ4_NL", "IQ4_XS", "Q3_K", "IQ3_S",
          "IQ3_XXS", "Q2_K", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S")
@@ -76,9 +77,7 @@ def main() -> int:
     if args.write:
         args.write.parent.mkdir(parents=True, exist_ok=True)
     if args.llama_bench is None:
-        built = subprocess.run(["bash", str(ROOT / "bench" / "build_llama_tools.sh")], capture_output=True, text=True,
-                               check=True)
-        args.llama_bench = Path(built.stdout.strip().splitlines()[-1]) / "llama-bench"
+        args.llama_bench = build_tools() / "llama-bench"  # runtimes/build_llama_cpp.sh (once)
     loaded = load_model(args.model, streamed=True)
     bad = [name for name, w in loaded.matrices() if w.shape[1] % 256]
     if bad:

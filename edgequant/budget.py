@@ -26,14 +26,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .devices import Device
+from .fleet import Fleet
 from .errors import EdgequantError
 from .adapters import adapter_of, head_dim
 from .models import block_shapes
 
 N_UBATCH = 512  # llama.cpp's default micro-batch; a shorter context shortens it
 PROCESS_BYTES = 28_000_000  # measured, see above
-INT8_OPS_PER_CYCLE = {"i8mm": 128, "amx": 1024, "avx512_vnni": 128, "dotprod": 64, "avx2": 64}
-COMPUTE_EFFICIENCY = 0.3
 
 
 @dataclass(frozen=True)
@@ -80,7 +79,7 @@ class Budget:
 
 
 def resolve(
-    device: Device,
+    device: Device | Fleet,
     shape: Shape,
     ctx: int | None = None,
     budget_mb: float | None = None,
@@ -95,33 +94,29 @@ def resolve(
     ``bpw_params`` the parameters ``bpw`` is counted over (default the shape's: a pruned model
     counts its unpruned parameters, so that its bits per weight are the equivalent at equal size)."""
     ctx = ctx or device.default_ctx
-    limits = {f"memory of {device.name}": device.usable_bytes - shape.kv_bytes(ctx) - shape.overhead_bytes(ctx)}
+    limits = {f"memory of {device.name}": device.usable_bytes - device.runtime_bytes(shape, ctx)}
     if budget_mb is not None:
         limits["--budget-mb"] = int(budget_mb * 1e6)
     if bpw is not None:
         limits["--bpw"] = int(bpw * (bpw_params or shape.params) / 8) + file_overhead
     if min_tok_s is not None:
-        limits["--min-tok-s"] = int(device.effective_bandwidth / min_tok_s) - shape.kv_bytes(ctx) + embd_bytes
+        seconds = 1 / min_tok_s - device.network_seconds(shape.hidden)
+        limits["--min-tok-s"] = int(device.effective_bandwidth * seconds) - shape.kv_bytes(ctx) + embd_bytes
     binding = min(limits, key=limits.get)
     return Budget(device.name, ctx, limits[binding], binding, limits)
-
-
-def prefill_ops_per_s(device: Device) -> float:
-    per_cycle = max((INT8_OPS_PER_CYCLE[f] for f in device.isa if f in INT8_OPS_PER_CYCLE), default=32)
-    return device.cpu_cores * device.cpu_ghz * 1e9 * per_cycle * 2 * COMPUTE_EFFICIENCY
 
 
 PROMPT_RATIO = 1.0  # prompt tokens per decoded token in the turn the planner weighs speed over
 
 
-def prefill_weight_bytes(device: Device) -> float:
+def prefill_weight_bytes(device: Device | Fleet) -> float:
     """What one weight's prefill work per token is worth in decode bytes on ``device``, for a
     turn of ``PROMPT_RATIO`` prompt tokens per decoded one: a prompt token costs ``2 / ops``
     seconds per weight, a decoded token ``1 / bandwidth`` per byte."""
-    return PROMPT_RATIO * 2 * device.effective_bandwidth / prefill_ops_per_s(device)
+    return PROMPT_RATIO * 2 * device.effective_bandwidth / device.int8_ops_per_s
 
 
-def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0,
+def predict(device: Device | Fleet, shape: Shape, file_bytes: int, ctx: int, embd_bytes: int = 0,
             decode_bytes: float | None = None, prefill_factor: float = 1.0) -> dict:
     """Memory and speed of a ``file_bytes`` GGUF on ``device`` with a ``ctx`` context.
     ``decode_bytes``: the bandwidth-equivalent bytes a token reads (default ``file_bytes`` less
@@ -137,8 +132,8 @@ def predict(device: Device, shape: Shape, file_bytes: int, ctx: int, embd_bytes:
         "memory_bytes": memory,
         "usable_bytes": device.usable_bytes,
         "fits": memory <= device.usable_bytes,
-        "decode_tok_s": device.effective_bandwidth / per_token,
-        "prefill_tok_s": prefill_ops_per_s(device) / (2 * shape.params * prefill_factor),
+        "decode_tok_s": 1 / (per_token / device.effective_bandwidth + device.network_seconds(shape.hidden)),
+        "prefill_tok_s": device.int8_ops_per_s / (2 * shape.params * prefill_factor),
         "ctx": ctx,
     }
 

@@ -252,17 +252,47 @@ TARGET_HELP = r"local, ssh://\[user@]host\[:port]\[/dir] or adb://\[serial]\[/di
 @app.command()
 def deploy(
     folder: Path = typer.Argument(..., help="A build folder (with manifest.json)."),
-    to: str = typer.Option(..., "--to", help=f"Where to: {TARGET_HELP}."),
+    to: str = typer.Option(..., "--to", help=f"Where to: {TARGET_HELP}; or a fleet file, to start its RPC workers."),
+    stop: bool = typer.Option(False, "--stop", help="With a fleet file: stop the workers this build started."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
-    """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256."""
+    """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256.
+    With a fleet file, start (or --stop) a llama.cpp RPC worker on each of its devices."""
     from .deployment import deploy as run_deploy
+    from .fleet import is_fleet
 
+    if is_fleet(to):
+        _deploy_fleet(folder, to, stop, quiet or as_json, as_json)
+        return
     result = _run(run_deploy, folder, to, _progress(quiet or as_json)).as_dict()
     _emit(result, as_json, lambda r: typer.echo(
         f"{r['target']}: sent {r['sent_bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s; copied {len(r['copied'])}, "
         f"resumed {len(r['resumed'])}, already there {len(r['skipped'])}"))
+
+
+def _deploy_fleet(folder: Path, fleet: str, stop: bool, quiet: bool, as_json: bool) -> None:
+    from . import workers
+
+    if stop:
+        stopped = _run(workers.stop, folder)
+        _emit({"stopped": stopped}, as_json, lambda r: typer.echo(f"stopped {len(stopped)} workers: {', '.join(stopped)}"))
+        return
+    state = _run(workers.start, folder, fleet, _progress(quiet))
+    _emit(state, as_json, lambda r: typer.echo("\n".join(
+        [f"{w['name']}: {w['rpc']} on {w['at']} (pid {w['pid']})" for w in r["workers"]] + [f"note: {r['security']}"])))
+
+
+@app.command()
+def tools(arm: Optional[str] = typer.Option(None, "--arm", help="Cross-compile for aarch64 with this ISA, e.g. "
+                                            "armv8.2-a+fp16+dotprod (a Raspberry Pi 5) or armv8-a (a Pi 4).")):
+    """Build llama.cpp's programs (llama-bench, llama-perplexity, ggml-rpc-server...) from the sources
+    llama-cpp-python vendors; prints their folder. Minutes, once."""
+    from runtimes.rpc import build_tools
+
+    with _progress(False).step("build llama.cpp's programs" + (f" for aarch64 ({arm})" if arm else "")):
+        folder = _run(build_tools, arm)
+    typer.echo(folder)
 
 
 @app.command()
@@ -297,12 +327,22 @@ def bench(
     gen_tokens: int = typer.Option(64, help="Tokens decoded after the prompt."),
     repeats: int = typer.Option(3, help="Measured runs (after one warm-up run)."),
     calibrate_profile: bool = typer.Option(False, "--calibrate-profile", help="Write device.calibrated.toml with the decode efficiency measured here."),
+    check_logits: bool = typer.Option(False, "--check-logits", help="With a fleet: also compare the split run's logits with a run here."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
-    """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime."""
+    """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime.
+    With a fleet file as --target: llama-bench across its RPC workers, and each worker's memory."""
     from .benchmark import bench as run_bench, calibrate_profile as calibrate
+    from .fleet import is_fleet
 
+    if is_fleet(target):
+        from .workers import bench as bench_fleet
+
+        result = _run(bench_fleet, folder, target, threads, prompt_tokens, gen_tokens, repeats, check_logits,
+                      _progress(quiet or as_json))
+        _emit(result, as_json, _print_split_bench)
+        return
     result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
                   _progress(quiet or as_json))
     if calibrate_profile:
@@ -327,6 +367,26 @@ def _print_bench(result: dict) -> None:
         typer.echo(f"skipped {runtime}: {why}")
     if result.get("calibrated_profile"):
         typer.echo(f"calibrated profile: {result['calibrated_profile']} (use it with --device)")
+
+
+def _print_split_bench(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    s, p = result["speed"], result["predicted"]
+    typer.echo(f"llama.cpp across {len(result['rpc'])} RPC workers (-ts {','.join(f'{t:g}' for t in result['tensor_split'])}): "
+               f"prefill {s['prefill_tok_s']['mean']:.1f} tok/s (predicted {p['prefill_tok_s']:.0f}), "
+               f"decode {s['decode_tok_s']['mean']:.1f} tok/s (predicted {p['decode_tok_s']:.1f})")
+    table = Table(title=f"workers of {result['target']}")
+    for col in ("worker", "rpc", "layers", "peak RSS MB", "planned MB", "measured / planned"):
+        table.add_column(col)
+    for w in result["workers"]:
+        table.add_row(w["member"], w["rpc"], w["layers"] + (" + output" if w["output"] else ""),
+                      f"{w['peak_rss_bytes'] / 1e6:.0f}", f"{w['predicted_bytes'] / 1e6:.0f}", f"{w['ratio']:.2f}")
+    Console().print(table)
+    if "logits" in result:
+        lg = result["logits"]
+        typer.echo(f"logits against a run here: KLD {lg['kld']:.6f}, same top-1 {lg['same_top1']:.2%}")
 
 
 def _spread(stat: dict) -> str:
@@ -393,9 +453,29 @@ def _print_plan(s: dict) -> None:
         pruned = s["pruning"]
         sizes = ", ".join(f"{i}: ffn {b['ffn']} kv {b['kv_heads']}" for i, b in enumerate(pruned["blocks"]))
         console.print(f"pruned: blocks removed {pruned['removed'] or 'none'}; kept blocks (renumbered) {sizes}")
+    if "split" in p:
+        console.print(_split_table(p["split"]))
     console.print(f"predicted: {p['file_bytes'] / 1e6:.1f} MB file ({s['bpw']:.3f} bpw), {p['memory_bytes'] / 1e6:.0f} MB "
                   f"of {p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s, "
                   f"prefill {p['prefill_tok_s']:.0f} tok/s")
+
+
+def _split_table(split: dict):
+    """Which layers each device of a fleet holds, and its predicted memory."""
+    from rich.table import Table
+
+    table = Table(title=f"split over {len(split['members'])} devices (llama.cpp RPC, -ts "
+                        f"{','.join(f'{t:g}' for t in split['tensor_split'])})")
+    for col in ("device", "rpc", "layers", "weights MB", "KV MB", "memory MB", "usable MB"):
+        table.add_column(col)
+    for r in split["members"]:
+        layers = r["layers"] + (" + output" if r["output"] else "")
+        table.add_row(r["member"], r["rpc"] or "", layers or "none", f"{r['weights_bytes'] / 1e6:.1f}",
+                      f"{r['kv_cache_bytes'] / 1e6:.1f}", f"{r['memory_bytes'] / 1e6:.0f}", f"{r['usable_bytes'] / 1e6:.0f}")
+    c = split["client"]
+    table.add_row("client", "", "input embedding", f"{c['input_embedding_bytes'] / 1e6:.1f}", "",
+                  f"{c['memory_bytes'] / 1e6:.0f}", "")
+    return table
 
 
 def _print_summary(report: dict) -> None:

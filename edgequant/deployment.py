@@ -23,7 +23,8 @@ from .errors import EdgequantError
 from .progress import Progress
 
 MANIFEST = "manifest.json"
-NOT_SHIPPED = {MANIFEST, "report.json", "report.html", "bench.json", "device.calibrated.toml"}  # rewritten after the build
+NOT_SHIPPED = {MANIFEST, "report.json", "report.html", "bench.json", "bench-split.json", "device.calibrated.toml",
+               "rpc-workers.json"}  # rewritten after the build
 
 
 def sha256(path: Path) -> str:

@@ -47,6 +47,10 @@ PROFILE_DIR: Path = Path(__file__).resolve().parent.parent / "device_profiles"
 ALIASES_FILE = "aliases.toml"
 HOST = "host"
 GIB = 1 << 30
+# Prefill is compute bound: cores x GHz x the MACs per cycle of the widest integer dot product,
+# at a rough 30% of peak.
+INT8_OPS_PER_CYCLE = {"i8mm": 128, "amx": 1024, "avx512_vnni": 128, "dotprod": 64, "avx2": 64}
+COMPUTE_EFFICIENCY = 0.3
 
 KINDS = ("sbc", "jetson", "phone", "host")
 TRANSPORTS = ("local", "ssh", "adb")
@@ -101,6 +105,20 @@ class Device:
     def effective_bandwidth(self) -> float:
         """Bytes per second that decoding reads weights at: bandwidth_gbs * 1e9 * decode_efficiency."""
         return self.bandwidth_gbs * 1e9 * self.decode_efficiency
+
+    @property
+    def int8_ops_per_s(self) -> float:
+        """A rough int8 throughput of the CPU, which prefill is bound by."""
+        per_cycle = max((INT8_OPS_PER_CYCLE[f] for f in self.isa if f in INT8_OPS_PER_CYCLE), default=32)
+        return self.cpu_cores * self.cpu_ghz * 1e9 * per_cycle * 2 * COMPUTE_EFFICIENCY
+
+    def runtime_bytes(self, shape, ctx: int) -> int:
+        """Memory besides the weights (``shape``: a :class:`edgequant.budget.Shape`)."""
+        return shape.kv_bytes(ctx) + shape.overhead_bytes(ctx)
+
+    def network_seconds(self, hidden: int) -> float:
+        """Per token, time spent on the network: none on one device."""
+        return 0.0
 
     def as_dict(self) -> dict:
         d = asdict(self)

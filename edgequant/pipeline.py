@@ -31,7 +31,8 @@ from .atomic import atomic_dir
 from .budget import Budget, Shape, check_fits, predict, prefill_weight_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
-from .devices import Device, load_device
+from .devices import Device
+from .fleet import Fleet, check_split, load_target, split
 from .errors import EdgequantError, check_number, disk_is_full
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .kernels import load as load_kernels
@@ -114,7 +115,7 @@ class BuildOptions:
 class Target:
     """What the build aims at: the device, the model's shape there, and the byte budget."""
 
-    device: Device
+    device: Device | Fleet
     shape: Shape
     budget: Budget
     file_overhead: int  # GGUF bytes besides tensor data
@@ -129,16 +130,20 @@ class Target:
         """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
         floor = None
         if self.min_tok_s is not None:
-            floor = self.device.effective_bandwidth / self.min_tok_s - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
+            seconds = 1 / self.min_tok_s - self.device.network_seconds(self.shape.hidden)
+            floor = self.device.effective_bandwidth * seconds - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
         return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
                      prefill_weight_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
         speed = self.speed
-        return {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
-                          decode_bytes=speed.plan_decode_bytes(plan) + self.file_overhead,
-                          prefill_factor=speed.plan_prefill_factor(plan)),
-                "kernels": speed.costs.as_dict()}
+        predicted = {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
+                               decode_bytes=speed.plan_decode_bytes(plan) + self.file_overhead,
+                               prefill_factor=speed.plan_prefill_factor(plan)),
+                     "kernels": speed.costs.as_dict()}
+        if isinstance(self.device, Fleet):
+            predicted["split"] = split(self.device, plan, self.shape, self.budget.ctx, self.file_overhead, self.shape.tied)
+        return predicted
 
 
 def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
@@ -148,7 +153,7 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
     return matrices, n_all - sum(m.params for m in matrices)
 
 
-def target(loaded: LoadedModel, opts: BuildOptions, device: Device, unpruned_params: int | None = None) -> Target:
+def target(loaded: LoadedModel, opts: BuildOptions, device: Device | Fleet, unpruned_params: int | None = None) -> Target:
     """The budget for ``loaded`` on ``device``; a pruned model counts ``--bpw`` over the
     ``unpruned_params`` of the model it was pruned from."""
     matrices, other = matrices_of(loaded)
@@ -175,6 +180,8 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
         plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed,
                                  loaded.ties()), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
+    if isinstance(tgt.device, Fleet):
+        check_split(tgt.predict(plan)["split"])
     speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
 
@@ -226,7 +233,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     ``with_reference``: also store the full-precision model's log-probabilities on the evaluation
     text, which the build's files are scored against (before pruning or any transform changes it)."""
     method = get_method(opts.method)
-    device = load_device(opts.device or "host")  # a mistyped device fails before the model is loaded
+    device = load_target(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
     if opts.formats is None:
@@ -290,7 +297,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
                    pruning or None, choice.details if choice else None, twin)
 
 
-def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Device, calib, progress) -> Choice:
+def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Device | Fleet, calib, progress) -> Choice:
     """The joint search on the unpruned model, within the budget the unpruned model's target gives
     (a pruned model's KV cache is smaller, so its memory budget can only grow)."""
     tgt = target(loaded, opts, device)

@@ -66,6 +66,10 @@ def render(report: dict, plan: dict, ladder: dict | None, folder: Path) -> str:
         _section("Sensitivity", "sensitivity", _sensitivity_table(report, plan),
                  "KL divergence of the model's output when only that part is quantized to that type "
                  "(nats/token; the chosen type is bold)."),
+        *([_section("Split across devices", "split", _split_table(report),
+                    "llama.cpp's RPC backend runs each device's layers on it, one device after another for every "
+                    "token; the RPC protocol has no authentication, so the workers must stay on a private network.")]
+          if "split" in report["predicted"] else []),
         _section("Speed on the device", "bench", _bench_table(report), ""),
         _section("Deploy and bench", "commands", _commands(report, folder), ""),
     ]
@@ -305,6 +309,33 @@ def _bench_table(report: dict) -> str:
     where = bench["results"][0]["device"]
     return (line + f"<p>Measured on {escape(bench['target'])} ({escape(where['cpu'])}, {where['cores']} cores), "
             f"median of {bench['results'][0]['repeats']} runs:</p><table><tr>{head}</tr>{rows}</table>")
+
+
+def _split_table(report: dict) -> str:
+    """Which layers each device holds, its predicted memory, and (after a bench) what it used."""
+    split = report["predicted"]["split"]
+    measured = {w["rpc"]: w for w in (report.get("bench_split") or {}).get("workers", [])}
+    head = "".join(f"<th>{h}</th>" for h in ("device", "rpc", "layers", "weights MB", "KV MB", "memory MB (plan)",
+                                             "usable MB", "peak RSS MB (bench)"))
+    rows = ""
+    for r in split["members"]:
+        peak = measured.get(r["rpc"], {}).get("peak_rss_bytes")
+        rows += (f"<tr><td>{escape(r['member'])}</td><td>{escape(r['rpc'] or '')}</td>"
+                 f"<td>{escape(r['layers'] + (' + output' if r['output'] else ''))}</td>"
+                 f"<td>{r['weights_bytes'] / 1e6:.1f}</td><td>{r['kv_cache_bytes'] / 1e6:.1f}</td>"
+                 f"<td>{r['memory_bytes'] / 1e6:.0f}</td><td>{r['usable_bytes'] / 1e6:.0f}</td>"
+                 f"<td>{'' if peak is None else f'{peak / 1e6:.0f}'}</td></tr>")
+    c = split["client"]
+    rows += (f"<tr><td>client</td><td></td><td>input embedding</td><td>{c['input_embedding_bytes'] / 1e6:.1f}</td>"
+             f"<td></td><td>{c['memory_bytes'] / 1e6:.0f}</td><td></td><td></td></tr>")
+    ts = ",".join(f"{t:g}" for t in split["tensor_split"])
+    speed = ""
+    if report.get("bench_split"):
+        s = report["bench_split"]["speed"]
+        speed = (f"<p>Measured across the workers: prefill {s['prefill_tok_s']['mean']:.1f} tok/s, "
+                 f"decode {s['decode_tok_s']['mean']:.1f} tok/s.</p>")
+    return (f"<p>llama.cpp options: <code>-ngl 99 -ts {escape(ts)}</code> ({escape(split['rule'])}).</p>"
+            f"<table><tr>{head}</tr>{rows}</table>{speed}")
 
 
 def _commands(report: dict, folder: Path) -> str:

@@ -45,7 +45,7 @@ def pytest_configure(config):
     from edgequant.assets import DEFAULT_MODEL, PACKAGED_MODELS, cache_dir
 
     suite = Path(tempfile.mkdtemp(prefix="edgequant-suite-cache-"))
-    for name in (DEFAULT_MODEL, *PACKAGED_MODELS):
+    for name in (DEFAULT_MODEL, *PACKAGED_MODELS, "llama.cpp"):  # llama.cpp: its programs, built by `edgequant tools`
         if (cache_dir() / name).is_dir():
             (suite / name).symlink_to(cache_dir() / name)
     os.environ["EDGEQUANT_CACHE"] = os.environ["EDGEQUANT_SUITE_CACHE"] = str(suite)

@@ -1,0 +1,80 @@
+"""The default model split across two llama.cpp RPC workers on loopback, as the plan splits it.
+
+The workers are real ``ggml-rpc-server`` processes on 127.0.0.1 (built by ``edgequant tools``),
+started and stopped by ``edgequant deploy``; the client is llama.cpp's own llama-bench and
+llama-perplexity."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.helpers import assert_clean_failure, edgequant, succeeded
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def fleet_file(folder, ports) -> str:
+    """Two workers here, each on one thread, reached over loopback."""
+    targets = "".join(f'[[target]]\nprofile = "host"\nrpc = "127.0.0.1:{p}"\nthreads = 1\nlink_mbs = 2000\n'
+                      f'link_ms = 0.05\n' for p in ports)
+    path = folder / "fleet.toml"
+    path.write_text(f'name = "loopback"\n{targets}')
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def split_build(default_model, tmp_path_factory):
+    """A Q8_0 build planned for the two workers (context 512), and the workers running."""
+    folder = tmp_path_factory.mktemp("rpc")
+    fleet = fleet_file(folder, [free_port(), free_port()])
+    out = folder / "build"
+    succeeded(edgequant("build", "--device", fleet, "--type", "Q8_0", "--method", "rtn", "--formats", "gguf",
+                        "--context", "512", "--eval-tokens", "1024", "--calib-tokens", "512", "--no-twin", "--quiet",
+                        "--out", out))
+    succeeded(edgequant("deploy", out, "--to", fleet, "--quiet"))
+    yield out, fleet
+    edgequant("deploy", out, "--to", fleet, "--stop", "--quiet")
+
+
+def test_the_split_run_matches_a_run_here_and_each_worker_holds_what_the_plan_says(split_build):
+    out, fleet = split_build
+    result = json.loads(succeeded(edgequant("bench", out, "--target", fleet, "--check-logits", "--repeats", "1",
+                                            "--prompt-tokens", "32", "--gen-tokens", "8", "--json")).stdout)
+    report = json.loads((out / "report.json").read_text())
+    assert [w["layers"] for w in result["workers"]] == ["0-15", "16-29"]  # the plan's split, run as planned
+    assert result["tensor_split"] == report["predicted"]["split"]["tensor_split"]
+    assert result["logits"]["kld"] < 1e-3
+    assert result["logits"]["same_top1"] == 1.0
+    for worker in result["workers"]:
+        assert 0.85 <= worker["ratio"] <= 1.15, worker  # peak RSS against the plan's figure
+    assert result["speed"]["decode_tok_s"]["mean"] > 0 and result["speed"]["prefill_tok_s"]["mean"] > 0
+    assert "Split across devices" in (out / "report.html").read_text()
+
+
+def test_a_worker_killed_mid_bench_is_one_line_and_a_failure(split_build):
+    out, fleet = split_build
+    workers = json.loads((out / "rpc-workers.json").read_text())["workers"]
+    bench = subprocess.Popen([sys.executable, "-m", "edgequant.cli", "bench", str(out), "--target", fleet,
+                              "--repeats", "20", "--gen-tokens", "128", "--quiet"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    while subprocess.run(["pgrep", "-f", f"llama-bench -m {out}"], capture_output=True).returncode:
+        assert bench.poll() is None, bench.communicate()
+        time.sleep(0.1)
+    time.sleep(1)  # llama-bench has connected to the workers and is running
+    subprocess.run(["kill", "-9", str(workers[1]["pid"])], check=True)
+    stdout, stderr = bench.communicate(timeout=300)
+    result = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
+    assert_clean_failure(result, "llama-bench", "a worker closed the connection")
+    # the next bench names the lost worker before starting anything
+    again = edgequant("bench", out, "--target", fleet, "--quiet")
+    assert_clean_failure(again, "1:host", "is not running")
