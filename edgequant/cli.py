@@ -160,7 +160,8 @@ def plan(
 
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens,
-                    sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity)
+                    sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity,
+                    use_importance=False)  # a plan rounds nothing: only a measured allocation calibrates
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 

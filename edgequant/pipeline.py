@@ -283,7 +283,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
     store_reference()
     stats = None
-    if opts.use_importance or opts.smooth or method.allocate:
+    if opts.use_importance or opts.smooth or (method.allocate and not opts.ggml_type):
         with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
             stats = cached_activation_stats(loaded, calib, tick)
     calibration = Calibration(calib, stats.importance if stats and opts.use_importance else {}, opts.sensitivity_tokens,

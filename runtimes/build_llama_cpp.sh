@@ -34,7 +34,10 @@ if [[ -z "$ARM" ]]; then
   TOOLS=(llama-bench llama-imatrix llama-quantize llama-perplexity ggml-rpc-server)
   FLAGS=(-DGGML_NATIVE=ON)  # as pip compiled the installed package (its default on x86)
 else
-  BUILD="$OUT/build-$VER-aarch64-${ARM//+/-}"
+  # One cross build folder for every ISA: the ISA reaches only ggml's CPU backend, so switching
+  # recompiles that alone; each ISA's programs are then copied to their own folder.
+  BUILD="$OUT/build-$VER-aarch64"
+  BIN="$OUT/build-$VER-aarch64-${ARM//+/-}/bin"
   TOOLS=(llama-perplexity llama-bench ggml-rpc-server)
   TOOLCHAIN="$OUT/aarch64-linux-gnu.cmake"
   cat > "$TOOLCHAIN" <<'CMAKE'
@@ -55,18 +58,36 @@ CMAKE
          -DGGML_OPENMP=OFF -DGGML_CPU_ARM_ARCH="$ARM")
 fi
 
+BIN="${BIN:-$BUILD/bin}"
+# llama.cpp's logger is left running at exit (it is never freed: common/log.cpp), so the last lines
+# a program prints - llama-perplexity's KL divergence summary among them - are sometimes lost.
+# One line drains it at exit; nothing else in llama.cpp is changed. The stamp marks builds with it.
+PATCHED="drain the log at exit (edgequant)"
+STAMP="$BIN/.log-drained"
 missing=0
-for tool in "${TOOLS[@]}"; do [[ -x "$BUILD/bin/$tool" ]] || missing=1; done
+for tool in "${TOOLS[@]}"; do [[ -x "$BIN/$tool" ]] || missing=1; done
+[[ -f "$STAMP" ]] || missing=1
 if (( missing )); then
   {
     if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then  # the source distribution: the wheel has no C++ sources
       python3 -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$OUT/sdist"
       tar -xzf "$OUT/sdist/llama_cpp_python-$VER.tar.gz" -C "$OUT"
     fi
+    LOG_CPP="$SRC/vendor/llama.cpp/common/log.cpp"
+    if ! grep -q "$PATCHED" "$LOG_CPP"; then
+      sed -i "s|^\( *\)log = new common_log;|&\n\1std::atexit([] { common_log_pause(common_log_main()); });  // $PATCHED|" "$LOG_CPP"
+      sed -i "0,/^#include/s//#include <cstdlib>\n#include/" "$LOG_CPP"
+      grep -q "$PATCHED" "$LOG_CPP" || { echo "cannot patch $LOG_CPP" >&2; exit 1; }
+    fi
     GEN=(); command -v ninja >/dev/null && GEN=(-G Ninja)
     cmake -S "$SRC/vendor/llama.cpp" -B "$BUILD" "${GEN[@]}" "${COMMON[@]}" "${FLAGS[@]}"
     cmake --build "$BUILD" --target "${TOOLS[@]}" -j "$JOBS"
+    if [[ "$BIN" != "$BUILD/bin" ]]; then
+      mkdir -p "$BIN.part" && for tool in "${TOOLS[@]}"; do cp "$BUILD/bin/$tool" "$BIN.part/"; done
+      rm -rf "$BIN" && mv "$BIN.part" "$BIN"
+    fi
+    touch "$STAMP"
   } >&2
 fi
 
-echo "$BUILD/bin"
+echo "$BIN"

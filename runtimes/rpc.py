@@ -161,7 +161,8 @@ def run_client(argv: list[str], workers: str, timeout: float) -> str:
     """Run one of llama.cpp's programs against the workers; its stdout, or one line on failure."""
     env = {**os.environ, "GGML_NO_BACKTRACE": "1"}  # an abort must not attach gdb to the client
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env, errors="replace")
+        done = subprocess.run(argv, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout,
+                              env=env)
     except subprocess.TimeoutExpired:
         raise EdgequantError(f"{Path(argv[0]).name} got no answer from the workers ({workers}) in {timeout:.0f} s") from None
     if done.returncode:
@@ -178,15 +179,16 @@ def _lost_worker(done: subprocess.CompletedProcess) -> str | None:
     return None
 
 
-KLD_LINE = re.compile(r"^Mean\s+KLD:\s+([-\d.]+)\s+±\s+([-\d.]+)", re.M)
-TOP_LINE = re.compile(r"^Same top p:\s+([\d.]+)\s+±\s+([\d.]+)\s+%", re.M)
+KLD_LINE = re.compile(r"^Mean\s+KLD:\s+([-\d.]+)\s+\S+\s+([-\d.]+)", re.M)  # "Mean    KLD:   0.001234 ±   0.000056"
+TOP_LINE = re.compile(r"^Same top p:\s+([\d.]+)\s+\S+\s+([\d.]+)\s+%", re.M)  # "Same top p: 99.608 ± 0.391 %"
 
 
 def kld_against(base: Path, gguf: Path, extra: list[str], threads: int, workers: str = "this machine",
-                timeout: float = 1800, perplexity: Path | None = None) -> dict:
+                timeout: float = 1800, perplexity: list[str] | None = None) -> dict:
     """KLD and same-top-1 share of ``gguf`` run with ``extra`` arguments, against the logits saved
-    in ``base`` by :func:`save_logits` (llama-perplexity's own comparison)."""
-    argv = [str(perplexity or tool("llama-perplexity")), "-m", str(gguf), "--kl-divergence-base", str(base),
+    in ``base`` by :func:`save_logits` (llama-perplexity's own comparison). ``perplexity``: the
+    command that runs llama-perplexity (default: this machine's build)."""
+    argv = [*(perplexity or [str(tool("llama-perplexity"))]), "-m", str(gguf), "--kl-divergence-base", str(base),
             "--kl-divergence", "-t", str(threads), "-fit", "off", *extra]
     out = run_client(argv, workers, timeout)
     kld, top = KLD_LINE.search(out), TOP_LINE.search(out)
@@ -195,11 +197,10 @@ def kld_against(base: Path, gguf: Path, extra: list[str], threads: int, workers:
     return {"kld": float(kld.group(1)), "kld_se": float(kld.group(2)), "same_top1": float(top.group(1)) / 100}
 
 
-def save_logits(gguf: Path, text: Path, base: Path, chunks: int, threads: int, extra: list[str] = (),
-                perplexity: Path | None = None) -> None:
+def save_logits(gguf: Path, text: Path, base: Path, chunks: int, threads: int, extra: list[str] = ()) -> None:
     """llama-perplexity's logits of ``chunks`` windows of ``text``, run here with ``extra``
     arguments (the context among them), saved to ``base``."""
-    argv = [str(perplexity or tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "--chunks", str(chunks), "-t", str(threads), "-fit", "off", "--kl-divergence-base", str(base), *extra]
+    argv = [str(tool("llama-perplexity")), "-m", str(gguf), "-f", str(text), "--chunks", str(chunks), "-t", str(threads), "-fit", "off", "--kl-divergence-base", str(base), *extra]
     run_client(argv, "this machine", 1800)
     if not base.is_file():
         raise EdgequantError(f"llama-perplexity saved no logits for {gguf}")

@@ -16,7 +16,7 @@ from edgequant.fleet import layer_owners, load_fleet, tensor_split
 from tests.helpers import assert_clean_failure, edgequant, succeeded
 
 PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
-Q8_0 = ("--type", "Q8_0", "--method", "rtn", "--calib-tokens", "512", "--quiet")  # a plan that needs no measuring
+Q8_0 = ("--type", "Q8_0", "--quiet")  # a plan that needs no measuring
 
 
 def small_board(folder: Path, usable_gb: float, name: str = "small-board") -> Path:
