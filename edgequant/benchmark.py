@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from runtimes.remote import Target, Transport, last_line, parse_target, remote_path, transport
@@ -32,6 +33,16 @@ def bench(folder: Path, target_text: str = "local", runtime: str = "all", thread
           progress: Progress | None = None) -> dict:
     """Measure every requested runtime whose artifact the build has; returns what bench.json holds."""
     folder = Path(folder)
+    out = measure(folder, target_text, runtime, threads, python, prompt_tokens, gen_tokens, repeats, progress)
+    write_text(folder / "bench.json", json.dumps(out, indent=1))
+    write_text(folder / "report.json", json.dumps({**_read_report(folder), "bench": out}, indent=1))
+    write_report(folder)
+    return out
+
+
+def measure(folder: Path, target_text: str, runtime: str, threads: int | None, python: str | None,
+            prompt_tokens: int, gen_tokens: int, repeats: int, progress: Progress | None = None) -> dict:
+    """:func:`bench`'s measurements on one target, written nowhere."""
     for option, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--gen-tokens", gen_tokens),
                           ("--repeats", repeats)):
         check_number(option, value, at_least=1)
@@ -57,11 +68,40 @@ def bench(folder: Path, target_text: str = "local", runtime: str = "all", thread
                 "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
         with (progress or Progress()).step(f"bench {r} on {target} ({repeats} runs + warm-up)"):
             results.append(_run_probe(link, python, probe, args))
-    out = {"target": str(target), "python": python, "results": results,
-           "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
-           "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
-    write_text(folder / "bench.json", json.dumps(out, indent=1))
-    write_text(folder / "report.json", json.dumps({**report, "bench": out}, indent=1))
+    return {"target": str(target), "python": python, "results": results,
+            "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
+            "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
+
+
+def bench_fleet(folder: Path, fleet_text: str, runtime: str = "all", threads: int | None = None,
+                python: str | None = None, prompt_tokens: int = 128, gen_tokens: int = 64, repeats: int = 3,
+                jobs: int = 4, calibrate: bool = False, progress: Progress | None = None) -> dict:
+    """The build benched on every target of a fleet file, each running the whole model alone,
+    ``jobs`` at a time; a target that fails is a row with its one-line error. With ``calibrate``,
+    a calibrated profile per target (``FOLDER/calibrated/<target>.toml``)."""
+    from .fleet import load_fleet
+
+    folder, fleet = Path(folder), load_fleet(fleet_text)
+    check_number("--jobs", jobs, at_least=1)
+
+    def one(member) -> dict:
+        row = {"member": member.name, "device": member.device.name, "at": member.at}
+        try:
+            row["result"] = measure(folder, member.at, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
+                                    Progress())  # silent: the targets run at once
+            if calibrate:
+                out = folder / "calibrated" / (re.sub(r"[^A-Za-z0-9.-]+", "-", member.name) + ".toml")
+                row["calibrated_profile"] = str(calibrate_profile(folder, row["result"], member.device, out))
+        except EdgequantError as e:
+            row["error"] = str(e)
+        return row
+
+    with (progress or Progress()).step(f"bench on {len(fleet.members)} targets, {min(jobs, len(fleet.members))} at a time"):
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            rows = list(pool.map(one, fleet.members))
+    out = {"fleet": fleet.name, "targets": rows}
+    write_text(folder / "bench-fleet.json", json.dumps(out, indent=1))
+    write_text(folder / "report.json", json.dumps({**_read_report(folder), "bench_fleet": out}, indent=1))
     write_report(folder)
     return out
 
@@ -104,13 +144,15 @@ def _run_probe(link: Transport, python: str, probe: str, args: list[str]) -> dic
         raise EdgequantError(f"{link.target}: the probe printed no result ({last_line(done.stderr)})") from None
 
 
-def calibrate_profile(folder: Path, result: dict) -> Path:
-    """Write ``device.calibrated.toml``: the build's device profile with ``decode_efficiency``
-    replaced by what the llama.cpp decode rate implies (weights read per token / measured time)."""
+def calibrate_profile(folder: Path, result: dict, device=None, out: Path | None = None) -> Path:
+    """Write ``device.calibrated.toml`` (or ``out``): the device's profile (default: the build's)
+    with ``decode_efficiency`` replaced by what the llama.cpp decode rate implies (weights read
+    per token / measured time)."""
     from .devices import load_device
 
-    report = _read_report(folder)
-    device = load_device(report["device"]["path"] or report["device"]["name"])
+    if device is None:
+        report = _read_report(folder)
+        device = load_device(report["device"]["path"] or report["device"]["name"])
     if device.path is None:
         raise EdgequantError("--calibrate-profile needs a profile file (host is detected afresh on every run)")
     llama = next((r for r in result["results"] if r["runtime"] == "llama.cpp"), None)
@@ -128,7 +170,8 @@ def calibrate_profile(folder: Path, result: dict) -> Path:
     note = (f"measured by edgequant bench on {result['target']}: {llama['decode_tok_s']['median']:.1f} tok/s decoding "
             f"{bytes_per_token / 1e6:.1f} MB of weights per token (bandwidth-equivalent: each type at its kernel's decode factor)")
     text = re.sub(r'(?m)^decode_efficiency\s*=\s*".*"$', f"decode_efficiency = {json.dumps(note)}", text)
-    out = folder / "device.calibrated.toml"
+    out = out or folder / "device.calibrated.toml"
+    out.parent.mkdir(exist_ok=True)
     write_text(out, text)
     return out
 

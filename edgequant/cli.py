@@ -253,26 +253,39 @@ TARGET_HELP = r"local, ssh://\[user@]host\[:port]\[/dir] or adb://\[serial]\[/di
 @app.command()
 def deploy(
     folder: Path = typer.Argument(..., help="A build folder (with manifest.json)."),
-    to: str = typer.Option(..., "--to", help=f"Where to: {TARGET_HELP}; or a fleet file, to start its RPC workers."),
-    stop: bool = typer.Option(False, "--stop", help="With a fleet file: stop the workers this build started."),
+    to: Optional[str] = typer.Option(None, "--to", help=f"Where to: {TARGET_HELP}."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file: copy the build to each of its targets."),
+    rpc: Optional[str] = typer.Option(None, "--rpc", help="A fleet file: start a llama.cpp RPC worker on each of its targets."),
+    stop: bool = typer.Option(False, "--stop", help="With --rpc: stop the workers this build started."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
     """Copy a build to a device: skips files already there, resumes interrupted copies, checks sha256.
-    With a fleet file, start (or --stop) a llama.cpp RPC worker on each of its devices."""
-    from .deployment import deploy as run_deploy
-    from .fleet import is_fleet
+    --fleet copies it to every target of a fleet file; --rpc starts (or --stop stops) llama.cpp RPC
+    workers that run it split across them."""
+    from .deployment import deploy as run_deploy, deploy_fleet
 
-    if is_fleet(to):
-        _deploy_fleet(folder, to, stop, quiet or as_json, as_json)
+    if sum(x is not None for x in (to, fleet, rpc)) != 1:
+        _fail("deploy takes one of --to TARGET, --fleet FLEET.toml or --rpc FLEET.toml")
+    if rpc is not None:
+        _deploy_rpc(folder, rpc, stop, quiet or as_json, as_json)
+        return
+    if fleet is not None:
+        rows = _run(deploy_fleet, folder, fleet, _progress(quiet or as_json))
+        _emit(rows, as_json, lambda r: typer.echo("\n".join(_deployed(row) for row in r["targets"])))
         return
     result = _run(run_deploy, folder, to, _progress(quiet or as_json)).as_dict()
-    _emit(result, as_json, lambda r: typer.echo(
-        f"{r['target']}: sent {r['sent_bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s; copied {len(r['copied'])}, "
-        f"resumed {len(r['resumed'])}, already there {len(r['skipped'])}"))
+    _emit(result, as_json, lambda r: typer.echo(_deployed(r)))
 
 
-def _deploy_fleet(folder: Path, fleet: str, stop: bool, quiet: bool, as_json: bool) -> None:
+def _deployed(r: dict) -> str:
+    if "error" in r:
+        return f"{r['target']}: failed: {r['error']}"
+    return (f"{r['target']}: sent {r['sent_bytes'] / 1e6:.1f} MB in {r['seconds']:.1f} s; copied {len(r['copied'])}, "
+            f"resumed {len(r['resumed'])}, already there {len(r['skipped'])}")
+
+
+def _deploy_rpc(folder: Path, fleet: str, stop: bool, quiet: bool, as_json: bool) -> None:
     from . import workers
 
     if stop:
@@ -321,34 +334,53 @@ def verify(
 def bench(
     folder: Path = typer.Argument(..., help="A build folder."),
     target: str = typer.Option("local", "--target", help=f"Where to run: {TARGET_HELP} (deploy first)."),
+    fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file: bench on each of its targets (each running the whole model)."),
+    rpc: Optional[str] = typer.Option(None, "--rpc", help="A fleet file: bench the model split across its RPC workers (deploy --rpc first)."),
+    jobs: int = typer.Option(4, help="With --fleet: targets benched at once."),
     runtime: str = typer.Option("all", help="llama.cpp, ort or all."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores of the target)."),
     python: Optional[str] = typer.Option(None, help="Python on the target that has the runtimes (default: python3; here: this one)."),
     prompt_tokens: int = typer.Option(128, help="Prompt length (prefill)."),
     gen_tokens: int = typer.Option(64, help="Tokens decoded after the prompt."),
     repeats: int = typer.Option(3, help="Measured runs (after one warm-up run)."),
-    calibrate_profile: bool = typer.Option(False, "--calibrate-profile", help="Write device.calibrated.toml with the decode efficiency measured here."),
-    check_logits: bool = typer.Option(False, "--check-logits", help="With a fleet: also compare the split run's logits with a run here."),
+    calibrate_profile: bool = typer.Option(False, "--calibrate-profile", help="Write a calibrated profile with the decode efficiency measured (with --fleet: one per target)."),
+    check_logits: bool = typer.Option(False, "--check-logits", help="With --rpc: also compare the split run's logits with a run here."),
     quiet: bool = QUIET,
     as_json: bool = JSON,
 ):
     """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime.
-    With a fleet file as --target: llama-bench across its RPC workers, and each worker's memory."""
-    from .benchmark import bench as run_bench, calibrate_profile as calibrate
-    from .fleet import is_fleet
+    --fleet: on every target of a fleet file at once; --rpc: llama-bench across RPC workers."""
+    from .benchmark import bench as run_bench, bench_fleet, calibrate_profile as calibrate
 
-    if is_fleet(target):
-        from .workers import bench as bench_fleet
+    if fleet is not None and rpc is not None:
+        _fail("bench takes --fleet or --rpc, not both")
+    if rpc is not None:
+        from .workers import bench as bench_split
 
-        result = _run(bench_fleet, folder, target, threads, prompt_tokens, gen_tokens, repeats, check_logits,
+        result = _run(bench_split, folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits,
                       _progress(quiet or as_json))
         _emit(result, as_json, _print_split_bench)
+        return
+    if fleet is not None:
+        result = _run(bench_fleet, folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
+                      calibrate_profile, _progress(quiet or as_json))
+        _emit(result, as_json, _print_fleet_bench)
         return
     result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
                   _progress(quiet or as_json))
     if calibrate_profile:
         result["calibrated_profile"] = str(_run(calibrate, folder, result))
     _emit(result, as_json, _print_bench)
+
+
+def _print_fleet_bench(result: dict) -> None:
+    for row in result["targets"]:
+        if "error" in row:
+            typer.echo(f"{row['member']} ({row['at']}): failed: {row['error']}")
+            continue
+        _print_bench(row["result"])
+        if row.get("calibrated_profile"):
+            typer.echo(f"calibrated profile: {row['calibrated_profile']}")
 
 
 def _print_bench(result: dict) -> None:

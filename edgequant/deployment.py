@@ -108,6 +108,20 @@ def deploy(folder: Path, target_text: str, progress: Progress | None = None) -> 
     return result
 
 
+def deploy_fleet(folder: Path, fleet_text: str, progress: Progress | None = None) -> dict:
+    """The build copied to every target of a fleet file, one after another; a target that fails
+    is a row with its one-line error, and the others are still copied."""
+    from .fleet import load_fleet
+
+    rows = []
+    for member in load_fleet(fleet_text).members:
+        try:
+            rows.append({"member": member.name, **deploy(folder, member.at, progress).as_dict()})
+        except EdgequantError as e:
+            rows.append({"member": member.name, "target": member.at, "error": str(e)})
+    return {"fleet": fleet_text, "targets": rows}
+
+
 def verify(folder: Path, target_text: str = "local") -> dict:
     """Compare every file's sha256 with the manifest: on the device, or (``local``) in the build folder itself."""
     manifest = read_manifest(Path(folder))

@@ -71,6 +71,9 @@ def render(report: dict, plan: dict, ladder: dict | None, folder: Path) -> str:
                     "token; the RPC protocol has no authentication, so the workers must stay on a private network.")]
           if "split" in report["predicted"] else []),
         _section("Speed on the device", "bench", _bench_table(report), ""),
+        *([_section("Speed on each device of a fleet", "fleet", _fleet_tables(report["bench_fleet"]),
+                    "The same files benched on every target at once (edgequant bench --fleet); each runs the whole model.")]
+          if report.get("bench_fleet") else []),
         _section("Deploy and bench", "commands", _commands(report, folder), ""),
     ]
     return f"""<!doctype html>
@@ -300,6 +303,11 @@ def _bench_table(report: dict) -> str:
             f'{predicted["usable_bytes"] / 1e6:.0f} MB usable.</p>')
     if not bench:
         return line + '<p class="note">Not measured yet: run the bench command below.</p>'
+    return line + _runs_table(bench)
+
+
+def _runs_table(bench: dict) -> str:
+    """One target's measurements, a row per runtime."""
     head = "".join(f"<th>{h}</th>" for h in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB"))
     rows = "".join(
         f"<tr><td>{escape(r['runtime'])} {escape(str(r['runtime_version']))}</td><td>{r['threads']}</td>"
@@ -307,8 +315,35 @@ def _bench_table(report: dict) -> str:
         f"<td>{r['decode_tok_s']['median']:.1f}</td><td>{r['peak_rss_bytes'] / 1e6:.0f}</td></tr>"
         for r in bench["results"])
     where = bench["results"][0]["device"]
-    return (line + f"<p>Measured on {escape(bench['target'])} ({escape(where['cpu'])}, {where['cores']} cores), "
+    return (f"<p>Measured on {escape(bench['target'])} ({escape(where['cpu'])}, {where['cores']} cores), "
             f"median of {bench['results'][0]['repeats']} runs:</p><table><tr>{head}</tr>{rows}</table>")
+
+
+def _fleet_tables(fleet: dict) -> str:
+    """Per target of a fleet bench: its table and a plot of its rates, or its one-line failure."""
+    parts = []
+    for row in fleet["targets"]:
+        title = f"<h3>{escape(row['member'])} · {escape(row['device'])} · {escape(row['at'])}</h3>"
+        if "error" in row:
+            parts.append(f"{title}<p>Not measured: {escape(row['error'])}</p>")
+            continue
+        calibrated = (f"<p class=\"note\">Calibrated profile: {escape(row['calibrated_profile'])}</p>"
+                      if row.get("calibrated_profile") else "")
+        parts.append(title + _runs_table(row["result"]) + _rates_svg(row["result"]) + calibrated)
+    return "".join(parts)
+
+
+def _rates_svg(bench: dict) -> str:
+    """Prefill and decode tok/s of each runtime, as bars."""
+    runs = bench["results"]
+    fig = _figure(5.5, 0.5 + 0.45 * len(runs))
+    axes = fig.subplots(1, 2)
+    labels = [r["runtime"] for r in runs]
+    for ax, key, title in zip(axes, ("prefill_tok_s", "decode_tok_s"), ("prefill tok/s", "decode tok/s")):
+        ax.barh(labels, [r[key]["median"] for r in runs], color="#4a7fb5")
+        ax.set_title(title, fontsize=9)
+        ax.tick_params(labelsize=8)
+    return _svg(fig)
 
 
 def _split_table(report: dict) -> str:

@@ -1,11 +1,11 @@
 """A build split across a fleet: start llama.cpp's RPC workers on its devices, bench the split
 model from here, stop the workers. (The split itself is planned in :mod:`edgequant.fleet`.)
 
-``edgequant deploy BUILD --to fleet.toml`` starts one ``ggml-rpc-server`` per target, bound
+``edgequant deploy BUILD --rpc fleet.toml`` starts one ``ggml-rpc-server`` per target, bound
 to the address its ``rpc`` field gives: copied to a device over ssh (this machine's own build
 for an x86 device, the aarch64 build for the profile's ISA on an ARM board), or started here for
 ``at = "local"``. The running workers are listed in ``BUILD/rpc-workers.json``;
-``--stop`` stops them. ``edgequant bench BUILD --target fleet.toml`` runs llama-bench here with
+``--stop`` stops them. ``edgequant bench BUILD --rpc fleet.toml`` runs llama-bench here with
 the plan's tensor split, then reads each worker's peak memory and sets both beside the plan.
 
 The RPC protocol has no authentication: anyone who reaches a worker's port can run code on it
@@ -81,7 +81,7 @@ def _sha256(path: Path) -> str:
 def _running(folder: Path) -> dict:
     path = Path(folder) / WORKERS_FILE
     if not path.is_file():
-        raise EdgequantError(f"{folder} has no running workers: start them with `edgequant deploy {folder} --to FLEET.toml`")
+        raise EdgequantError(f"{folder} has no running workers: start them with `edgequant deploy {folder} --rpc FLEET.toml`")
     return read_json(path, "the workers' list")
 
 

@@ -94,7 +94,7 @@ def start_worker(name: str, link, binary: str, rpc: str, threads: int | None, lo
     host, port = rpc.rsplit(":", 1)
     if _listening(host, int(port)):
         raise EdgequantError(f"{name}: something already listens on {rpc} (a server left running? "
-                             "`edgequant deploy BUILD --to FLEET --stop` stops the fleet's)")
+                             "`edgequant deploy BUILD --rpc FLEET --stop` stops the fleet's)")
     script = 't="$3"; [ "$t" = 0 ] && t=$(nproc); nohup "$0" -H "$1" -p "$2" -t "$t" > "$4" 2>&1 < /dev/null & echo $!'
     done = link.run(["sh", "-c", script, binary, host, port, str(threads or 0), log])
     worker = Worker(name, rpc, str(link.target), int(done.stdout.decode().split()[-1]), log)

@@ -170,6 +170,11 @@ MATRIX = {
     "deploy: folder does not exist": (lambda f, o: ["deploy", f.root / "nope", "--to", "ssh://127.0.0.1/x"], ["not found"]),
     "deploy: unknown transport": (lambda f, o: ["deploy", f.build, "--to", "ftp://board/x"], ["ftp"]),
     "deploy: unreachable device": (lambda f, o: ["deploy", f.build, "--to", "ssh://127.0.0.1:9/x", "-q"], ["refused"]),
+    "deploy: no target given": (lambda f, o: ["deploy", f.build], ["--to", "--fleet", "--rpc"]),
+    "deploy: fleet with an unknown device": (lambda f, o: ["deploy", f.build, "--rpc", "raspberry-pi-5-8gb,pi-9"], ["pi-9"]),
+    "bench: split without running workers": (lambda f, o: ["bench", f.build, "--rpc", "raspberry-pi-5-8gb,raspberry-pi-5-8gb", "-q"],
+                                             ["planned for one device", "--device"]),
+    "plan: fleet with an unknown device": (lambda f, o: ["plan", "--device", "raspberry-pi-5-8gb,pi-9", "-q"], ["pi-9"]),
     "verify: folder without manifest": (lambda f, o: ["verify", f.root], ["manifest.json"]),
     "verify: corrupt build": (lambda f, o: ["verify", f.corrupt_build], ["model.gguf", "changed"]),
     "report: not a build folder": (lambda f, o: ["report", f.root], ["report.json"]),
@@ -302,7 +307,7 @@ def test_out_on_a_full_disk_leaves_nothing_behind(disk_of_2_mb, tiny_model, bad_
 
 def test_help_lists_every_command_and_every_option_is_explained():
     top = edgequant("--help").stdout
-    commands = ["build", "plan", "eval", "export-onnx", "deploy", "verify", "bench", "report", "devices", "fetch"]
+    commands = ["build", "plan", "eval", "export-onnx", "deploy", "verify", "bench", "report", "devices", "fetch", "tools"]
     for command in commands:
         assert f" {command} " in top
         text = edgequant(command, "--help")

@@ -111,6 +111,34 @@ def test_deploy_verify_and_bench_over_ssh_then_calibrate_the_profile(built, serv
     assert (calibrated.name, calibrated.usable_gb, calibrated.bandwidth_gbs) == (board.name, board.usable_gb, board.bandwidth_gbs)
 
 
+def test_a_fleet_is_benched_at_once_and_an_unreachable_target_is_one_row(built, server, tmp_path):
+    """Two targets on the loopback server and one that refuses connections: two results, each with
+    its calibrated profile, and one one-line failure; the command succeeds."""
+    folder = Path(shutil.copytree(built, tmp_path / "build"))
+    a, b = tmp_path / "board-a", tmp_path / "board-b"
+    targets = [f"ssh://board{a}", f"ssh://board{b}", "ssh://nobody@127.0.0.1:1/~/edgequant"]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text("".join(f'[[target]]\nname = "{n}"\nprofile = "{BUILD["device"]}"\nat = "{t}"\n'
+                             for n, t in zip(("a", "b", "gone"), targets)))
+    copied = json.loads(succeeded(edgequant("deploy", folder, "--fleet", fleet, "--json", env=server.env())).stdout)
+    assert ["error" in row for row in copied["targets"]] == [False, False, True]
+    assert (a / "model.gguf").is_file() and (b / "model.gguf").is_file()
+
+    r = succeeded(edgequant("bench", folder, "--fleet", fleet, "--runtime", "llama.cpp", "--python", sys.executable,
+                            "--repeats", "1", "--calibrate-profile", "--json", env=server.env()))
+    rows = {row["member"]: row for row in json.loads(r.stdout)["targets"]}
+    for name in ("a", "b"):
+        run = rows[name]["result"]["results"][0]
+        assert run["runtime"] == "llama.cpp" and run["decode_tok_s"]["median"] > 0
+        calibrated = load_device(rows[name]["calibrated_profile"])
+        assert calibrated.name == BUILD["device"]
+        assert "measured by edgequant bench on ssh://" in calibrated.sources["decode_efficiency"]
+    gone = rows["gone"]["error"]
+    assert "\n" not in gone and "127.0.0.1" in gone
+    page = (folder / "report.html").read_text()
+    assert "Speed on each device of a fleet" in page and page.count("<h3>") == 3 and "Not measured: " in page
+
+
 def test_a_decode_rate_the_profile_cannot_explain_writes_no_profile(built, tmp_path):
     from edgequant.benchmark import _weights_read_per_token, calibrate_profile
     from edgequant.errors import EdgequantError

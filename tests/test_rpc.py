@@ -41,14 +41,14 @@ def split_build(default_model, tmp_path_factory):
     succeeded(edgequant("build", "--device", fleet, "--type", "Q8_0", "--method", "rtn", "--formats", "gguf",
                         "--context", "512", "--eval-tokens", "1024", "--calib-tokens", "512", "--no-twin", "--quiet",
                         "--out", out))
-    succeeded(edgequant("deploy", out, "--to", fleet, "--quiet"))
+    succeeded(edgequant("deploy", out, "--rpc", fleet, "--quiet"))
     yield out, fleet
-    edgequant("deploy", out, "--to", fleet, "--stop", "--quiet")
+    edgequant("deploy", out, "--rpc", fleet, "--stop", "--quiet")
 
 
 def test_the_split_run_matches_a_run_here_and_each_worker_holds_what_the_plan_says(split_build):
     out, fleet = split_build
-    result = json.loads(succeeded(edgequant("bench", out, "--target", fleet, "--check-logits", "--repeats", "1",
+    result = json.loads(succeeded(edgequant("bench", out, "--rpc", fleet, "--check-logits", "--repeats", "1",
                                             "--prompt-tokens", "32", "--gen-tokens", "8", "--json")).stdout)
     report = json.loads((out / "report.json").read_text())
     assert [w["layers"] for w in result["workers"]] == ["0-15", "16-29"]  # the plan's split, run as planned
@@ -64,7 +64,7 @@ def test_the_split_run_matches_a_run_here_and_each_worker_holds_what_the_plan_sa
 def test_a_worker_killed_mid_bench_is_one_line_and_a_failure(split_build):
     out, fleet = split_build
     workers = json.loads((out / "rpc-workers.json").read_text())["workers"]
-    bench = subprocess.Popen([sys.executable, "-m", "edgequant.cli", "bench", str(out), "--target", fleet,
+    bench = subprocess.Popen([sys.executable, "-m", "edgequant.cli", "bench", str(out), "--rpc", fleet,
                               "--repeats", "20", "--gen-tokens", "128", "--quiet"],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     while subprocess.run(["pgrep", "-f", f"llama-bench -m {out}"], capture_output=True).returncode:
@@ -76,5 +76,5 @@ def test_a_worker_killed_mid_bench_is_one_line_and_a_failure(split_build):
     result = subprocess.CompletedProcess(bench.args, bench.returncode, stdout, stderr)
     assert_clean_failure(result, "llama-bench", "a worker closed the connection")
     # the next bench names the lost worker before starting anything
-    again = edgequant("bench", out, "--target", fleet, "--quiet")
+    again = edgequant("bench", out, "--rpc", fleet, "--quiet")
     assert_clean_failure(again, "1:host", "is not running")
