@@ -55,7 +55,7 @@ def mixed_file(tiny_model, tmp_path_factory):
 RUNS = [(isa, repack) for isa in ISAS for repack in (True, False) if isa != "armv8-a" or repack]  # plain ARMv8 repacks nothing
 
 
-@pytest.mark.parametrize("isa, repack", RUNS, ids=[f"{isa}-{'repacked' if r else 'not-repacked'}" for isa, r in RUNS])
+@pytest.mark.parametrize("isa, repack", RUNS, ids=[f"{isa}-{'default' if r else 'no-repack'}" for isa, r in RUNS])
 def test_every_type_we_emit_runs_on_arm_as_on_x86(mixed_file, isa, repack):
     path, base = mixed_file
     qemu = ["qemu-aarch64-static", "-cpu", ISAS[isa], str(tool("llama-perplexity", isa))]
