@@ -126,13 +126,16 @@ def bench(folder: Path, fleet_text: str, threads: int | None, prompt_tokens: int
 
 
 def _workers_of(fleet: Fleet, state: dict, split: dict) -> list[tuple[Worker, object]]:
+    """The running workers in the fleet's order; the fleet must have the devices the split was
+    planned for (their addresses may differ), and a worker must run at each of its addresses."""
     running = {w["rpc"]: Worker(**w) for w in state["workers"]}
-    planned = [row["rpc"] for row in split["members"]]
-    rpc = [m.rpc for m in fleet.members]
-    if planned != rpc or any(r not in running for r in rpc):
-        raise EdgequantError(f"the running workers ({', '.join(running)}) are not the fleet the build was planned for "
-                             f"({', '.join(str(r) for r in planned)})")
-    return [(running[r], transport(parse_target(running[r].at))) for r in rpc]
+    planned = [row["device"] for row in split["members"]]
+    if [m.device.name for m in fleet.members] != planned:
+        raise EdgequantError(f"{fleet.name} is not the devices the build was planned for ({', '.join(planned)})")
+    missing = [m.rpc for m in fleet.members if m.rpc not in running]
+    if missing:
+        raise EdgequantError(f"no worker of this build runs at {missing[0]} (started: {', '.join(running)})")
+    return [(running[m.rpc], transport(parse_target(running[m.rpc].at))) for m in fleet.members]
 
 
 def _memory_row(worker: Worker, link, planned: dict) -> dict:

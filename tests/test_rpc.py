@@ -14,6 +14,7 @@ import time
 
 import pytest
 
+from tests import sshd
 from tests.helpers import assert_clean_failure, edgequant, succeeded
 
 
@@ -23,11 +24,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def fleet_file(folder, ports) -> str:
-    """Two workers here, each on one thread, reached over loopback."""
-    targets = "".join(f'[[target]]\nprofile = "host"\nrpc = "127.0.0.1:{p}"\nthreads = 1\nlink_mbs = 2000\n'
-                      f'link_ms = 0.05\n' for p in ports)
-    path = folder / "fleet.toml"
+def fleet_file(folder, ports, at: str = "local", name: str = "fleet.toml") -> str:
+    """Two workers on this machine, each on one thread, reached over loopback (``at``: how
+    deploy reaches them, here or through ssh)."""
+    targets = "".join(f'[[target]]\nprofile = "host"\nrpc = "127.0.0.1:{p}"\nat = "{at}"\nthreads = 1\n'
+                      f'link_mbs = 2000\nlink_ms = 0.05\n' for p in ports)
+    path = folder / name
     path.write_text(f'name = "loopback"\n{targets}')
     return str(path)
 
@@ -78,3 +80,24 @@ def test_a_worker_killed_mid_bench_is_one_line_and_a_failure(split_build):
     # the next bench names the lost worker before starting anything
     again = edgequant("bench", out, "--rpc", fleet, "--quiet")
     assert_clean_failure(again, "1:host", "is not running")
+
+
+def test_workers_start_over_ssh_from_a_copy_of_the_server(split_build, tmp_path):
+    """The same split with its workers reached over ssh: deploy copies ggml-rpc-server to the
+    device (this x86 machine's build for an x86 profile), starts it there and bench runs across it."""
+    out, fleet = split_build
+    edgequant("deploy", out, "--rpc", fleet, "--stop", "--quiet")  # the local workers (one was killed)
+    server = sshd.start(tmp_path / "sshd")
+    board = tmp_path / "board"
+    remote = fleet_file(tmp_path, [free_port(), free_port()], at=f"ssh://board{board}", name="ssh-fleet.toml")
+    try:
+        started = json.loads(succeeded(edgequant("deploy", out, "--rpc", remote, "--json", env=server.env())).stdout)
+        assert [w["at"] for w in started["workers"]] == [f"ssh://board{board}"] * 2
+        assert (board / "bin" / "ggml-rpc-server-x86_64").is_file()
+        result = json.loads(succeeded(edgequant("bench", out, "--rpc", remote, "--repeats", "1", "--prompt-tokens", "16",
+                                                "--gen-tokens", "8", "--json", env=server.env())).stdout)
+        assert [w["layers"] for w in result["workers"]] == ["0-15", "16-29"]
+        assert all(w["peak_rss_bytes"] > 50e6 for w in result["workers"])  # each holds its layers
+    finally:
+        edgequant("deploy", out, "--rpc", remote, "--stop", "--quiet", env=server.env())
+        server.stop()
