@@ -89,11 +89,15 @@ def bench_fleet(folder: Path, fleet_text: str, runtime: str = "all", threads: in
         try:
             row["result"] = measure(folder, member.at, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
                                     Progress())  # silent: the targets run at once
-            if calibrate:
-                out = folder / "calibrated" / (re.sub(r"[^A-Za-z0-9.-]+", "-", member.name) + ".toml")
-                row["calibrated_profile"] = str(calibrate_profile(folder, row["result"], member.device, out))
         except EdgequantError as e:
             row["error"] = str(e)
+            return row
+        if calibrate:
+            out = folder / "calibrated" / (re.sub(r"[^A-Za-z0-9.-]+", "-", member.name) + ".toml")
+            try:
+                row["calibrated_profile"] = str(calibrate_profile(folder, row["result"], member.device, out))
+            except EdgequantError as e:  # e.g. a host profile: the measurement still stands
+                row["calibrate_error"] = str(e)
         return row
 
     with (progress or Progress()).step(f"bench on {len(fleet.members)} targets, {min(jobs, len(fleet.members))} at a time"):

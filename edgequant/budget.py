@@ -122,7 +122,8 @@ def predict(device: Device | Fleet, shape: Shape, file_bytes: int, ctx: int, emb
     ``decode_bytes``: the bandwidth-equivalent bytes a token reads (default ``file_bytes`` less
     an untied embedding's ``embd_bytes``), and ``prefill_factor`` the weights' mean prefill
     cost, both from the types' kernel costs (:mod:`edgequant.kernels`)."""
-    kv, overhead = shape.kv_bytes(ctx), shape.overhead_bytes(ctx)
+    kv = shape.kv_bytes(ctx)
+    overhead = device.runtime_bytes(shape, ctx) - kv  # llama.cpp's buffers (every worker's, for a fleet)
     per_token = (file_bytes - embd_bytes if decode_bytes is None else decode_bytes) + kv
     memory = file_bytes + kv + overhead
     return {

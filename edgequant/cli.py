@@ -161,7 +161,7 @@ def plan(
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens,
                     sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity,
-                    use_importance=False)  # a plan rounds nothing: only a measured allocation calibrates
+                    use_importance=ggml_type is None)  # one type everywhere: nothing to measure for the plan
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 
@@ -273,6 +273,8 @@ def deploy(
     if fleet is not None:
         rows = _run(deploy_fleet, folder, fleet, _progress(quiet or as_json))
         _emit(rows, as_json, lambda r: typer.echo("\n".join(_deployed(row) for row in r["targets"])))
+        if all("error" in row for row in rows["targets"]):
+            _fail(f"no target of {fleet} could be deployed to")
         return
     result = _run(run_deploy, folder, to, _progress(quiet or as_json)).as_dict()
     _emit(result, as_json, lambda r: typer.echo(_deployed(r)))
@@ -338,7 +340,7 @@ def bench(
     rpc: Optional[str] = typer.Option(None, "--rpc", help="A fleet file: bench the model split across its RPC workers (deploy --rpc first)."),
     jobs: int = typer.Option(4, help="With --fleet: targets benched at once."),
     runtime: str = typer.Option("all", help="llama.cpp, ort or all."),
-    threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores of the target)."),
+    threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores of the target; with --rpc, the client's: 1)."),
     python: Optional[str] = typer.Option(None, help="Python on the target that has the runtimes (default: python3; here: this one)."),
     prompt_tokens: int = typer.Option(128, help="Prompt length (prefill)."),
     gen_tokens: int = typer.Option(64, help="Tokens decoded after the prompt."),
@@ -365,6 +367,8 @@ def bench(
         result = _run(bench_fleet, folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
                       calibrate_profile, _progress(quiet or as_json))
         _emit(result, as_json, _print_fleet_bench)
+        if not any("result" in row for row in result["targets"]):
+            _fail(f"no target of {fleet} could be benched")
         return
     result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
                   _progress(quiet or as_json))
@@ -381,6 +385,8 @@ def _print_fleet_bench(result: dict) -> None:
         _print_bench(row["result"])
         if row.get("calibrated_profile"):
             typer.echo(f"calibrated profile: {row['calibrated_profile']}")
+        if row.get("calibrate_error"):
+            typer.echo(f"no calibrated profile for {row['member']}: {row['calibrate_error']}")
 
 
 def _print_bench(result: dict) -> None:

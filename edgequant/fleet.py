@@ -37,7 +37,7 @@ weights read at its bandwidth, plus a network hop to each: ``HOP_ROUND_TRIPS`` r
 the hidden state sent and received over its link.
 
 The RPC protocol has no authentication and no encryption: keep the servers on a private
-network (``deploy`` binds each to the address the fleet file gives, never 0.0.0.0 by default).
+network (``deploy`` binds each to the address the fleet file gives, and 0.0.0.0 is refused).
 """
 
 from __future__ import annotations

@@ -181,7 +181,7 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
                                  loaded.ties()), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
     if isinstance(tgt.device, Fleet):
-        check_split(tgt.predict(plan)["split"])
+        check_split(split(tgt.device, plan, tgt.shape, tgt.budget.ctx, tgt.file_overhead, tgt.shape.tied))
     speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
 

@@ -349,12 +349,12 @@ def _rates_svg(bench: dict) -> str:
 def _split_table(report: dict) -> str:
     """Which layers each device holds, its predicted memory, and (after a bench) what it used."""
     split = report["predicted"]["split"]
-    measured = {w["rpc"]: w for w in (report.get("bench_split") or {}).get("workers", [])}
+    measured = (report.get("bench_split") or {}).get("workers", [])  # in the split's order
     head = "".join(f"<th>{h}</th>" for h in ("device", "rpc", "layers", "weights MB", "KV MB", "memory MB (plan)",
                                              "usable MB", "peak RSS MB (bench)"))
     rows = ""
-    for r in split["members"]:
-        peak = measured.get(r["rpc"], {}).get("peak_rss_bytes")
+    for i, r in enumerate(split["members"]):
+        peak = measured[i]["peak_rss_bytes"] if i < len(measured) else None
         rows += (f"<tr><td>{escape(r['member'])}</td><td>{escape(r['rpc'] or '')}</td>"
                  f"<td>{escape(r['layers'] + (' + output' if r['output'] else ''))}</td>"
                  f"<td>{r['weights_bytes'] / 1e6:.1f}</td><td>{r['kv_cache_bytes'] / 1e6:.1f}</td>"
@@ -369,7 +369,7 @@ def _split_table(report: dict) -> str:
         s = report["bench_split"]["speed"]
         speed = (f"<p>Measured across the workers: prefill {s['prefill_tok_s']['mean']:.1f} tok/s, "
                  f"decode {s['decode_tok_s']['mean']:.1f} tok/s.</p>")
-    return (f"<p>llama.cpp options: <code>-ngl 99 -ts {escape(ts)}</code> ({escape(split['rule'])}).</p>"
+    return (f"<p>llama.cpp options: <code>-ngl 999 -ts {escape(ts)}</code> ({escape(split['rule'])}).</p>"
             f"<table><tr>{head}</tr>{rows}</table>{speed}")
 
 

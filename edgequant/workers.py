@@ -23,7 +23,7 @@ from runtimes.rpc import (SERVER, Worker, arm_build, bench_split, kld_against, s
                           stop_worker, tool, worker_memory)
 
 from .atomic import write_text
-from .errors import EdgequantError
+from .errors import EdgequantError, check_number
 from .fleet import Fleet, load_fleet
 from .progress import Progress
 from .reporting import read_json, write_report
@@ -36,6 +36,7 @@ SECURITY = ("the RPC protocol has no authentication or encryption: keep the work
 def start(folder: Path, fleet_text: str, progress: Progress | None = None) -> dict:
     """Start a worker on every target of the fleet file; returns what ``rpc-workers.json`` holds."""
     folder, fleet = Path(folder), load_fleet(fleet_text)
+    read_json(folder / "report.json", "an edgequant build folder")  # before anything starts
     missing = [m.name for m in fleet.members if not m.rpc]
     if missing:
         raise EdgequantError(f"{fleet_text}: target {missing[0]} has no rpc address (host:port its server listens on)")
@@ -48,18 +49,31 @@ def start(folder: Path, fleet_text: str, progress: Progress | None = None) -> di
                 link = transport(parse_target(member.at))
                 binary, log = _server_on(member, link, folder)
                 started.append((link, start_worker(member.name, link, binary, member.rpc, member.threads, log)))
+        state = {"fleet": fleet.as_dict(), "workers": [w.as_dict() for _, w in started], "security": SECURITY}
+        write_text(folder / WORKERS_FILE, json.dumps(state, indent=1))
     except BaseException:
-        for link, worker in started:
-            stop_worker(link, worker)
+        _stop_all(started)
         raise
-    state = {"fleet": fleet.as_dict(), "workers": [w.as_dict() for _, w in started], "security": SECURITY}
-    write_text(folder / WORKERS_FILE, json.dumps(state, indent=1))
     return state
+
+
+def _stop_all(workers: list[tuple[object, Worker]]) -> list[str]:
+    """Stop every worker that can be reached; the names of those that could not."""
+    unreached = []
+    for link, worker in workers:
+        try:
+            stop_worker(link, worker)
+        except EdgequantError:
+            unreached.append(worker.name)
+    return unreached
 
 
 def _server_on(member, link, folder: Path) -> tuple[str, str]:
     """Where the server binary is on the member's machine (copied there if it is a device), and its log."""
     target = link.target
+    if target.scheme == "adb":
+        raise EdgequantError(f"{member.name}: RPC workers start over ssh or here, not over adb (reach a phone through "
+                             "Termux's sshd)")
     if target.scheme == "local":
         return str(tool(SERVER)), str(folder / f".rpc-{member.rpc.rsplit(':', 1)[1]}.log")
     arch = arm_build(member.device.isa)
@@ -78,21 +92,25 @@ def _sha256(path: Path) -> str:
     return sha256(path)
 
 
-def _running(folder: Path) -> dict:
+def _running(folder: Path) -> list[Worker]:
     path = Path(folder) / WORKERS_FILE
     if not path.is_file():
         raise EdgequantError(f"{folder} has no running workers: start them with `edgequant deploy {folder} --rpc FLEET.toml`")
-    return read_json(path, "the workers' list")
+    try:
+        return [Worker(**w) for w in read_json(path, "the workers' list")["workers"]]
+    except (KeyError, TypeError):
+        raise EdgequantError(f"{path} is not a list of workers (written by another version?); stop them by hand") from None
 
 
 def stop(folder: Path) -> list[str]:
     """Stop the workers ``start`` started; returns their names."""
-    state = _running(folder)
-    for w in state["workers"]:
-        worker = Worker(**w)
-        stop_worker(transport(parse_target(worker.at)), worker)
+    workers = _running(folder)
+    unreached = _stop_all([(transport(parse_target(w.at)), w) for w in workers])
+    if unreached:
+        raise EdgequantError(f"could not reach {', '.join(unreached)} to stop its worker (the others are stopped); "
+                             f"{WORKERS_FILE} is kept")
     (Path(folder) / WORKERS_FILE).unlink()
-    return [w["name"] for w in state["workers"]]
+    return [w.name for w in workers]
 
 
 def bench(folder: Path, fleet_text: str, threads: int | None, prompt_tokens: int, gen_tokens: int, repeats: int,
@@ -100,12 +118,15 @@ def bench(folder: Path, fleet_text: str, threads: int | None, prompt_tokens: int
     """llama-bench across the running workers with the plan's split; each worker's memory beside
     the plan's; with ``check_logits`` also the split run's logits against a run here."""
     folder, progress = Path(folder), progress or Progress()
+    for option, value in (("--threads", threads), ("--prompt-tokens", prompt_tokens), ("--gen-tokens", gen_tokens),
+                          ("--repeats", repeats)):
+        check_number(option, value, at_least=1)
     report = read_json(folder / "report.json", "an edgequant build folder")
     split = (report.get("predicted") or {}).get("split")
     if split is None:
         raise EdgequantError(f"{folder} was planned for one device; build it with --device {fleet_text} to split it")
-    fleet, state = load_fleet(fleet_text), _running(folder)
-    workers = _workers_of(fleet, state, split)
+    fleet = load_fleet(fleet_text)
+    workers = _workers_of(fleet, _running(folder), split)
     rpc = [w.rpc for w, _ in workers]
     for worker, link in workers:
         worker_memory(link, worker)  # a worker that is gone fails here, by name
@@ -125,10 +146,10 @@ def bench(folder: Path, fleet_text: str, threads: int | None, prompt_tokens: int
     return out
 
 
-def _workers_of(fleet: Fleet, state: dict, split: dict) -> list[tuple[Worker, object]]:
+def _workers_of(fleet: Fleet, workers: list[Worker], split: dict) -> list[tuple[Worker, object]]:
     """The running workers in the fleet's order; the fleet must have the devices the split was
     planned for (their addresses may differ), and a worker must run at each of its addresses."""
-    running = {w["rpc"]: Worker(**w) for w in state["workers"]}
+    running = {w.rpc: w for w in workers}
     planned = [row["device"] for row in split["members"]]
     if [m.device.name for m in fleet.members] != planned:
         raise EdgequantError(f"{fleet.name} is not the devices the build was planned for ({', '.join(planned)})")

@@ -6,15 +6,17 @@
 #   (default)   this machine's CPU (-march=native): llama-bench, llama-imatrix, llama-quantize,
 #               llama-perplexity and ggml-rpc-server, with the RPC backend compiled in.
 #   --arm ARCH  cross-compiled for aarch64 Linux with Debian's gcc-aarch64-linux-gnu, static, for
-#               the ISA ARCH (e.g. armv8.2-a+dotprod for a Raspberry Pi 5, armv8-a for a Pi 4):
+#               the ISA ARCH (armv8.2-a+fp16+dotprod for a Raspberry Pi 5 or a Jetson Orin,
+#               armv8.2-a+fp16+dotprod+i8mm for recent phones, armv8-a for a Pi 4):
 #               llama-perplexity, llama-bench and ggml-rpc-server.
 # OUT_DIR defaults to the edgequant cache (~/.cache/edgequant/llama.cpp). The folder of the
 # binaries is printed as the last (and only) line on stdout; build logs go to stderr. Re-running
-# is a no-op once every binary exists. Env: JOBS (default 2) parallel compile jobs.
+# is a no-op once every binary exists. Env: JOBS (default 2) parallel compile jobs; PYTHON
+# (default python3): the interpreter whose llama-cpp-python version is built.
 set -euo pipefail
 
 ARM=""
-if [[ "${1:-}" == "--arm" ]]; then ARM="${2:?--arm takes an ISA, e.g. armv8.2-a+dotprod}"; shift 2; fi
+if [[ "${1:-}" == "--arm" ]]; then ARM="${2:?--arm takes an ISA, e.g. armv8.2-a+fp16+dotprod}"; shift 2; fi
 CACHE="${EDGEQUANT_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/edgequant}"
 OUT="${1:-$CACHE/llama.cpp}"
 mkdir -p "$OUT"
@@ -23,7 +25,7 @@ JOBS="${JOBS:-2}"
 
 # Ask the installed package for its version. Run from / so a llama_cpp source tree in the
 # current directory cannot shadow the installed one.
-VER="$(cd / && python3 -c 'import llama_cpp; print(llama_cpp.__version__)')"
+VER="$(cd / && "${PYTHON:-python3}" -c 'import llama_cpp; print(llama_cpp.__version__)')"
 SRC="$OUT/llama_cpp_python-$VER"
 
 COMMON=(-DCMAKE_BUILD_TYPE=Release -DBUILD_SHARED_LIBS=OFF -DGGML_RPC=ON -DGGML_RPC_RDMA=OFF
@@ -70,7 +72,7 @@ for tool in "${TOOLS[@]}"; do [[ -x "$BIN/$tool" ]] || missing=1; done
 if (( missing )); then
   {
     if [[ ! -d "$SRC/vendor/llama.cpp" ]]; then  # the source distribution: the wheel has no C++ sources
-      python3 -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$OUT/sdist"
+      "${PYTHON:-python3}" -m pip download --no-deps --no-binary :all: "llama-cpp-python==$VER" -d "$OUT/sdist"
       tar -xzf "$OUT/sdist/llama_cpp_python-$VER.tar.gz" -C "$OUT"
     fi
     LOG_CPP="$SRC/vendor/llama.cpp/common/log.cpp"

@@ -19,6 +19,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -48,8 +49,9 @@ def tools_folder(arm: str | None = None) -> Path:
 def build_tools(arm: str | None = None) -> Path:
     """Build llama.cpp's programs (minutes, once) and return their folder."""
     argv = ["bash", str(BUILD_SCRIPT)] + (["--arm", arm] if arm else []) + [str(_cache())]
-    done = subprocess.run(argv, capture_output=True, text=True)
-    if done.returncode:
+    env = {**os.environ, "PYTHON": sys.executable}  # the llama-cpp-python whose sources to build: this one's
+    done = subprocess.run(argv, capture_output=True, text=True, env=env)
+    if done.returncode or not done.stdout.strip():
         tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
         raise EdgequantError(f"building llama.cpp's programs failed: {tail}")
     return Path(done.stdout.strip().splitlines()[-1])
@@ -97,7 +99,10 @@ def start_worker(name: str, link, binary: str, rpc: str, threads: int | None, lo
                              "`edgequant deploy BUILD --rpc FLEET --stop` stops the fleet's)")
     script = 't="$3"; [ "$t" = 0 ] && t=$(nproc); nohup "$0" -H "$1" -p "$2" -t "$t" > "$4" 2>&1 < /dev/null & echo $!'
     done = link.run(["sh", "-c", script, binary, host, port, str(threads or 0), log])
-    worker = Worker(name, rpc, str(link.target), int(done.stdout.decode().split()[-1]), log)
+    pid = done.stdout.decode().split()
+    if not pid or not pid[-1].isdigit():
+        raise EdgequantError(f"{name}: {SERVER} did not start on {link.target} (no process id)")
+    worker = Worker(name, rpc, str(link.target), int(pid[-1]), log)
 
     def alive() -> bool:
         return link.run(["kill", "-0", str(worker.pid)], check=False).returncode == 0
@@ -105,12 +110,19 @@ def start_worker(name: str, link, binary: str, rpc: str, threads: int | None, lo
     def tail() -> str:
         return link.run(["tail", "-n", "5", log], check=False).stdout.decode(errors="replace")
 
-    _wait_ready(worker, alive, tail)
+    try:
+        _wait_ready(worker, alive, tail)
+    except BaseException:
+        stop_worker(link, worker)
+        raise
     return worker
 
 
 def stop_worker(link, worker: Worker) -> None:
-    link.run(["kill", str(worker.pid)], check=False)
+    """Stop the worker, if the process with its pid is still a ggml-rpc-server (a pid is reused
+    once its process has gone)."""
+    script = f'grep -q {SERVER} /proc/"$0"/cmdline 2>/dev/null && kill "$0"; true'
+    link.run(["sh", "-c", script, str(worker.pid)], check=False)
 
 
 def worker_memory(link, worker: Worker) -> dict:
@@ -149,12 +161,12 @@ def _listening(host: str, port: int) -> bool:
 # Clients
 
 
-def split_args(rpc: list[str], tensor_split: list[float], sep: str = ",") -> list[str]:
+def split_args(rpc: list[str], tensor_split: list[float], sep: str = ",", flag: str = "--rpc") -> list[str]:
     """Arguments that put every layer on the workers, dealt out as ``tensor_split`` says, and
-    nothing moved by llama.cpp's automatic fitting. (llama-bench separates one configuration's
-    values with ``/``.)"""
+    nothing moved by llama.cpp's automatic fitting. (llama-bench spells the option ``-rpc`` and
+    separates one configuration's values with ``/``.)"""
     devices = sep.join(f"RPC{i}" for i in range(len(rpc)))
-    return ["--rpc", ",".join(rpc), "-dev", devices, "-ngl", "999", "-ts", sep.join(f"{t:g}" for t in tensor_split)]
+    return [flag, ",".join(rpc), "-dev", devices, "-ngl", "999", "-ts", sep.join(f"{t:g}" for t in tensor_split)]
 
 
 def run_client(argv: list[str], workers: str, timeout: float) -> str:
@@ -209,10 +221,13 @@ def save_logits(gguf: Path, text: Path, base: Path, chunks: int, threads: int, e
 def bench_split(gguf: Path, rpc: list[str], tensor_split: list[float], threads: int, prompt: int, gen: int,
                 repeats: int, timeout: float = 1800) -> dict:
     """llama-bench across the workers: prefill and decode tok/s (mean and spread over ``repeats``)."""
-    argv = [str(tool("llama-bench")), "-m", str(gguf), *split_args(rpc, tensor_split, sep="/"), "-t", str(threads),
-            "-p", str(prompt), "-n", str(gen), "-r", str(repeats), "-o", "json"]
-    argv[argv.index("--rpc")] = "-rpc"
-    rows = json.loads(run_client(argv, ", ".join(rpc), timeout))
+    argv = [str(tool("llama-bench")), "-m", str(gguf), *split_args(rpc, tensor_split, sep="/", flag="-rpc"),
+            "-t", str(threads), "-p", str(prompt), "-n", str(gen), "-r", str(repeats), "-o", "json"]
+    out = run_client(argv, ", ".join(rpc), timeout)
+    try:
+        rows = json.loads(out)
+    except ValueError:
+        raise EdgequantError(f"llama-bench printed no results across {', '.join(rpc)}") from None
     speeds = {}
     for row in rows:
         key = "prefill_tok_s" if row["n_prompt"] else "decode_tok_s"
