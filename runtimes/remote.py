@@ -14,6 +14,11 @@ reach a process argument), ``StrictHostKeyChecking=yes`` (an unknown or changed 
 error, never silently accepted) and connect/keep-alive timeouts. ``EDGEQUANT_SSH_CONFIG`` names an
 extra ssh config file (``ssh -F``); the tests use it for a throwaway server.
 
+A deploy makes a few dozen short ssh calls (checksums, one upload and rename per file), so the
+calls to one host share one connection (OpenSSH's ControlMaster): one handshake per host, not per
+call. The control sockets live in a private folder of this process; the shared connections are
+closed when the process exits.
+
 Every remote command is an argument list joined with ``shlex.join``: paths and names reach the
 remote shell quoted, never interpolated. Multi-step commands are constant ``sh -c`` scripts that
 take their values as positional parameters.
@@ -21,11 +26,14 @@ take their values as positional parameters.
 
 from __future__ import annotations
 
+import atexit
 import os
 import posixpath
 import re
 import shlex
+import shutil
 import subprocess
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -191,7 +199,7 @@ class Local(Transport):
 class Ssh(Transport):
     def command(self, argv: list[str]) -> list[str]:
         t = self.target
-        opts = list(SSH_OPTIONS)
+        opts = SSH_OPTIONS + _shared_connection()
         if os.environ.get("EDGEQUANT_SSH_CONFIG"):
             opts += ["-F", os.environ["EDGEQUANT_SSH_CONFIG"]]
         if t.port:
@@ -209,6 +217,24 @@ class Ssh(Transport):
             if re.search(pattern, err, re.IGNORECASE):
                 raise EdgequantError(f"ssh {where}: {message}")
         raise EdgequantError(f"ssh {where}: {last_line(done.stderr)}")
+
+
+_control_dir: str | None = None
+
+
+def _shared_connection() -> list[str]:
+    """ssh options that make the calls to one host share one connection, opened by the first."""
+    global _control_dir
+    if _control_dir is None:
+        _control_dir = tempfile.mkdtemp(prefix="eq-ssh-")  # short: a socket path has a ~100-byte limit
+        atexit.register(_close_shared_connections, _control_dir)
+    return ["-o", "ControlMaster=auto", "-o", f"ControlPath={_control_dir}/%C", "-o", "ControlPersist=30"]
+
+
+def _close_shared_connections(folder: str) -> None:
+    for socket in Path(folder).iterdir():
+        subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "edgequant"], capture_output=True, timeout=10)
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 _SSH_ERRORS = [

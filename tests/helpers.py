@@ -22,6 +22,16 @@ def edgequant(*args, cwd=None, env=None, timeout=900) -> subprocess.CompletedPro
                           cwd=cwd, env=env, timeout=timeout)
 
 
+def in_process(*args) -> subprocess.CompletedProcess:
+    """The command line's own entry point, run in this process (no interpreter start-up)."""
+    from typer.testing import CliRunner
+
+    from edgequant.cli import app
+
+    done = CliRunner().invoke(app, [str(a) for a in args])
+    return subprocess.CompletedProcess(args, done.exit_code, done.stdout, done.stderr)
+
+
 def succeeded(result: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert result.returncode == 0, result.stderr[-3000:]
     return result

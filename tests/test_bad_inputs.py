@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import pytest
 
 from edgequant.assets import default_gguf
-from tests.helpers import TINY, edgequant, one_line_error
+from tests.helpers import TINY, edgequant, in_process, one_line_error
 
 
 def quick_build(model, out, *extra):
@@ -187,16 +187,6 @@ MATRIX = {
 # Python on their options, a folder's layout or a file's header, and run in this process.
 NATIVE_READS = {case for case in MATRIX if case.startswith(("build: truncated", "build: not a GGUF", "eval: truncated",
                                                             "eval: not a", "eval: corrupt"))}
-
-
-def in_process(*args) -> subprocess.CompletedProcess:
-    """The command line's own entry point, run in this process (no interpreter start-up)."""
-    from typer.testing import CliRunner
-
-    from edgequant.cli import app
-
-    done = CliRunner().invoke(app, [str(a) for a in args])
-    return subprocess.CompletedProcess(args, done.exit_code, done.stdout, done.stderr)
 
 
 @pytest.fixture(scope="module")

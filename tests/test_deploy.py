@@ -125,7 +125,8 @@ def test_a_fleet_is_benched_at_once_and_an_unreachable_target_is_one_row(built, 
     assert (a / "model.gguf").is_file() and (b / "model.gguf").is_file()
 
     r = succeeded(edgequant("bench", folder, "--fleet", fleet, "--runtime", "llama.cpp", "--python", sys.executable,
-                            "--repeats", "1", "--calibrate-profile", "--json", env=server.env()))
+                            "--repeats", "1", "--prompt-tokens", "16", "--gen-tokens", "8", "--calibrate-profile", "--json",
+                            env=server.env()))
     rows = {row["member"]: row for row in json.loads(r.stdout)["targets"]}
     for name in ("a", "b"):
         run = rows[name]["result"]["results"][0]

@@ -13,7 +13,7 @@ import pytest
 
 from edgequant.errors import EdgequantError
 from edgequant.fleet import layer_owners, load_fleet, tensor_split
-from tests.helpers import assert_clean_failure, edgequant, succeeded
+from tests.helpers import assert_clean_failure, edgequant, in_process, succeeded
 
 PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
 Q8_0 = ("--type", "Q8_0", "--quiet")  # a plan that needs no measuring
@@ -80,16 +80,16 @@ def test_a_fleet_file_refuses_an_open_or_unusable_server_address(tmp_path, rpc, 
 
 def test_plan_splits_a_model_that_fits_neither_device_alone(default_model, tmp_path):
     board = small_board(tmp_path, 0.3)
-    alone = edgequant("plan", "--device", board, *Q8_0)
+    alone = in_process("plan", "--device", board, *Q8_0)
     assert_clean_failure(alone, "does not fit", "small-board")
-    both = succeeded(edgequant("plan", "--device", f"{board},{board}", *Q8_0, "--json"))
+    both = succeeded(in_process("plan", "--device", f"{board},{board}", *Q8_0, "--json"))
     split = json.loads(both.stdout)["predicted"]["split"]
     first, second = split["members"]
     assert (first["layers"], first["output"]) == ("0-15", False)  # 30 blocks + output, halved
     assert (second["layers"], second["output"]) == ("16-29", True)
     assert all(m["fits"] for m in split["members"])
     assert split["tensor_split"] == [15.5, 15.5]
-    table = succeeded(edgequant("plan", "--device", f"{board},{board}", *Q8_0)).stdout
+    table = succeeded(in_process("plan", "--device", f"{board},{board}", *Q8_0)).stdout
     assert "split over 2 devices" in table and "16-29" in table
 
 
@@ -97,5 +97,5 @@ def test_a_split_that_leaves_one_device_short_names_it(default_model, tmp_path):
     big, tiny = small_board(tmp_path, 1.0, "big-board"), small_board(tmp_path, 0.1, "tiny-board")
     # in proportion to usable memory the tiny board gets the last block and the output layer,
     # whose logits alone (the compute buffer) take more than it has
-    result = edgequant("plan", "--device", f"{big},{tiny}", *Q8_0)
+    result = in_process("plan", "--device", f"{big},{tiny}", *Q8_0)
     assert_clean_failure(result, "does not fit", "tiny-board")
