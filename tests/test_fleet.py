@@ -13,7 +13,7 @@ import pytest
 
 from edgequant.errors import EdgequantError
 from edgequant.fleet import layer_owners, load_fleet, tensor_split
-from tests.helpers import assert_clean_failure, edgequant, in_process, succeeded
+from tests.helpers import assert_clean_failure, in_process, succeeded
 
 PROFILES = Path(__file__).resolve().parent.parent / "device_profiles"
 Q8_0 = ("--type", "Q8_0", "--quiet")  # a plan that needs no measuring
