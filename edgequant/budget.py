@@ -100,10 +100,16 @@ def resolve(
     if bpw is not None:
         limits["--bpw"] = int(bpw * (bpw_params or shape.params) / 8) + file_overhead
     if min_tok_s is not None:
-        seconds = 1 / min_tok_s - device.network_seconds(shape.hidden)
-        limits["--min-tok-s"] = int(device.effective_bandwidth * seconds) - shape.kv_bytes(ctx) + embd_bytes
+        limits["--min-tok-s"] = int(bytes_read_per_token(device, shape, ctx, min_tok_s)) + embd_bytes
     binding = min(limits, key=limits.get)
     return Budget(device.name, ctx, limits[binding], binding, limits)
+
+
+def bytes_read_per_token(device: Device | Fleet, shape: Shape, ctx: int, tok_s: float) -> float:
+    """The file bytes a token may read for ``device`` to decode ``tok_s`` tokens a second: its
+    bandwidth over the time a token leaves once the network has had its share, less the KV cache."""
+    seconds = 1 / tok_s - device.network_seconds(shape.hidden)
+    return device.effective_bandwidth * seconds - shape.kv_bytes(ctx)
 
 
 PROMPT_RATIO = 1.0  # prompt tokens per decoded token in the turn the planner weighs speed over

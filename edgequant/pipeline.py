@@ -28,7 +28,7 @@ from runtimes.ort import OrtDecoder, check_model, model_file
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
-from .budget import Budget, Shape, check_fits, predict, prefill_weight_bytes, resolve
+from .budget import Budget, Shape, bytes_read_per_token, check_fits, predict, prefill_weight_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device
@@ -130,8 +130,7 @@ class Target:
         """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
         floor = None
         if self.min_tok_s is not None:
-            seconds = 1 / self.min_tok_s - self.device.network_seconds(self.shape.hidden)
-            floor = self.device.effective_bandwidth * seconds - self.shape.kv_bytes(self.budget.ctx) - self.file_overhead
+            floor = bytes_read_per_token(self.device, self.shape, self.budget.ctx, self.min_tok_s) - self.file_overhead
         return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
                      prefill_weight_bytes(self.device))
 
