@@ -412,15 +412,17 @@ def _print_split_bench(result: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
+    from .fleet import layers_held, ts_option
+
     s, p = result["speed"], result["predicted"]
-    typer.echo(f"llama.cpp across {len(result['rpc'])} RPC workers (-ts {','.join(f'{t:g}' for t in result['tensor_split'])}): "
+    typer.echo(f"llama.cpp across {len(result['rpc'])} RPC workers (-ts {ts_option(result)}): "
                f"prefill {s['prefill_tok_s']['mean']:.1f} tok/s (predicted {p['prefill_tok_s']:.0f}), "
                f"decode {s['decode_tok_s']['mean']:.1f} tok/s (predicted {p['decode_tok_s']:.1f})")
     table = Table(title=f"workers of {result['target']}")
     for col in ("worker", "rpc", "layers", "peak RSS MB", "planned MB", "measured / planned"):
         table.add_column(col)
     for w in result["workers"]:
-        table.add_row(w["member"], w["rpc"], w["layers"] + (" + output" if w["output"] else ""),
+        table.add_row(w["member"], w["rpc"], layers_held(w),
                       f"{w['peak_rss_bytes'] / 1e6:.0f}", f"{w['predicted_bytes'] / 1e6:.0f}", f"{w['ratio']:.2f}")
     Console().print(table)
     if "logits" in result:
@@ -503,13 +505,13 @@ def _split_table(split: dict):
     """Which layers each device of a fleet holds, and its predicted memory."""
     from rich.table import Table
 
-    table = Table(title=f"split over {len(split['members'])} devices (llama.cpp RPC, -ts "
-                        f"{','.join(f'{t:g}' for t in split['tensor_split'])})")
+    from .fleet import layers_held, ts_option
+
+    table = Table(title=f"split over {len(split['members'])} devices (llama.cpp RPC, -ts {ts_option(split)})")
     for col in ("device", "rpc", "layers", "weights MB", "KV MB", "memory MB", "usable MB"):
         table.add_column(col)
     for r in split["members"]:
-        layers = r["layers"] + (" + output" if r["output"] else "")
-        table.add_row(r["member"], r["rpc"] or "", layers or "none", f"{r['weights_bytes'] / 1e6:.1f}",
+        table.add_row(r["member"], r["rpc"] or "", layers_held(r) or "none", f"{r['weights_bytes'] / 1e6:.1f}",
                       f"{r['kv_cache_bytes'] / 1e6:.1f}", f"{r['memory_bytes'] / 1e6:.0f}", f"{r['usable_bytes'] / 1e6:.0f}")
     c = split["client"]
     table.add_row("client", "", "input embedding", f"{c['input_embedding_bytes'] / 1e6:.1f}", "",

@@ -238,12 +238,15 @@ class _Checker:
             raise self.fail(key, must, v)
         return v
 
-    def number(self, key: str, lo: float = 0.0, hi: float | None = None, optional: bool = False) -> float | None:
-        v = self.get(key, optional)
+    def number(self, key: str, lo: float = 0.0, hi: float | None = None, optional: bool = False,
+               default: float | None = None, lo_ok: bool = False) -> float | None:
+        """A number above ``lo`` (or at it, with ``lo_ok``), at most ``hi``; ``default`` when absent."""
+        v = self.get(key, optional or default is not None)
         if v is None:
-            return None
-        must = f"a number > {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > lo or (hi is not None and v > hi):
+            return default
+        must = f"a number {'>=' if lo_ok else '>'} {lo:g}" + (f" and <= {hi:g}" if hi is not None else "")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v >= lo if lo_ok else v > lo) or (
+                hi is not None and v > hi):
             raise self.fail(key, must, v)
         return float(v)
 

@@ -183,8 +183,8 @@ def _member(table: dict, index: int, label: str, folder: Path) -> Member:
         device=device,
         rpc=rpc,
         at=c.string("at", optional=True) or "local",
-        link_mbs=c.number("link_mbs", optional=True) or DEFAULT_LINK_MBS,
-        link_ms=c.number("link_ms", lo=-1e-12, optional=True) if "link_ms" in table else DEFAULT_LINK_MS,
+        link_mbs=c.number("link_mbs", default=DEFAULT_LINK_MBS),
+        link_ms=c.number("link_ms", default=DEFAULT_LINK_MS, lo_ok=True),
         threads=c.integer("threads", optional=True),
     )
 
@@ -223,6 +223,16 @@ def layer_owners(n_layer: int, shares: list[float]) -> list[int]:
         acc += s
         cumulative.append(acc / total)
     return [min(bisect_right(cumulative, il / (n_layer + 1)), len(shares) - 1) for il in range(n_layer + 1)]
+
+
+def ts_option(split: dict) -> str:
+    """A split's ``-ts`` value as llama.cpp's command line takes it ("15.5,15.5")."""
+    return ",".join(f"{t:g}" for t in split["tensor_split"])
+
+
+def layers_held(row: dict) -> str:
+    """What a split's member holds, for a table: "16-29 + output"."""
+    return row["layers"] + (" + output" if row["output"] else "")
 
 
 def tensor_split(owners: list[int], members: int) -> list[float]:

@@ -17,6 +17,7 @@ from pathlib import Path
 from .assets import cache_dir
 from .atomic import write_text
 from .errors import EdgequantError
+from .fleet import layers_held, ts_option
 
 PAGE = "report.html"
 PARTS = {"attn": "attention", "ffn": "MLP", "ssm": "SSM mixer"}  # the bit map's rows, those a model has
@@ -356,14 +357,14 @@ def _split_table(report: dict) -> str:
     for i, r in enumerate(split["members"]):
         peak = measured[i]["peak_rss_bytes"] if i < len(measured) else None
         rows += (f"<tr><td>{escape(r['member'])}</td><td>{escape(r['rpc'] or '')}</td>"
-                 f"<td>{escape(r['layers'] + (' + output' if r['output'] else ''))}</td>"
+                 f"<td>{escape(layers_held(r))}</td>"
                  f"<td>{r['weights_bytes'] / 1e6:.1f}</td><td>{r['kv_cache_bytes'] / 1e6:.1f}</td>"
                  f"<td>{r['memory_bytes'] / 1e6:.0f}</td><td>{r['usable_bytes'] / 1e6:.0f}</td>"
                  f"<td>{'' if peak is None else f'{peak / 1e6:.0f}'}</td></tr>")
     c = split["client"]
     rows += (f"<tr><td>client</td><td></td><td>input embedding</td><td>{c['input_embedding_bytes'] / 1e6:.1f}</td>"
              f"<td></td><td>{c['memory_bytes'] / 1e6:.0f}</td><td></td><td></td></tr>")
-    ts = ",".join(f"{t:g}" for t in split["tensor_split"])
+    ts = ts_option(split)
     speed = ""
     if report.get("bench_split"):
         s = report["bench_split"]["speed"]

@@ -64,6 +64,16 @@ def test_a_fleet_file_names_each_target_s_profile_address_and_link(tmp_path):
     assert loaded.network_seconds(576) > 2 * 1.5e-3
 
 
+def test_a_link_may_have_no_latency_but_must_move_bytes(tmp_path):
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text('[[target]]\nprofile = "raspberry-pi-5-8gb"\nlink_ms = 0\n')
+    assert load_fleet(str(fleet)).members[0].link_ms == 0
+    for field, must in (("link_ms = -1", "link_ms' must be a number >= 0"), ("link_mbs = 0", "link_mbs' must be a number > 0")):
+        fleet.write_text(f'[[target]]\nprofile = "raspberry-pi-5-8gb"\n{field}\n')
+        with pytest.raises(EdgequantError, match=must):
+            load_fleet(str(fleet))
+
+
 @pytest.mark.parametrize("rpc, words", [
     ("0.0.0.0:50052", ["0.0.0.0", "private address"]),
     ("board.local:50052", ["numeric IPv4"]),
