@@ -352,29 +352,45 @@ def bench(
 ):
     """Time to first token, prefill and decode tok/s and peak RSS, in llama.cpp and ONNX Runtime.
     --fleet: on every target of a fleet file at once; --rpc: llama-bench across RPC workers."""
-    from .benchmark import bench as run_bench, bench_fleet, calibrate_profile as calibrate
-
     if fleet is not None and rpc is not None:
         _fail("bench takes --fleet or --rpc, not both")
+    progress = _progress(quiet or as_json)
     if rpc is not None:
-        from .workers import bench as bench_split
+        _bench_split(folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress, as_json)
+    elif fleet is not None:
+        _bench_fleet(folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
+                     calibrate_profile, progress, as_json)
+    else:
+        _bench_target(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
+                      calibrate_profile, progress, as_json)
 
-        result = _run(bench_split, folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits,
-                      _progress(quiet or as_json))
-        _emit(result, as_json, _print_split_bench)
-        return
-    if fleet is not None:
-        result = _run(bench_fleet, folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
-                      calibrate_profile, _progress(quiet or as_json))
-        _emit(result, as_json, _print_fleet_bench)
-        if not any("result" in row for row in result["targets"]):
-            _fail(f"no target of {fleet} could be benched")
-        return
-    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
-                  _progress(quiet or as_json))
+
+def _bench_target(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, calibrate_profile,
+                  progress, as_json) -> None:
+    from .benchmark import bench as run_bench, calibrate_profile as calibrate
+
+    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, progress)
     if calibrate_profile:
         result["calibrated_profile"] = str(_run(calibrate, folder, result))
     _emit(result, as_json, _print_bench)
+
+
+def _bench_fleet(folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
+                 calibrate_profile, progress, as_json) -> None:
+    from .benchmark import bench_fleet
+
+    result = _run(bench_fleet, folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
+                  calibrate_profile, progress)
+    _emit(result, as_json, _print_fleet_bench)
+    if not any("result" in row for row in result["targets"]):
+        _fail(f"no target of {fleet} could be benched")
+
+
+def _bench_split(folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress, as_json) -> None:
+    from .workers import bench as bench_split
+
+    result = _run(bench_split, folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress)
+    _emit(result, as_json, _print_split_bench)
 
 
 def _print_fleet_bench(result: dict) -> None:
