@@ -7,7 +7,8 @@ field and its unit. Every figure in a profile names its source (a datasheet, or
 
 ``host`` is not a file: it is this machine, detected when first loaded (RAM from
 /proc/meminfo and the cgroup limit, cores from the CPU affinity, ISA from /proc/cpuinfo, memory
-bandwidth measured by a short numpy copy benchmark), then cached for the process.
+bandwidth measured by a short numpy copy benchmark, once per machine: the rate is kept in the
+cache's ``host-bandwidth.json``), then cached for the process.
 
 Family aliases, defined in ``device_profiles/aliases.toml`` (each picks a representative,
 the smallest or most common member, so a plan made for it fits the family's usual board):
@@ -394,9 +395,9 @@ def detect_host() -> Device:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     isa = _host_isa(info.get("flags", "") + " " + info.get("features", ""))
     ghz, ghz_source = _host_ghz(info)
-    bandwidth, bandwidth_source = _measure_bandwidth(cores, available)
-    fast = _host_fast_types(isa)
     cpu = info.get("model name") or _arm_cpu_name(info) or platform.processor() or platform.machine()
+    bandwidth, bandwidth_source = _host_bandwidth(cpu, cores, total, available)
+    fast = _host_fast_types(isa)
     return Device(
         name=HOST,
         title=f"This machine ({platform.machine()}, {cpu})",
@@ -550,6 +551,33 @@ def _cgroup_memory() -> tuple[int | None, int | None]:
             used = None
         return int(limit), used
     return None, None
+
+
+def _host_bandwidth(cpu: str, cores: int, total: int, available: int) -> tuple[float, str]:
+    """This machine's copy rate, measured once and kept in the cache (``host-bandwidth.json``,
+    one entry per CPU, core count and memory size): a plan for the host does not change with
+    whatever else the machine was doing the moment it was made. Delete the file to measure again."""
+    import json
+
+    from .assets import cache_dir
+    from .atomic import write_text
+
+    path = cache_dir() / "host-bandwidth.json"
+    key = f"{cpu} | {cores} cores | {total >> 20} MiB"
+    try:
+        kept = json.loads(path.read_text())
+    except (OSError, ValueError):
+        kept = {}
+    if not isinstance(kept.get(key), dict):
+        rate, how = _measure_bandwidth(cores, available)
+        kept[key] = {"bytes_per_s": rate, "how": how, "measured": time.strftime("%Y-%m-%d %H:%M")}
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_text(path, json.dumps(kept, indent=1))
+        except OSError:
+            pass  # a read-only cache: measured again next time
+    entry = kept[key]
+    return float(entry["bytes_per_s"]), f"{entry['how']}; measured {entry['measured']}, kept in {path}"
 
 
 def _measure_bandwidth(cores: int, available: int) -> tuple[float, str]:

@@ -147,6 +147,17 @@ def test_host_is_detected_on_this_machine():
     assert load_device("host") is h  # detected once per process
 
 
+def test_the_host_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
+    """The copy rate is kept in the cache, so that the same command plans the same file."""
+    monkeypatch.setenv("EDGEQUANT_CACHE", str(tmp_path))
+    first = devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30)
+    monkeypatch.setattr(devices, "_measure_bandwidth", lambda *_: pytest.fail("measured twice"))
+    assert devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30) == first
+    assert str(tmp_path / "host-bandwidth.json") in first[1]
+    monkeypatch.setattr(devices, "_measure_bandwidth", lambda *_: (1e9, "a new machine"))
+    assert devices._host_bandwidth("cpu", 4, 8 << 30, 4 << 30)[0] == 1e9  # more cores: another machine
+
+
 def test_host_isa_from_cpuinfo_flags():
     assert devices._host_isa("fp asimd asimddp fphp asimdhp i8mm bf16") == ("neon", "dotprod", "fp16", "i8mm", "bf16")
     assert devices._host_isa("sse4_2 avx avx2 fma avx512f avx512_vnni amx_int8") == (
