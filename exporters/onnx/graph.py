@@ -6,12 +6,19 @@ The graph follows the layout onnxruntime-genai expects of a llama-family decoder
              past_key_values.{i}.key/.value [batch, kv_heads, past, head_dim] float32
     outputs  logits [batch, seq, vocab], present.{i}.key/.value [batch, kv_heads, total, head_dim]
 
-Per block: RMSNorm (``SimplifiedLayerNormalization``) -> q/k/v ``MatMulNBits`` (+ bias for qwen2,
-per-head q/k RMSNorm for qwen3) -> ``GroupQueryAttention`` (rotary inside, from a cos/sin cache;
-past and present KV) -> o ``MatMulNBits`` -> residual -> RMSNorm -> gate/up ``MatMulNBits`` ->
-SiLU(gate) * up -> down ``MatMulNBits`` -> residual. The token embedding is a
-``GatherBlockQuantized`` table; with tied embeddings it reads the very bytes of the output
-``MatMulNBits`` (one copy in the file).
+Per block: RMSNorm -> q/k/v ``MatMulNBits`` (+ bias for qwen2, per-head q/k RMSNorm for qwen3) ->
+``GroupQueryAttention`` (rotary inside, from a cos/sin cache; past and present KV) -> o
+``MatMulNBits`` -> residual + RMSNorm -> gate/up ``MatMulNBits`` -> SiLU(gate) * up -> down
+``MatMulNBits`` -> residual + the next RMSNorm. The token embedding is a ``GatherBlockQuantized``
+table; with tied embeddings it reads the very bytes of the output ``MatMulNBits`` (one copy in the
+file).
+
+What ONNX Runtime can run as one kernel is written as one node, as onnxruntime-genai's builder
+does (ORT does not fuse these itself): each residual add and the norm after it are one
+``SkipSimplifiedLayerNormalization``, whose fourth output carries the residual on; q, k and v are
+one ``MatMulNBits`` over their rows stacked (and their biases as its bias input) when their
+layouts match, feeding ``GroupQueryAttention`` as a packed query. A block whose q/k/v differ in
+bits or block size keeps three nodes.
 
 Initializers go to the external data file as they are made (:class:`ExternalData`), and the
 matrices are asked for one at a time (``weights`` may convert lazily), so a model's weights are
@@ -79,6 +86,13 @@ class _Graph:
         w = self.const(f"{name}.weight", weight.astype(np.float32))
         return self.op("SimplifiedLayerNormalization", [x, w], name, epsilon=eps, axis=-1, stash_type=1)
 
+    def skip_rms_norm(self, x: str, skip: str, weight: np.ndarray, name: str, eps: float,
+                      residual: str | None = None) -> str | list[str]:
+        """RMSNorm(x + skip) in one node; with ``residual``, also x + skip under that name."""
+        w = self.const(f"{name}.weight", weight.astype(np.float32))
+        outputs = [name, "", "", residual] if residual else None
+        return self.op("SkipSimplifiedLayerNormalization", [x, skip, w], name, MS, outputs=outputs, epsilon=eps)
+
     def nbits_weight(self, name: str, w: BlockQuantized) -> list[str]:
         """Initializers of one blockwise matrix: packed codes, scales (and zero points)."""
         rows, cols = w.shape
@@ -89,14 +103,57 @@ class _Graph:
             inputs.append(self.const(f"{name}.zero_points", w.zero_points))
         return inputs
 
-    def matmul(self, x: str, name: str, w: BlockQuantized) -> str:
-        return self.matmul_of(x, name, self.nbits_weight(name, w), w.shape, w.bits, w.block_size)
+    def matmul(self, x: str, name: str, w: BlockQuantized, bias: np.ndarray | None = None) -> str:
+        inputs = self.nbits_weight(name, w)
+        if bias is not None:  # inputs 3 and 4 (zero points, g_idx) may be absent: named ""
+            inputs = inputs + [""] * (4 - len(inputs)) + [self.const(f"{name}.bias", bias.astype(np.float32))]
+        return self.matmul_of(x, name, inputs, w.shape, w.bits, w.block_size)
 
     def matmul_of(self, x: str, name: str, weight_inputs: list[str], shape: tuple[int, int], bits: int, block: int) -> str:
         """``MatMulNBits`` on initializers already made (the tied head reads the embedding's)."""
         rows, cols = shape
         return self.op("MatMulNBits", [x, *weight_inputs], name, MS,
                        K=cols, N=rows, bits=bits, block_size=block, accuracy_level=self.accuracy_level)
+
+    def attention_inputs(self, h: str, p: str, weights: Mapping[str, BlockQuantized], floats: dict[str, np.ndarray],
+                         dim: int, eps: float) -> list[str]:
+        """GroupQueryAttention's query, key and value from ``h``: a packed query (key and value
+        "") when q/k/v are one node, else three."""
+        parts = ("q", "k", "v")
+        ws = [weights[f"{p}.attn_{part}.weight"] for part in parts]
+        biases = [floats.get(f"{p}.attn_{part}.bias") for part in parts]
+        normed = f"{p}.attn_q_norm.weight" in floats  # qwen3: RMSNorm per head of q and k
+        if same_layout(ws) and (all(b is None for b in biases) or all(b is not None for b in biases)):
+            bias = None if biases[0] is None else np.concatenate(biases)
+            qkv = self.matmul(h, f"{p}.attn_qkv", stacked(ws), bias)
+            if not normed:
+                return [qkv, "", ""]
+            sizes = self.const(f"{p}.qkv_sizes", np.array([w.shape[0] for w in ws], np.int64))
+            outputs = self.op("Split", [qkv, sizes], f"{p}.qkv_split", axis=-1, outputs=[f"{p}.attn_{part}" for part in parts])
+        else:
+            outputs = [self.matmul(h, f"{p}.attn_{part}", w, b) for part, w, b in zip(parts, ws, biases)]
+        if normed:
+            outputs[:2] = [self.head_norm(y, p, part, floats, dim, eps) for part, y in zip(("q", "k"), outputs)]
+        return outputs
+
+    def head_norm(self, y: str, p: str, part: str, floats: dict[str, np.ndarray], dim: int, eps: float) -> str:
+        heads = self.op("Reshape", [y, self.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, dim], np.int64))], f"{p}.{part}_heads")
+        y = self.rms_norm(heads, floats[f"{p}.attn_{part}_norm.weight"], f"{p}.attn_{part}_norm", eps)
+        return self.op("Reshape", [y, self.const(f"{p}.{part}_flat_shape", np.array([0, 0, -1], np.int64))], f"{p}.{part}_flat")
+
+
+def same_layout(ws: list[BlockQuantized]) -> bool:
+    """Whether the matrices can be one ``MatMulNBits``: same input width, bits, block and zero points."""
+    return len({(w.shape[1], w.bits, w.block_size, w.zero_points is not None) for w in ws}) == 1
+
+
+def stacked(ws: list[BlockQuantized]) -> BlockQuantized:
+    """One matrix of ``ws``'s rows, in order."""
+    def rows(arrays):
+        return None if arrays[0] is None else np.concatenate(arrays)
+
+    return BlockQuantized("+".join(w.ggml_type for w in ws), ws[0].bits, ws[0].block_size, rows([w.packed for w in ws]),
+                          rows([w.scales for w in ws]), rows([w.zero_points for w in ws]), max(w.max_abs_error for w in ws))
 
 
 def decoder(config, weights: Mapping[str, BlockQuantized], out_features: Mapping[str, int], floats: dict[str, np.ndarray],
@@ -125,34 +182,28 @@ def decoder(config, weights: Mapping[str, BlockQuantized], out_features: Mapping
 
     tied = "output.weight" not in out_features
     x, embedding = _embedding(g, weights, tied)
+    h = g.rms_norm(x, floats["blk.0.attn_norm.weight"], "blk.0.attn_norm", eps)
     for i in range(c.num_hidden_layers):
         p = f"blk.{i}"
-        h = g.rms_norm(x, floats[f"{p}.attn_norm.weight"], f"{p}.attn_norm", eps)
-        qkv = []
-        for part in ("q", "k", "v"):
-            y = g.matmul(h, f"{p}.attn_{part}", weights[f"{p}.attn_{part}.weight"])
-            if f"{p}.attn_{part}.bias" in floats:
-                y = g.op("Add", [y, g.const(f"{p}.attn_{part}.bias", floats[f"{p}.attn_{part}.bias"])], f"{p}.attn_{part}.add_bias")
-            if part in ("q", "k") and f"{p}.attn_{part}_norm.weight" in floats:  # qwen3: RMSNorm per head
-                heads = g.op("Reshape", [y, g.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, dim], np.int64))], f"{p}.{part}_heads")
-                y = g.rms_norm(heads, floats[f"{p}.attn_{part}_norm.weight"], f"{p}.attn_{part}_norm", eps)
-                y = g.op("Reshape", [y, g.const(f"{p}.{part}_flat_shape", np.array([0, 0, -1], np.int64))], f"{p}.{part}_flat")
-            qkv.append(y)
         attn, _, _ = g.op(
             "GroupQueryAttention",
-            [*qkv, f"past_key_values.{i}.key", f"past_key_values.{i}.value", seqlens_k, total, cos, sin],
+            [*g.attention_inputs(h, p, weights, floats, dim, eps), f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+             seqlens_k, total, cos, sin],
             f"{p}.attention", MS, outputs=[f"{p}.attention", f"present.{i}.key", f"present.{i}.value"],
             num_heads=n_heads[i], kv_num_heads=n_kv_heads[i], scale=dim**-0.5,
             do_rotary=1, rotary_interleaved=0, local_window_size=-1,
         )
-        x = g.op("Add", [x, g.matmul(attn, f"{p}.attn_output", weights[f"{p}.attn_output.weight"])], f"{p}.attn_residual")
-        h = g.rms_norm(x, floats[f"{p}.ffn_norm.weight"], f"{p}.ffn_norm", eps)
+        o = g.matmul(attn, f"{p}.attn_output", weights[f"{p}.attn_output.weight"])
+        h, x = _skip_norm(g, x, o, floats[f"{p}.ffn_norm.weight"], f"{p}.ffn_norm", eps, f"{p}.attn_residual")
         gate = g.matmul(h, f"{p}.ffn_gate", weights[f"{p}.ffn_gate.weight"])
         up = g.matmul(h, f"{p}.ffn_up", weights[f"{p}.ffn_up.weight"])
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.ffn_sigmoid")], f"{p}.ffn_silu")
         y = g.matmul(g.op("Mul", [act, up], f"{p}.ffn_gated"), f"{p}.ffn_down", weights[f"{p}.ffn_down.weight"])
-        x = g.op("Add", [x, y], f"{p}.ffn_residual")
-    h = g.rms_norm(x, floats["output_norm.weight"], "output_norm", eps)
+        if i + 1 < c.num_hidden_layers:
+            nxt = f"blk.{i + 1}.attn_norm"
+            h, x = _skip_norm(g, x, y, floats[f"{nxt}.weight"], nxt, eps, f"{p}.ffn_residual")
+        else:
+            h = g.skip_rms_norm(x, y, floats["output_norm.weight"], "output_norm", eps)
     if tied:
         g.matmul_of(h, "logits", embedding.inputs, embedding.shape, embedding.bits, embedding.block_size)
     else:
@@ -170,6 +221,12 @@ def decoder(config, weights: Mapping[str, BlockQuantized], out_features: Mapping
             outputs.append(helper.make_tensor_value_info(f"present.{i}.{kind}", TensorProto.FLOAT, present))
     graph = helper.make_graph(g.nodes, "edgequant_decoder", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=OPSETS, producer_name="edgequant", ir_version=10)
+
+
+def _skip_norm(g: _Graph, x: str, skip: str, weight: np.ndarray, name: str, eps: float, residual: str) -> tuple[str, str]:
+    """(the normed sum, the sum): the residual stream's next value and its normed view."""
+    normed, _, _, summed = g.skip_rms_norm(x, skip, weight, name, eps, residual)
+    return normed, summed
 
 
 class _Initialized(NamedTuple):
