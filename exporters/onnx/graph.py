@@ -17,8 +17,8 @@ What ONNX Runtime can run as one kernel is written as one node, as onnxruntime-g
 does (ORT does not fuse these itself): each residual add and the norm after it are one
 ``SkipSimplifiedLayerNormalization``, whose fourth output carries the residual on; q, k and v are
 one ``MatMulNBits`` over their rows stacked (and their biases as its bias input) when their
-layouts match, feeding ``GroupQueryAttention`` as a packed query. A block whose q/k/v differ in
-bits or block size keeps three nodes.
+layouts match, feeding ``GroupQueryAttention`` as a packed query; gate and up likewise, then a
+``Split``. Matrices whose bits or block size differ keep a node each.
 
 Initializers go to the external data file as they are made (:class:`ExternalData`), and the
 matrices are asked for one at a time (``weights`` may convert lazily), so a model's weights are
@@ -136,6 +136,15 @@ class _Graph:
             outputs[:2] = [self.head_norm(y, p, part, floats, dim, eps) for part, y in zip(("q", "k"), outputs)]
         return outputs
 
+    def gate_and_up(self, h: str, p: str, weights: Mapping[str, BlockQuantized]) -> list[str]:
+        """The MLP's gate and up projections of ``h``: one node and a Split when their layouts match."""
+        ws = [weights[f"{p}.ffn_gate.weight"], weights[f"{p}.ffn_up.weight"]]
+        if not same_layout(ws):
+            return [self.matmul(h, f"{p}.ffn_{part}", w) for part, w in zip(("gate", "up"), ws)]
+        both = self.matmul(h, f"{p}.ffn_gate_up", stacked(ws))
+        sizes = self.const(f"{p}.gate_up_sizes", np.array([w.shape[0] for w in ws], np.int64))
+        return self.op("Split", [both, sizes], f"{p}.gate_up_split", axis=-1, outputs=[f"{p}.ffn_gate", f"{p}.ffn_up"])
+
     def head_norm(self, y: str, p: str, part: str, floats: dict[str, np.ndarray], dim: int, eps: float) -> str:
         heads = self.op("Reshape", [y, self.const(f"{p}.{part}_heads_shape", np.array([0, 0, -1, dim], np.int64))], f"{p}.{part}_heads")
         y = self.rms_norm(heads, floats[f"{p}.attn_{part}_norm.weight"], f"{p}.attn_{part}_norm", eps)
@@ -195,8 +204,7 @@ def decoder(config, weights: Mapping[str, BlockQuantized], out_features: Mapping
         )
         o = g.matmul(attn, f"{p}.attn_output", weights[f"{p}.attn_output.weight"])
         h, x = _skip_norm(g, x, o, floats[f"{p}.ffn_norm.weight"], f"{p}.ffn_norm", eps, f"{p}.attn_residual")
-        gate = g.matmul(h, f"{p}.ffn_gate", weights[f"{p}.ffn_gate.weight"])
-        up = g.matmul(h, f"{p}.ffn_up", weights[f"{p}.ffn_up.weight"])
+        gate, up = g.gate_and_up(h, p, weights)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.ffn_sigmoid")], f"{p}.ffn_silu")
         y = g.matmul(g.op("Mul", [act, up], f"{p}.ffn_gated"), f"{p}.ffn_down", weights[f"{p}.ffn_down.weight"])
         if i + 1 < c.num_hidden_layers:
