@@ -10,11 +10,12 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from edgequant.adapters import head_dim
 from edgequant.ggml_quants import TYPES
 from exporters.onnx.graph import OPSETS
 from exporters.onnx.nbits import from_ggml
 from runtimes.ort import OrtDecoder
-from tests.helpers import assert_clean_failure, assert_same_model, edgequant, weights
+from tests.helpers import TINY, assert_clean_failure, assert_same_model, edgequant, weights
 
 SYMMETRIC = ["Q4_0", "Q3_K", "Q5_0", "Q6_K", "Q8_0", "IQ4_NL"]
 AFFINE = ["Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"]
@@ -90,7 +91,10 @@ def test_mixed_plan_gives_matmulnbits_of_several_widths_and_no_float_matrices(ti
     assert widths == {4, 8} and set(report["artifacts"][1]["bits_used"]) == widths
     assert not [n for n in model.graph.node if n.op_type in ("MatMul", "Gemm")]
     scales = {n.input[2] for n in model.graph.node if n.op_type in ("MatMulNBits", "GatherBlockQuantized")}
-    hidden = json.loads((out / "onnx" / "genai_config.json").read_text())["model"]["decoder"]["hidden_size"]
+    genai = json.loads((out / "onnx" / "genai_config.json").read_text())
+    hidden = genai["model"]["decoder"]["hidden_size"]
+    # the folder holds the context the plan budgeted: rotary rows, and the KV cache genai allocates
+    assert genai["search"]["max_length"] == genai["model"]["context_length"] == min(report["budget"]["ctx"], TINY["max_position_embeddings"])
     for init in model.graph.initializer:  # besides block scales and the rotary tables: norms only
         if init.data_type == TensorProto.FLOAT and init.name not in scales | {"cos_cache", "sin_cache"}:
             assert int(np.prod(init.dims)) <= hidden, init.name
@@ -127,7 +131,7 @@ def test_every_architecture_runs_in_ort_as_its_gguf_does_in_transformers(model_t
     out.mkdir()
     encoded = rtn.quantize(loaded, uniform(*matrices_of(loaded), "Q8_0"), Calibration(np.zeros((0, 512), np.int64), {}))
     write_gguf(out / "model.gguf", loaded, encoded, "rtn")
-    export_onnx(out / "model.gguf", out / "onnx", loaded.tokenizer)
+    export_onnx(out / "model.gguf", out / "onnx", loaded.tokenizer, context=48)  # room for the 40 tokens below
     ids = np.random.default_rng(0).integers(0, loaded.config.vocab_size, 40)
     with torch.no_grad():
         expected = load_gguf(out / "model.gguf").model(torch.from_numpy(ids)[None]).logits[0].numpy()
@@ -144,8 +148,11 @@ def test_every_architecture_runs_in_ort_as_its_gguf_does_in_transformers(model_t
         logits, cache = exact.step(ids[t : t + 1], cache)
         np.testing.assert_allclose(logits[0], expected[t], atol=1e-3 * np.abs(expected).max(), rtol=0)
     assert export_onnx(out / "model.gguf", tmp_path / "again")["mapping"]["Q8_0"]["max_abs_error"] == 0.0
+    graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    assert [list(i.dims) for i in graph.initializer if i.name == "cos_cache"] == [[48, head_dim(loaded.config) // 2]]
+    assert json.loads((out / "onnx" / "genai_config.json").read_text())["search"]["max_length"] == 48
     # fused as ONNX Runtime runs fastest: q/k/v one node per block, gate/up one, each residual add inside a norm
-    ops = Counter(n.op_type for n in onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph.node)
+    ops = Counter(n.op_type for n in graph.node)
     blocks = loaded.config.num_hidden_layers
     assert ops["MatMulNBits"] == 4 * blocks + 1  # qkv, o, gate/up, down; the head
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * blocks and ops["Add"] == 0

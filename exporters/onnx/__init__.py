@@ -33,10 +33,14 @@ DATA_FILE = "model.onnx.data"
 DEFAULT_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: ORT's fast CPU path
 
 
-def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL) -> dict:
+def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                context: int | None = None) -> dict:
     """Write the ONNX folder ``out_dir`` (atomically) from ``gguf_path``; return what was written.
 
-    ``tokenizer`` (a transformers tokenizer) defaults to the one stored in the GGUF file."""
+    ``tokenizer`` (a transformers tokenizer) defaults to the one stored in the GGUF file.
+    ``context``: the most tokens a sequence may hold (the rotary tables' rows, and genai's
+    ``max_length``, for which it allocates its KV cache); default the model's own limit. A build
+    passes the context its plan budgeted."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
@@ -56,16 +60,17 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
             matrices[t.name] = t
     weights = _ConvertedWeights(gguf_path, matrices, config, family.permute_qk)
     out_features = {name: int(t.shape[1]) for name, t in matrices.items()}  # gguf-py lists dimensions innermost first
+    positions = min(context or config.max_position_embeddings, config.max_position_embeddings)
     tokenizer = tokenizer or gguf_tokenizer(gguf_path)
     with atomic_dir(out_dir) as stage:
         with open(stage / DATA_FILE, "wb") as data:
-            model = decoder(config, weights, out_features, floats, rope_cache(config), accuracy_level,
+            model = decoder(config, weights, out_features, floats, rope_cache(config, positions), accuracy_level,
                             ExternalData(data, DATA_FILE))
         if left := sorted(matrices.keys() - weights.converted.keys()):
             raise EdgequantError(f"the ONNX graph has no place for {', '.join(left)}")
         onnx.save_model(model, stage / MODEL_FILE)
         tokenizer.save_pretrained(stage)
-        (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer), indent=1))
+        (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer, positions), indent=1))
     return summary(out_dir, weights.converted, accuracy_level)
 
 
@@ -119,19 +124,18 @@ def _permuted_rows(w: BlockQuantized, heads: int) -> BlockQuantized:
                           w.max_abs_error)
 
 
-def rope_cache(config) -> tuple[np.ndarray, np.ndarray]:
-    """cos and sin tables (max_positions, head_dim / 2) from the architecture's own rotary module,
+def rope_cache(config, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos and sin tables (positions, head_dim / 2) from the architecture's own rotary module,
     so every rope scaling that transformers knows is applied the same way."""
     module = importlib.import_module(f"transformers.models.{config.model_type}.modeling_{config.model_type}")
     rotary_cls = next(getattr(module, n) for n in dir(module) if n.endswith("RotaryEmbedding"))
-    positions = torch.arange(config.max_position_embeddings)[None]
     with torch.no_grad():
-        cos, sin = rotary_cls(config)(torch.zeros(1, dtype=torch.float32), positions)
+        cos, sin = rotary_cls(config)(torch.zeros(1, dtype=torch.float32), torch.arange(positions)[None])
     half = cos.shape[-1] // 2
     return cos[0, :, :half].numpy(), sin[0, :, :half].numpy()
 
 
-def genai_config(config, tokenizer) -> dict:
+def genai_config(config, tokenizer, positions: int) -> dict:
     """What onnxruntime-genai needs to drive the decoder and its KV cache."""
     dim = head_dim(config)
     eos = tokenizer.eos_token_id if config.eos_token_id is None else config.eos_token_id
@@ -143,7 +147,7 @@ def genai_config(config, tokenizer) -> dict:
             "eos_token_id": eos,
             "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos,
             "vocab_size": config.vocab_size,
-            "context_length": config.max_position_embeddings,
+            "context_length": positions,
             "decoder": {
                 "filename": MODEL_FILE,
                 "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
@@ -158,7 +162,7 @@ def genai_config(config, tokenizer) -> dict:
                             "present_value_names": "present.%d.value"},
             },
         },
-        "search": {"do_sample": False, "num_beams": 1, "max_length": config.max_position_embeddings,
+        "search": {"do_sample": False, "num_beams": 1, "max_length": positions,
                    "past_present_share_buffer": True, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
                    "repetition_penalty": 1.0, "min_length": 0, "num_return_sequences": 1, "early_stopping": True,
                    "length_penalty": 1.0, "diversity_penalty": 0.0, "no_repeat_ngram_size": 0},
