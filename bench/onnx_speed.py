@@ -41,7 +41,10 @@ def main() -> None:
     args = ap.parse_args()
 
     decoders = [OrtDecoder(f, n_threads=args.threads) for f in args.folders]
-    prompt = np.random.default_rng(0).integers(100, 10000, args.prompt_tokens)
+    vocab = min(d.session.get_outputs()[0].shape[-1] for d in decoders)  # logits [batch, seq, vocab]
+    prompt = np.random.default_rng(0).integers(100, vocab, args.prompt_tokens)
+    for d in decoders:  # warm-up: first runs pack weights and grow buffers
+        one_round(d, prompt, 4)
     rates = [[one_round(d, prompt, args.gen_tokens) for d in decoders] for _ in range(args.rounds)]
 
     print(f"ONNX Runtime, {args.threads} threads, {args.prompt_tokens}-token prefill then {args.gen_tokens} decode steps, "

@@ -48,9 +48,10 @@ def measure(folder: Path, target_text: str, runtime: str, threads: int | None, p
         check_number(option, value, at_least=1)
     report = _read_report(folder)
     target = parse_target(target_text)
+    runtime = {"onnxruntime": "ort"}.get(runtime, runtime)
     wanted = list(RUNTIMES) if runtime == "all" else [runtime]
     if any(r not in RUNTIMES for r in wanted):
-        raise EdgequantError(f"--runtime takes llama.cpp, ort or all, got {runtime!r}")
+        raise EdgequantError(f"--runtime takes llama.cpp, ort (or onnxruntime) or all, got {runtime!r}")
     present = [r for r in wanted if (folder / RUNTIMES[r]).exists()]
     if not present:
         raise EdgequantError(f"{folder} has no {' or '.join(RUNTIMES[r] for r in wanted)} to bench")

@@ -339,7 +339,7 @@ def bench(
     fleet: Optional[str] = typer.Option(None, "--fleet", help="A fleet file: bench on each of its targets (each running the whole model)."),
     rpc: Optional[str] = typer.Option(None, "--rpc", help="A fleet file: bench the model split across its RPC workers (deploy --rpc first)."),
     jobs: int = typer.Option(4, help="With --fleet: targets benched at once."),
-    runtime: str = typer.Option("all", help="llama.cpp, ort or all."),
+    runtime: str = typer.Option("all", help="llama.cpp, ort (or onnxruntime) or all."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores of the target; with --rpc, the client's: 1)."),
     python: Optional[str] = typer.Option(None, help="Python on the target that has the runtimes (default: python3; here: this one)."),
     prompt_tokens: int = typer.Option(128, help="Prompt length (prefill)."),
@@ -354,43 +354,34 @@ def bench(
     --fleet: on every target of a fleet file at once; --rpc: llama-bench across RPC workers."""
     if fleet is not None and rpc is not None:
         _fail("bench takes --fleet or --rpc, not both")
-    progress = _progress(quiet or as_json)
-    if rpc is not None:
-        _bench_split(folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress, as_json)
-    elif fleet is not None:
-        _bench_fleet(folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
-                     calibrate_profile, progress, as_json)
-    else:
-        _bench_target(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats,
-                      calibrate_profile, progress, as_json)
-
-
-def _bench_target(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, calibrate_profile,
-                  progress, as_json) -> None:
-    from .benchmark import bench as run_bench, calibrate_profile as calibrate
-
-    result = _run(run_bench, folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, progress)
-    if calibrate_profile:
-        result["calibrated_profile"] = str(_run(calibrate, folder, result))
-    _emit(result, as_json, _print_bench)
-
-
-def _bench_fleet(folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
-                 calibrate_profile, progress, as_json) -> None:
     from .benchmark import bench_fleet
-
-    result = _run(bench_fleet, folder, fleet, runtime, threads, python, prompt_tokens, gen_tokens, repeats, jobs,
-                  calibrate_profile, progress)
-    _emit(result, as_json, _print_fleet_bench)
-    if not any("result" in row for row in result["targets"]):
-        _fail(f"no target of {fleet} could be benched")
-
-
-def _bench_split(folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress, as_json) -> None:
     from .workers import bench as bench_split
 
-    result = _run(bench_split, folder, rpc, threads, prompt_tokens, gen_tokens, repeats, check_logits, progress)
-    _emit(result, as_json, _print_split_bench)
+    run = {"threads": threads, "prompt_tokens": prompt_tokens, "gen_tokens": gen_tokens, "repeats": repeats,
+           "progress": _progress(quiet or as_json)}
+    if rpc is not None:
+        _emit(_run(bench_split, folder, rpc, check_logits=check_logits, **run), as_json, _print_split_bench)
+    elif fleet is not None:
+        result = _run(bench_fleet, folder, fleet, runtime=runtime, python=python, jobs=jobs,
+                      calibrate=calibrate_profile, **run)
+        _emit(result, as_json, _print_fleet_bench)
+        if not any("result" in row for row in result["targets"]):
+            _fail(f"no target of {fleet} could be benched")
+    else:
+        _emit(_run(_bench_target, folder, target, runtime=runtime, python=python, calibrate=calibrate_profile, **run),
+              as_json, _print_bench)
+
+
+def _bench_target(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, calibrate,
+                  progress) -> dict:
+    """``bench --target``: the build's runtimes on one target (and, with ``calibrate``, its
+    calibrated profile)."""
+    from .benchmark import bench, calibrate_profile
+
+    result = bench(folder, target, runtime, threads, python, prompt_tokens, gen_tokens, repeats, progress)
+    if calibrate:
+        result["calibrated_profile"] = str(calibrate_profile(folder, result))
+    return result
 
 
 def _print_fleet_bench(result: dict) -> None:

@@ -553,30 +553,39 @@ def _cgroup_memory() -> tuple[int | None, int | None]:
     return None, None
 
 
+BANDWIDTH_METHOD = "numpy-copy-1"  # in the kept entry's key: a new measuring method measures again
+
+
 def _host_bandwidth(cpu: str, cores: int, total: int, available: int) -> tuple[float, str]:
     """This machine's copy rate, measured once and kept in the cache (``host-bandwidth.json``,
-    one entry per CPU, core count and memory size): a plan for the host does not change with
-    whatever else the machine was doing the moment it was made. Delete the file to measure again."""
+    one entry per CPU, core count, memory size and measuring method): a plan for the host does not
+    change with whatever else the machine was doing the moment it was made. Delete the file to
+    measure again; an unreadable file or entry is measured again and rewritten."""
     import json
+    import math
 
     from .assets import cache_dir
     from .atomic import write_text
 
     path = cache_dir() / "host-bandwidth.json"
-    key = f"{cpu} | {cores} cores | {total >> 20} MiB"
+    key = f"{cpu} | {cores} cores | {total >> 20} MiB | {BANDWIDTH_METHOD}"
     try:
         kept = json.loads(path.read_text())
     except (OSError, ValueError):
         kept = {}
-    if not isinstance(kept.get(key), dict):
+    kept = kept if isinstance(kept, dict) else {}
+    entry = kept.get(key)
+    valid = (isinstance(entry, dict) and isinstance(entry.get("bytes_per_s"), (int, float))
+             and math.isfinite(entry["bytes_per_s"]) and entry["bytes_per_s"] > 0
+             and isinstance(entry.get("how"), str) and isinstance(entry.get("measured"), str))
+    if not valid:
         rate, how = _measure_bandwidth(cores, available)
-        kept[key] = {"bytes_per_s": rate, "how": how, "measured": time.strftime("%Y-%m-%d %H:%M")}
+        entry = kept[key] = {"bytes_per_s": rate, "how": how, "measured": time.strftime("%Y-%m-%d %H:%M")}
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_text(path, json.dumps(kept, indent=1))
         except OSError:
             pass  # a read-only cache: measured again next time
-    entry = kept[key]
     return float(entry["bytes_per_s"]), f"{entry['how']}; measured {entry['measured']}, kept in {path}"
 
 

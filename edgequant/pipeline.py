@@ -365,7 +365,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         release_memory()
         if "onnx" in opts.formats:
             with progress.step("export ONNX"):
-                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer, context=max(tgt.budget.ctx, windows.shape[1])), out))
+                context = max(tgt.budget.ctx, windows.shape[1])  # what the plan budgeted, and room to evaluate
+                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer, context=context), out))
         twin = _stock_twin(twin_source, artifacts[0]["tensor_bytes"], stage, report, progress)
         quality = _evaluate(reference, sim, stage, windows, opts, progress, twin)
         if twin is not None:

@@ -89,6 +89,9 @@ class OrtDecoder:
             decoder = json.loads((model_file(path).parent / "genai_config.json").read_text())["model"]["decoder"]
             self.kv_shapes = {n: (1, decoder["num_key_value_heads"], 0, decoder["head_size"]) for n in self.past_names}
         self.output_names = [o.name for o in self.session.get_outputs()]
+        config = model_file(path).parent / "genai_config.json"
+        self.context = json.loads(config.read_text())["model"].get("context_length") if config.is_file() else None
+        self.path = path
 
     def empty_cache(self) -> dict[str, np.ndarray]:
         return {n: np.zeros(shape, np.float32) for n, shape in self.kv_shapes.items()}
@@ -96,6 +99,9 @@ class OrtDecoder:
     def step(self, ids: np.ndarray, cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """Run ``ids`` (n,) after ``cache``: logits (n, vocab) and the grown cache."""
         past = next(iter(cache.values())).shape[2] if cache else 0
+        if self.context and past + len(ids) > self.context:
+            raise EdgequantError(f"{self.path} holds {self.context} positions (the context it was built for); "
+                                 f"{past + len(ids)} were asked for: rebuild with a longer --context")
         feed = {"input_ids": ids[None].astype(np.int64),
                 "attention_mask": np.ones((1, past + len(ids)), np.int64), **cache}
         out = dict(zip(self.output_names, self.session.run(None, feed)))

@@ -101,7 +101,7 @@ class Ort:
         opts.log_severity_level = 4
         self.session = ort.InferenceSession(os.path.join(path, "model.onnx"), opts, providers=["CPUExecutionProvider"])
         config = json.load(open(os.path.join(path, "genai_config.json")))["model"]
-        self.vocab = config["vocab_size"]
+        self.vocab, self.context = config["vocab_size"], config.get("context_length")
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past = [i.name for i in past]
         decoder = config["decoder"]  # a symbolic dimension (genai's builder): its config says
@@ -161,7 +161,11 @@ def main() -> None:
     if args.runtime == "which":
         print(json.dumps({"runtimes": which(), "device": device_identity()}))
         return
-    runner = (LlamaCpp if args.runtime == "llama.cpp" else Ort)(args.model, args.ctx, args.threads)
+    tokens = args.prompt_tokens + args.gen_tokens
+    runner = (LlamaCpp if args.runtime == "llama.cpp" else Ort)(args.model, max(args.ctx, tokens), args.threads)
+    if tokens > (getattr(runner, "context", None) or tokens):
+        sys.exit(f"{args.model} holds {runner.context} positions (the context it was built for); a prompt of "
+                 f"{args.prompt_tokens} and {args.gen_tokens} new tokens need {tokens}: rebuild with a longer --context")
     result = measure(runner, args.prompt_tokens, args.gen_tokens, args.repeats)
     print(json.dumps({
         "runtime": args.runtime, "runtime_version": runner.version, "model": args.model,

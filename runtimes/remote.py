@@ -34,6 +34,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -220,21 +221,38 @@ class Ssh(Transport):
 
 
 _control_dir: str | None = None
+_control_lock = threading.Lock()
+SOCKET_PATH_LIMIT = 100  # bytes: sun_path holds 104-108, and ssh binds a longer temporary name first
 
 
 def _shared_connection() -> list[str]:
-    """ssh options that make the calls to one host share one connection, opened by the first."""
+    """ssh options that make the calls to one host share one connection, opened by the first
+    (none where the socket path would be too long: every call then connects on its own)."""
     global _control_dir
-    if _control_dir is None:
-        _control_dir = tempfile.mkdtemp(prefix="eq-ssh-")  # short: a socket path has a ~100-byte limit
-        atexit.register(_close_shared_connections, _control_dir)
+    with _control_lock:
+        if _control_dir is None:
+            _control_dir = tempfile.mkdtemp(prefix="eq-ssh-", dir="/tmp" if os.path.isdir("/tmp") else None)
+            atexit.register(_close_shared_connections, _control_dir)
+    if len(_control_dir) + 1 + 40 + 20 > SOCKET_PATH_LIMIT:  # %C is 40 hex digits; ssh adds ~20 while binding
+        return []
     return ["-o", "ControlMaster=auto", "-o", f"ControlPath={_control_dir}/%C", "-o", "ControlPersist=30"]
 
 
 def _close_shared_connections(folder: str) -> None:
-    for socket in Path(folder).iterdir():
-        subprocess.run(["ssh", "-o", f"ControlPath={socket}", "-O", "exit", "edgequant"], capture_output=True, timeout=10)
-    shutil.rmtree(folder, ignore_errors=True)
+    """Ask every shared connection's master to exit (at once, briefly), then remove the folder;
+    nothing here may fail the exit."""
+    try:
+        closing = [subprocess.Popen(["ssh", "-F", "/dev/null", "-o", f"ControlPath={socket}", "-O", "exit", "edgequant"],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for socket in Path(folder).iterdir()]
+        for proc in closing:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    except OSError:
+        pass  # no ssh, or the folder already gone
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 _SSH_ERRORS = [

@@ -148,14 +148,20 @@ def test_host_is_detected_on_this_machine():
 
 
 def test_the_host_bandwidth_is_measured_once_per_machine(tmp_path, monkeypatch):
-    """The copy rate is kept in the cache, so that the same command plans the same file."""
+    """The copy rate is kept in the cache, so that the same command plans the same file; a kept
+    file that cannot be read is measured again."""
     monkeypatch.setenv("EDGEQUANT_CACHE", str(tmp_path))
+    measured = []
+    monkeypatch.setattr(devices, "_measure_bandwidth", lambda *_: measured.append(1) or (2e10, "a copy"))
     first = devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30)
-    monkeypatch.setattr(devices, "_measure_bandwidth", lambda *_: pytest.fail("measured twice"))
-    assert devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30) == first
-    assert str(tmp_path / "host-bandwidth.json") in first[1]
-    monkeypatch.setattr(devices, "_measure_bandwidth", lambda *_: (1e9, "a new machine"))
-    assert devices._host_bandwidth("cpu", 4, 8 << 30, 4 << 30)[0] == 1e9  # more cores: another machine
+    assert devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30) == first and len(measured) == 1
+    assert first[0] == 2e10 and str(tmp_path / "host-bandwidth.json") in first[1]
+    devices._host_bandwidth("cpu", 4, 8 << 30, 4 << 30)  # more cores: another machine
+    assert len(measured) == 2
+    for broken in ("[]", "{", '{"cpu | 2 cores | 8192 MiB | %s": {"bytes_per_s": 0}}' % devices.BANDWIDTH_METHOD):
+        (tmp_path / "host-bandwidth.json").write_text(broken)
+        assert devices._host_bandwidth("cpu", 2, 8 << 30, 4 << 30)[0] == 2e10
+    assert len(measured) == 5
 
 
 def test_host_isa_from_cpuinfo_flags():

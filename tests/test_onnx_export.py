@@ -11,6 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from edgequant.adapters import head_dim
+from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import TYPES
 from exporters.onnx.graph import OPSETS
 from exporters.onnx.nbits import from_ggml
@@ -94,7 +95,8 @@ def test_mixed_plan_gives_matmulnbits_of_several_widths_and_no_float_matrices(ti
     genai = json.loads((out / "onnx" / "genai_config.json").read_text())
     hidden = genai["model"]["decoder"]["hidden_size"]
     # the folder holds the context the plan budgeted: rotary rows, and the KV cache genai allocates
-    assert genai["search"]["max_length"] == genai["model"]["context_length"] == min(report["budget"]["ctx"], TINY["max_position_embeddings"])
+    context = min(max(report["budget"]["ctx"], report["quality"]["onnx"]["ctx"]), TINY["max_position_embeddings"])
+    assert genai["search"]["max_length"] == genai["model"]["context_length"] == context
     for init in model.graph.initializer:  # besides block scales and the rotary tables: norms only
         if init.data_type == TensorProto.FLOAT and init.name not in scales | {"cos_cache", "sin_cache"}:
             assert int(np.prod(init.dims)) <= hidden, init.name
@@ -113,46 +115,79 @@ def test_corrupt_or_truncated_onnx_is_one_line_error(tiny_build, tmp_path):
         assert_clean_failure(edgequant("eval", bad, "--eval-tokens", "512"), "model.onnx")
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
-def test_every_architecture_runs_in_ort_as_its_gguf_does_in_transformers(model_type, tiny_model, tmp_path):
+def _exported(loaded, types: dict, out, context: int = 48):
+    """``loaded`` rounded to ``types`` (matrix name suffix -> ggml type; "" for every other matrix),
+    written as a GGUF and exported to ONNX for ``context`` tokens; returns the GGUF, 40 token ids,
+    and the logits transformers computes from the GGUF on them."""
     import torch
 
     from edgequant.calibration import Calibration
     from edgequant.methods import rtn
-    from edgequant.models import load_gguf, load_model
+    from edgequant.models import load_gguf
     from edgequant.pipeline import matrices_of
     from edgequant.planning import uniform
     from exporters.gguf import write_gguf
     from exporters.onnx import export_onnx
 
-    # larger random weights: logits with a real spread, so that small differences show
-    loaded = load_model(tiny_model(model_type, initializer_range=0.2))
-    out = tmp_path / "out"
     out.mkdir()
-    encoded = rtn.quantize(loaded, uniform(*matrices_of(loaded), "Q8_0"), Calibration(np.zeros((0, 512), np.int64), {}))
+    plan = uniform(*matrices_of(loaded), types[""])
+    plan.types.update({name: t for name in plan.types for suffix, t in types.items() if suffix and name.endswith(suffix)})
+    encoded = rtn.quantize(loaded, plan, Calibration(np.zeros((0, 512), np.int64), {}))
     write_gguf(out / "model.gguf", loaded, encoded, "rtn")
-    export_onnx(out / "model.gguf", out / "onnx", loaded.tokenizer, context=48)  # room for the 40 tokens below
+    export_onnx(out / "model.gguf", out / "onnx", loaded.tokenizer, context=context)
     ids = np.random.default_rng(0).integers(0, loaded.config.vocab_size, 40)
     with torch.no_grad():
         expected = load_gguf(out / "model.gguf").model(torch.from_numpy(ids)[None]).logits[0].numpy()
     assert expected.std() > 0.5  # logits with real spread, not a near-uniform random model
-    exact = OrtDecoder(out / "onnx", accuracy_level=0)
+    return out / "model.gguf", ids, expected
+
+
+def _ops(folder) -> Counter:
+    return Counter(n.op_type for n in onnx.load(str(folder / "model.onnx"), load_external_data=False).graph.node)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3"])
+def test_every_architecture_runs_in_ort_as_its_gguf_does_in_transformers(model_type, tiny_model, tmp_path):
+    from edgequant.models import load_model
+    from exporters.onnx import export_onnx
+
+    # larger random weights: logits with a real spread, so that small differences show
+    loaded = load_model(tiny_model(model_type, initializer_range=0.2))
+    gguf_file, ids, expected = _exported(loaded, {"": "Q8_0"}, tmp_path / "out", context=48)  # room for 40 tokens
+    folder = gguf_file.parent / "onnx"
+    exact = OrtDecoder(folder, accuracy_level=0)
     np.testing.assert_allclose(exact(ids), expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
     # as shipped (int8 activations: 2-7% of the logits' range here), through the kernels' packed path,
     # which must apply qwen2's bias too (without it: 84%)
-    shipped = OrtDecoder(out / "onnx")(ids)
+    shipped = OrtDecoder(folder)(ids)
     np.testing.assert_allclose(shipped, expected, atol=0.15 * np.abs(expected).max(), rtol=0)
     # the KV cache: one token at a time gives what the whole window gives
     logits, cache = exact.step(ids[:30], exact.empty_cache())
     for t in range(30, 40):
         logits, cache = exact.step(ids[t : t + 1], cache)
         np.testing.assert_allclose(logits[0], expected[t], atol=1e-3 * np.abs(expected).max(), rtol=0)
-    assert export_onnx(out / "model.gguf", tmp_path / "again")["mapping"]["Q8_0"]["max_abs_error"] == 0.0
-    graph = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False).graph
+    with pytest.raises(EdgequantError, match="holds 48 positions"):  # past the context it was built for
+        exact.step(ids[:9], cache)
+    assert export_onnx(gguf_file, tmp_path / "again")["mapping"]["Q8_0"]["max_abs_error"] == 0.0
+    graph = onnx.load(str(folder / "model.onnx"), load_external_data=False).graph
     assert [list(i.dims) for i in graph.initializer if i.name == "cos_cache"] == [[48, head_dim(loaded.config) // 2]]
-    assert json.loads((out / "onnx" / "genai_config.json").read_text())["search"]["max_length"] == 48
+    assert json.loads((folder / "genai_config.json").read_text())["search"]["max_length"] == 48
     # fused as ONNX Runtime runs fastest: q/k/v one node per block, gate/up one, each residual add inside a norm
-    ops = Counter(n.op_type for n in graph.node)
-    blocks = loaded.config.num_hidden_layers
+    ops, blocks = _ops(folder), loaded.config.num_hidden_layers
     assert ops["MatMulNBits"] == 4 * blocks + 1  # qkv, o, gate/up, down; the head
     assert ops["SkipSimplifiedLayerNormalization"] == 2 * blocks and ops["Add"] == 0
+
+
+def test_matrices_of_different_layouts_keep_a_node_each_and_compute_the_same(tiny_model, tmp_path):
+    """q in 8 bits beside 4-bit k/v, gate in 8 bits (Q5_0) beside a 4-bit up: no fusion, qwen2's
+    biases on each node, and the same logits. (Zero points, which only the affine types' inexact
+    conversion makes, are checked against the simulation by the mixed build above.)"""
+    from edgequant.models import load_model
+
+    loaded = load_model(tiny_model("qwen2", initializer_range=0.2))
+    types = {"": "Q4_0", "attn_q.weight": "Q8_0", "ffn_gate.weight": "Q5_0"}
+    gguf_file, ids, expected = _exported(loaded, types, tmp_path / "out")
+    folder = gguf_file.parent / "onnx"
+    np.testing.assert_allclose(OrtDecoder(folder, accuracy_level=0)(ids), expected, atol=1e-3 * np.abs(expected).max(), rtol=0)
+    ops, blocks = _ops(folder), loaded.config.num_hidden_layers
+    assert ops["MatMulNBits"] == 7 * blocks + 1 and ops["Split"] == 0  # q, k, v, o, gate, up, down; the head

@@ -17,12 +17,13 @@ What ONNX Runtime can run as one kernel is written as one node, as onnxruntime-g
 does (ORT does not fuse these itself): each residual add and the norm after it are one
 ``SkipSimplifiedLayerNormalization``, whose fourth output carries the residual on; q, k and v are
 one ``MatMulNBits`` over their rows stacked (and their biases as its bias input) when their
-layouts match, feeding ``GroupQueryAttention`` as a packed query; gate and up likewise, then a
-``Split``. Matrices whose bits or block size differ keep a node each.
+layouts match (input width, bits, block size, zero points or none; biases on all three or none),
+feeding ``GroupQueryAttention`` as a packed query; gate and up likewise, then a ``Split``.
+Matrices whose layouts differ keep a node each.
 
 Initializers go to the external data file as they are made (:class:`ExternalData`), and the
-matrices are asked for one at a time (``weights`` may convert lazily), so a model's weights are
-never in memory whole, neither as arrays nor as protobuf.
+matrices are asked for a block's q/k/v or gate/up at a time (``weights`` may convert lazily), so a
+model's weights are never in memory whole, neither as arrays nor as protobuf.
 """
 
 from __future__ import annotations
