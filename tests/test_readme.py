@@ -106,5 +106,5 @@ def test_the_python_example_builds_deploys_and_benches(readme):
     assert built["method"]["name"] == "rtn" and {t["ggml_type"] for t in built["tensors"]} == {"Q8_0"}
     on_disk = report(work / "q8")
     assert on_disk["artifacts"][0]["sha256"] == built["artifacts"][0]["sha256"]
-    assert on_disk["text"]["evaluation"]["tokens"] == 4096 and "onnx" not in on_disk["quality"]
+    assert on_disk["text"]["evaluation"]["tokens"] == 1024 and "onnx" not in on_disk["quality"]
     assert on_disk["bench"]["target"] == "ssh://pi4/~/models"
