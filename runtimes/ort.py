@@ -82,15 +82,16 @@ class OrtDecoder:
     def __init__(self, path: Path, n_threads: int | None = None, accuracy_level: int | None = None):
         self.session = open_session(path, n_threads, accuracy_level)
         self.runtime = "onnxruntime" if accuracy_level is None else f"onnxruntime (accuracy_level {accuracy_level})"
+        config_file = model_file(path).parent / "genai_config.json"
+        model = json.loads(config_file.read_text())["model"] if config_file.is_file() else {}
         past = [i for i in self.session.get_inputs() if i.name.startswith("past_key_values.")]
         self.past_names = [i.name for i in past]
         self.kv_shapes = {i.name: (1, i.shape[1], 0, i.shape[3]) for i in past}  # [batch, kv_heads, past, head_dim]
         if not all(isinstance(d, int) for s in self.kv_shapes.values() for d in s):  # symbolic dims (genai's builder)
-            decoder = json.loads((model_file(path).parent / "genai_config.json").read_text())["model"]["decoder"]
+            decoder = model["decoder"]
             self.kv_shapes = {n: (1, decoder["num_key_value_heads"], 0, decoder["head_size"]) for n in self.past_names}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        config = model_file(path).parent / "genai_config.json"
-        self.context = json.loads(config.read_text())["model"].get("context_length") if config.is_file() else None
+        self.context = model.get("context_length")  # the positions the folder holds
         self.path = path
 
     def empty_cache(self) -> dict[str, np.ndarray]:
