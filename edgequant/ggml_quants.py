@@ -239,10 +239,17 @@ class QuantType:
     def fits(self, row_length: int) -> bool:
         return row_length % self.block == 0
 
+    def row_bytes(self, cols: int) -> int:
+        """Bytes of one row of ``cols`` weights."""
+        return cols // self.block * self.nbytes
+
+    def tensor_bytes(self, rows: int, cols: int) -> int:
+        return rows * self.row_bytes(cols)
+
     def quantize(self, w: np.ndarray, importance: np.ndarray | None = None) -> np.ndarray:
         """Round-to-nearest on the best grid: (rows, cols) float -> (rows, cols/block*nbytes) uint8."""
         w = np.asarray(w, F32)
-        out = np.empty((w.shape[0], w.shape[1] // self.block * self.nbytes), np.uint8)
+        out = np.empty((w.shape[0], self.row_bytes(w.shape[1])), np.uint8)
         return self._by_chunks(w, importance, out, lambda chunk, grid: self.pack(grid, grid.round(chunk)))
 
     def dequantized(self, w: np.ndarray, importance: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
@@ -633,10 +640,13 @@ TYPES: dict[str, QuantType] = {
                         Q2_K())
 }
 from . import ggml_iquants  # noqa: E402, F401  (adds the codebook i-quants, built on the classes above, to TYPES)
+from . import ort_quants  # noqa: E402  (ONNX Runtime's MatMulNBits grids, on the same interface; not ggml types)
 
 
 def get_type(name: str) -> QuantType:
+    """The ggml type, or ONNX Runtime configuration (:mod:`edgequant.ort_quants`), called ``name``."""
+    key = name.upper()
     try:
-        return TYPES[name.upper()]
+        return TYPES[key] if key in TYPES else ort_quants.TYPES[key]
     except KeyError:
         raise ValueError(f"unknown ggml type {name!r}; known: {', '.join(TYPES)}") from None

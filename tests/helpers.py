@@ -64,6 +64,55 @@ def weights(rows=48, cols=512, seed=0) -> np.ndarray:
     return w
 
 
+def _session(nodes, inputs, outputs, inits):
+    import onnxruntime as ort
+    from onnx import helper
+
+    from exporters.onnx.graph import OPSETS
+
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, outputs, inits), opset_imports=OPSETS)
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+
+
+def _nbits_inits(w) -> list:
+    from onnx import numpy_helper
+
+    rows, cols = w.shape
+    inits = [numpy_helper.from_array(w.packed.reshape(rows, -1, w.block_size * w.bits // 8), "B"),
+             numpy_helper.from_array(w.scales, "S")]
+    if w.zero_points is not None:
+        inits.append(numpy_helper.from_array(w.stored_zero_points(), "Z"))
+    return inits
+
+
+def run_matmul_nbits(w, a: np.ndarray) -> np.ndarray:
+    """``a @ w.T`` by one ``MatMulNBits`` node (accuracy_level 0) on a blockwise matrix ``w``
+    (:class:`exporters.onnx.nbits.BlockQuantized`), in ONNX Runtime."""
+    from onnx import TensorProto, helper
+
+    rows, cols = w.shape
+    inits = _nbits_inits(w)
+    node = helper.make_node("MatMulNBits", ["A"] + [i.name for i in inits], ["Y"], domain="com.microsoft",
+                            K=cols, N=rows, bits=w.bits, block_size=w.block_size, accuracy_level=0)
+    session = _session([node], [helper.make_tensor_value_info("A", TensorProto.FLOAT, list(a.shape))],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [a.shape[0], rows])], inits)
+    return session.run(None, {"A": a})[0]
+
+
+def run_gather_block_quantized(w, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of the blockwise table ``w``, looked up by ``GatherBlockQuantized`` in ONNX Runtime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rows, cols = w.shape
+    inits = _nbits_inits(w)
+    inits[0] = numpy_helper.from_array(w.packed, "B")
+    node = helper.make_node("GatherBlockQuantized", ["B", "I", *[i.name for i in inits[1:]]], ["Y"], domain="com.microsoft",
+                            bits=w.bits, block_size=w.block_size, gather_axis=0, quantize_axis=1)
+    session = _session([node], [helper.make_tensor_value_info("I", TensorProto.INT64, list(ids.shape))],
+                       [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [*ids.shape, cols])], inits)
+    return session.run(None, {"I": ids})[0]
+
+
 def relative_gap(a: float, b: float) -> float:
     return abs(a - b) / b
 

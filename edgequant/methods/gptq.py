@@ -69,7 +69,7 @@ def quantize(
             weight = block.linears[name].weight.detach()
             qtype = get_type(plan.types[name])
             rounding = nearest if qtype.name in ROUNDED_TO_NEAREST else gptq_rows
-            packed = np.empty((weight.shape[0], weight.shape[1] // qtype.block * qtype.nbytes), np.uint8)
+            packed = np.empty((weight.shape[0], qtype.row_bytes(weight.shape[1])), np.uint8)
             values = torch.empty_like(weight) if block.index >= 0 else None  # the calibration stream goes on through them
             for rows, codes, grid in rounding(weight, hessian, qtype):
                 packed[rows] = qtype.pack(grid, codes)

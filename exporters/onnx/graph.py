@@ -101,7 +101,7 @@ class _Graph:
         inputs = [self.const(f"{name}.qweight", w.packed.reshape(rows, cols // w.block_size, blob)),
                   self.const(f"{name}.scales", w.scales)]
         if w.zero_points is not None:
-            inputs.append(self.const(f"{name}.zero_points", w.zero_points))
+            inputs.append(self.const(f"{name}.zero_points", w.stored_zero_points()))
         return inputs
 
     def matmul(self, x: str, name: str, w: BlockQuantized, bias: np.ndarray | None = None) -> str:

@@ -28,6 +28,7 @@ import numpy as np
 
 from edgequant.ggml_iquants import CodebookGrid
 from edgequant.ggml_quants import get_type
+from edgequant.ort_quants import pack_codes, pack_zero_points, unpack_codes
 
 F32 = np.float32
 
@@ -51,8 +52,7 @@ class BlockQuantized:
     @property
     def codes(self) -> np.ndarray:
         """The unsigned codes, unpacked: (rows, cols)."""
-        mask = (1 << self.bits) - 1
-        return np.stack([(self.packed >> (self.bits * i)) & mask for i in range(8 // self.bits)], -1).reshape(self.shape)
+        return unpack_codes(self.packed, self.bits)
 
     def dequantize(self) -> np.ndarray:
         """The float32 matrix ORT computes with (at accuracy_level 0)."""
@@ -61,20 +61,14 @@ class BlockQuantized:
         blocks = self.codes.reshape(rows, -1, self.block_size).astype(F32) - zp[..., None].astype(F32)
         return (blocks * self.scales[..., None]).reshape(rows, cols)
 
+    def stored_zero_points(self) -> np.ndarray | None:
+        """The zero points as ORT stores them: ``bits`` each, packed like the codes, a row padded to a byte."""
+        return None if self.zero_points is None else pack_zero_points(self.zero_points, self.bits)
+
     @property
     def nbytes(self) -> int:
-        zp = 0 if self.zero_points is None else self.zero_points.nbytes
+        zp = 0 if self.zero_points is None else self.stored_zero_points().nbytes
         return self.packed.nbytes + self.scales.nbytes + zp
-
-
-def _packed(codes: np.ndarray, bits: int) -> np.ndarray:
-    """Codes (rows, cols) packed little-end first: (rows, cols * bits / 8) uint8."""
-    per_byte = 8 // bits
-    c = codes.astype(np.uint8).reshape(codes.shape[0], -1, per_byte)
-    out = np.zeros(c.shape[:2], np.uint8)
-    for i in range(per_byte):
-        out |= c[..., i] << (bits * i)
-    return out
 
 
 ROW_CHUNK_WEIGHTS = 1 << 20  # a tensor is converted this many weights at a time (its codes, unpacked, are int64)
@@ -93,18 +87,33 @@ def from_ggml(ggml_type: str, data: np.ndarray) -> BlockQuantized:
                           max(p.max_abs_error for p in parts))
 
 
+def from_ort(name: str, data: np.ndarray) -> BlockQuantized:
+    """A tensor already in an ONNX Runtime configuration (:mod:`edgequant.ort_quants`): its row
+    bytes split into codes, scales and zero points (exact: nothing is converted)."""
+    qtype = get_type(name)
+    cols = qtype.cols_of(data.shape[1])
+    n, code_bytes = cols // qtype.block, cols * qtype.bits // 8
+    data = np.asarray(data)
+    scales = np.ascontiguousarray(data[:, code_bytes : code_bytes + 4 * n]).view(F32)
+    zero_points = None
+    if qtype.zero_points:
+        zero_points = np.ascontiguousarray(unpack_codes(data[:, code_bytes + 4 * n :], qtype.bits)[:, :n])
+    return BlockQuantized(qtype.name, qtype.bits, qtype.block, np.ascontiguousarray(data[:, :code_bytes]), scales,
+                          zero_points, 0.0)
+
+
 def _from_ggml_rows(ggml_type: str, data: np.ndarray) -> BlockQuantized:
     qtype = get_type(ggml_type)
     grid, q = qtype.unpack(data)
     gguf_values = grid.values(q)
     if isinstance(grid, CodebookGrid):  # scale times a signed integer up to 62: 8 bits, exact
         integers, scale = grid.integers(q)
-        out = BlockQuantized(ggml_type, 8, grid.sub, _packed(integers + 128, 8), scale, None, 0.0)
+        out = BlockQuantized(ggml_type, 8, grid.sub, pack_codes(integers + 128, 8), scale, None, 0.0)
     elif qtype.levels is not None or qtype.qmin < 0:
         signed = qtype.levels[q].astype(np.int32) if qtype.levels is not None else q
         low, high = (qtype.levels.min(), qtype.levels.max()) if qtype.levels is not None else (qtype.qmin, qtype.qmax)
         bits = 4 if -8 <= low and high <= 7 else 8
-        out = BlockQuantized(ggml_type, bits, grid.sub, _packed(signed + (1 << (bits - 1)), bits),
+        out = BlockQuantized(ggml_type, bits, grid.sub, pack_codes(signed + (1 << (bits - 1)), bits),
                              grid.scale.astype(F32), None, 0.0)
     else:
         out = _affine_to_8bit(ggml_type, grid, q)
@@ -131,4 +140,4 @@ def _affine_to_8bit(ggml_type: str, grid, q: np.ndarray) -> BlockQuantized:
     flat = a == 0  # constant blocks: value = offset, written as -offset * (0 - 1)
     scale[flat], zp[flat], z0[flat] = (-off[flat]).astype(F32), 1, 0
     codes = np.repeat(k, grid.sub, axis=1) * q + np.repeat(z0, grid.sub, axis=1)
-    return BlockQuantized(ggml_type, 8, grid.sub, _packed(codes, 8), scale, zp.astype(np.uint8), 0.0)
+    return BlockQuantized(ggml_type, 8, grid.sub, pack_codes(codes, 8), scale, zp.astype(np.uint8), 0.0)
