@@ -506,6 +506,11 @@ def _print_plan(s: dict) -> None:
     console.print(f"predicted: {p['file_bytes'] / 1e6:.1f} MB file ({s['bpw']:.3f} bpw), {p['memory_bytes'] / 1e6:.0f} MB "
                   f"of {p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s, "
                   f"prefill {p['prefill_tok_s']:.0f} tok/s")
+    if s.get("onnx"):
+        o = s["onnx"]
+        parts = ", ".join(f"{'embd' if r['index'] < 0 else r['index']}.{r['part']} {r['ggml_type']}" for r in o["blocks"])
+        console.print(f"ONNX plan: {o['plan']}; {o['bytes'] / 1e6:.1f} MB of {o['max_bytes'] / 1e6:.1f} MB "
+                      f"({o['bpw']:.3f} bpw): {parts}")
 
 
 def _split_table(split: dict):

@@ -23,6 +23,9 @@ import gguf
 import numpy as np
 import torch
 
+from .ggml_quants import get_type
+from .ort_quants import is_ort_type
+
 LogitSource = Callable[[np.ndarray], np.ndarray]
 DEFAULT_CTX = 512
 
@@ -251,10 +254,18 @@ def _se(x: torch.Tensor) -> float:
 
 def decode_into(loaded, encoded: dict) -> None:
     """Give the model (in place) the weights gguf-py decodes from the bytes we ship: the torch
-    simulation of the GGUF file. ``encoded`` maps GGUF names to
+    simulation of the GGUF file (or of an ONNX plan's codes). ``encoded`` maps GGUF names to
     :class:`edgequant.ggml_quants.EncodedTensor`; a tied embedding stays tied (one tensor in the file)."""
     for hf_name, t in loaded.state():
         enc = encoded.get(loaded.gguf_name(hf_name)) if t.ndim == 2 else None
         if enc is not None:
-            w = gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])
-            t.copy_(torch.from_numpy(w.reshape(t.shape)))
+            t.copy_(torch.from_numpy(decoded(enc).reshape(t.shape)))
+
+
+def decoded(enc) -> np.ndarray:
+    """The float32 values of an encoded tensor: gguf-py's dequantizer for a ggml type, the grid's
+    own for an ONNX Runtime configuration (``scale * (code - zero point)``)."""
+    if is_ort_type(enc.ggml_type):
+        grid, codes = get_type(enc.ggml_type).unpack(np.asarray(enc.data))
+        return grid.values(codes)
+    return gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])

@@ -14,14 +14,15 @@ import shutil
 import tempfile
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Iterator
 
 import torch
 
 from exporters.gguf import overhead_bytes, write_gguf
-from exporters.onnx import export_onnx
+from exporters.onnx import export_onnx, export_planned, overhead_bytes as onnx_overhead_bytes
 from runtimes.llamacpp import LlamaCppLogits
 from runtimes.ort import OrtDecoder, check_model, model_file
 
@@ -41,7 +42,8 @@ from .memory import peak_rss_mb, release_memory
 from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
-from .planning import Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, uniform
+from .ort_quants import CANDIDATES as ORT_CANDIDATES, is_ort_type
+from .planning import LADDER, Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
@@ -118,8 +120,9 @@ class Target:
     device: Device | Fleet
     shape: Shape
     budget: Budget
-    file_overhead: int  # GGUF bytes besides tensor data
+    file_overhead: int  # the artifact's bytes besides tensor data (GGUF header, or the ONNX folder's graph and tokenizer)
     min_tok_s: float | None = None
+    kernels: bool = True  # price llama.cpp's measured kernel costs (an ONNX plan's are not measured: bytes only)
 
     @property
     def max_tensor_bytes(self) -> int:
@@ -131,6 +134,8 @@ class Target:
         floor = None
         if self.min_tok_s is not None:
             floor = bytes_read_per_token(self.device, self.shape, self.budget.ctx, self.min_tok_s) - self.file_overhead
+        if not self.kernels:
+            return Speed(unread=() if self.shape.tied else ("token_embd.weight",), max_decode_bytes=floor)
         return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
                      prefill_weight_bytes(self.device))
 
@@ -152,23 +157,32 @@ def matrices_of(loaded: LoadedModel) -> tuple[list[Matrix], int]:
     return matrices, n_all - sum(m.params for m in matrices)
 
 
-def target(loaded: LoadedModel, opts: BuildOptions, device: Device | Fleet, unpruned_params: int | None = None) -> Target:
+def target(loaded: LoadedModel, opts: BuildOptions, device: Device | Fleet, unpruned_params: int | None = None,
+           runtime: str = "gguf") -> Target:
     """The budget for ``loaded`` on ``device``; a pruned model counts ``--bpw`` over the
-    ``unpruned_params`` of the model it was pruned from."""
+    ``unpruned_params`` of the model it was pruned from. ``runtime`` "onnx": the ONNX folder's
+    target, under the same caps with the folder's own overhead (``--bpw`` counts tensors) and no
+    llama.cpp kernel costs."""
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
-    file_overhead = overhead_bytes(loaded)
+    if runtime == "onnx":
+        file_overhead = onnx_overhead_bytes(loaded, max(opts.context or device.default_ctx, opts.ctx))
+    else:
+        file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
                      file_overhead=file_overhead, bpw_params=unpruned_params)
-    return Target(device, shape, budget, file_overhead, opts.min_tok_s)
+    return Target(device, shape, budget, file_overhead, opts.min_tok_s, kernels=runtime == "gguf")
 
 
 def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress,
-              choice: Choice | None = None):
-    """(plan, sensitivity table or None) within the target's budget (``choice``: the joint search's types)."""
+              choice: Choice | None = None, runtime: str = "gguf"):
+    """(plan, sensitivity table or None) within the target's budget (``choice``: the joint search's
+    types). ``runtime`` "onnx": a plan in ONNX Runtime's configurations (:mod:`edgequant.ort_quants`)."""
     matrices, other = matrices_of(loaded)
     speed = tgt.speed
-    if ggml_type:
+    if runtime == "onnx":
+        plan, table = _onnx_plan(loaded, method, tgt, ggml_type, calibration, progress, matrices, other)
+    elif ggml_type:
         plan, table = uniform(matrices, other, ggml_type), None
     elif choice:
         plan, table = Plan(choice.types(matrices), matrices, other, "joint: pruning and types searched against the output KL within "
@@ -183,6 +197,48 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
         check_split(split(tgt.device, plan, tgt.shape, tgt.budget.ctx, tgt.file_overhead, tgt.shape.tied))
     speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
     return plan, table
+
+
+def _onnx_plan(loaded, method: Method, tgt: Target, ort_type: str | None, calibration, progress, matrices, other):
+    """The ONNX artifact's plan: ``--type`` if it names a configuration, else the method's
+    measured allocation over ONNX Runtime's configurations, else the greedy mix over them."""
+    if ort_type:
+        return uniform(matrices, other, ort_type), None
+    if method.allocate:
+        return method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, tgt.speed,
+                               menu=ORT_CANDIDATES)
+    return for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", tgt.speed,
+                      ladder=ORT_CANDIDATES), None
+
+
+def _fits(tgt: Target, loaded: LoadedModel, ladder) -> bool:
+    return smallest_bytes(*matrices_of(loaded), ladder) + tgt.file_overhead <= tgt.budget.max_file_bytes
+
+
+def onnx_context(tgt: Target, eval_ctx: int) -> int:
+    """The context an ONNX folder is made for: what the plan budgeted, and room to evaluate (the
+    export caps it at the model's own limit)."""
+    return max(tgt.budget.ctx, eval_ctx)
+
+
+def own_onnx_plan(opts: BuildOptions) -> bool:
+    """Whether the ONNX artifact gets a plan of its own (else it is made from the GGUF's codes:
+    when ``--type`` names a ggml type)."""
+    return "onnx" in opts.formats and not (opts.ggml_type and not is_ort_type(opts.ggml_type))
+
+
+@dataclass
+class ArtifactPlan:
+    """One artifact's plan: its runtime's target (its own overhead bytes and kernel costs), the
+    types of its matrices, and the sensitivity table they were chosen from."""
+
+    target: Target
+    plan: Plan
+    table: Sensitivity | None
+
+    def summary(self) -> dict:
+        return {"plan": self.plan.rule, "bpw": self.plan.bpw, "bytes": self.plan.total_bytes + self.target.file_overhead,
+                "max_bytes": self.target.budget.max_file_bytes, "blocks": blocks(self.plan, self.table)}
 
 
 @dataclass
@@ -211,6 +267,15 @@ class Planned:
     pruning: Pruning | None = None  # what was pruned (asked for, or chosen by the joint search)
     search: dict | None = None  # the joint search's details
     twin: TwinSource | None = None  # the full-precision GGUF llama.cpp's quantizer starts from
+    onnx: ArtifactPlan | None = None  # the ONNX artifact's own plan (None: none asked, or made from the GGUF's codes)
+    notes: list[str] = field(default_factory=list)  # what the build chose not to make, and why
+
+    @property
+    def plans(self) -> dict[str, Plan]:
+        """The plan of each set of codes to round: "gguf" (the GGUF's, also the source of an ONNX
+        folder made from its codes) and/or "onnx" (the ONNX artifact's own)."""
+        out = {} if self.onnx is not None and self.onnx.plan is self.plan else {"gguf": self.plan}
+        return out | ({"onnx": self.onnx.plan} if self.onnx is not None else {})
 
     def summary(self) -> dict:
         """What ``edgequant plan`` prints: budget, bit map, predicted size / memory / speed."""
@@ -224,6 +289,7 @@ class Planned:
             "predicted": self.target.predict(self.plan),
             "blocks": blocks(self.plan, self.table),
             "pruning": _pruning_report(self.pruning, self.loaded, self.search),
+            "onnx": self.onnx.summary() if self.onnx else None,
         }
 
 
@@ -235,8 +301,14 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     device = load_target(opts.device or "host")  # a mistyped device fails before the model is loaded
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
-    if opts.formats is None:
+    formats_chosen = opts.formats is None  # not asked for: both, unless one cannot be made (said in the report)
+    notes: list[str] = []
+    if formats_chosen:
         opts.formats = ("gguf",) if loaded.adapter.onnx_refusal else FORMATS
+        if opts.ggml_type and is_ort_type(opts.ggml_type):
+            opts.formats = ("onnx",)
+    if opts.ggml_type and is_ort_type(opts.ggml_type) and "gguf" in opts.formats:
+        raise EdgequantError(f"--type {opts.ggml_type} is an ONNX Runtime configuration; it takes --formats onnx")
     elif "onnx" in opts.formats and loaded.adapter.onnx_refusal:
         raise EdgequantError(loaded.adapter.onnx_refusal)
     if method.rotates and not loaded.adapter.rotations:
@@ -278,8 +350,14 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
         with progress.step("prune and refit"):
             loaded = prune(loaded, pruning, calib)
     tgt = target(loaded, opts, device, unpruned_params if pruning else None)
-    smallest = smallest_bytes(*matrices_of(loaded)) + tgt.file_overhead
-    check_fits(tgt.budget, smallest, "the smallest mix that would fit")  # before any calibration
+    onnx_tgt = target(loaded, opts, device, unpruned_params if pruning else None, "onnx") if own_onnx_plan(opts) else None
+    if onnx_tgt and formats_chosen and "gguf" in opts.formats and not _fits(onnx_tgt, loaded, ORT_CANDIDATES):
+        opts.formats, onnx_tgt = ("gguf",), None  # ONNX Runtime's smallest grid (4.1 bpw) is above this budget
+        notes.append("no ONNX folder: ONNX Runtime's smallest configuration (4-bit blocks of 256) does not fit this budget")
+    gguf_planned = "gguf" in opts.formats or onnx_tgt is None  # (a GGUF is also the source of an ONNX from its codes)
+    checked = ([(tgt, LADDER, "")] if gguf_planned else []) + ([(onnx_tgt, ORT_CANDIDATES, " ONNX")] if onnx_tgt else [])
+    for t, ladder, what in checked:  # before any calibration
+        check_fits(t.budget, smallest_bytes(*matrices_of(loaded), ladder) + t.file_overhead, f"the smallest{what} mix that would fit")
     store_reference()
     stats = None
     if opts.use_importance or opts.smooth or (method.allocate and not opts.ggml_type):
@@ -290,10 +368,17 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     release_memory()  # the calibration passes' temporaries
     if twin is not None and twin.importance is None:
         twin.importance = calibration.importance
-    plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
-    release_memory()  # the sensitivity table's
+    onnx = None
+    if onnx_tgt is not None:
+        onnx = ArtifactPlan(onnx_tgt, *make_plan(loaded, method, onnx_tgt, opts.ggml_type, calibration, progress,
+                                                 runtime="onnx"))
+    if gguf_planned:
+        plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
+    else:  # the ONNX plan is the build's (the transform is searched for its types)
+        tgt, plan, table = onnx.target, onnx.plan, onnx.table
+    release_memory()  # the sensitivity tables'
     return Planned(loaded, method, tgt, calib_label, calibration, stats, plan, table, reference, label,
-                   pruning or None, choice.details if choice else None, twin)
+                   pruning or None, choice.details if choice else None, twin, onnx, notes)
 
 
 def _search(loaded: LoadedModel, method: Method, opts: BuildOptions, device: Device | Fleet, calib, progress) -> Choice:
@@ -331,8 +416,11 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     work, details, calibration = _transform(p, opts, progress)
     maps = details.pop("scaling_maps", None)
     release_memory()  # the transform's calibration streams
-    with progress.step(f"quantize ({opts.method})", len(plan.matrices)) as tick:
-        encoded = p.method.quantize(work, plan, calibration, tick)
+    codes = {}
+    for fmt, fplan in p.plans.items():
+        label = f" for the {fmt.upper()}" if len(p.plans) > 1 else ""
+        with progress.step(f"quantize ({opts.method}){label}", len(fplan.matrices)) as tick:
+            codes[fmt] = p.method.quantize(work, fplan, calibration, tick)
     report = {
         "edgequant": __version__,
         "model": {"name": work.name, "path": str(work.path), "architecture": work.config.model_type},
@@ -342,6 +430,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         "method": {"name": opts.method, "importance": opts.use_importance, "smooth": opts.smooth,
                    "scaling_maps": maps is not None, "plan": plan.rule},
         "pruning": _pruning_report(p.pruning, work, p.search),
+        "notes": p.notes,
         "text": {
             "calibration": {"source": p.calib_label, "tokens": int(calibration.windows.size)},
             "evaluation": {"source": p.eval_label, "tokens": int(windows.size), "ctx": opts.ctx},
@@ -351,34 +440,33 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     }
 
     with atomic_dir(out) as stage, _write_errors(out, stage):
-        gguf_path = stage / "model.gguf"
-        with progress.step("export GGUF"):
-            write_gguf(gguf_path, work, encoded, opts.method)
-        artifacts = [_artifact(gguf_path, "gguf", out)]
-        sim = _simulation(work, encoded, p.method.activation_aware or work.adapter.activation_sensitive) if opts.parity else None
-        twin_source = p.twin
-        tokenizer, spill = work.tokenizer, work.store
-        encoded.close()  # the files go now, not in a collection, where an interrupt would be lost
-        if spill is not None and sim is None:
-            spill.close()
-        del work, p, encoded  # from here on only the files (and, with --parity, the simulation) are held
+        artifacts = _export(work, codes, p, opts, stage, out, progress, onnx_context(tgt, windows.shape[1]))
+        sims = _simulations(work, codes, p.method.activation_aware or work.adapter.activation_sensitive) if opts.parity else {}
+        twin_source, spill, onnx_plan = p.twin, work.store, p.onnx
+        if not sims:  # the files go now, not in a collection, where an interrupt would be lost
+            _close(*codes.values(), spill)
+        del work, p  # from here on only the files (and, with --parity, the simulations) are held
         release_memory()
-        if "onnx" in opts.formats:
-            with progress.step("export ONNX"):
-                context = max(tgt.budget.ctx, windows.shape[1])  # what the plan budgeted, and room to evaluate
-                artifacts.append(_onnx_artifact(export_onnx(gguf_path, stage / "onnx", tokenizer, context=context), out))
-        twin = _stock_twin(twin_source, artifacts[0]["tensor_bytes"], stage, report, progress)
-        quality = _evaluate(reference, sim, stage, windows, opts, progress, twin)
+        twin = _stock_twin(twin_source, artifacts["gguf"]["tensor_bytes"], stage, report, progress) if twin_source else None
+        quality = _evaluate(reference, sims, stage, windows, opts, progress, twin)
         if twin is not None:
             report["stock"] = twin.as_dict(twin_source.params)
             twin.path.unlink()
-        if spill is not None:
-            spill.close()
-        if "gguf" not in opts.formats:  # it was only the source of the ONNX weights
-            gguf_path.unlink()
-            artifacts.pop(0)
+        sims.clear()
+        _close(*codes.values(), spill)
+        del codes
+        if "gguf" not in opts.formats and "gguf" in artifacts:  # it was only the source of the ONNX weights
+            (stage / "model.gguf").unlink()
+            del artifacts["gguf"]
+        plans = {"gguf": (plan, table, tgt)} if "gguf" in artifacts or onnx_plan is None else {}
+        if onnx_plan is not None:
+            plans["onnx"] = (onnx_plan.plan, onnx_plan.table, onnx_plan.target)
         report.update({
-            "artifacts": artifacts,
+            "artifacts": list(artifacts.values()),
+            "plans": {fmt: {"file": PLAN_FILES[fmt], "rule": fp.rule, "bpw": fp.bpw,
+                            "bytes": fp.total_bytes + ft.file_overhead, "max_bytes": ft.budget.max_file_bytes,
+                            "artifacts": [a["format"] for a in artifacts.values() if a["plan"] == PLAN_FILES[fmt]]}
+                      for fmt, (fp, _, ft) in plans.items()},
             "quality": quality,
             "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
                       "note": "peak RSS of the building process so far"},
@@ -387,16 +475,51 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
             "transform": details or None,
             "tensors": [{"name": t["name"], "ggml_type": t["ggml_type"], "bpw": t["bpw"]} for t in plan.as_dict()["tensors"]],
         })
-        plan_json = {**plan.as_dict(), "budget": tgt.budget.as_dict(), "predicted": report["predicted"],
-                     "sensitivity": table.as_dict() if table else None}
-        (stage / "plan.json").write_text(json.dumps(plan_json, indent=1))
+        if onnx_plan is not None and onnx_plan.plan is not plan:
+            report["onnx_blocks"] = blocks(onnx_plan.plan, onnx_plan.table)
+        for fmt, (fp, ft_table, ft) in plans.items():
+            plan_json = {**fp.as_dict(), "budget": ft.budget.as_dict(), "file_overhead": ft.file_overhead,
+                         "predicted": ft.predict(fp), "sensitivity": ft_table.as_dict() if ft_table else None}
+            (stage / PLAN_FILES[fmt]).write_text(json.dumps(plan_json, indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
         with progress.step("write report.html"):
             write_report(stage, shown_as=out)
         write_manifest(stage, {"edgequant": __version__, "model": report["model"], "device": tgt.device.name,
-                               "settings": settings(opts), "plan": {"rule": plan.rule, "bpw": plan.bpw, "file": "plan.json"},
+                               "settings": settings(opts),
+                               "plan": {"rule": plan.rule, "bpw": plan.bpw, "file": PLAN_FILES[next(iter(plans))]},
+                               "plans": {fmt: PLAN_FILES[fmt] for fmt in plans},
                                "text": report["text"], "versions": library_versions()})
     return report
+
+
+PLAN_FILES = {"gguf": "plan.json", "onnx": "plan-onnx.json"}
+
+
+def _close(*stores) -> None:
+    """Delete the files of code stores and spilled weights (None: nothing)."""
+    for store in stores:
+        if store is not None:
+            store.close()
+
+
+def _export(work: LoadedModel, codes: dict, p: Planned, opts: BuildOptions, stage: Path, out: Path, progress,
+            context: int) -> dict[str, dict]:
+    """Write the artifacts into ``stage`` (a GGUF that only feeds an ONNX folder made from its
+    codes too; the caller deletes it); each artifact's record names the plan that made it."""
+    artifacts = {}
+    if "gguf" in codes:
+        gguf_path = stage / "model.gguf"
+        with progress.step("export GGUF"):
+            write_gguf(gguf_path, work, codes["gguf"], opts.method)
+        artifacts["gguf"] = {**_artifact(gguf_path, "gguf", out), "plan": PLAN_FILES["gguf"]}
+    if "onnx" in opts.formats:
+        with progress.step("export ONNX"):
+            if "onnx" in codes:
+                exported, source = export_planned(work, codes["onnx"], stage / "onnx", context=context), "onnx"
+            else:
+                exported, source = export_onnx(stage / "model.gguf", stage / "onnx", work.tokenizer, context=context), "gguf"
+        artifacts["onnx"] = {**_onnx_artifact(exported, out), "plan": PLAN_FILES[source]}
+    return artifacts
 
 
 def _stock_twin(source: TwinSource | None, tensor_bytes: int, stage: Path, report: dict, progress: Progress) -> Twin | None:
@@ -431,11 +554,11 @@ def _transform(p: Planned, opts: BuildOptions, progress: Progress) -> tuple[Load
     return work, details, calibration
 
 
-def _simulation(work: LoadedModel, encoded, activation_aware: bool) -> Simulation:
-    """The torch model of the GGUF's decoded bytes, made from ``work`` in place (its weights are
-    not needed after the export), with the types of its linear layers for 8-bit activations."""
-    decode_into(work, encoded)
-    return Simulation(work.model, _linear_types(work, encoded) if activation_aware else None)
+def _simulations(work: LoadedModel, codes: dict, activation_aware: bool) -> dict[str, Simulation]:
+    """``--parity``'s torch models: of the GGUF's codes (also with 8-bit activations, given the
+    types of its linear layers, for an activation-aware method) and of the ONNX plan's own."""
+    return {fmt: Simulation(work, store, _linear_types(work, store) if activation_aware and fmt == "gguf" else None)
+            for fmt, store in codes.items()}
 
 
 def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str | None = None,
@@ -486,26 +609,33 @@ def blocks(plan: Plan, table: Sensitivity | None) -> list[dict]:
 
 @dataclass
 class Simulation:
-    """``--parity``'s torch model of the GGUF's bytes; ``a8_types``: also run it with llama.cpp's
-    8-bit activation blocks, given each linear layer's ggml type (W4A8 as llama.cpp computes it)."""
+    """``--parity``'s torch model of one plan's codes: the build's model given their decoded
+    values when its turn comes (its float weights are not needed after the export, and one model
+    serves each plan in turn); ``a8_types``: also run it with llama.cpp's 8-bit activation
+    blocks, given each linear layer's ggml type (W4A8 as llama.cpp computes it)."""
 
-    model: torch.nn.Module
+    work: LoadedModel
+    codes: Mapping
     a8_types: dict[str, str] | None
 
+    def model(self) -> torch.nn.Module:
+        decode_into(self.work, self.codes)
+        return self.work.model
 
-def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, windows, opts, progress,
+
+def _evaluate(reference: StoredLogProbs, sims: dict[str, Simulation], stage: Path, windows, opts, progress,
               twin: Twin | None = None) -> dict:
     """Quality of the files in ``stage`` against the full-precision ``reference``, each in its
     own runtime, one runtime at a time (and of llama.cpp's ``twin``, under ``stock``). With
-    ``opts.parity``, also what the runtimes must agree with: the torch simulation of the GGUF's
-    decoded bytes, and the ONNX model at accuracy_level 0 (float32 activations, the exact
-    counterpart of the simulation)."""
+    ``opts.parity``, also what the runtimes must agree with: the torch simulation of each plan's
+    decoded codes (``sims``), and the ONNX model at accuracy_level 0 (float32 activations, the
+    exact counterpart of its simulation)."""
     ctx, threads = windows.shape[1], opts.threads
     passes = []
-    if sim is not None:
-        passes.append(("gguf_sim", lambda: TorchLogits(sim.model)))
+    for fmt, sim in sims.items():
+        passes.append((f"{fmt}_sim", lambda sim=sim: TorchLogits(sim.model())))
         if sim.a8_types is not None:
-            passes.append(("gguf_sim_a8", lambda: _A8Logits(sim)))
+            passes.append((f"{fmt}_sim_a8", lambda sim=sim: _A8Logits(sim)))
     if "gguf" in opts.formats:
         passes.append(("gguf", lambda: LlamaCppLogits(stage / "model.gguf", ctx, threads)))
     if "onnx" in opts.formats:
@@ -527,7 +657,7 @@ def _evaluate(reference: StoredLogProbs, sim: Simulation | None, stage: Path, wi
     return quality
 
 
-_EVALUATED = {"fp": "full precision", "gguf_sim": "torch simulation",
+_EVALUATED = {"fp": "full precision", "gguf_sim": "torch simulation", "onnx_sim": "torch simulation of the ONNX plan",
               "gguf_sim_a8": "torch simulation, 8-bit activations", "gguf": "GGUF in llama.cpp",
               "onnx": "ONNX in onnxruntime", "onnx_exact": "ONNX in onnxruntime (accuracy_level 0)",
               "stock": "llama.cpp's own mix"}
@@ -539,7 +669,7 @@ class _A8Logits(TorchLogits):
     runtime = "torch, 8-bit activations"
 
     def __init__(self, sim: Simulation):
-        super().__init__(sim.model)
+        super().__init__(sim.model())
         self.types = sim.a8_types
 
     def __call__(self, window):

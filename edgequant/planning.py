@@ -23,11 +23,13 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from .errors import EdgequantError
+from . import ort_quants
 from .ggml_quants import TYPES, get_type
 from .kernels import UNMEASURED, KernelCosts
 
 FALLBACK = {"Q2_K": "IQ4_NL", "Q3_K": "IQ4_NL", "Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0",
-            **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL")}
+            **dict.fromkeys(("IQ4_XS", "IQ3_S", "IQ3_XXS", "IQ2_S", "IQ2_XS", "IQ2_XXS", "IQ1_M", "IQ1_S"), "IQ4_NL"),
+            **ort_quants.FALLBACK}  # ONNX Runtime's blocks: the next smaller one
 LADDER = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "Q2_K", "IQ3_XXS", "Q3_K", "IQ3_S", "IQ4_XS", "Q4_K",
           "IQ4_NL", "Q4_0", "Q5_K", "Q5_0", "Q6_K", "Q8_0"]  # of equal size, the first is tried first
 # The embedding / output matrix takes no 256-block i-quant. The output matmul (output.weight, or a
@@ -66,8 +68,7 @@ class Plan:
     pricing: dict | None = None  # how the allocation priced the kernels' slowdown (QuBLAST)
 
     def matrix_bytes(self, m: Matrix) -> int:
-        t = get_type(self.types[m.name])
-        return m.params // t.block * t.nbytes
+        return get_type(self.types[m.name]).tensor_bytes(m.rows, m.cols)
 
     @property
     def total_bytes(self) -> int:
@@ -104,21 +105,22 @@ def fitting_type(name: str, cols: int) -> str:
     return t
 
 
-def _ladder(m: Matrix) -> list[str]:
-    """The types that fit ``m``'s rows, smallest first (``LADDER``'s order among equal sizes)."""
-    fit = [t for t in LADDER if TYPES[t].fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING)]
-    return sorted(fit, key=lambda t: TYPES[t].bpw)
+def _ladder(m: Matrix, ladder: list[str] | tuple[str, ...] = LADDER) -> list[str]:
+    """The types of ``ladder`` that fit ``m``'s rows, smallest first (``ladder``'s order among equal sizes)."""
+    fit = [t for t in ladder if get_type(t).fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING)]
+    return sorted(fit, key=lambda t: get_type(t).bpw)
 
 
-def smallest_bytes(matrices: list[Matrix], other_params: int) -> int:
+def smallest_bytes(matrices: list[Matrix], other_params: int, ladder: list[str] | tuple[str, ...] = LADDER) -> int:
     """Bytes of the smallest mix: every matrix on its cheapest rung."""
-    return Plan({m.name: _ladder(m)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
+    return Plan({m.name: _ladder(m, ladder)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
 
 
 def check_type_name(ggml_type: str) -> None:
     """A one-line error for a type name we cannot write."""
-    if ggml_type.upper() not in TYPES:
-        raise EdgequantError(f"unknown ggml type {ggml_type!r}; known: {', '.join(TYPES)}")
+    if ggml_type.upper() not in TYPES and ggml_type.upper() not in ort_quants.TYPES:
+        raise EdgequantError(f"unknown ggml type {ggml_type!r}; known: {', '.join(TYPES)} "
+                             f"(and ONNX Runtime's {ort_quants.PREFIX}{{4,8}}_B{{16..256}}_{{SYM,ZP}} for --formats onnx)")
 
 
 def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
@@ -192,14 +194,14 @@ class _Rungs:
     error: np.ndarray
 
     @classmethod
-    def of(cls, item: tuple[Matrix, ...], speed: Speed) -> _Rungs:
+    def of(cls, item: tuple[Matrix, ...], speed: Speed, ladder=LADDER) -> _Rungs:
         """The ladder of one matrix, or of matrices stored as one tensor (rows of one width) moving together."""
-        types = _ladder(item[0])
-        sizes = [{m.name: m.params // TYPES[t].block * TYPES[t].nbytes for m in item} for t in types]
+        types = _ladder(item[0], ladder)
+        sizes = [{m.name: get_type(t).tensor_bytes(m.rows, m.cols) for m in item} for t in types]
         return cls(types, np.array([sum(n.values()) for n in sizes], float),
                    np.array([speed.decode(dict.fromkeys(n, t), n) for t, n in zip(types, sizes)]),
                    np.array([speed.slowdown(dict.fromkeys(n, t), n) for t, n in zip(types, sizes)]),
-                   sum(PRIORITY.get(m.role, 1.0) * m.params for m in item) * 4.0 ** -np.array([TYPES[t].bpw for t in types]))
+                   sum(PRIORITY.get(m.role, 1.0) * m.params for m in item) * 4.0 ** -np.array([get_type(t).bpw for t in types]))
 
     def best_step(self, i: int, room: float, decode_room: float) -> tuple[float, int]:
         """(error drop per byte of cost, rung) of the best move up from rung ``i`` that fits ``room``
@@ -218,15 +220,16 @@ class _Rungs:
 
 
 def for_budget(matrices: list[Matrix], other_params: int, max_bytes: int, rule: str, speed: Speed = Speed(),
-               ties: list[tuple[str, ...]] = ()) -> Plan:
+               ties: list[tuple[str, ...]] = (), ladder: list[str] | tuple[str, ...] = LADDER) -> Plan:
     """The greedy mix of at most ``max_bytes`` (all tensors counted): again and again the move up
     a matrix's ladder (to any larger rung) with the largest expected error drop per byte of cost,
     its extra bytes plus its extra slowdown bytes, within the bytes and the decode floor. The
-    matrices of each of ``ties`` (GGUF names of parts the file stores as one tensor) move together."""
+    matrices of each of ``ties`` (GGUF names of parts the file stores as one tensor) move together.
+    ``ladder``: the types to choose from (ONNX Runtime's configurations for an ONNX plan)."""
     by_name = {m.name: m for m in matrices}
     tied = {name: tie for tie in ties for name in tie}
     items = list(dict.fromkeys(tuple(by_name[n] for n in tied.get(m.name, (m.name,))) for m in matrices))
-    rungs = {item: _Rungs.of(item, speed) for item in items}
+    rungs = {item: _Rungs.of(item, speed, ladder) for item in items}
     level = dict.fromkeys(items, 0)
     plan = Plan({m.name: rungs[item].types[0] for item in items for m in item}, matrices, other_params, rule)
     used = plan.total_bytes

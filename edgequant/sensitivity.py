@@ -50,6 +50,7 @@ class Part:
     block: int  # -1 for the embedding / output matrices
     kind: str  # "attn", "ffn", "ssm" (a state-space block's projections) or "embd"
     matrices: tuple[Matrix, ...]
+    menu: tuple[str, ...] = CANDIDATES  # the types it may take (ONNX Runtime's for an ONNX plan)
 
     @property
     def key(self) -> str:
@@ -61,7 +62,7 @@ class Part:
 
     def candidates(self) -> tuple[str, ...]:
         """The candidate types of this part (the embedding's without 256-block i-quants, see :mod:`edgequant.planning`)."""
-        return CANDIDATES if self.block >= 0 else tuple(t for t in CANDIDATES if t not in NOT_FOR_EMBEDDING)
+        return self.menu if self.block >= 0 else tuple(t for t in self.menu if t not in NOT_FOR_EMBEDDING)
 
     def options(self) -> list[dict[str, str]]:
         """Distinct type assignments, one per candidate type, smallest first."""
@@ -77,7 +78,7 @@ class Part:
 
     def sizes(self, types: dict[str, str]) -> dict[str, int]:
         """Each matrix's bytes at ``types``."""
-        return {m.name: m.params // get_type(types[m.name]).block * get_type(types[m.name]).nbytes for m in self.matrices}
+        return {m.name: get_type(types[m.name]).tensor_bytes(m.rows, m.cols) for m in self.matrices}
 
     def nbytes(self, types: dict[str, str]) -> int:
         return sum(self.sizes(types).values())
@@ -93,7 +94,7 @@ def stand_in(t: str, cols: int) -> str:
     return AFFINE_TO_SYMMETRIC.get(t, t)
 
 
-def split_parts(matrices: list[Matrix]) -> list[Part]:
+def split_parts(matrices: list[Matrix], menu: tuple[str, ...] = CANDIDATES) -> list[Part]:
     groups: dict[tuple[int, str], list[Matrix]] = {}
     for m in matrices:
         fields = m.name.split(".")
@@ -102,7 +103,7 @@ def split_parts(matrices: list[Matrix]) -> list[Part]:
         else:
             key = (-1, "embd")
         groups.setdefault(key, []).append(m)
-    return [Part(b, k, tuple(ms)) for (b, k), ms in sorted(groups.items(), key=lambda kv: (kv[0][0] < 0, kv[0]))]
+    return [Part(b, k, tuple(ms), menu) for (b, k), ms in sorted(groups.items(), key=lambda kv: (kv[0][0] < 0, kv[0]))]
 
 
 @dataclass

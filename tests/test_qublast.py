@@ -17,7 +17,7 @@ BPW = 4.0  # on the tiny model: a cap that binds
 def qublast(tiny_build):
     """QuBLAST's measured allocation on a tiny llama within 4 bits per weight, rounded to nearest
     without the maps, its sensitivity measured on the first 256 calibration tokens."""
-    return tiny_build(method="qublast-rtn", scaling_maps=False, bpw=BPW, sensitivity_tokens=256)
+    return tiny_build(method="qublast-rtn", scaling_maps=False, bpw=BPW, sensitivity_tokens=256, formats="gguf")
 
 
 def test_parts_are_attention_and_mlp_per_block_plus_the_embedding(default_model):

@@ -69,7 +69,7 @@ def test_a_mixed_build_shows_its_sensitivity_table_and_llama_cpps_ladder(tiny_bu
     from runtimes.llama_quantize import quantize_stock, write_f32_copy
 
     out = tmp_path / "mixed"
-    shutil.copytree(tiny_build(method="qublast-rtn", scaling_maps=False, bpw=4.0, sensitivity_tokens=256)[0], out)
+    shutil.copytree(tiny_build(method="qublast-rtn", scaling_maps=False, bpw=4.0, sensitivity_tokens=256, formats="gguf")[0], out)
     report = json.loads((out / "report.json").read_text())
     write_f32_copy(tiny_build(ggml_type="Q8_0")[0] / "model.gguf", tmp_path / "f32.gguf")
     quantize_stock(tmp_path / "f32.gguf", tmp_path / "Q2_K.gguf", "Q2_K")

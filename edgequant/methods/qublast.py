@@ -22,7 +22,7 @@ from ..errors import EdgequantError
 from ..models import LoadedModel
 from ..planning import Matrix, Plan, Speed, knapsack, knapsack_with_speed
 from ..progress import Progress
-from ..sensitivity import Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
+from ..sensitivity import CANDIDATES, Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
 from ..smoothing import search_scales
 
 def allocate(
@@ -33,10 +33,12 @@ def allocate(
     calibration: Calibration,
     progress: Progress,
     speed: Speed = Speed(),
+    menu: tuple[str, ...] = CANDIDATES,
 ) -> tuple[Plan, Sensitivity | None]:
     """The plan of least summed sensitivity within ``max_bytes`` (all tensors counted), the
-    types' slowdown priced in and the decode floor kept (``speed``)."""
-    parts = split_parts(matrices)
+    types' slowdown priced in and the decode floor kept (``speed``); ``menu``: the types a part
+    may take (ONNX Runtime's configurations for an ONNX plan)."""
+    parts = split_parts(matrices, menu)
     other_bytes = 4 * other_params
     max_decode = None if speed.max_decode_bytes is None else speed.max_decode_bytes - other_bytes
     largest = [p.options()[-1] for p in parts]

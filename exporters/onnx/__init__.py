@@ -1,14 +1,17 @@
-"""Export a GGUF file as an ONNX Runtime model folder that onnxruntime-genai can also run.
+"""ONNX Runtime model folders that onnxruntime-genai can also run.
 
-The ONNX weights come from the GGUF file's own bytes (see :mod:`exporters.onnx.nbits`), so the
-ONNX model runs the codes that were evaluated in llama.cpp. The folder holds ``model.onnx``
-(graph) + ``model.onnx.data`` (weights), ``genai_config.json`` and the tokenizer files.
+Two sources: a build's own ONNX plan (:func:`export_planned`: every matrix rounded to a
+``MatMulNBits`` configuration of :mod:`edgequant.ort_quants`), or a GGUF file's bytes
+(:func:`export_onnx`, ``edgequant export-onnx``: the very codes llama.cpp runs, converted by
+:mod:`exporters.onnx.nbits`). The folder holds ``model.onnx`` (graph) + ``model.onnx.data``
+(weights), ``genai_config.json`` and the tokenizer files.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import tempfile
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,7 +29,7 @@ from edgequant.adapters.base import permute_qk, qk_heads
 from edgequant.models import gguf_config, gguf_tokenizer, read_gguf, read_tensor_data
 
 from .graph import ExternalData, decoder
-from .nbits import BlockQuantized, from_ggml
+from .nbits import BlockQuantized, from_ggml, from_ort
 
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
@@ -35,12 +38,11 @@ DEFAULT_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: ORT's fast CPU pa
 
 def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
                 context: int | None = None) -> dict:
-    """Write the ONNX folder ``out_dir`` (atomically) from ``gguf_path``; return what was written.
+    """Write the ONNX folder ``out_dir`` (atomically) from ``gguf_path``'s codes; return what was written.
 
     ``tokenizer`` (a transformers tokenizer) defaults to the one stored in the GGUF file.
     ``context``: the most tokens a sequence may hold (the rotary tables' rows, and genai's
-    ``max_length``, for which it allocates its KV cache); default the model's own limit. A build
-    passes the context its plan budgeted."""
+    ``max_length``, for which it allocates its KV cache); default the model's own limit."""
     gguf_path, out_dir = Path(gguf_path), Path(out_dir)
     check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
     reader = read_gguf(gguf_path)
@@ -58,20 +60,59 @@ def export_onnx(gguf_path: Path, out_dir: Path, tokenizer=None, accuracy_level: 
             raise EdgequantError(f"{t.name} has ggml type {kind}, which the ONNX export does not convert")
         else:
             matrices[t.name] = t
-    weights = _ConvertedWeights(gguf_path, matrices, config, family.permute_qk)
+    weights = _ConvertedWeights(matrices, lambda t: from_ggml(t.tensor_type.name, read_tensor_data(gguf_path, t)),
+                                config if family.permute_qk else None)  # not through the reader's map, whose pages would stay
     out_features = {name: int(t.shape[1]) for name, t in matrices.items()}  # gguf-py lists dimensions innermost first
+    return _write_folder(out_dir, config, weights, out_features, floats, tokenizer or gguf_tokenizer(gguf_path),
+                         context, accuracy_level)
+
+
+def export_planned(loaded, encoded: Mapping, out_dir: Path, accuracy_level: int = DEFAULT_ACCURACY_LEVEL,
+                   context: int | None = None) -> dict:
+    """Write the ONNX folder ``out_dir`` (atomically) from an ONNX plan's own codes: ``encoded``
+    maps GGUF names to tensors in ONNX Runtime's configurations (:mod:`edgequant.ort_quants`, rows
+    in Hugging Face's order); norms and biases come from ``loaded``, the model they were rounded from."""
+    check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
+    if loaded.adapter.onnx_refusal:
+        raise EdgequantError(loaded.adapter.onnx_refusal)
+    floats = {loaded.gguf_name(n): t.float().numpy() for n, t in loaded.state() if t.ndim == 1}
+    weights = _ConvertedWeights(encoded, lambda e: from_ort(e.ggml_type, e.data))
+    out_features = {name: encoded[name].data.shape[0] for name in encoded}
+    return _write_folder(Path(out_dir), loaded.config, weights, out_features, floats, loaded.tokenizer, context,
+                         accuracy_level)
+
+
+def _write_folder(out_dir: Path, config, weights: _ConvertedWeights, out_features: dict[str, int],
+                  floats: dict[str, np.ndarray], tokenizer, context: int | None, accuracy_level: int) -> dict:
+    """The graph, its weights file, genai_config.json and the tokenizer, atomically in ``out_dir``."""
     positions = min(context or config.max_position_embeddings, config.max_position_embeddings)
-    tokenizer = tokenizer or gguf_tokenizer(gguf_path)
     with atomic_dir(out_dir) as stage:
         with open(stage / DATA_FILE, "wb") as data:
             model = decoder(config, weights, out_features, floats, rope_cache(config, positions), accuracy_level,
                             ExternalData(data, DATA_FILE))
-        if left := sorted(matrices.keys() - weights.converted.keys()):
+        if left := sorted(weights.keys() - weights.converted.keys()):
             raise EdgequantError(f"the ONNX graph has no place for {', '.join(left)}")
         onnx.save_model(model, stage / MODEL_FILE)
         tokenizer.save_pretrained(stage)
         (stage / "genai_config.json").write_text(json.dumps(genai_config(config, tokenizer, positions), indent=1))
     return summary(out_dir, weights.converted, accuracy_level)
+
+
+GRAPH_BYTES = 16384  # model.onnx besides its weights: this much, plus GRAPH_BYTES_PER_BLOCK a block (nodes and
+GRAPH_BYTES_PER_BLOCK = 8192  # initializer records; measured ~4.5 KB a block for SmolLM2's, so this is an upper bound)
+GENAI_CONFIG_BYTES = 4096
+
+
+def overhead_bytes(loaded, context: int) -> int:
+    """Bytes of an ONNX folder besides its matrices and float tensors: the tokenizer files (written
+    to measure them), genai_config.json, the rotary tables for ``context`` positions and the graph."""
+    with tempfile.TemporaryDirectory() as tmp:
+        loaded.tokenizer.save_pretrained(tmp)
+        tokenizer_bytes = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
+    config = loaded.config
+    positions = min(context, config.max_position_embeddings)
+    rope = 2 * positions * (head_dim(config) // 2) * 4
+    return tokenizer_bytes + GENAI_CONFIG_BYTES + rope + GRAPH_BYTES + GRAPH_BYTES_PER_BLOCK * config.num_hidden_layers
 
 
 @dataclass
@@ -88,19 +129,19 @@ class _Converted:
 
 
 class _ConvertedWeights(Mapping):
-    """The GGUF's matrices, each converted to ORT's layout when the graph asks for it (once);
-    only the record of what was converted stays (``converted``)."""
+    """Matrices, each converted to ORT's layout by ``convert`` when the graph asks for it (once);
+    only the record of what was converted stays (``converted``). ``permuted_config``: q/k rows
+    are in llama.cpp's rotary order (put back to Hugging Face's), for a model of that config."""
 
-    def __init__(self, gguf_path: Path, tensors: dict, config, permute_qk: bool):
-        self.gguf_path, self.tensors, self.config, self.permute_qk = gguf_path, tensors, config, permute_qk
+    def __init__(self, tensors: Mapping, convert, permuted_config=None):
+        self.tensors, self.convert, self.config = tensors, convert, permuted_config
         self.converted: dict[str, _Converted] = {}
 
     def __getitem__(self, name: str) -> BlockQuantized:
         assert name not in self.converted, f"{name} converted twice"
-        t = self.tensors[name]
-        w = from_ggml(t.tensor_type.name, read_tensor_data(self.gguf_path, t))  # not through the reader's map, whose pages would stay
-        heads = qk_heads(self.config, name, w.shape[0])
-        if self.permute_qk and heads:  # back to Hugging Face's rotary layout
+        w = self.convert(self.tensors[name])
+        heads = qk_heads(self.config, name, w.shape[0]) if self.config is not None else None
+        if heads:  # back to Hugging Face's rotary layout
             w = _permuted_rows(w, heads)
         self.converted[name] = _Converted(w.ggml_type, w.bits, w.block_size, w.zero_points is not None,
                                           w.max_abs_error, w.nbytes, int(np.prod(w.shape)))
