@@ -7,7 +7,9 @@ Rows, all of the same reference model:
 - the genai builder's int4 export (``-p int4 -e cpu``: symmetric RTN, blocks of 32, accuracy_level 4,
   shared 4-bit embedding) and its ``k_quant`` variant;
 - ``edgequant build --type Q4_0 --formats onnx`` with RTN and with GPTQ: every matrix in llama.cpp's
-  Q4_0, which ORT holds exactly as MatMulNBits bits=4, block 32 (the same width and block as the builder).
+  Q4_0, which ORT holds exactly as MatMulNBits bits=4, block 32 (the same width and block as the builder);
+- ``edgequant build --formats onnx --budget-mb MB`` (the default method, QuBLAST): the ONNX folder's own
+  plan in ORT's configurations, within the builder's folder size (all its files).
 Each is scored with the same harness (perplexity, KLD and top-1 vs full precision, wiki.utf8, ctx 512)
 and timed with the same loop: a 128-token prefill, then 64 greedy decode steps, median of 3 runs
 after one warm-up.
@@ -31,8 +33,8 @@ from edgequant.benchmark import PROBE
 from runtimes.ort import score_in_ort
 
 OURS = {  # row label -> (output folder, edgequant build options)
-    "edgequant Q4_0 rtn": ("edgequant-rtn", ["--method", "rtn"]),
-    "edgequant Q4_0 gptq": ("edgequant-gptq", ["--method", "gptq"]),
+    "edgequant Q4_0 rtn": ("edgequant-rtn", ["--type", "Q4_0", "--method", "rtn"]),
+    "edgequant Q4_0 gptq": ("edgequant-gptq", ["--type", "Q4_0", "--method", "gptq"]),
 }
 GENAI = {  # row label -> (output folder, builder options)
     "genai builder int4 (rtn)": ("genai-rtn", []),
@@ -53,9 +55,12 @@ def export_genai(out: Path, options: list[str]) -> Path:
     return out
 
 
+PLANNED = "edgequant plan at builder size"  # the row of our own ONNX plan within the builder's folder size
+
+
 def export_ours(out: Path, options: list[str], calib_tokens: int) -> Path:
     if not (out / "onnx" / "model.onnx").exists():
-        run([sys.executable, "-m", "edgequant.cli", "build", "--type", "Q4_0", "--formats", "onnx", "--out", str(out),
+        run([sys.executable, "-m", "edgequant.cli", "build", "--formats", "onnx", "--out", str(out),
              "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--quiet", *options])
     return out / "onnx"
 
@@ -69,8 +74,9 @@ def speed(folder: Path, threads: int) -> dict:
         "prompt_tokens": result["prompt_tokens"], "new_tokens": result["gen_tokens"], "repeats": result["repeats"]}
 
 
-def folder_mb(path: Path) -> float:
-    return sum(p.stat().st_size for p in path.iterdir() if p.suffix in (".onnx", ".data")) / 1e6
+def folder_mb(path: Path, every_file: bool = False) -> float:
+    """MB of model.onnx + model.onnx.data (``every_file``: of the whole folder, tokenizer and config too)."""
+    return sum(p.stat().st_size for p in path.iterdir() if every_file or p.suffix in (".onnx", ".data")) / 1e6
 
 
 def main() -> None:
@@ -84,6 +90,8 @@ def main() -> None:
 
     folders = {label: export_genai(args.out / name, opts) for label, (name, opts) in GENAI.items()}
     folders |= {label: export_ours(args.out / name, opts, args.calib_tokens) for label, (name, opts) in OURS.items()}
+    builder_mb = folder_mb(next(iter(folders.values())), every_file=True)
+    folders[PLANNED] = export_ours(args.out / "edgequant-planned", ["--budget-mb", f"{builder_mb:.3f}"], args.calib_tokens)
 
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
@@ -93,18 +101,19 @@ def main() -> None:
     rows = []
     for label, folder in folders.items():
         q = score_in_ort(folder, windows, reference, args.threads)
-        rows.append({"model": label, "MB": folder_mb(folder), **q.as_dict(), **speed(folder, args.threads)})
+        rows.append({"model": label, "MB": folder_mb(folder), "folder_MB": folder_mb(folder, every_file=True),
+                     **q.as_dict(), **speed(folder, args.threads)})
         print(_line(rows[-1]), flush=True)
     print(f"\nONNX Runtime, {args.threads} threads; wiki.utf8, {windows.size} tokens, ctx 512 (full precision: ppl {fp.ppl:.3f}); "
           f"prefill {rows[0]['prompt_tokens']} tokens, decode {rows[0]['new_tokens']} steps, median of {rows[0]['repeats']}")
-    print(f"{'model':<30} {'MB':>6} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'prefill/s':>9} {'decode/s':>8}")
+    print(f"{'model':<30} {'MB':>6} {'folder':>6} {'ppl':>8} {'':6} {'KLD':>6} {'':7} {'top-1':>5} {'prefill/s':>9} {'decode/s':>8}")
     for r in rows:
         print(_line(r))
     (args.out / "onnx_vs_genai.json").write_text(json.dumps(rows, indent=1))
 
 
 def _line(r: dict) -> str:
-    return (f"{r['model']:<30} {r['MB']:6.1f} {r['ppl']:8.3f} ±{r['ppl_se']:.2f} {r['kld']:.4f} ±{r['kld_se']:.4f} "
+    return (f"{r['model']:<30} {r['MB']:6.1f} {r['folder_MB']:6.1f} {r['ppl']:8.3f} ±{r['ppl_se']:.2f} {r['kld']:.4f} ±{r['kld_se']:.4f} "
             f"{r['top1']:.3f} {r['prefill_tok_s']:9.0f} {r['decode_tok_s']:8.1f}")
 
 

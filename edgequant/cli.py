@@ -73,9 +73,9 @@ DEVICE = typer.Option(None, "--device", "-d", help="Device profile name or alias
 METHOD = typer.Option("qublast", help="qublast (sensitivity-planned mix + scaling maps + GPTQ), qublast-rtn, gptq or rtn (greedy mix); "
                       "specquant, ruquant or hadamard (activation-outlier transforms folded in, then GPTQ on the greedy mix); "
                       "joint (structural pruning + mixed precision searched together, for budgets below the smallest mix).")
-TYPE = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K (must fit the device).")
+TYPE = typer.Option(None, "--type", help="One ggml type for every matrix, e.g. Q4_K, or one ONNX Runtime configuration with --formats onnx, e.g. MNB4_B32_SYM (must fit the device).")
 BPW = typer.Option(None, help="Cap on bits per weight (tensor data over all parameters).")
-BUDGET_MB = typer.Option(None, help="Cap on the GGUF file size in MB (1e6 bytes).")
+BUDGET_MB = typer.Option(None, help="Cap on each artifact's size in MB (1e6 bytes): the GGUF file, the ONNX folder.")
 MIN_TOK_S = typer.Option(None, help="Floor on the predicted decode speed on the device, tokens/s.")
 CONTEXT = typer.Option(None, help="Context length to reserve KV cache for on the device (default: the profile's).")
 CALIB_TEXT = typer.Option(None, help="Calibration text: built-in name (c4.utf8...) or comma-separated files.")
@@ -117,7 +117,7 @@ def build(
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
     eval_ctx: int = typer.Option(512, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="llama.cpp / ONNX Runtime threads (default: all cores)."),
-    formats: str = typer.Option(None, help="What to write: gguf, onnx, or both (the ONNX model reuses the GGUF's codes). Default: both, or gguf for a family with no ONNX export."),
+    formats: str = typer.Option(None, help="What to write: gguf, onnx, or both, each planned for its runtime (with a ggml --type, the ONNX reuses the GGUF's codes). Default: both (the GGUF alone when ONNX Runtime's grids cannot fit, or for a family with no ONNX export)."),
     parity: bool = typer.Option(False, "--parity", help="Also score the torch simulation of the GGUF's bytes and ONNX Runtime "
                                 "at accuracy_level 0, which the runtimes must match (two more evaluations)."),
     twin: bool = typer.Option(True, "--twin/--no-twin", help="Also quantize the model with llama.cpp's own quantizer at "
@@ -542,7 +542,8 @@ def _print_summary(report: dict) -> None:
     fp = q["fp"]
     table.add_row("full precision", "torch", "32", "", f"{fp['ppl']:.3f}", "", "")
     artifacts = {a["format"]: a for a in report["artifacts"]}
-    for key, fmt in (("gguf_sim", "gguf"), ("gguf_sim_a8", "gguf"), ("gguf", "gguf"), ("onnx", "onnx"), ("onnx_exact", "onnx")):
+    for key, fmt in (("gguf_sim", "gguf"), ("gguf_sim_a8", "gguf"), ("gguf", "gguf"), ("onnx_sim", "onnx"), ("onnx", "onnx"),
+                     ("onnx_exact", "onnx")):
         if key in q:
             r, art = q[key], artifacts.get(fmt, {"path": "(gguf, not kept)", "bpw": float("nan"), "bytes": 0})
             table.add_row(art["path"], r["runtime"], f"{art['bpw']:.3f}", f"{art['bytes'] / 1e6:.1f}",
@@ -557,6 +558,8 @@ def _print_summary(report: dict) -> None:
     console.print(table)
     if "error" in report.get("stock", {}):
         typer.echo(f"llama.cpp's own mix at this size: not made ({report['stock']['error']})")
+    for note in report.get("notes", []):
+        typer.echo(note)
     t = report["text"]["evaluation"]
     typer.echo(f"evaluation: {t['source']}, {t['tokens']} tokens, ctx {t['ctx']}")
     p = report["predicted"]

@@ -265,7 +265,12 @@ def decode_into(loaded, encoded: dict) -> None:
 def decoded(enc) -> np.ndarray:
     """The float32 values of an encoded tensor: gguf-py's dequantizer for a ggml type, the grid's
     own for an ONNX Runtime configuration (``scale * (code - zero point)``)."""
-    if is_ort_type(enc.ggml_type):
-        grid, codes = get_type(enc.ggml_type).unpack(np.asarray(enc.data))
-        return grid.values(codes)
+    if is_ort_type(enc.ggml_type):  # a few rows at a time: a whole embedding's codes and values took GBs
+        qtype, data = get_type(enc.ggml_type), enc.data
+        out = np.empty((len(data), qtype.cols_of(data.shape[1])), np.float32)
+        step = max(1, (1 << 22) // out.shape[1])
+        for r in range(0, len(data), step):
+            grid, codes = qtype.unpack(np.asarray(data[r : r + step]))
+            out[r : r + step] = grid.values(codes)
+        return out
     return gguf.quants.dequantize(enc.data, gguf.GGMLQuantizationType[enc.ggml_type])

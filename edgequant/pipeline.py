@@ -78,10 +78,10 @@ class BuildOptions:
     eval_tokens: int = 8192
     ctx: int = DEFAULT_CTX  # evaluation window
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
-    parity: bool = False  # also score the torch simulation of the GGUF's bytes and ORT at accuracy_level 0
+    parity: bool = False  # also score the torch simulation of each plan's codes and ORT at accuracy_level 0
     threads: int | None = None
     formats: tuple[str, ...] | None = None  # what goes into --out (None: both, or the GGUF alone for a family
-    # with no ONNX export); the ONNX model is made from the GGUF's bytes
+    # with no ONNX export); each is planned for its runtime (the ONNX from the GGUF's codes when --type is a ggml type)
     pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
     twin: bool = True  # also make, score and show llama.cpp's own mix at the GGUF's size (edgequant.twin)
 
@@ -111,6 +111,8 @@ class BuildOptions:
         unknown = set(self.formats or ()) - set(FORMATS)
         if unknown or self.formats == ():
             raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
+        if self.ggml_type and is_ort_type(self.ggml_type) and "gguf" in (self.formats or ()):
+            raise EdgequantError(f"--type {self.ggml_type} is an ONNX Runtime configuration; it takes --formats onnx")
 
 
 @dataclass
@@ -166,7 +168,7 @@ def target(loaded: LoadedModel, opts: BuildOptions, device: Device | Fleet, unpr
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
     if runtime == "onnx":
-        file_overhead = onnx_overhead_bytes(loaded, max(opts.context or device.default_ctx, opts.ctx))
+        file_overhead = onnx_overhead_bytes(loaded, onnx_context(opts.context or device.default_ctx, opts.ctx))
     else:
         file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
@@ -215,10 +217,10 @@ def _fits(tgt: Target, loaded: LoadedModel, ladder) -> bool:
     return smallest_bytes(*matrices_of(loaded), ladder) + tgt.file_overhead <= tgt.budget.max_file_bytes
 
 
-def onnx_context(tgt: Target, eval_ctx: int) -> int:
+def onnx_context(budget_ctx: int, eval_ctx: int) -> int:
     """The context an ONNX folder is made for: what the plan budgeted, and room to evaluate (the
     export caps it at the model's own limit)."""
-    return max(tgt.budget.ctx, eval_ctx)
+    return max(budget_ctx, eval_ctx)
 
 
 def own_onnx_plan(opts: BuildOptions) -> bool:
@@ -289,7 +291,7 @@ class Planned:
             "predicted": self.target.predict(self.plan),
             "blocks": blocks(self.plan, self.table),
             "pruning": _pruning_report(self.pruning, self.loaded, self.search),
-            "onnx": self.onnx.summary() if self.onnx else None,
+            "onnx": self.onnx.summary() if self.onnx and self.onnx.plan is not self.plan else None,  # beside the GGUF's
         }
 
 
@@ -307,8 +309,6 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
         opts.formats = ("gguf",) if loaded.adapter.onnx_refusal else FORMATS
         if opts.ggml_type and is_ort_type(opts.ggml_type):
             opts.formats = ("onnx",)
-    if opts.ggml_type and is_ort_type(opts.ggml_type) and "gguf" in opts.formats:
-        raise EdgequantError(f"--type {opts.ggml_type} is an ONNX Runtime configuration; it takes --formats onnx")
     elif "onnx" in opts.formats and loaded.adapter.onnx_refusal:
         raise EdgequantError(loaded.adapter.onnx_refusal)
     if method.rotates and not loaded.adapter.rotations:
@@ -353,7 +353,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     onnx_tgt = target(loaded, opts, device, unpruned_params if pruning else None, "onnx") if own_onnx_plan(opts) else None
     if onnx_tgt and formats_chosen and "gguf" in opts.formats and not _fits(onnx_tgt, loaded, ORT_CANDIDATES):
         opts.formats, onnx_tgt = ("gguf",), None  # ONNX Runtime's smallest grid (4.1 bpw) is above this budget
-        notes.append("no ONNX folder: ONNX Runtime's smallest configuration (4-bit blocks of 256) does not fit this budget")
+        notes.append("no ONNX folder: ONNX Runtime's smallest grids (4-bit blocks, 4.1-4.6 bpw) do not fit this budget")
     gguf_planned = "gguf" in opts.formats or onnx_tgt is None  # (a GGUF is also the source of an ONNX from its codes)
     checked = ([(tgt, LADDER, "")] if gguf_planned else []) + ([(onnx_tgt, ORT_CANDIDATES, " ONNX")] if onnx_tgt else [])
     for t, ladder, what in checked:  # before any calibration
@@ -440,7 +440,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
     }
 
     with atomic_dir(out) as stage, _write_errors(out, stage):
-        artifacts = _export(work, codes, p, opts, stage, out, progress, onnx_context(tgt, windows.shape[1]))
+        artifacts = _export(work, codes, p, opts, stage, out, progress, onnx_context(tgt.budget.ctx, windows.shape[1]))
         sims = _simulations(work, codes, p.method.activation_aware or work.adapter.activation_sensitive) if opts.parity else {}
         twin_source, spill, onnx_plan = p.twin, work.store, p.onnx
         if not sims:  # the files go now, not in a collection, where an interrupt would be lost

@@ -107,7 +107,12 @@ def fitting_type(name: str, cols: int) -> str:
 
 def _ladder(m: Matrix, ladder: list[str] | tuple[str, ...] = LADDER) -> list[str]:
     """The types of ``ladder`` that fit ``m``'s rows, smallest first (``ladder``'s order among equal sizes)."""
+    # ONNX Runtime's configurations fall back to a smaller block (MNB8_B128 is MNB8_B64 on 576-wide rows), as
+    # the ONNX plan's parts do; ggml's ladder lists its stand-ins itself (and leaves the affine ones out)
+    ladder = dict.fromkeys(fitting_type(t, m.cols) if ort_quants.is_ort_type(t) else t for t in ladder)
     fit = [t for t in ladder if get_type(t).fits(m.cols) and not (m.name in EMBEDDING_NAMES and t in NOT_FOR_EMBEDDING)]
+    if not fit:
+        raise EdgequantError(f"no type of the plan's menu fits {m.name}'s rows of {m.cols} weights")
     return sorted(fit, key=lambda t: get_type(t).bpw)
 
 

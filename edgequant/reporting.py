@@ -34,7 +34,8 @@ def write_report(folder: Path, ladder: Path | None = None, shown_as: Path | None
     ``shown_as`` is the folder's name in the page's commands (the build writes into a staging folder)."""
     folder = Path(folder)
     report = read_json(folder / "report.json", "an edgequant build folder")
-    plan = read_json(folder / "plan.json", "an edgequant build folder") if (folder / "plan.json").exists() else {}
+    plans = [p for p in (folder / "plan.json", folder / "plan-onnx.json") if p.exists()]  # the first artifact's plan
+    plan = read_json(plans[0], "an edgequant build folder") if plans else {}
     ladder_path = Path(ladder) if ladder else ladder_file(report["model"]["name"])
     rungs = read_json(ladder_path, "a ladder.json from bench/ladder.py") if ladder or ladder_path.exists() else None
     if rungs and rungs.get("model") not in (None, report["model"]["name"]):
@@ -59,7 +60,12 @@ def render(report: dict, plan: dict, ladder: dict | None, folder: Path) -> str:
     sections = [
         _summary(report),
         _section("Bit map", "bitmap", _bitmap_svg(report["blocks"]),
-                 "Bits per weight of every block part (attention q/k/v/o, MLP gate/up/down), with its ggml type."),
+                 "Bits per weight of every block part (attention q/k/v/o, MLP gate/up/down), with its type "
+                 f"({'ggml' if report['artifacts'][0]['format'] == 'gguf' else 'ONNX Runtime MatMulNBits'})."),
+        *([_section("ONNX bit map", "onnx-bitmap", _bitmap_svg(report["onnx_blocks"]),
+                    "The ONNX folder's own plan (plan-onnx.json), in ONNX Runtime's MatMulNBits configurations "
+                    "MNB{bits}_B{block}_{SYM|ZP}.")]
+          if report.get("onnx_blocks") else []),
         *([_section("Pruning", "pruning", _pruning_table(report["pruning"]),
                     "What each block of the file keeps: FFN channels, query heads, KV heads (pruned ones in bold).")]
           if report.get("pruning") else []),

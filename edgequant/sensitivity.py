@@ -31,6 +31,7 @@ from .evaluation import HeldReferences, SpilledReferences, references
 from .ggml_quants import get_type
 from .measured import cache_path, code_of, tensor_bytes
 from .models import LoadedModel
+from .ort_quants import is_ort_type
 from .planning import NOT_FOR_EMBEDDING, Matrix, fitting_type
 from .walker import Walk, run_block
 
@@ -428,7 +429,9 @@ def cached_measure(loaded: LoadedModel, parts, windows, importance, progress=Non
     """:func:`measure` (or :func:`estimate`), remembered under the cache dir by the model, the
     text, the importance, the parts' options and the measuring code itself."""
     options = json.dumps([[p.key, [o for o in p.options()]] for p in parts]).encode()
-    path = cache_path("sensitivity", loaded, code_of(*MEASURING_CODE), windows.tobytes(), tensor_bytes(importance),
+    ort = any(is_ort_type(t) for p in parts for t in p.menu)  # ONNX Runtime's grids: their code decides the numbers too
+    code = code_of(*MEASURING_CODE, *(("edgequant.ort_quants",) if ort else ()))
+    path = cache_path("sensitivity", loaded, code, windows.tobytes(), tensor_bytes(importance),
                       options, how.encode(), suffix=".json")
     if path.is_file():
         return Sensitivity.from_dict(json.loads(path.read_text()))

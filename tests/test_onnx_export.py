@@ -11,7 +11,7 @@ from onnx import TensorProto
 
 from edgequant.adapters import head_dim
 from edgequant.errors import EdgequantError
-from edgequant.ggml_quants import TYPES
+from edgequant.ggml_quants import TYPES, get_type
 from exporters.onnx.nbits import from_ggml
 from runtimes.ort import OrtDecoder
 from tests.helpers import TINY, assert_clean_failure, assert_same_model, edgequant, run_matmul_nbits, weights
@@ -102,9 +102,10 @@ def test_an_onnx_build_has_its_own_plan_in_ort_grids_within_the_budget_and_no_gg
     assert report["plans"]["onnx"]["bytes"] == pytest.approx(folder, rel=0.02)  # the plan counted what was written
     assert report["artifacts"][0]["plan"] == "plan-onnx.json" and report["plans"]["onnx"]["artifacts"] == ["onnx"]
     model = onnx.load(str(out / "onnx" / "model.onnx"), load_external_data=False)
-    layouts = {(a.i for a in n.attribute if a.name in ("bits", "block_size")) for n in model.graph.node
+    layouts = {tuple(a.i for a in n.attribute if a.name in ("bits", "block_size")) for n in model.graph.node
                if n.op_type == "MatMulNBits"}
-    assert layouts  # every node in one of the plan's configurations
+    configurations = {t["ggml_type"] for t in plan["tensors"]}
+    assert layouts <= {(get_type(t).bits, get_type(t).block) for t in configurations}, (layouts, configurations)
     q = report["quality"]
     assert_same_model(q["onnx_exact"], q["onnx_sim"])  # ORT at float32 activations computes the simulated grids
     assert_same_model(q["onnx"], q["onnx_sim"], kld=0.25)  # shipped: int8 activations
@@ -115,6 +116,7 @@ def test_with_both_formats_each_artifact_is_planned_for_its_runtime(tiny_build):
     gguf_plan, onnx_plan = (json.loads((out / f).read_text()) for f in ("plan.json", "plan-onnx.json"))
     assert {t["ggml_type"] for t in onnx_plan["tensors"]}.isdisjoint(t["ggml_type"] for t in gguf_plan["tensors"])
     assert [(a["format"], a["plan"]) for a in report["artifacts"]] == [("gguf", "plan.json"), ("onnx", "plan-onnx.json")]
+    assert 'id="onnx-bitmap"' in (out / "report.html").read_text()  # the page shows both plans
     for a in report["artifacts"]:  # both within the same caps (--bpw counts tensors), measured on what was written
         assert a["bytes"] <= report["plans"][a["format"]]["max_bytes"] and a["bpw"] <= 4.5, a
     assert report["plans"]["onnx"]["max_bytes"] - report["plans"]["gguf"]["max_bytes"] == (

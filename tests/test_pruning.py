@@ -83,8 +83,8 @@ def test_llama_cpp_and_onnx_runtime_compute_the_pruned_model_as_torch_does(tiny_
     _, report = tiny_build(pruning=PRUNING, **BUILD)
     q = report["quality"]
     assert_same_model(q["gguf"], q["gguf_sim"])
-    assert_same_model(q["onnx_exact"], q["gguf_sim"])
-    assert_same_model(q["onnx"], q["gguf"])  # int8 activations in both
+    assert_same_model(q["onnx_exact"], q["onnx_sim"])  # the ONNX folder's own plan, on the same pruned model
+    assert_same_model(q["onnx"], q["onnx_sim"], kld=0.25)  # as shipped: int8 activations
 
 
 def test_pruning_costs_quality_against_the_same_build_unpruned(tiny_build):

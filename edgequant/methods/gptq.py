@@ -15,7 +15,7 @@ done last, from the final hidden states. The input embedding is not a matmul, so
 so does a tied embedding/output matrix, whose rounding must serve both uses (GPTQ on the
 output side alone made the Q3_K file worse here: KLD 0.289 vs RTN's 0.280).
 
-8-bit matrices (Q8_0) are rounded to nearest too: their rounding error is too small for error
+8-bit matrices (Q8_0, and ONNX Runtime's 8-bit configurations) are rounded to nearest too: their rounding error is too small for error
 feedback to matter. On the default model at Q8_0 everywhere, with QuBLAST's maps, GPTQ measured
 KLD 0.00189 ± 0.00005 and round-to-nearest 0.00195 ± 0.00004 (llama.cpp, 8176 tokens), and GPTQ
 tripled the build's time. A plan with nothing below 8 bits skips the Hessians altogether.
@@ -40,13 +40,14 @@ from ..calibration import BlockHessians, Calibration, sequential_hessians
 from ..codestore import CodeStore
 from ..ggml_iquants import Codes, CodebookGrid
 from ..ggml_quants import EncodedTensor, Grid, QuantType, get_type
+from ..ort_quants import TYPES as ORT_TYPES
 from ..models import LoadedModel
 from ..planning import Plan
 from . import rtn
 
 DAMP = 0.01
 COLUMN_BLOCK = 128
-ROUNDED_TO_NEAREST = {"Q8_0"}  # types GPTQ leaves to RTN (see above)
+ROUNDED_TO_NEAREST = {"Q8_0", *(name for name, t in ORT_TYPES.items() if t.bits == 8)}  # left to RTN (see above)
 ROW_CHUNK_ELEMENTS = 1 << 24  # rows are rounded this many weights at a time (a block's matrices in one go)
 
 
