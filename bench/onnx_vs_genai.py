@@ -1,7 +1,7 @@
 """Our ONNX export against onnxruntime-genai's own builder, both int4, in ONNX Runtime on 2 threads.
 
     pip install onnx-ir        # the genai builder needs it (not a dependency of edgequant)
-    python bench/onnx_vs_genai.py [--eval-tokens 20480] [--threads 2] [--out DIR]
+    python bench/onnx_vs_genai.py [--eval-tokens 20480] [--threads 2] [--out DIR] [--rows genai,q4_0,planned]
 
 Rows, all of the same reference model:
 - the genai builder's int4 export (``-p int4 -e cpu``: symmetric RTN, blocks of 32, accuracy_level 4,
@@ -36,8 +36,9 @@ OURS = {  # row label -> (output folder, edgequant build options)
     "edgequant Q4_0 rtn": ("edgequant-rtn", ["--type", "Q4_0", "--method", "rtn"]),
     "edgequant Q4_0 gptq": ("edgequant-gptq", ["--type", "Q4_0", "--method", "gptq"]),
 }
+BUILDER = "genai builder int4 (rtn)"
 GENAI = {  # row label -> (output folder, builder options)
-    "genai builder int4 (rtn)": ("genai-rtn", []),
+    BUILDER: ("genai-rtn", []),
     "genai builder int4 (k_quant)": ("genai-k_quant", ["--extra_options", "algo_config=k_quant"]),
 }
 
@@ -85,13 +86,20 @@ def main() -> None:
     ap.add_argument("--calib-tokens", type=int, default=16384)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=Path("bench-out/onnx-vs-genai"))
+    ap.add_argument("--rows", default="genai,k_quant,q4_0,planned",
+                    help="which rows: genai (the builder's int4), k_quant (its k_quant option), q4_0 (ours, --type Q4_0), planned")
     args = ap.parse_args()
+    rows_asked = set(args.rows.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
 
-    folders = {label: export_genai(args.out / name, opts) for label, (name, opts) in GENAI.items()}
-    folders |= {label: export_ours(args.out / name, opts, args.calib_tokens) for label, (name, opts) in OURS.items()}
-    builder_mb = folder_mb(next(iter(folders.values())), every_file=True)
-    folders[PLANNED] = export_ours(args.out / "edgequant-planned", ["--budget-mb", f"{builder_mb:.3f}"], args.calib_tokens)
+    builder = export_genai(args.out / GENAI[BUILDER][0], [])  # the planned row's size, and the first row
+    folders = {label: export_genai(args.out / name, opts) for label, (name, opts) in GENAI.items()
+               if ("k_quant" if "k_quant" in label else "genai") in rows_asked}
+    if "q4_0" in rows_asked:
+        folders |= {label: export_ours(args.out / name, opts, args.calib_tokens) for label, (name, opts) in OURS.items()}
+    if "planned" in rows_asked:
+        budget = f"{folder_mb(builder, every_file=True):.3f}"
+        folders[PLANNED] = export_ours(args.out / "edgequant-planned", ["--budget-mb", budget], args.calib_tokens)
 
     loaded = load_model("default")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
