@@ -123,6 +123,14 @@ def test_with_both_formats_each_artifact_is_planned_for_its_runtime(tiny_build):
         onnx_plan["file_overhead"] - gguf_plan["file_overhead"])  # the caps differ by the artifacts' overheads only
 
 
+def test_below_orts_smallest_grid_a_build_writes_the_gguf_alone_and_says_why(tiny_build):
+    out, report = tiny_build(bpw=3.5, formats=None, parity=False)
+    assert [a["format"] for a in report["artifacts"]] == ["gguf"] and not (out / "onnx").exists()
+    assert report["notes"] == ["no ONNX folder: ONNX Runtime's smallest grids (4-bit blocks, 4.1-4.6 bpw) do not fit this budget"]
+    with pytest.raises(EdgequantError, match="smallest ONNX mix"):  # asked for: one line
+        tiny_build(bpw=3.5, formats="gguf,onnx", parity=False)
+
+
 def test_corrupt_or_truncated_onnx_is_one_line_error(tiny_build, tmp_path):
     out, _ = tiny_build(**MIXED)
     bad = tmp_path / "bad"
