@@ -95,16 +95,21 @@ class NBits(QuantType):
             parts.append(pack_zero_points(grid.fields["zp"], self.bits))
         return np.concatenate(parts, axis=1)
 
-    def unpack(self, data: np.ndarray) -> tuple[Grid, np.ndarray]:
-        rows = data.shape[0]
+    def fields(self, data: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """The rows' bytes split as :meth:`pack` laid them out: the packed codes, the float32 scales
+        and the zero points (unpacked; None when symmetric)."""
         cols = self.cols_of(data.shape[1])
-        n = cols // self.block
-        codes = unpack_codes(data[:, : cols * self.bits // 8], self.bits).astype(np.int32)
-        d = np.ascontiguousarray(data[:, cols * self.bits // 8 : cols * self.bits // 8 + 4 * n]).view(F32)
-        zp = (unpack_codes(data[:, cols * self.bits // 8 + 4 * n :], self.bits)[:, :n].astype(F32) if self.zero_points
-              else np.full((rows, n), -self.qmin, F32))
-        grid = Grid(d, -d * zp if self.zero_points else np.zeros_like(d), self.sub, self.qmin, self.qmax, None, {})
-        return grid, codes + self.qmin
+        n, code_bytes = cols // self.block, cols * self.bits // 8
+        data = np.asarray(data)
+        scales = np.ascontiguousarray(data[:, code_bytes : code_bytes + 4 * n]).view(F32)
+        zp = np.ascontiguousarray(unpack_codes(data[:, code_bytes + 4 * n :], self.bits)[:, :n]) if self.zero_points else None
+        return np.ascontiguousarray(data[:, :code_bytes]), scales, zp
+
+    def unpack(self, data: np.ndarray) -> tuple[Grid, np.ndarray]:
+        packed, d, zp = self.fields(data)
+        codes = unpack_codes(packed, self.bits).astype(np.int32)
+        offset = -d * zp.astype(F32) if self.zero_points else np.zeros_like(d)
+        return Grid(d, offset, self.sub, self.qmin, self.qmax, None, {}), codes + self.qmin
 
     def cols_of(self, row_bytes: int) -> int:
         """The row width whose bytes are ``row_bytes``."""
@@ -113,7 +118,6 @@ class NBits(QuantType):
             if self.row_bytes(c) == row_bytes:
                 return c
         raise ValueError(f"{self.name}: no row width takes {row_bytes} bytes")
-
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -238,9 +238,17 @@ class ArtifactPlan:
     plan: Plan
     table: Sensitivity | None
 
+    def sizes(self) -> dict:
+        return {"bpw": self.plan.bpw, "bytes": self.plan.total_bytes + self.target.file_overhead,
+                "max_bytes": self.target.budget.max_file_bytes}
+
     def summary(self) -> dict:
-        return {"plan": self.plan.rule, "bpw": self.plan.bpw, "bytes": self.plan.total_bytes + self.target.file_overhead,
-                "max_bytes": self.target.budget.max_file_bytes, "blocks": blocks(self.plan, self.table)}
+        return {"plan": self.plan.rule, **self.sizes(), "blocks": blocks(self.plan, self.table)}
+
+    def as_json(self) -> dict:
+        """What the plan's file holds: the types, the budget, the overhead, the prediction, the table."""
+        return {**self.plan.as_dict(), "budget": self.target.budget.as_dict(), "file_overhead": self.target.file_overhead,
+                "predicted": self.target.predict(self.plan), "sensitivity": self.table.as_dict() if self.table else None}
 
 
 @dataclass
@@ -458,15 +466,14 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         if "gguf" not in opts.formats and "gguf" in artifacts:  # it was only the source of the ONNX weights
             (stage / "model.gguf").unlink()
             del artifacts["gguf"]
-        plans = {"gguf": (plan, table, tgt)} if "gguf" in artifacts or onnx_plan is None else {}
+        plans = {"gguf": ArtifactPlan(tgt, plan, table)} if "gguf" in artifacts or onnx_plan is None else {}
         if onnx_plan is not None:
-            plans["onnx"] = (onnx_plan.plan, onnx_plan.table, onnx_plan.target)
+            plans["onnx"] = onnx_plan
         report.update({
             "artifacts": list(artifacts.values()),
-            "plans": {fmt: {"file": PLAN_FILES[fmt], "rule": fp.rule, "bpw": fp.bpw,
-                            "bytes": fp.total_bytes + ft.file_overhead, "max_bytes": ft.budget.max_file_bytes,
+            "plans": {fmt: {"file": PLAN_FILES[fmt], "rule": ap.plan.rule, **ap.sizes(),
                             "artifacts": [a["format"] for a in artifacts.values() if a["plan"] == PLAN_FILES[fmt]]}
-                      for fmt, (fp, _, ft) in plans.items()},
+                      for fmt, ap in plans.items()},
             "quality": quality,
             "build": {"seconds": time.time() - started, "peak_rss_mb": peak_rss_mb(),
                       "note": "peak RSS of the building process so far"},
@@ -477,10 +484,8 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
         })
         if onnx_plan is not None and onnx_plan.plan is not plan:
             report["onnx_blocks"] = blocks(onnx_plan.plan, onnx_plan.table)
-        for fmt, (fp, ft_table, ft) in plans.items():
-            plan_json = {**fp.as_dict(), "budget": ft.budget.as_dict(), "file_overhead": ft.file_overhead,
-                         "predicted": ft.predict(fp), "sensitivity": ft_table.as_dict() if ft_table else None}
-            (stage / PLAN_FILES[fmt]).write_text(json.dumps(plan_json, indent=1))
+        for fmt, ap in plans.items():
+            (stage / PLAN_FILES[fmt]).write_text(json.dumps(ap.as_json(), indent=1))
         (stage / "report.json").write_text(json.dumps(report, indent=1))
         with progress.step("write report.html"):
             write_report(stage, shown_as=out)

@@ -91,15 +91,7 @@ def from_ort(name: str, data: np.ndarray) -> BlockQuantized:
     """A tensor already in an ONNX Runtime configuration (:mod:`edgequant.ort_quants`): its row
     bytes split into codes, scales and zero points (exact: nothing is converted)."""
     qtype = get_type(name)
-    cols = qtype.cols_of(data.shape[1])
-    n, code_bytes = cols // qtype.block, cols * qtype.bits // 8
-    data = np.asarray(data)
-    scales = np.ascontiguousarray(data[:, code_bytes : code_bytes + 4 * n]).view(F32)
-    zero_points = None
-    if qtype.zero_points:
-        zero_points = np.ascontiguousarray(unpack_codes(data[:, code_bytes + 4 * n :], qtype.bits)[:, :n])
-    return BlockQuantized(qtype.name, qtype.bits, qtype.block, np.ascontiguousarray(data[:, :code_bytes]), scales,
-                          zero_points, 0.0)
+    return BlockQuantized(qtype.name, qtype.bits, qtype.block, *qtype.fields(data), 0.0)
 
 
 def _from_ggml_rows(ggml_type: str, data: np.ndarray) -> BlockQuantized:
