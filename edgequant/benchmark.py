@@ -69,6 +69,8 @@ def measure(folder: Path, target_text: str, runtime: str, threads: int | None, p
                 "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
         with (progress or Progress()).step(f"bench {r} on {target} ({repeats} runs + warm-up)"):
             results.append(_run_probe(link, python, probe, args))
+        if r == "ort":  # ONNX Runtime's rule for this folder, at the probe's prompt and context
+            results[-1]["predicted"] = _ort_prediction(folder, report, prompt_tokens, gen_tokens)
     return {"target": str(target), "python": python, "results": results,
             "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
             "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
@@ -109,6 +111,18 @@ def bench_fleet(folder: Path, fleet_text: str, runtime: str = "all", threads: in
     write_text(folder / "report.json", json.dumps({**_read_report(folder), "bench_fleet": out}, indent=1))
     write_report(folder)
     return out
+
+
+def _ort_prediction(folder: Path, report: dict, prompt_tokens: int, gen_tokens: int) -> dict:
+    """What :mod:`edgequant.ort_budget` predicts for the ONNX folder as the probe runs it, on the
+    build's device profile (speed) — the memory rule is the runtime's, wherever it runs."""
+    from .devices import load_device
+    from .ort_budget import at, folder_terms
+
+    device = report.get("device") or {}
+    terms = folder_terms(folder / RUNTIMES["ort"], load_device(device.get("path") or device.get("name") or "host"))
+    return {**at(terms, prompt_tokens + gen_tokens, prompt_tokens), "ctx": prompt_tokens + gen_tokens,
+            "prompt_tokens": prompt_tokens, "device_profile": device.get("name"), "source": terms["source"]}
 
 
 def _read_report(folder: Path) -> dict:

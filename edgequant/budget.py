@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from . import ort_budget
 from .devices import Device
 from .fleet import Fleet
 from .errors import EdgequantError
@@ -46,13 +47,14 @@ class Shape:
     tied: bool
     hidden: int
     state_bytes: int = 0  # a recurrent model's fixed state (Mamba-2), instead of a KV cache
+    layers: int = 0  # blocks (ONNX Runtime's speed rule has a cost per block, edgequant.ort_budget)
 
     @classmethod
     def of(cls, model, params: int) -> Shape:
         config, family = model.config, adapter_of(model)
         kv_heads = 0 if family.recurrent else sum(s.kv_heads for s in block_shapes(model))
         return cls(kv_heads, head_dim(config), config.vocab_size, params, bool(config.tie_word_embeddings),
-                   config.hidden_size, family.state_bytes(config))
+                   config.hidden_size, family.state_bytes(config), len(block_shapes(model)))
 
     def kv_bytes(self, ctx: int) -> int:
         """The KV cache at ``ctx`` (F16 keys and values), or a recurrent model's state."""
@@ -88,19 +90,25 @@ def resolve(
     embd_bytes: int = 0,
     file_overhead: int = 0,
     bpw_params: int | None = None,
+    runtime: str = "gguf",
 ) -> Budget:
     """The largest file allowed. ``embd_bytes`` is the (untied) embedding's share not read per
     token; ``file_overhead`` the GGUF bytes besides tensor data (bits per weight count tensors);
     ``bpw_params`` the parameters ``bpw`` is counted over (default the shape's: a pruned model
-    counts its unpruned parameters, so that its bits per weight are the equivalent at equal size)."""
+    counts its unpruned parameters, so that its bits per weight are the equivalent at equal size).
+    ``runtime`` "onnx": ONNX Runtime's memory and speed (:mod:`edgequant.ort_budget`), whose
+    prepacking adds to the weights' bytes: the plan is checked against it once its types are known."""
     ctx = ctx or device.default_ctx
-    limits = {f"memory of {device.name}": device.usable_bytes - device.runtime_bytes(shape, ctx)}
+    onnx = runtime == "onnx"
+    runtime_bytes = ort_budget.runtime_bytes(shape, ctx) if onnx else device.runtime_bytes(shape, ctx)
+    limits = {f"memory of {device.name}": device.usable_bytes - runtime_bytes}
     if budget_mb is not None:
         limits["--budget-mb"] = int(budget_mb * 1e6)
     if bpw is not None:
         limits["--bpw"] = int(bpw * (bpw_params or shape.params) / 8) + file_overhead
     if min_tok_s is not None:
-        limits["--min-tok-s"] = int(bytes_read_per_token(device, shape, ctx, min_tok_s)) + embd_bytes
+        read = ort_budget.max_read_bytes(device, shape, ctx, min_tok_s) if onnx else bytes_read_per_token(device, shape, ctx, min_tok_s)
+        limits["--min-tok-s"] = int(read) + embd_bytes + (file_overhead if onnx else 0)
     binding = min(limits, key=limits.get)
     return Budget(device.name, ctx, limits[binding], binding, limits)
 

@@ -402,12 +402,16 @@ def _print_bench(result: dict) -> None:
 
     p = result.get("predicted") or {}
     table = Table(title=f"{result['target']} ({result['results'][0]['device']['cpu']})")
-    for col in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "predicted decode tok/s"):
+    for col in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB", "predicted RSS MB",
+                "predicted decode tok/s"):
         table.add_column(col)
     for r in result["results"]:
-        predicted = f"{p['decode_tok_s']:.1f} ({result['device_profile']})" if p and r["runtime"] == "llama.cpp" else ""
+        ort = r.get("predicted")  # ONNX Runtime's: at the probe's own prompt and context
+        predicted = p if r["runtime"] == "llama.cpp" else ort
+        decode = f"{predicted['decode_tok_s']:.1f} ({result['device_profile']})" if predicted else ""
         table.add_row(f"{r['runtime']} {r['runtime_version']}", str(r["threads"]), f"{r['ttft_s']['median'] * 1e3:.1f}",
-                      _spread(r["prefill_tok_s"]), _spread(r["decode_tok_s"]), f"{r['peak_rss_bytes'] / 1e6:.0f}", predicted)
+                      _spread(r["prefill_tok_s"]), _spread(r["decode_tok_s"]), f"{r['peak_rss_bytes'] / 1e6:.0f}",
+                      f"{ort['memory_bytes'] / 1e6:.0f}" if ort else "", decode)
     Console().print(table)
     for runtime, why in result["skipped"].items():
         typer.echo(f"skipped {runtime}: {why}")
@@ -511,6 +515,7 @@ def _print_plan(s: dict) -> None:
         parts = ", ".join(f"{'embd' if r['index'] < 0 else r['index']}.{r['part']} {r['ggml_type']}" for r in o["blocks"])
         console.print(f"ONNX plan: {o['plan']}; {o['bytes'] / 1e6:.1f} MB of {o['max_bytes'] / 1e6:.1f} MB "
                       f"({o['bpw']:.3f} bpw): {parts}")
+        console.print(_predicted_line(o["predicted"], s["device"], "onnx"))
 
 
 def _split_table(split: dict):
@@ -562,9 +567,15 @@ def _print_summary(report: dict) -> None:
         typer.echo(note)
     t = report["text"]["evaluation"]
     typer.echo(f"evaluation: {t['source']}, {t['tokens']} tokens, ctx {t['ctx']}")
-    p = report["predicted"]
-    typer.echo(f"predicted on {report['device']['name']}: {p['memory_bytes'] / 1e6:.0f} MB of "
-               f"{p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s")
+    for fmt, plan in report["plans"].items():
+        typer.echo(_predicted_line(plan["predicted"], report["device"]["name"], fmt if len(report["plans"]) > 1 else ""))
+
+
+def _predicted_line(p: dict, device: str, what: str = "") -> str:
+    """One artifact's prediction on ``device``, in its own runtime."""
+    runtime = "ONNX Runtime" if p.get("runtime") == "onnxruntime" else "llama.cpp"
+    return (f"predicted{' for the ' + what.upper() if what else ''} in {runtime} on {device}: {p['memory_bytes'] / 1e6:.0f} MB of "
+            f"{p['usable_bytes'] / 1e6:.0f} MB usable, decode {p['decode_tok_s']:.1f} tok/s, prefill {p['prefill_tok_s']:.0f} tok/s")
 
 
 @app.command("fetch")

@@ -29,6 +29,7 @@ from runtimes.ort import OrtDecoder, check_model, model_file
 from . import __version__
 from .assets import CALIBRATION_TEXT, EVALUATION_TEXT, load_text
 from .atomic import atomic_dir
+from . import ort_budget
 from .budget import Budget, Shape, bytes_read_per_token, check_fits, predict, prefill_weight_bytes, resolve
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
@@ -124,7 +125,9 @@ class Target:
     budget: Budget
     file_overhead: int  # the artifact's bytes besides tensor data (GGUF header, or the ONNX folder's graph and tokenizer)
     min_tok_s: float | None = None
-    kernels: bool = True  # price llama.cpp's measured kernel costs (an ONNX plan's are not measured: bytes only)
+    runtime: str = "gguf"  # whose memory and speed rules: llama.cpp's (edgequant.budget, with its measured kernel
+    # costs) or ONNX Runtime's ("onnx": edgequant.ort_budget; bytes only, its kernels' costs are not measured)
+    positions: int | None = None  # an ONNX folder's: the rows of its rotary tables (its context)
 
     @property
     def max_tensor_bytes(self) -> int:
@@ -134,14 +137,19 @@ class Target:
     def speed(self) -> Speed:
         """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
         floor = None
-        if self.min_tok_s is not None:
+        if self.min_tok_s is not None and self.runtime == "onnx":
+            floor = ort_budget.max_read_bytes(self.device, self.shape, self.budget.ctx, self.min_tok_s)
+        elif self.min_tok_s is not None:
             floor = bytes_read_per_token(self.device, self.shape, self.budget.ctx, self.min_tok_s) - self.file_overhead
-        if not self.kernels:
+        if self.runtime == "onnx":
             return Speed(unread=() if self.shape.tied else ("token_embd.weight",), max_decode_bytes=floor)
         return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
                      prefill_weight_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
+        if self.runtime == "onnx":
+            return ort_budget.predict(self.device, self.shape, plan, plan.total_bytes + self.file_overhead, self.budget.ctx,
+                                      self.positions)
         speed = self.speed
         predicted = {**predict(self.device, self.shape, plan.total_bytes + self.file_overhead, self.budget.ctx,
                                decode_bytes=speed.plan_decode_bytes(plan) + self.file_overhead,
@@ -167,13 +175,16 @@ def target(loaded: LoadedModel, opts: BuildOptions, device: Device | Fleet, unpr
     llama.cpp kernel costs."""
     matrices, other = matrices_of(loaded)
     shape = Shape.of(loaded.model, sum(m.params for m in matrices) + other)
+    positions = None
     if runtime == "onnx":
-        file_overhead = onnx_overhead_bytes(loaded, onnx_context(opts.context or device.default_ctx, opts.ctx))
+        context = onnx_context(opts.context or device.default_ctx, opts.ctx)
+        file_overhead = onnx_overhead_bytes(loaded, context)
+        positions = min(context, loaded.config.max_position_embeddings)
     else:
         file_overhead = overhead_bytes(loaded)
     budget = resolve(device, shape, opts.context, opts.budget_mb, opts.bpw, opts.min_tok_s,
-                     file_overhead=file_overhead, bpw_params=unpruned_params)
-    return Target(device, shape, budget, file_overhead, opts.min_tok_s, kernels=runtime == "gguf")
+                     file_overhead=file_overhead, bpw_params=unpruned_params, runtime=runtime)
+    return Target(device, shape, budget, file_overhead, opts.min_tok_s, runtime, positions)
 
 
 def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibration: Calibration | None, progress,
@@ -195,6 +206,8 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
         plan, table = for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", speed,
                                  loaded.ties()), None
     check_fits(tgt.budget, plan.total_bytes + tgt.file_overhead, f"the {plan.rule} plan")
+    if runtime == "onnx":
+        ort_budget.check(tgt.predict(plan), tgt.device.name, f"the {plan.rule} plan", tgt.min_tok_s)
     if isinstance(tgt.device, Fleet):
         check_split(split(tgt.device, plan, tgt.shape, tgt.budget.ctx, tgt.file_overhead, tgt.shape.tied))
     speed.check(speed.plan_decode_bytes(plan), f"the {plan.rule} plan")
@@ -203,14 +216,24 @@ def make_plan(loaded, method: Method, tgt: Target, ggml_type: str | None, calibr
 
 def _onnx_plan(loaded, method: Method, tgt: Target, ort_type: str | None, calibration, progress, matrices, other):
     """The ONNX artifact's plan: ``--type`` if it names a configuration, else the method's
-    measured allocation over ONNX Runtime's configurations, else the greedy mix over them."""
+    measured allocation over ONNX Runtime's configurations, else the greedy mix over them.
+    ONNX Runtime holds more than the file (its prepacking adds 12 bytes a block): a plan over the
+    device's memory is made again within that much less, at most twice."""
     if ort_type:
         return uniform(matrices, other, ort_type), None
-    if method.allocate:
-        return method.allocate(loaded, matrices, other, tgt.max_tensor_bytes, calibration, progress, tgt.speed,
-                               menu=ORT_CANDIDATES)
-    return for_budget(matrices, other, tgt.max_tensor_bytes, f"greedy within {tgt.budget.binding}", tgt.speed,
-                      ladder=ORT_CANDIDATES), None
+    max_bytes = tgt.max_tensor_bytes
+    for _ in range(3):
+        if method.allocate:
+            plan, table = method.allocate(loaded, matrices, other, max_bytes, calibration, progress, tgt.speed,
+                                          menu=ORT_CANDIDATES)
+        else:
+            plan, table = for_budget(matrices, other, max_bytes, f"greedy within {tgt.budget.binding}", tgt.speed,
+                                     ladder=ORT_CANDIDATES), None
+        over = tgt.predict(plan)["memory_bytes"] - tgt.device.usable_bytes
+        if over <= 0:
+            break
+        max_bytes -= over
+    return plan, table
 
 
 def _fits(tgt: Target, loaded: LoadedModel, ladder) -> bool:
@@ -243,7 +266,8 @@ class ArtifactPlan:
                 "max_bytes": self.target.budget.max_file_bytes}
 
     def summary(self) -> dict:
-        return {"plan": self.plan.rule, **self.sizes(), "blocks": blocks(self.plan, self.table)}
+        return {"plan": self.plan.rule, **self.sizes(), "predicted": self.target.predict(self.plan),
+                "blocks": blocks(self.plan, self.table)}
 
     def as_json(self) -> dict:
         """What the plan's file holds: the types, the budget, the overhead, the prediction, the table."""
@@ -471,7 +495,7 @@ def build(opts: BuildOptions, progress: Progress | None = None) -> dict:
             plans["onnx"] = onnx_plan
         report.update({
             "artifacts": list(artifacts.values()),
-            "plans": {fmt: {"file": PLAN_FILES[fmt], "rule": ap.plan.rule, **ap.sizes(),
+            "plans": {fmt: {"file": PLAN_FILES[fmt], "rule": ap.plan.rule, **ap.sizes(), "predicted": ap.target.predict(ap.plan),
                             "artifacts": [a["format"] for a in artifacts.values() if a["plan"] == PLAN_FILES[fmt]]}
                       for fmt, ap in plans.items()},
             "quality": quality,

@@ -308,6 +308,10 @@ def _bench_table(report: dict) -> str:
     line = (f'<p>Predicted for {escape(report["device"]["name"])}: decode {predicted["decode_tok_s"]:.1f} tok/s, '
             f'prefill {predicted["prefill_tok_s"]:.0f} tok/s, {predicted["memory_bytes"] / 1e6:.0f} MB of '
             f'{predicted["usable_bytes"] / 1e6:.0f} MB usable.</p>')
+    ort = ((report.get("plans") or {}).get("onnx") or {}).get("predicted")
+    if ort and ort != predicted:  # the ONNX folder, in ONNX Runtime (beside a GGUF)
+        line += (f'<p>The ONNX folder in ONNX Runtime: decode {ort["decode_tok_s"]:.1f} tok/s, prefill '
+                 f'{ort["prefill_tok_s"]:.0f} tok/s, {ort["memory_bytes"] / 1e6:.0f} MB.</p>')
     if not bench:
         return line + '<p class="note">Not measured yet: run the bench command below.</p>'
     return line + _runs_table(bench)
@@ -315,15 +319,22 @@ def _bench_table(report: dict) -> str:
 
 def _runs_table(bench: dict) -> str:
     """One target's measurements, a row per runtime."""
-    head = "".join(f"<th>{h}</th>" for h in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB"))
+    head = "".join(f"<th>{h}</th>" for h in ("runtime", "threads", "TTFT ms", "prefill tok/s", "decode tok/s", "peak RSS MB",
+                                             "predicted RSS MB"))
     rows = "".join(
         f"<tr><td>{escape(r['runtime'])} {escape(str(r['runtime_version']))}</td><td>{r['threads']}</td>"
         f"<td>{r['ttft_s']['median'] * 1e3:.1f}</td><td>{r['prefill_tok_s']['median']:.1f}</td>"
-        f"<td>{r['decode_tok_s']['median']:.1f}</td><td>{r['peak_rss_bytes'] / 1e6:.0f}</td></tr>"
+        f"<td>{r['decode_tok_s']['median']:.1f}</td><td>{r['peak_rss_bytes'] / 1e6:.0f}</td>"
+        f"<td>{_predicted_rss(r)}</td></tr>"
         for r in bench["results"])
     where = bench["results"][0]["device"]
     return (f"<p>Measured on {escape(bench['target'])} ({escape(where['cpu'])}, {where['cores']} cores), "
             f"median of {bench['results'][0]['repeats']} runs:</p><table><tr>{head}</tr>{rows}</table>")
+
+
+def _predicted_rss(run: dict) -> str:
+    """The memory predicted for a run (ONNX Runtime's rule, at the run's prompt and context), or ''."""
+    return f"{run['predicted']['memory_bytes'] / 1e6:.0f}" if run.get("predicted") else ""
 
 
 def _fleet_tables(fleet: dict) -> str:

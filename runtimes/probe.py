@@ -7,6 +7,7 @@ only numpy and the runtime (llama-cpp-python or onnxruntime), not edgequant.
     python3 probe.py which                       -> which runtimes this machine has
     python3 probe.py llama.cpp MODEL.gguf [opts] -> time to first token, prefill/decode tok/s, peak RSS
     python3 probe.py ort ONNX_DIR [opts]
+    python3 probe.py session MODEL.onnx          -> the resident bytes making an ONNX Runtime session adds
 
 One run = a prompt of ``--prompt-tokens`` random tokens (prefill), then ``--gen-tokens`` greedy
 steps (decode). The first run warms up and is discarded; the median and spread of
@@ -126,6 +127,23 @@ class Ort:
         return self._run([token])
 
 
+def session_bytes(path: str) -> int:
+    """Resident bytes that making an ONNX Runtime session of ``path`` adds (one thread): what it
+    holds of the model, with the runtime's own fixed share."""
+    import onnxruntime as ort
+
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) * 1024
+
+    before, options = rss(), ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    held = rss() - before
+    del session
+    return held
+
+
 def measure(runner, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
     import random
 
@@ -150,7 +168,7 @@ def measure(runner, prompt_tokens: int, gen_tokens: int, repeats: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("runtime", choices=["which", "llama.cpp", "ort"])
+    ap.add_argument("runtime", choices=["which", "llama.cpp", "ort", "session"])
     ap.add_argument("model", nargs="?")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--ctx", type=int, default=512)
@@ -160,6 +178,9 @@ def main() -> None:
     args = ap.parse_args()
     if args.runtime == "which":
         print(json.dumps({"runtimes": which(), "device": device_identity()}))
+        return
+    if args.runtime == "session":
+        print(json.dumps({"session_bytes": session_bytes(args.model)}))
         return
     tokens = args.prompt_tokens + args.gen_tokens
     runner = (LlamaCpp if args.runtime == "llama.cpp" else Ort)(args.model, max(args.ctx, tokens), args.threads)

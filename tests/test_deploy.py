@@ -76,6 +76,8 @@ def test_local_bench_runs_both_runtimes_here(built, runtimes):
     result = json.loads(succeeded(edgequant("bench", built, "--repeats", "2", "--threads", "2", "--json")).stdout)
     check_bench(result, built, time.time() - started, 2, runtimes)
     assert all(run["threads"] == 2 for run in result["results"])
+    ort = next(run for run in result["results"] if run["runtime"] == "ort")  # ONNX Runtime's rule beside it
+    assert ort["predicted"]["memory_bytes"] == pytest.approx(ort["peak_rss_bytes"], rel=0.15)
 
 
 def test_deploy_verify_and_bench_over_ssh_then_calibrate_the_profile(built, server, tmp_path):

@@ -9,7 +9,9 @@ import onnx
 import pytest
 from onnx import TensorProto
 
+from edgequant import ort_budget
 from edgequant.adapters import head_dim
+from edgequant.devices import load_device
 from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import TYPES, get_type
 from exporters.onnx.nbits import from_ggml
@@ -109,6 +111,17 @@ def test_an_onnx_build_has_its_own_plan_in_ort_grids_within_the_budget_and_no_gg
     q = report["quality"]
     assert_same_model(q["onnx_exact"], q["onnx_sim"])  # ORT at float32 activations computes the simulated grids
     assert_same_model(q["onnx"], q["onnx_sim"], kld=0.25)  # shipped: int8 activations
+
+
+def test_the_plan_predicts_the_bytes_its_folder_holds(tiny_build):
+    """The planner's rule on the plan, and the same rule read off the folder written from it, agree."""
+    out, _ = tiny_build(**ONNX_ONLY)
+    predicted = json.loads((out / "plan-onnx.json").read_text())["predicted"]
+    assert predicted["runtime"] == "onnxruntime"
+    from_folder = ort_budget.folder_terms(out / "onnx", load_device("host"))
+    assert from_folder["weights_bytes"] == pytest.approx(predicted["weights_resident_bytes"], rel=0.01)
+    assert from_folder["kv_bytes_per_token"] == predicted["terms"]["kv_bytes_per_token"]
+    assert predicted["memory_bytes"] > predicted["weights_resident_bytes"] > (out / "onnx" / "model.onnx.data").stat().st_size
 
 
 def test_with_both_formats_each_artifact_is_planned_for_its_runtime(tiny_build):
