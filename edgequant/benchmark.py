@@ -63,14 +63,15 @@ def measure(folder: Path, target_text: str, runtime: str, threads: int | None, p
         hints = "; ".join(f"{r}: {INSTALL_HINT[r]}" for r in missing)
         raise EdgequantError(f"{target} has no runtime to run {', '.join(missing)} with {python} ({hints})")
     results = []
+    ort_predicted = _ort_prediction(folder, report, prompt_tokens, gen_tokens) if "ort" in runnable else None
     for r in runnable:
         model = remote_path(target, RUNTIMES[r]) if target.scheme != "local" else str(folder / RUNTIMES[r])
         args = [r, model, "--prompt-tokens", str(prompt_tokens), "--gen-tokens", str(gen_tokens),
                 "--repeats", str(repeats)] + (["--threads", str(threads)] if threads else [])
         with (progress or Progress()).step(f"bench {r} on {target} ({repeats} runs + warm-up)"):
             results.append(_run_probe(link, python, probe, args))
-        if r == "ort":  # ONNX Runtime's rule for this folder, at the probe's prompt and context
-            results[-1]["predicted"] = _ort_prediction(folder, report, prompt_tokens, gen_tokens)
+        if r == "ort" and ort_predicted:  # ONNX Runtime's rule for this folder, at the probe's prompt and context
+            results[-1]["predicted"] = ort_predicted
     return {"target": str(target), "python": python, "results": results,
             "skipped": {r: f"not installed for {python} ({INSTALL_HINT[r]})" for r in missing},
             "predicted": report.get("predicted"), "device_profile": report.get("device", {}).get("name")}
@@ -113,16 +114,27 @@ def bench_fleet(folder: Path, fleet_text: str, runtime: str = "all", threads: in
     return out
 
 
-def _ort_prediction(folder: Path, report: dict, prompt_tokens: int, gen_tokens: int) -> dict:
+def _ort_prediction(folder: Path, report: dict, prompt_tokens: int, gen_tokens: int) -> dict | None:
     """What :mod:`edgequant.ort_budget` predicts for the ONNX folder as the probe runs it, on the
-    build's device profile (speed) — the memory rule is the runtime's, wherever it runs."""
-    from .devices import load_device
+    build's device profile (its speed; the memory rule is the runtime's, wherever it runs). None
+    for a build whose profile is not one device's."""
     from .ort_budget import at, folder_terms
 
-    device = report.get("device") or {}
-    terms = folder_terms(folder / RUNTIMES["ort"], load_device(device.get("path") or device.get("name") or "host"))
+    try:
+        device = _build_device(report)
+    except EdgequantError:  # a fleet's build (its ONNX folder, if any, runs on one device)
+        return None
+    terms = folder_terms(folder / RUNTIMES["ort"], device)
     return {**at(terms, prompt_tokens + gen_tokens, prompt_tokens), "ctx": prompt_tokens + gen_tokens,
-            "prompt_tokens": prompt_tokens, "device_profile": device.get("name"), "source": terms["source"]}
+            "prompt_tokens": prompt_tokens, "device_profile": device.name, "source": terms["source"]}
+
+
+def _build_device(report: dict):
+    """The device profile the build was planned for, loaded again (its file, else its name)."""
+    from .devices import load_device
+
+    device = report.get("device") or {}
+    return load_device(device.get("path") or device.get("name") or "host")
 
 
 def _read_report(folder: Path) -> dict:
@@ -167,11 +179,8 @@ def calibrate_profile(folder: Path, result: dict, device=None, out: Path | None 
     """Write ``device.calibrated.toml`` (or ``out``): the device's profile (default: the build's)
     with ``decode_efficiency`` replaced by what the llama.cpp decode rate implies (weights read
     per token / measured time)."""
-    from .devices import load_device
-
     if device is None:
-        report = _read_report(folder)
-        device = load_device(report["device"]["path"] or report["device"]["name"])
+        device = _build_device(_read_report(folder))
     if device.path is None:
         raise EdgequantError("--calibrate-profile needs a profile file (host is detected afresh on every run)")
     llama = next((r for r in result["results"] if r["runtime"] == "llama.cpp"), None)

@@ -51,10 +51,10 @@ class Shape:
 
     @classmethod
     def of(cls, model, params: int) -> Shape:
-        config, family = model.config, adapter_of(model)
-        kv_heads = 0 if family.recurrent else sum(s.kv_heads for s in block_shapes(model))
+        config, family, blocks = model.config, adapter_of(model), block_shapes(model)
+        kv_heads = 0 if family.recurrent else sum(s.kv_heads for s in blocks)
         return cls(kv_heads, head_dim(config), config.vocab_size, params, bool(config.tie_word_embeddings),
-                   config.hidden_size, family.state_bytes(config), len(block_shapes(model)))
+                   config.hidden_size, family.state_bytes(config), len(blocks))
 
     def kv_bytes(self, ctx: int) -> int:
         """The KV cache at ``ctx`` (F16 keys and values), or a recurrent model's state."""

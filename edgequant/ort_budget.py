@@ -23,8 +23,8 @@ Qwen2.5-Coder-1.5B from its GGUF's codes, 2 threads): a decoded token costs a fi
 (the graph's kernels launched one by one: ``LAYER_WORK`` int8 operations' worth of the device's
 time, 0.116 ms a block here) plus reading the stored weights and the float32 KV cache at
 ``DECODE_EFFICIENCY`` times the profile's llama.cpp bandwidth. Prefill is compute bound, at
-``PREFILL_EFFICIENCY`` of llama.cpp's model (0.58 on the default model, 0.72 on the 1.5B: the
-geometric mean). On a board, where ARM's MLAS packs and computes differently, these are this host's
+``PREFILL_EFFICIENCY`` of the device's int8 rate over two operations per weight a
+``MatMulNBits`` multiplies (0.575 on the default model, 0.716 on the 1.5B: their geometric mean). On a board, where ARM's MLAS packs and computes differently, these are this host's
 ratios: ``edgequant bench`` there shows how far they hold.
 """
 
@@ -46,31 +46,37 @@ ACTIVATION_LOGITS = 1.25  # peak activations over the prompt's float32 logits
 N_PROMPT = 512  # the prompt the device prediction makes room for (as llama.cpp's micro-batch)
 LAYER_WORK = 4.64e7  # a decoded token's fixed cost per block, in int8 operations of the device's time
 DECODE_EFFICIENCY = 1.18  # the bandwidth ORT reads weights at, over the profile's llama.cpp rate
-PREFILL_EFFICIENCY = 0.64  # ORT's prefill rate over llama.cpp's compute-bound model
+PREFILL_EFFICIENCY = 0.64  # ORT's prefill rate over the device's int8 rate, at 2 operations a multiplied weight
 SOURCE = "python bench/ort_memory.py on the host (AMD EPYC, 2 threads, onnxruntime 1.32)"
 
 
-def weight_bytes(plan: Plan, tied: bool) -> int:
-    """The bytes ONNX Runtime holds for ``plan``'s tensors: each matrix's stored bytes plus its
-    prepacked blocks' extra, a tied table's mapped codes, the float32 tensors."""
+def weight_bytes(plan: Plan) -> int:
+    """The bytes ONNX Runtime holds for ``plan``'s tensors: each matrix's stored bytes, the extra of
+    its prepacked blocks where a ``MatMulNBits`` computes with it (a tied table's codes then stay
+    mapped for the lookup as well; an untied table is only looked up), the float32 tensors."""
     total = 4 * plan.other_params
     for m in plan.matrices:
         qtype = get_type(plan.types[m.name])
-        total += plan.matrix_bytes(m) + PACKED_BYTES_PER_BLOCK * m.rows * (m.cols // qtype.block)
-        if tied and m.name in EMBEDDING_NAMES:
+        total += plan.matrix_bytes(m)
+        if _multiplied(plan, m.name):
+            total += PACKED_BYTES_PER_BLOCK * m.rows * (m.cols // qtype.block)
+        if m.name in EMBEDDING_NAMES and _tied(plan):
             total += m.params * qtype.bits // 8
     return total
 
 
 def decode_read_bytes(plan: Plan) -> int:
-    """Stored bytes a decoded token reads: the matrices (an embedding lookup reads one row: a tied
-    table is read as the output matrix, an untied one not at all) and the float tensors."""
-    return 4 * plan.other_params + sum(plan.matrix_bytes(m) for m in plan.matrices
-                                       if m.name != "token_embd.weight" or _tied_output(plan))
+    """Stored bytes of the matrices a decoded token multiplies (an embedding lookup reads one row)."""
+    return sum(plan.matrix_bytes(m) for m in plan.matrices if _multiplied(plan, m.name))
 
 
-def _tied_output(plan: Plan) -> bool:
+def _tied(plan: Plan) -> bool:
     return "output.weight" not in plan.types
+
+
+def _multiplied(plan: Plan, name: str) -> bool:
+    """Whether a ``MatMulNBits`` computes with the matrix (all but an untied input embedding)."""
+    return name != "token_embd.weight" or _tied(plan)
 
 
 def kv_bytes(shape, ctx: int) -> int:
@@ -100,9 +106,9 @@ def _fixed_seconds(device: Device | Fleet, layers: int) -> float:
 def rule(device: Device | Fleet, shape, plan: Plan, positions: int) -> dict:
     """The prediction's terms, so that it can be evaluated at any context and prompt (:func:`at`);
     ``positions``: the rotary tables' rows (float32 cosines and sines of half a head each)."""
-    computed = sum(m.params for m in plan.matrices if m.name != "token_embd.weight" or _tied_output(plan))
+    computed = sum(m.params for m in plan.matrices if _multiplied(plan, m.name))
     rope = 4 * positions * shape.head_dim
-    return _terms(device, weight_bytes(plan, shape.tied) + rope, decode_read_bytes(plan), computed, shape.layers,
+    return _terms(device, weight_bytes(plan) + rope, decode_read_bytes(plan), computed, shape.layers,
                   _kv_read_per_token(shape), shape.n_vocab, shape.state_bytes)
 
 
@@ -125,9 +131,10 @@ def folder_terms(folder: Path, device: Device | Fleet) -> dict:
             matmul_weights.add(node.input[1])
     weights += sum(stored[n.input[0]] for n in model.graph.node if n.op_type == "Reshape" and n.input[0] in matmul_weights)
     config = json.loads((Path(folder) / "genai_config.json").read_text())["model"]
-    d = config["decoder"]
-    kv_token = 2 * d["num_hidden_layers"] * d["num_key_value_heads"] * d["head_size"] * 4
-    return _terms(device, weights, read, computed, d["num_hidden_layers"], kv_token, config["vocab_size"])
+    kv_heads = [helper.get_attribute_value(a) for n in model.graph.node if n.op_type == "GroupQueryAttention"
+                for a in n.attribute if a.name == "kv_num_heads"]  # each block's own (a pruned model's differ)
+    kv_token = 2 * sum(kv_heads) * config["decoder"]["head_size"] * 4
+    return _terms(device, weights, read, computed, len(kv_heads), kv_token, config["vocab_size"])
 
 
 def _terms(device: Device | Fleet, weights: int, read: int, computed: int, layers: int, kv_token: int, vocab: int,

@@ -44,7 +44,7 @@ from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
 from .ort_quants import CANDIDATES as ORT_CANDIDATES, is_ort_type
-from .planning import LADDER, Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, uniform
+from .planning import LADDER, Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, smallest_plan, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
@@ -136,15 +136,14 @@ class Target:
     @property
     def speed(self) -> Speed:
         """The kernels' costs, and ``--min-tok-s`` as bandwidth-equivalent bytes of tensors per token."""
-        floor = None
-        if self.min_tok_s is not None and self.runtime == "onnx":
-            floor = ort_budget.max_read_bytes(self.device, self.shape, self.budget.ctx, self.min_tok_s)
-        elif self.min_tok_s is not None:
-            floor = bytes_read_per_token(self.device, self.shape, self.budget.ctx, self.min_tok_s) - self.file_overhead
+        unread, floor, ctx = () if self.shape.tied else ("token_embd.weight",), None, self.budget.ctx
         if self.runtime == "onnx":
-            return Speed(unread=() if self.shape.tied else ("token_embd.weight",), max_decode_bytes=floor)
-        return Speed(load_kernels(), () if self.shape.tied else ("token_embd.weight",), floor,
-                     prefill_weight_bytes(self.device))
+            if self.min_tok_s is not None:
+                floor = ort_budget.max_read_bytes(self.device, self.shape, ctx, self.min_tok_s)
+            return Speed(unread=unread, max_decode_bytes=floor)
+        if self.min_tok_s is not None:
+            floor = bytes_read_per_token(self.device, self.shape, ctx, self.min_tok_s) - self.file_overhead
+        return Speed(load_kernels(), unread, floor, prefill_weight_bytes(self.device))
 
     def predict(self, plan: Plan) -> dict:
         if self.runtime == "onnx":
@@ -221,7 +220,7 @@ def _onnx_plan(loaded, method: Method, tgt: Target, ort_type: str | None, calibr
     device's memory is made again within that much less, at most twice."""
     if ort_type:
         return uniform(matrices, other, ort_type), None
-    max_bytes = tgt.max_tensor_bytes
+    max_bytes, smallest = tgt.max_tensor_bytes, smallest_bytes(matrices, other, ORT_CANDIDATES)
     for _ in range(3):
         if method.allocate:
             plan, table = method.allocate(loaded, matrices, other, max_bytes, calibration, progress, tgt.speed,
@@ -229,15 +228,22 @@ def _onnx_plan(loaded, method: Method, tgt: Target, ort_type: str | None, calibr
         else:
             plan, table = for_budget(matrices, other, max_bytes, f"greedy within {tgt.budget.binding}", tgt.speed,
                                      ladder=ORT_CANDIDATES), None
-        over = tgt.predict(plan)["memory_bytes"] - tgt.device.usable_bytes
-        if over <= 0:
-            break
-        max_bytes -= over
+        predicted = tgt.predict(plan)
+        over = predicted["memory_bytes"] - tgt.device.usable_bytes
+        if over <= 0 or max_bytes <= smallest:
+            break  # (what still does not fit is make_plan's one-line error)
+        # the stored bytes to give up: the overshoot in held bytes, at this plan's ratio of the two
+        max_bytes = max(smallest, max_bytes - int(over * plan.total_bytes / predicted["weights_resident_bytes"]) - 1)
     return plan, table
 
 
 def _fits(tgt: Target, loaded: LoadedModel, ladder) -> bool:
-    return smallest_bytes(*matrices_of(loaded), ladder) + tgt.file_overhead <= tgt.budget.max_file_bytes
+    """Whether the smallest mix of ``ladder`` fits the target's caps (and, in ONNX Runtime, the
+    device's memory once prepacked)."""
+    matrices, other = matrices_of(loaded)
+    if smallest_bytes(matrices, other, ladder) + tgt.file_overhead > tgt.budget.max_file_bytes:
+        return False
+    return tgt.runtime != "onnx" or tgt.predict(smallest_plan(matrices, other, ladder))["fits"]
 
 
 def onnx_context(budget_ctx: int, eval_ctx: int) -> int:
@@ -337,12 +343,18 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
     formats_chosen = opts.formats is None  # not asked for: both, unless one cannot be made (said in the report)
     notes: list[str] = []
+    fleet = isinstance(device, Fleet)
     if formats_chosen:
-        opts.formats = ("gguf",) if loaded.adapter.onnx_refusal else FORMATS
+        opts.formats = ("gguf",) if loaded.adapter.onnx_refusal or fleet else FORMATS
         if opts.ggml_type and is_ort_type(opts.ggml_type):
             opts.formats = ("onnx",)
+        if fleet and not loaded.adapter.onnx_refusal:
+            notes.append(f"no ONNX folder: ONNX Runtime runs a model on one device, and {device.name} splits it")
     elif "onnx" in opts.formats and loaded.adapter.onnx_refusal:
         raise EdgequantError(loaded.adapter.onnx_refusal)
+    if fleet and "onnx" in opts.formats:
+        raise EdgequantError(f"ONNX Runtime runs a model on one device: a build for the fleet {device.name} makes a GGUF "
+                             "(--formats gguf)")
     if method.rotates and not loaded.adapter.rotations:
         raise EdgequantError(f"--method {method.name} rotates what {loaded.adapter.model_type}'s norms after attention "
                              "and the MLP would not let through; use qublast, gptq or rtn")

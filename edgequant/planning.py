@@ -116,9 +116,13 @@ def _ladder(m: Matrix, ladder: list[str] | tuple[str, ...] = LADDER) -> list[str
     return sorted(fit, key=lambda t: get_type(t).bpw)
 
 
+def smallest_plan(matrices: list[Matrix], other_params: int, ladder: list[str] | tuple[str, ...] = LADDER) -> Plan:
+    """The smallest mix: every matrix on its cheapest rung."""
+    return Plan({m.name: _ladder(m, ladder)[0] for m in matrices}, matrices, other_params, "smallest")
+
+
 def smallest_bytes(matrices: list[Matrix], other_params: int, ladder: list[str] | tuple[str, ...] = LADDER) -> int:
-    """Bytes of the smallest mix: every matrix on its cheapest rung."""
-    return Plan({m.name: _ladder(m, ladder)[0] for m in matrices}, matrices, other_params, "smallest").total_bytes
+    return smallest_plan(matrices, other_params, ladder).total_bytes
 
 
 def check_type_name(ggml_type: str) -> None:

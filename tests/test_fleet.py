@@ -109,3 +109,9 @@ def test_a_split_that_leaves_one_device_short_names_it(default_model, tmp_path):
     # whose logits alone (the compute buffer) take more than it has
     result = in_process("plan", "--device", f"{big},{tiny}", *Q8_0)
     assert_clean_failure(result, "does not fit", "tiny-board")
+
+
+def test_onnx_runtime_runs_a_model_on_one_device_so_a_fleet_build_makes_the_gguf(default_model, tmp_path):
+    board = small_board(tmp_path, 0.3)
+    asked = in_process("plan", "--device", f"{board},{board}", "--type", "MNB4_B32_SYM", "--quiet")  # an ONNX-only plan
+    assert_clean_failure(asked, "ONNX Runtime runs a model on one device", "--formats gguf")

@@ -10,6 +10,7 @@ import pytest
 from edgequant import ort_budget
 from edgequant.benchmark import PROBE
 from edgequant.ggml_quants import get_type
+from edgequant.planning import Matrix, Plan
 
 def one_matrix_model(path, name: str, rows: int, cols: int = 4096) -> int:
     """A model of one ``MatMulNBits`` in configuration ``name`` (random codes), its data in a file
@@ -53,3 +54,19 @@ def test_a_matrix_holds_its_stored_bytes_and_12_more_a_block_once_prepacked(tmp_
     blocks = 8192 * 4096 // get_type(name).block
     assert held1 - held0 == pytest.approx(stored1 - stored0 + ort_budget.PACKED_BYTES_PER_BLOCK * blocks, rel=0.03)
 
+
+
+def test_only_the_matrices_a_matmul_multiplies_are_prepacked():
+    """An untied input embedding is only looked up (no prepacking); a tied one is the output
+    matrix too, and its codes also stay mapped for the lookup."""
+    q, embd, out = Matrix("blk.0.attn_q.weight", 256, 256), Matrix("token_embd.weight", 1000, 256), Matrix("output.weight", 1000, 256)
+    blocks = 256 // 32  # a row's blocks at MNB4_B32_SYM
+
+    def plan(*matrices):
+        return Plan({m.name: "MNB4_B32_SYM" for m in matrices}, list(matrices), 0, "uniform")
+
+    untied, tied = plan(q, embd, out), plan(q, embd)
+    assert ort_budget.weight_bytes(untied) == untied.total_bytes + 12 * blocks * (256 + 1000)
+    assert ort_budget.weight_bytes(tied) == tied.total_bytes + 12 * blocks * (256 + 1000) + 1000 * 256 // 2
+    assert ort_budget.decode_read_bytes(untied) == untied.total_bytes - untied.matrix_bytes(embd)
+    assert ort_budget.decode_read_bytes(tied) == tied.total_bytes
