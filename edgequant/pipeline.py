@@ -339,11 +339,14 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     text, which the build's files are scored against (before pruning or any transform changes it)."""
     method = get_method(opts.method)
     device = load_target(opts.device or "host")  # a mistyped device fails before the model is loaded
+    fleet = isinstance(device, Fleet)
+    if fleet and ("onnx" in (opts.formats or ()) or (opts.ggml_type and is_ort_type(opts.ggml_type))):
+        raise EdgequantError(f"ONNX Runtime runs a model on one device: a build for the fleet {device.name} makes a GGUF "
+                             "(--formats gguf)")
     with progress.step("load model"):
         loaded = load_model(opts.model, streamed=method.streams and opts.pruning is None)
     formats_chosen = opts.formats is None  # not asked for: both, unless one cannot be made (said in the report)
     notes: list[str] = []
-    fleet = isinstance(device, Fleet)
     if formats_chosen:
         opts.formats = ("gguf",) if loaded.adapter.onnx_refusal or fleet else FORMATS
         if opts.ggml_type and is_ort_type(opts.ggml_type):
@@ -352,9 +355,6 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
             notes.append(f"no ONNX folder: ONNX Runtime runs a model on one device, and {device.name} splits it")
     elif "onnx" in opts.formats and loaded.adapter.onnx_refusal:
         raise EdgequantError(loaded.adapter.onnx_refusal)
-    if fleet and "onnx" in opts.formats:
-        raise EdgequantError(f"ONNX Runtime runs a model on one device: a build for the fleet {device.name} makes a GGUF "
-                             "(--formats gguf)")
     if method.rotates and not loaded.adapter.rotations:
         raise EdgequantError(f"--method {method.name} rotates what {loaded.adapter.model_type}'s norms after attention "
                              "and the MLP would not let through; use qublast, gptq or rtn")
