@@ -436,7 +436,7 @@ def load_gguf(path: Path, streamed: bool = False) -> LoadedModel:
     _check_shapes(path, model, stored, lambda hf_name: gguf_name(family, config.num_hidden_layers, hf_name))
     check_memory(model, streamed)
     store = _fill(model, fetch, streamed)
-    return LoadedModel(model.eval(), gguf_tokenizer(path), family, path, store)
+    return LoadedModel(model.eval(), gguf_tokenizer(path, reader.fields["general.architecture"].contents()), family, path, store)
 
 
 def _dequantized(raw: np.ndarray, qtype, chunk_bytes: int = 1 << 22) -> np.ndarray:
@@ -568,13 +568,14 @@ def gguf_config(reader: gguf.GGUFReader):
         raise EdgequantError(f"{where} has inconsistent model metadata ({_first_line(e.__cause__ or e)})") from None
 
 
-def gguf_tokenizer(path: Path):
-    """The tokenizer stored in a GGUF file, as a transformers tokenizer."""
+def gguf_tokenizer(path: Path, architecture: str | None = None):
+    """The tokenizer stored in a GGUF file (of ``architecture``, read from it if not given), as a
+    transformers tokenizer."""
     from transformers import AutoTokenizer
 
     path = Path(path)
     try:
-        with _readable_by_transformers(path) as readable, _fast_gguf_reader():
+        with _readable_by_transformers(path, architecture) as readable, _fast_gguf_reader():
             return AutoTokenizer.from_pretrained(readable.parent, gguf_file=readable.name)
     except Exception as e:
         raise EdgequantError(f"cannot read the tokenizer of {path}: {_first_line(e)}") from None
@@ -596,9 +597,13 @@ TOKENIZER_STAND_IN = ("deci", "mamba2")  # GGUF architectures whose tokenizer tr
 
 
 @contextmanager
-def _readable_by_transformers(path: Path):
+def _readable_by_transformers(path: Path, architecture: str | None):
     """``path``, or for an architecture transformers does not know (``deci``, ``mamba2``), a temporary GGUF
-    holding only its tokenizer under the ``llama`` architecture."""
+    holding only its tokenizer under the ``llama`` architecture. (A large vocabulary takes seconds
+    to parse: the file is read here only when its architecture is not given.)"""
+    if architecture is not None and architecture not in TOKENIZER_STAND_IN:
+        yield path
+        return
     reader = read_gguf(path)
     if reader.fields["general.architecture"].contents() not in TOKENIZER_STAND_IN:
         yield path

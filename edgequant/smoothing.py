@@ -169,17 +169,20 @@ class ScaleChoice:
     outlier_after: float
 
 
-def _output_error(x, weights, types, s) -> float:
+def _output_error(x, weights, types, s, outputs) -> float:
     """Squared error of the group's outputs when weights (columns * s) are rounded to their
-    types and activations (/ s) to 8-bit blocks, against the float outputs."""
+    types and activations (/ s) to 8-bit blocks, against the float ``outputs`` (x @ w.T)."""
     err = 0.0
     xs = x / s
     importance = (xs * xs).mean(0).numpy()
-    for w, t in zip(weights, types):
+    rounded = {}  # the activations in each block size (a group's matrices share their input)
+    for w, t, y in zip(weights, types, outputs):
         qt = get_type(t)
         wq = torch.from_numpy(qt.dequantized((w * s).numpy(), importance))
-        xq = quantize_activations(xs, ACTIVATION_BLOCK.get(t, 32))
-        err += float(((xq @ wq.T) - (x @ w.T)).pow(2).sum())
+        block = ACTIVATION_BLOCK.get(t, 32)
+        if block not in rounded:
+            rounded[block] = quantize_activations(xs, block)
+        err += float(((rounded[block] @ wq.T) - y).pow(2).sum())
     return err
 
 
@@ -203,7 +206,8 @@ def _choose(config, g: Group, x: torch.Tensor, weights: list[torch.Tensor], type
     stride = -(-max(w.shape[0] for w in weights) // SEARCH_ROWS)  # one for the group: its errors are summed
     weights = [w.detach().float()[::stride] for w in weights]
     candidates = {a: rms**a / (rms.max() * rms.min()) ** (a / 2) for a in ALPHAS}
-    errors = {a: _output_error(x, weights, types, on_columns(s)) for a, s in candidates.items()}
+    outputs = [x @ w.T for w in weights]  # the float outputs, the same for every alpha
+    errors = {a: _output_error(x, weights, types, on_columns(s), outputs) for a, s in candidates.items()}
     best = min(errors, key=errors.get)
     after = outlier_ratio(x / on_columns(candidates[best]))
     return (g.key, best, errors[best] / errors[0.0], outlier_ratio(x), after), candidates[best]

@@ -155,12 +155,12 @@ def eval_windows(default_model):
 @pytest.fixture(scope="session")
 def gemma3_270m_q8_0(tmp_path_factory):
     """(out folder, report) of gemma3-270m (the real model, built in) at Q8_0, RTN, GGUF only, with
-    the parity evaluations on 1024 tokens."""
+    the parity evaluations on one window of 512 tokens."""
     from edgequant.pipeline import BuildOptions, build
 
     out = tmp_path_factory.mktemp("gemma3-270m") / "out"
     options = BuildOptions(model="gemma3-270m", out=out, method="rtn", ggml_type="Q8_0", formats="gguf", parity=True,
-                           twin=False, calib_tokens=512, eval_tokens=1024)
+                           twin=False, calib_tokens=512, eval_tokens=512)
     return out, build(options)
 
 

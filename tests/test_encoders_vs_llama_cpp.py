@@ -14,6 +14,7 @@ import pytest
 from edgequant.assets import default_gguf
 from edgequant.ggml_iquants import CODEBOOK_TYPES
 from edgequant.ggml_quants import TYPES
+from edgequant.models import read_gguf
 from runtimes.llama_quantize import quantize_stock, write_f32_copy
 
 NAMES = sorted(TYPES)
@@ -39,7 +40,7 @@ def matrices(tmp_path_factory, default_model, calib_windows):
 def ffn_down(path):
     return {
         t.name: gguf.quants.dequantize(t.data, t.tensor_type).reshape(t.data.shape[0], -1)
-        for t in gguf.GGUFReader(path).tensors
+        for t in read_gguf(path).tensors
         if t.name.endswith("ffn_down.weight")
     }
 
