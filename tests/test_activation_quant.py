@@ -13,7 +13,7 @@ import torch
 
 from edgequant.evaluation import TorchLogits, evaluate
 from edgequant.fakequant import Setting, fake_quantize
-from tests.helpers import assert_same_model, edgequant, succeeded
+from tests.helpers import assert_same_model, in_process, succeeded
 
 METHODS = ("rtn", "smoothquant", "specquant", "hadamard", "ruquant")
 HADAMARD_W6A6 = (0.06, 0.16)  # W6A6, 8-bit KV cache, the first 1024 tokens: measured 0.125
@@ -82,7 +82,7 @@ def test_kv_cache_quantization_costs_quality_and_8_bits_costs_little(default_mod
 def test_eval_simulates_a_method_from_the_command_line():
     """Measured: KLD 0.087 for Hadamard at W6A6 on 20480 tokens (bench/activation_quant.py), 0.125 on
     the first 1024."""
-    result = json.loads(succeeded(edgequant("eval", "--method", "hadamard", "--wbits", "6", "--abits", "6",
+    result = json.loads(succeeded(in_process("eval", "--method", "hadamard", "--wbits", "6", "--abits", "6",
                                             "--kv-bits", "8", "--eval-tokens", "1024", "--json")).stdout)
     assert result["setting"] == "W6A6KV8" and result["online_transforms"] == 30
     low, high = HADAMARD_W6A6

@@ -16,7 +16,7 @@ from edgequant.errors import EdgequantError
 from edgequant.ggml_quants import TYPES, get_type
 from exporters.onnx.nbits import from_ggml
 from runtimes.ort import OrtDecoder
-from tests.helpers import TINY, assert_clean_failure, assert_same_model, edgequant, run_matmul_nbits, weights
+from tests.helpers import TINY, assert_clean_failure, assert_same_model, in_process, run_matmul_nbits, weights
 
 SYMMETRIC = ["Q4_0", "Q3_K", "Q5_0", "Q6_K", "Q8_0", "IQ4_NL"]
 AFFINE = ["Q4_1", "Q5_1", "Q2_K", "Q4_K", "Q5_K"]
@@ -154,7 +154,7 @@ def test_corrupt_or_truncated_onnx_is_one_line_error(tiny_build, tmp_path):
     for case, (g, d) in cases.items():
         (bad / "model.onnx").write_bytes(g)
         (bad / "model.onnx.data").write_bytes(d)
-        assert_clean_failure(edgequant("eval", bad, "--eval-tokens", "512"), "model.onnx")
+        assert_clean_failure(in_process("eval", bad, "--eval-tokens", "512"), "model.onnx")
 
 
 def _exported(loaded, types: dict, out, context: int = 48):

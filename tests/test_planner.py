@@ -15,7 +15,7 @@ from edgequant.models import load_model
 from edgequant.pipeline import matrices_of
 from edgequant.kernels import KernelCosts, from_measurements
 from edgequant.planning import Matrix, Speed, for_budget, knapsack, knapsack_with_speed
-from tests.helpers import assert_clean_failure, edgequant
+from tests.helpers import assert_clean_failure, edgequant, in_process
 
 
 def test_knapsack_is_exact_against_brute_force():
@@ -82,9 +82,10 @@ def test_decode_speed_is_bandwidth_over_bytes_per_token(default_model):
     assert p["memory_bytes"] == 100_000_000 + p["kv_cache_bytes"] + p["runtime_overhead_bytes"]
 
 
-def test_plan_prints_types_and_predictions_without_writing(tiny_model, tmp_path):
-    result = edgequant("plan", "--model", tiny_model(), "--device", "raspberry-pi-4-4gb", "--bpw", "4",
-                       "--calib-tokens", "1024", "--sensitivity-tokens", "64", "--json", cwd=tmp_path)
+def test_plan_prints_types_and_predictions_without_writing(tiny_model, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = in_process("plan", "--model", tiny_model(), "--device", "raspberry-pi-4-4gb", "--bpw", "4",
+                       "--calib-tokens", "1024", "--sensitivity-tokens", "64", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["predicted"]["fits"] and plan["predicted"]["memory_bytes"] <= plan["predicted"]["usable_bytes"]
@@ -96,18 +97,18 @@ def test_plan_prints_types_and_predictions_without_writing(tiny_model, tmp_path)
 
 @pytest.mark.slow
 def test_impossible_budget_names_the_smallest_size_that_would_fit():
-    result = edgequant("plan", "--device", "raspberry-pi-4-4gb", "--budget-mb", "20", "-q")
+    result = in_process("plan", "--device", "raspberry-pi-4-4gb", "--budget-mb", "20", "-q")
     assert_clean_failure(result, "smallest mix that would fit is 67.8 MB")
 
 
 def test_unknown_device_lists_the_closest_names():
-    assert_clean_failure(edgequant("plan", "--device", "jetsn-orin", "-q"), "jetson-orin")
+    assert_clean_failure(in_process("plan", "--device", "jetsn-orin", "-q"), "jetson-orin")
 
 
 def test_malformed_profile_names_the_field(tmp_path):
     board = tmp_path / "board.toml"
     board.write_text((load_device("raspberry-pi-4-4gb").path).read_text().replace("bandwidth_gbs = ", "bandwidth_gbs = 'fast' #"))
-    assert_clean_failure(edgequant("plan", "--device", board, "-q"), "bandwidth_gbs")
+    assert_clean_failure(in_process("plan", "--device", board, "-q"), "bandwidth_gbs")
 
 
 def test_devices_lists_every_profile_as_json():

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests import sshd
-from tests.helpers import assert_clean_failure, edgequant, succeeded
+from tests.helpers import assert_clean_failure, edgequant, in_process, succeeded
 
 
 def free_port() -> int:
@@ -44,7 +44,7 @@ def split_build(default_model, tmp_path_factory):
     board = folder / "board"
     fleet = fleet_file(folder, [free_port(), free_port()], ["local", f"ssh://board{board}"])
     out = folder / "build"
-    succeeded(edgequant("build", "--device", fleet, "--type", "Q8_0", "--method", "rtn", "--formats", "gguf",
+    succeeded(in_process("build", "--device", fleet, "--type", "Q8_0", "--method", "rtn", "--formats", "gguf",
                         "--context", "512", "--eval-tokens", "1024", "--calib-tokens", "512", "--no-twin", "--quiet",
                         "--out", out))
     started = json.loads(succeeded(edgequant("deploy", out, "--rpc", fleet, "--json", env=server.env())).stdout)
