@@ -600,14 +600,15 @@ TOKENIZER_STAND_IN = ("deci", "mamba2")  # GGUF architectures whose tokenizer tr
 def _readable_by_transformers(path: Path, architecture: str | None):
     """``path``, or for an architecture transformers does not know (``deci``, ``mamba2``), a temporary GGUF
     holding only its tokenizer under the ``llama`` architecture. (A large vocabulary takes seconds
-    to parse: the file is read here only when its architecture is not given.)"""
-    if architecture is not None and architecture not in TOKENIZER_STAND_IN:
+    to parse: the file is read here only when its architecture is not given or needs the stand-in.)"""
+    reader = None
+    if architecture is None:
+        reader = read_gguf(path)
+        architecture = reader.fields["general.architecture"].contents()
+    if architecture not in TOKENIZER_STAND_IN:
         yield path
         return
-    reader = read_gguf(path)
-    if reader.fields["general.architecture"].contents() not in TOKENIZER_STAND_IN:
-        yield path
-        return
+    reader = reader or read_gguf(path)
     with tempfile.TemporaryDirectory() as tmp:
         header = Path(tmp) / "tokenizer.gguf"
         writer = gguf.GGUFWriter(header, "llama")
