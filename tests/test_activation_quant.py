@@ -83,7 +83,7 @@ def test_eval_simulates_a_method_from_the_command_line():
     """Measured: KLD 0.087 for Hadamard at W6A6 on 20480 tokens (bench/activation_quant.py), 0.125 on
     the first 1024."""
     result = json.loads(succeeded(in_process("eval", "--method", "hadamard", "--wbits", "6", "--abits", "6",
-                                            "--kv-bits", "8", "--eval-tokens", "1024", "--json")).stdout)
+                                             "--kv-bits", "8", "--eval-tokens", "1024", "--json")).stdout)
     assert result["setting"] == "W6A6KV8" and result["online_transforms"] == 30
     low, high = HADAMARD_W6A6
     assert low < result["quality"]["kld"] < high and result["text"]["tokens"] == 1024

@@ -85,7 +85,7 @@ def test_decode_speed_is_bandwidth_over_bytes_per_token(default_model):
 def test_plan_prints_types_and_predictions_without_writing(tiny_model, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = in_process("plan", "--model", tiny_model(), "--device", "raspberry-pi-4-4gb", "--bpw", "4",
-                       "--calib-tokens", "1024", "--sensitivity-tokens", "64", "--json")
+                        "--calib-tokens", "1024", "--sensitivity-tokens", "64", "--json")
     assert result.returncode == 0, result.stderr
     plan = json.loads(result.stdout)
     assert plan["predicted"]["fits"] and plan["predicted"]["memory_bytes"] <= plan["predicted"]["usable_bytes"]

@@ -45,8 +45,8 @@ def split_build(default_model, tmp_path_factory):
     fleet = fleet_file(folder, [free_port(), free_port()], ["local", f"ssh://board{board}"])
     out = folder / "build"
     succeeded(in_process("build", "--device", fleet, "--type", "Q8_0", "--method", "rtn", "--formats", "gguf",
-                        "--context", "512", "--eval-tokens", "1024", "--calib-tokens", "512", "--no-twin", "--quiet",
-                        "--out", out))
+                         "--context", "512", "--eval-tokens", "1024", "--calib-tokens", "512", "--no-twin", "--quiet",
+                         "--out", out))
     started = json.loads(succeeded(edgequant("deploy", out, "--rpc", fleet, "--json", env=server.env())).stdout)
     assert [w["at"] for w in started["workers"]] == ["local", f"ssh://board{board}"]
     assert (board / "bin" / "ggml-rpc-server-x86_64").is_file()  # this x86 machine's build, for a host profile
