@@ -2,7 +2,8 @@
 
     python bench/ladder.py [--model default|qwen2.5-coder-1.5b] [--eval-tokens 8192] [--mixes Q2_K,...]
                            [--ours-at Q3_K_M,Q4_K_M|all|none] [--ours rtn,gptq,qublast,joint,...]
-                           [--bpw-points 2.5,3.0] [--imatrix ours|llama] [--tools DIR] [--speed] [--out DIR]
+                           [--bpw-points 2.5,3.0] [--imatrix ours|llama] [--tools DIR]
+                           [--speed [--speed-rounds 5]] [--out DIR]
 
 1. Writes a full-precision GGUF of the reference model, then llama.cpp's own mixes, each without
    (where llama.cpp allows it) and with an importance matrix. With ``--imatrix ours`` (the default)
@@ -19,8 +20,10 @@
    ``--method joint`` (pruning + mixed precision) and QuBLAST, which is skipped with its own
    error where no unpruned mix is that small.
 4. Scores every file in llama.cpp on the same evaluation windows (perplexity, KLD and top-1
-   against the full-precision model) and, with ``--speed``, times it with ``llama-bench`` (pp128
-   and tg64 on ``--threads``; run the timing on an idle CPU, after the builds if need be). Prints one table sorted by bits per weight (also JSON and CSV; the
+   against the full-precision model). With ``--speed``, once every file is made, times them all
+   with ``llama-bench`` (pp128 and tg64 on ``--threads``) in ``--speed-rounds`` interleaved rounds,
+   takes each file's medians and prints our files' speed over the stock file of their mix (run it
+   on an idle CPU). Prints one table sorted by bits per weight (also JSON and CSV; the
    JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's
    sensitivity table is measured once and then read from the cache.
 
@@ -38,6 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from statistics import median
 
 from edgequant.atomic import write_text
 from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, read_text
@@ -88,10 +92,33 @@ def score(path: Path, windows, reference, params: int) -> dict:
     return {"path": str(path), "bpw": n_bytes * 8 / params, "MB": path.stat().st_size / 1e6, **q.as_dict()}
 
 
-def timed(row: dict, args) -> dict:
-    """``row`` with llama-bench's decode and prefill tok/s of its file on ``--threads``."""
-    rates = llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads)
-    return {**row, "tg_tok_s": rates["decode_tok_s"], "pp_tok_s": rates["prefill_tok_s"]}
+def timed(rows: list[dict], args) -> list[dict]:
+    """``rows`` with llama-bench's decode and prefill tok/s of their files on ``--threads``: the
+    median of ``--speed-rounds`` rounds, each timing every file once in turn (llama-bench's mean of
+    3 runs), so that a drift of the host's speed falls on all files alike. The rounds' rates are
+    kept beside the medians."""
+    runs: list[list[dict]] = [[] for _ in rows]
+    for _ in range(args.speed_rounds):
+        for row, seen in zip(rows, runs):
+            seen.append(llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads))
+    return [{**row, "tg_tok_s": median(r["decode_tok_s"] for r in seen), "pp_tok_s": median(r["prefill_tok_s"] for r in seen),
+             "tg_runs": [r["decode_tok_s"] for r in seen], "pp_runs": [r["prefill_tok_s"] for r in seen]}
+            for row, seen in zip(rows, runs)]
+
+
+def speed_ratios(rows: list[dict]) -> list[str]:
+    """Per timed file of ours at a stock mix's size, its decode and prefill speed over that mix's
+    file made with the importance matrix: the median of the rounds' ratios (a round times both
+    within seconds, so the ratio holds when the host's speed drifts between rounds)."""
+    stock = {r["file"].removeprefix("llama.cpp ").removesuffix(" + imatrix"): r
+             for r in rows if r["file"].startswith("llama.cpp ") and r["file"].endswith(" + imatrix")}
+    lines = []
+    for r in rows:
+        mix = r["file"].split(" @ ")[-1].removesuffix(" size") if " @ " in r["file"] else None
+        if "tg_tok_s" in r and mix in stock and "tg_tok_s" in stock[mix]:
+            tg, pp = (median(a / b for a, b in zip(r[k], stock[mix][k])) for k in ("tg_runs", "pp_runs"))
+            lines.append(f"{r['file']:<48} decode {tg:.2f}x  prefill {pp:.2f}x  (llama.cpp {mix} + imatrix)")
+    return lines
 
 
 def llama_imatrix(tools: Path, f32: Path, calib_text: str, out: Path, tokens: int, threads: int) -> Path:
@@ -131,7 +158,8 @@ def main() -> None:
     ap.add_argument("--imatrix", choices=("ours", "llama"), default="ours",
                     help="the stock files' importance matrix: ours through the API, or llama-imatrix's through llama-quantize")
     ap.add_argument("--tools", type=Path, default=None, help="folder of llama-imatrix, llama-quantize and llama-bench")
-    ap.add_argument("--speed", action="store_true", help="also time every file with llama-bench")
+    ap.add_argument("--speed", action="store_true", help="also time every file with llama-bench, all after the builds")
+    ap.add_argument("--speed-rounds", type=int, default=5, help="rounds of timing every file in turn (medians)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -178,18 +206,25 @@ def main() -> None:
             name, out = f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw"
             rows += measured(args, name, lambda: build_and_score(name, out, float(point), args, options, scoring))
 
+    if args.speed:  # after every build, so the files are timed together on an otherwise idle CPU
+        rows = timed(rows, args)
+        for row in rows:
+            write_text(_kept(args.out, row["file"]), json.dumps([row]))
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size, loaded.name)
+    print("\n".join(["", "speed against llama.cpp's file of the same mix, made with the importance matrix:",
+                      *speed_ratios(rows)]) if args.speed else "")
+
+
+def _kept(out: Path, name: str) -> Path:
+    return out / "rows" / (name.replace(" ", "_").replace("/", "_") + ".json")
 
 
 def measured(args, name: str, make) -> list[dict]:
     """The rows of the file ``name``: kept from an earlier run with this ``--out`` or measured now by
-    ``make`` (none when the file cannot be made), with ``--speed`` timed if they are not yet, and
-    kept at once. (Speeds can so be measured in a later run on an otherwise idle CPU.)"""
-    kept = args.out / "rows" / (name.replace(" ", "_").replace("/", "_") + ".json")
+    ``make`` (none when the file cannot be made), and kept at once."""
+    kept = _kept(args.out, name)
     rows = json.loads(kept.read_text()) if kept.exists() else make()
-    if args.speed:
-        rows = [row if "tg_tok_s" in row else timed(row, args) for row in rows]
     if kept.exists():
         for row in rows:
             print(_line(row) + "  (kept)", flush=True)
