@@ -9,7 +9,7 @@ The Python API mirrors the command line; each function returns what ``--json`` p
     edgequant.simulate("ruquant", wbits=4, abits=4)               # W4A4 in a torch simulation
     edgequant.deploy("out", "ssh://me@board/home/me/eq"); edgequant.bench("out", "ssh://me@board/home/me/eq")
 
-Keyword options are those of ``edgequant.pipeline.BuildOptions`` (``method``, ``ggml_type``,
+Keyword options are those of ``edgequant.options.BuildOptions`` (``method``, ``ggml_type``,
 ``bpw``, ``budget_mb``, ``calib_tokens``, ``formats``...). Bad input raises
 ``edgequant.errors.EdgequantError`` with a one-line message. Imports are deferred, so
 ``import edgequant`` stays cheap.
@@ -28,16 +28,22 @@ def _progress(show: bool):
 
 def build(model: str | None = None, device: str | None = None, out="out", *, progress: bool = False, **options) -> dict:
     """``edgequant build``: quantize, export and evaluate into ``out``; returns report.json's contents."""
-    from .pipeline import BuildOptions, build as run
+    from .options import BuildOptions
 
-    return run(BuildOptions(model=model, device=device, out=out, **options), _progress(progress))
+    opts = BuildOptions(model=model, device=device, out=out, **options)  # bad input fails before torch is imported
+    from .pipeline import build as run
+
+    return run(opts, _progress(progress))
 
 
 def plan(model: str | None = None, device: str | None = None, *, progress: bool = False, **options) -> dict:
     """``edgequant plan``: budget, per-block types and predicted size/memory/speed; writes nothing."""
-    from .pipeline import BuildOptions, planned
+    from .options import BuildOptions
 
-    return planned(BuildOptions(model=model, device=device, **options), _progress(progress)).summary()
+    opts = BuildOptions(model=model, device=device, **options)
+    from .pipeline import planned
+
+    return planned(opts, _progress(progress)).summary()
 
 
 def evaluate(path, reference: str | None = None, *, progress: bool = False, **options) -> dict:

@@ -106,6 +106,15 @@ PACKAGED_MODELS = {m.name: m for m in (
 BUILTIN_MODELS = ("default", *PACKAGED_MODELS)
 
 
+def model_location(spec: str | Path | None) -> Path:
+    """Where ``--model`` points: ``None``/"default" or another built-in name -> that model's file or
+    folder, else the path given, which must exist."""
+    path = builtin_model(str(spec or "default")) if spec is None or str(spec) in BUILTIN_MODELS else Path(spec)
+    if not path.exists():
+        raise EdgequantError(f"model not found: {path}")
+    return path
+
+
 def builtin_model(name: str) -> Path:
     """The file or folder of a built-in model; a packaged one must have been fetched."""
     if name == "default":

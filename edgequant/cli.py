@@ -63,7 +63,7 @@ def _run(fn, *args, **kwargs):
 
 
 def _options(**kw):
-    from .pipeline import BuildOptions
+    from .options import BuildOptions  # light: bad options are answered before torch is imported
 
     return BuildOptions(**kw)
 
@@ -127,13 +127,13 @@ def build(
     as_json: bool = JSON,
 ):
     """Quantize MODEL for DEVICE, export model.gguf and onnx/ into OUT, and measure them against full precision."""
-    from .pipeline import build as run_build
-
     opts = _run(_options, model=model, out=out, device=device, method=method, ggml_type=ggml_type, bpw=bpw,
                     budget_mb=budget_mb, min_tok_s=min_tok_s, context=context, use_importance=importance,
                     scaling_maps=maps, smooth=smooth, calib_text=calib_text, calib_tokens=calib_tokens,
                     sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity, eval_text=eval_text, eval_tokens=eval_tokens, ctx=eval_ctx, threads=threads, formats=formats,
                     parity=parity, twin=twin)
+    from .pipeline import build as run_build
+
     _emit(_run(run_build, opts, _progress(quiet or as_json)), as_json, _print_summary)
 
 
@@ -156,12 +156,12 @@ def plan(
     as_json: bool = JSON,
 ):
     """Print the budget, the type of every block part and the predicted size, memory and speed; write nothing."""
-    from .pipeline import planned
-
     opts = _run(_options, model=model, device=device, method=method, ggml_type=ggml_type, bpw=bpw, budget_mb=budget_mb,
                     min_tok_s=min_tok_s, context=context, calib_text=calib_text, calib_tokens=calib_tokens,
                     sensitivity_tokens=sensitivity_tokens, sensitivity=sensitivity,
                     use_importance=ggml_type is None)  # one type everywhere: nothing to measure for the plan
+    from .pipeline import planned
+
     _emit(_run(lambda: planned(opts, _progress(quiet or as_json)).summary()), as_json, _print_plan)
 
 
@@ -199,6 +199,9 @@ def eval_(
         return
     if path is None:
         _fail("give a .gguf file or ONNX folder to evaluate, or --wbits/--abits to simulate")
+    from .options import check_evaluation
+
+    _run(check_evaluation, path, reference, eval_tokens, eval_ctx, threads, accuracy_level)  # before torch is imported
     from .pipeline import evaluate_file
 
     result = _run(evaluate_file, path, reference, eval_text, eval_tokens, eval_ctx, threads, accuracy_level, progress)

@@ -144,13 +144,9 @@ def load_model(spec: str | Path | None = None, streamed: bool = False) -> Loaded
     """``None``/"default" or another built-in name -> that model; a folder -> Hugging Face; a
     ``.gguf`` file -> GGUF. ``streamed``: the decoder blocks, the embedding and the head go to disk
     (:mod:`edgequant.blocks`) as they are read; only the norms stay in memory."""
-    from .assets import BUILTIN_MODELS, builtin_model
+    from .assets import model_location
 
-    if spec is None or str(spec) in BUILTIN_MODELS:
-        spec = builtin_model(str(spec or "default"))
-    path = Path(spec)
-    if not path.exists():
-        raise EdgequantError(f"model not found: {path}")
+    path = model_location(spec)
     if path.is_file():
         return load_gguf(path, streamed)
     return load_hf_folder(path, streamed)

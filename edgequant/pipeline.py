@@ -35,7 +35,7 @@ from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device
 from .fleet import Fleet, check_split, load_target, split
-from .errors import EdgequantError, check_number, disk_is_full
+from .errors import EdgequantError, disk_is_full
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .kernels import load as load_kernels
 from .methods import Method, get_method
@@ -43,77 +43,17 @@ from .memory import peak_rss_mb, release_memory
 from .methods.joint import Choice
 from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
+from .options import FORMATS, BuildOptions, check_evaluation
 from .ort_quants import CANDIDATES as ORT_CANDIDATES, is_ort_type
-from .planning import LADDER, Matrix, Plan, Speed, check_type_name, for_budget, smallest_bytes, smallest_plan, uniform
+from .planning import LADDER, Matrix, Plan, Speed, for_budget, smallest_bytes, smallest_plan, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
-from .sensitivity import HOW, Part, Sensitivity, split_parts
+from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
 from .twin import Twin, make_twin, reference_gguf
 from .smoothing import llama_cpp_activations, smooth
-
-
-FORMATS = ("gguf", "onnx")
-
-
-@dataclass
-class BuildOptions:
-    model: str | None = None  # None / "default" -> the built-in model
-    out: Path = Path("out")
-    device: str | None = None  # profile name, alias or .toml path; None -> "host"
-    method: str = "qublast"
-    ggml_type: str | None = None  # uniform type, e.g. "Q4_K" (must still fit the device)
-    bpw: float | None = None  # cap on bits per weight (all tensors)
-    budget_mb: float | None = None  # cap on the GGUF file size
-    min_tok_s: float | None = None  # floor on predicted decode speed on the device
-    context: int | None = None  # runtime context the memory plan reserves KV cache for; None -> device's
-    use_importance: bool = True
-    scaling_maps: bool = True  # methods with a transform (QuBLAST): fold activation scaling maps
-    calib_text: str | None = None  # None -> built-in c4; else a built-in name or comma-separated files
-    calib_tokens: int = 16384
-    sensitivity_tokens: int = 512  # the first calibration tokens QuBLAST's per-part KL is measured on
-    sensitivity: str = "auto"  # measured / fisher / auto (edgequant.sensitivity.how_for)
-    eval_text: str | None = None  # None -> built-in wiki
-    eval_tokens: int = 8192
-    ctx: int = DEFAULT_CTX  # evaluation window
-    smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
-    parity: bool = False  # also score the torch simulation of each plan's codes and ORT at accuracy_level 0
-    threads: int | None = None
-    formats: tuple[str, ...] | None = None  # what goes into --out (None: both, or the GGUF alone for a family
-    # with no ONNX export); each is planned for its runtime (the ONNX from the GGUF's codes when --type is a ggml type)
-    pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
-    twin: bool = True  # also make, score and show llama.cpp's own mix at the GGUF's size (edgequant.twin)
-
-    def __post_init__(self):
-        """Mistyped names and numbers out of range fail here, before the model is loaded."""
-        check_number("--calib-tokens", self.calib_tokens, at_least=1)
-        check_number("--sensitivity-tokens", self.sensitivity_tokens, at_least=16)
-        check_number("--eval-tokens", self.eval_tokens, at_least=1)
-        check_number("--eval-ctx", self.ctx, at_least=2)
-        check_number("--bpw", self.bpw, above=0, at_most=32)
-        check_number("--budget-mb", self.budget_mb, above=0)
-        check_number("--min-tok-s", self.min_tok_s, above=0)
-        check_number("--context", self.context, at_least=1)
-        check_number("--smooth", self.smooth, at_least=0, at_most=1)
-        check_number("--threads", self.threads, at_least=1)
-        if self.sensitivity not in ("auto", *HOW):
-            raise EdgequantError(f"--sensitivity takes auto, {', '.join(HOW)}; got {self.sensitivity!r}")
-        if get_method(self.method).search and (self.ggml_type or self.pruning):
-            raise EdgequantError(f"--method {self.method} chooses the pruning and the types itself "
-                                 "(no --type, no pruning given)")
-        if self.ggml_type:
-            check_type_name(self.ggml_type)
-        if isinstance(self.formats, str):
-            self.formats = tuple(f.strip().lower() for f in self.formats.split(",") if f.strip())
-        if self.pruning is not None and not isinstance(self.pruning, Pruning):
-            raise EdgequantError("pruning takes an edgequant.pruning.Pruning")
-        unknown = set(self.formats or ()) - set(FORMATS)
-        if unknown or self.formats == ():
-            raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
-        if self.ggml_type and is_ort_type(self.ggml_type) and "gguf" in (self.formats or ()):
-            raise EdgequantError(f"--type {self.ggml_type} is an ONNX Runtime configuration; it takes --formats onnx")
 
 
 @dataclass
@@ -609,12 +549,7 @@ def evaluate_file(path: Path, reference_model: str | None = None, eval_text: str
     against the full-precision ``reference_model`` on the evaluation text."""
     progress = progress or Progress()
     path = Path(path)
-    check_number("--eval-tokens", eval_tokens, at_least=1)
-    check_number("--eval-ctx", ctx, at_least=2)
-    check_number("--threads", threads, at_least=1)
-    check_number("--accuracy-level", accuracy_level, at_least=0, at_most=4)
-    if not path.exists():
-        raise EdgequantError(f"not found: {path}")
+    check_evaluation(path, reference_model, eval_tokens, ctx, threads, accuracy_level)
     is_onnx = path.is_dir() or path.suffix == ".onnx"
     if is_onnx:  # a corrupt file fails here, before the reference model is loaded
         check_model(model_file(path))

@@ -307,6 +307,20 @@ def test_help_lists_every_command_and_every_option_is_explained():
             assert len(line.strip("│ ").split()) >= 3, f"{command}: {line}"
 
 
+def test_mistyped_options_are_answered_before_torch_is_imported(tmp_path):
+    """A typo in --device, a missing --model or file, a number or type out of range: the one-line
+    error comes before the pipeline's imports (torch, transformers, onnx: several seconds)."""
+    cases = [["build", "--device", "no-such-board"], ["plan", "--model", tmp_path / "missing"],
+             ["build", "--bpw", "-1"], ["build", "--type", "Q9_X"], ["build", "--formats", "xyz"],
+             ["eval", tmp_path / "missing.gguf"], ["eval", "--eval-tokens", "0", tmp_path]]
+    script = ("import sys\nfrom tests.helpers import in_process\n"
+              f"codes = [in_process(*args).returncode for args in {[[str(a) for a in c] for c in cases]!r}]\n"
+              "print(codes, 'torch' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.stdout.split() == ["[1,", "1,", "1,", "1,", "1,", "1,", "1]", "False"], done.stdout + done.stderr
+
+
 def test_no_pickle_is_ever_loaded():
     """Weights come from safetensors or GGUF only: no pickle, no torch.load without weights_only."""
     root = Path(__file__).resolve().parent.parent
