@@ -76,7 +76,7 @@ NO_MAPS = ["--method", "qublast", "--no-maps"]
 def build_ours(model: str, out: Path, bpw: float, calib_tokens: int, options: list[str]) -> dict:
     """One ``edgequant build`` in its own process; returns its report (raises on failure)."""
     cmd = [sys.executable, "-m", "edgequant.cli", "build", "--model", model, "--bpw", f"{bpw:.6f}", "--out", str(out),
-           "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--formats", "gguf", "--no-twin", "--json",
+           "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--formats", "gguf", "--json",
            *options]
     done = subprocess.run(cmd, capture_output=True, text=True)
     if done.returncode:

@@ -45,14 +45,14 @@ from .adapters import BlockShape
 from .models import LoadedModel, block_shapes, gguf_tensor_infos, load_model
 from .options import FORMATS, BuildOptions, check_evaluation
 from .ort_quants import CANDIDATES as ORT_CANDIDATES, is_ort_type
-from .planning import LADDER, Matrix, Plan, Speed, for_budget, smallest_bytes, smallest_plan, uniform
+from .planning import LADDER, Matrix, Plan, Speed, StockSpeed, for_budget, smallest_bytes, smallest_plan, uniform
 from .progress import Progress
 from .pruning import Pruning, prune
 from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
-from .twin import Twin, make_twin, reference_gguf
+from .twin import Twin, make_twin, reference_gguf, stock_speed
 from .smoothing import llama_cpp_activations, smooth
 
 
@@ -68,6 +68,7 @@ class Target:
     runtime: str = "gguf"  # whose memory and speed rules: llama.cpp's (edgequant.budget, with its measured kernel
     # costs) or ONNX Runtime's ("onnx": edgequant.ort_budget; bytes only, its kernels' costs are not measured)
     positions: int | None = None  # an ONNX folder's: the rows of its rotary tables (its context)
+    stock: StockSpeed | None = None  # llama.cpp's own file at this size, whose speed the plan is held to
 
     @property
     def max_tensor_bytes(self) -> int:
@@ -83,7 +84,7 @@ class Target:
             return Speed(unread=unread, max_decode_bytes=floor)
         if self.min_tok_s is not None:
             floor = bytes_read_per_token(self.device, self.shape, ctx, self.min_tok_s) - self.file_overhead
-        return Speed(load_kernels(), unread, floor, prefill_weight_bytes(self.device))
+        return Speed(load_kernels(), unread, floor, prefill_weight_bytes(self.device), self.stock)
 
     def predict(self, plan: Plan) -> dict:
         if self.runtime == "onnx":
@@ -310,12 +311,12 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
             windows = token_windows(loaded.tokenizer, text, opts.eval_tokens, opts.ctx)
             with progress.step("full precision on the evaluation text", steps(loaded, windows)) as tick:
                 reference = reference_log_probs(loaded, windows, tick)
-            if opts.twin and "gguf" in opts.formats:
-                with progress.step("full-precision GGUF for llama.cpp's quantizer"):
-                    twin = TwinSource(reference_gguf(loaded, tied), unpruned_params)
-                if twin_importance and opts.use_importance:
-                    with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
-                        twin.importance = cached_activation_stats(loaded, calib, tick).importance
+        if twin is None and opts.twin and "gguf" in opts.formats:  # also for a plan: the build's plan follows its mix
+            with progress.step("full-precision GGUF for llama.cpp's quantizer"):
+                twin = TwinSource(reference_gguf(loaded, tied), unpruned_params)
+            if twin_importance and opts.use_importance:
+                with progress.step("calibrate", loaded.config.num_hidden_layers) as tick:
+                    twin.importance = cached_activation_stats(loaded, calib, tick).importance
 
     unpruned_params = sum(p.numel() for p in loaded.model.parameters())
     if method.unties:  # the plan then counts both matrices
@@ -356,6 +357,9 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     if onnx_tgt is not None:
         onnx = ArtifactPlan(onnx_tgt, *make_plan(loaded, method, onnx_tgt, opts.ggml_type, calibration, progress,
                                                  runtime="onnx"))
+    if gguf_planned and twin is not None and method.allocate and not opts.ggml_type:
+        with progress.step("llama.cpp's own mix at this size (dry run)"):
+            tgt.stock = stock_speed(twin.path, tgt.max_tensor_bytes, twin.importance, tgt.speed)
     if gguf_planned:
         plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     else:  # the ONNX plan is the build's (the transform is searched for its types)

@@ -139,6 +139,19 @@ def uniform(matrices: list[Matrix], other_params: int, ggml_type: str) -> Plan:
 
 
 @dataclass(frozen=True)
+class StockSpeed:
+    """What llama.cpp's own file of the build's size costs the kernels, in :class:`Speed`'s
+    measures over its matrices: the decode floor and the prefill ceiling a plan is held to."""
+
+    label: str  # "llama.cpp Q3_K_M + imatrix"
+    decode_bytes: float  # bandwidth-equivalent bytes its matrices cost a decoded token
+    prefill_work: float  # its matrices' weights times their prefill factors
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
 class Speed:
     """What the types cost the kernels (:mod:`edgequant.kernels`), and the decode floor.
 
@@ -158,6 +171,7 @@ class Speed:
     unread: tuple[str, ...] = ()  # matrices a decoded token does not read (an untied input embedding)
     max_decode_bytes: float | None = None  # of all tensors: matrices at their factors, float32 ones at face value
     prefill_weight_bytes: float = 0.0  # decode bytes that one weight's prefill work on a token is worth
+    stock: StockSpeed | None = None  # llama.cpp's own file at this size: held to its speed instead of pricing
 
     def slowdown(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Slowdown bytes of matrices ``nbytes`` (name -> bytes) at ``types``."""
@@ -165,6 +179,17 @@ class Speed:
         prefill = sum(_weights(types[k], n) * (self.costs.prefill_factor(types[k]) - 1)
                       for k, n in nbytes.items() if k not in EMBEDDING_NAMES)
         return decode + self.prefill_weight_bytes * prefill
+
+    def prefill_work(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
+        """Prefill work per token of matrices ``nbytes`` at ``types``: weights times their prefill
+        factor (the embedding/output left out, as in :meth:`slowdown`)."""
+        return sum(_weights(types[k], n) * self.costs.prefill_factor(types[k])
+                   for k, n in nbytes.items() if k not in EMBEDDING_NAMES)
+
+    def of_stock(self, tensors: dict[str, tuple[str, int]], label: str) -> StockSpeed:
+        """The speed of llama.cpp's file of ``tensors`` (name -> (type, bytes), its matrices), ``label``."""
+        types, nbytes = {k: t for k, (t, _) in tensors.items()}, {k: n for k, (_, n) in tensors.items()}
+        return StockSpeed(label, self.decode(types, nbytes), self.prefill_work(types, nbytes))
 
     def decode(self, types: dict[str, str], nbytes: dict[str, int]) -> float:
         """Bandwidth-equivalent bytes per token of matrices ``nbytes`` at ``types``."""
@@ -309,34 +334,83 @@ def byte_price(best: np.ndarray, unit: int) -> float:
     return 0.0
 
 
-def knapsack_with_speed(options: list[list[tuple[int, float, float, float]]], budget: int,
-                        max_decode: float | None = None) -> tuple[list[int] | None, float, float]:
-    """One (bytes, cost, slowdown bytes, decode bytes) option per item within ``budget`` bytes,
-    minimising cost + price * slowdown, the price of a byte being the cost the budget's last bytes
-    buy (:func:`byte_price`, from the same programme without the slowdown). With ``max_decode``,
-    also within that many decode bytes: the decode bytes are charged too, at the least extra
-    price that brings them within (bisection). Returns (the choice or None when nothing fits,
-    the price of a byte, the extra price of a decode byte)."""
-    plain, best, unit = knapsack_curve([[(b, c) for b, c, _, _ in opts] for opts in options], budget)
+def knapsack_with_speed(options: list[list[tuple]], budget: int, max_decode: float | None = None,
+                        stock: tuple[float, float] | None = None) -> tuple[list[int] | None, float, float]:
+    """One (bytes, cost, slowdown bytes, decode bytes[, prefill work]) option per item within
+    ``budget`` bytes, minimising cost + price * slowdown.
+
+    The price of a slowdown byte is the cost the budget's last bytes buy (:func:`byte_price`,
+    from the same programme without the slowdown), or, given ``stock`` = (decode bytes, prefill
+    work) of llama.cpp's own file of this size, the least price at which the choice decodes and
+    prefills no slower than that file (none when the unpriced choice already does; the highest
+    tried when none does). With ``max_decode``, also within that many decode bytes: the decode
+    bytes are charged too, at the least extra price that brings them within (bisection).
+    Returns (the choice or None when nothing fits, the price of a slowdown byte, the extra price
+    of a decode byte)."""
+    plain, best, unit = knapsack_curve([[o[:2] for o in opts] for opts in options], budget)
     if plain is None:
         return None, 0.0, 0.0
-    price = byte_price(best, unit)
+    byte = byte_price(best, unit)
 
-    def solve(extra: float) -> list[int] | None:
-        return knapsack([[(b, c + price * slow + extra * dec) for b, c, slow, dec in opts] for opts in options], budget)
+    def solve(price: float, extra: float = 0.0) -> list[int] | None:
+        return knapsack([[(o[0], o[1] + price * o[2] + extra * o[3]) for o in opts] for opts in options], budget)
 
-    def decode(chosen: list[int]) -> float:
-        return sum(opts[j][3] for opts, j in zip(options, chosen))
+    def total(chosen: list[int], k: int) -> float:
+        return sum(opts[j][k] for opts, j in zip(options, chosen))
 
-    chosen = solve(0.0) if any(o[2] for opts in options for o in opts) else plain
-    if max_decode is None or decode(chosen) <= max_decode:
+    if not any(o[2] for opts in options for o in opts):
+        price = 0.0
+    elif stock is None:
+        price = byte
+    else:
+        price = least_price(lambda q: (c := solve(q)) is not None and total(c, 3) <= stock[0] and total(c, 4) <= stock[1],
+                            max(byte, 1e-12))
+    chosen = solve(price) if price else plain
+    if price and stock is not None and total(chosen, 3) <= stock[0] and total(chosen, 4) <= stock[1]:
+        chosen = improve(options, chosen, (budget, *stock))  # the price jumps past the limits: fill up to them
+    if max_decode is None or total(chosen, 3) <= max_decode:
         return chosen, price, 0.0
-    low, high = 0.0, max(price, 1e-12)
-    while decode(solve(high)) > max_decode:
+    extra = least_price(lambda q: total(solve(price, q), 3) <= max_decode, max(byte, 1e-12))
+    return (None if total(solve(price, extra), 3) > max_decode else solve(price, extra)), price, extra
+
+
+def improve(options: list[list[tuple]], chosen: list[int], limits: tuple[float, float, float],
+            rounds: int = 10_000) -> list[int]:
+    """``chosen`` (within ``limits`` of bytes, decode bytes and prefill work: the options' items 0,
+    3 and 4) with its summed cost lowered by changing the options of one or two items at a time,
+    the largest saving first, as long as one stays within the limits.
+
+    A single price on the slowdown moves whole groups of alike items at once, so the least price
+    that keeps a plan within the limits can leave much of them unused; this spends it."""
+    values = np.array([[o[0], o[1], o[3], o[4]] for opts in options for o in opts], float)
+    item = np.repeat(np.arange(len(options)), [len(opts) for opts in options])
+    first = np.cumsum([0] + [len(opts) for opts in options[:-1]])
+    chosen = np.array(chosen)
+    other = item[:, None] != item[None, :]
+    for _ in range(rounds):
+        now = values[first + chosen]
+        delta = values - now[item]  # each option against its item's current one
+        room = np.array(limits) - now[:, [0, 2, 3]].sum(0)
+        fits = other & np.all([delta[:, k, None] + delta[None, :, k] <= r for k, r in zip((0, 2, 3), room)], axis=0)
+        saving = np.where(fits, -(delta[:, 1, None] + delta[None, :, 1]), 0.0)
+        a, b = np.unravel_index(saving.argmax(), saving.shape)
+        if saving[a, b] <= 1e-12 * max(1.0, abs(now[:, 1].sum())):
+            break
+        chosen[item[a]], chosen[item[b]] = a - first[item[a]], b - first[item[b]]
+    return chosen.tolist()
+
+
+def least_price(enough, start: float, steps: int = 30, reach: float = 1e12) -> float:
+    """The least price ``q`` >= 0 with ``enough(q)``, by bisection after growing ``start`` fourfold
+    until it holds (the highest tried, ``start * reach``, when it never does): 0 when ``enough(0)``."""
+    if enough(0.0):
+        return 0.0
+    low, high = 0.0, start
+    while not enough(high):
+        if high > start * reach:
+            return high
         high *= 4
-        if high > 1e12 * max(price, 1e-12):
-            return None, price, high
-    for _ in range(30):
+    for _ in range(steps):
         mid = (low + high) / 2
-        low, high = (mid, high) if decode(solve(mid)) > max_decode else (low, mid)
-    return solve(high), price, high
+        low, high = (mid, high) if not enough(mid) else (low, mid)
+    return high

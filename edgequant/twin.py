@@ -10,6 +10,10 @@ Every build shows what it gained over ``llama-quantize``:
 3. It is quantized with the importance matrix the build used (the block matrices' mean squared
    inputs, what ``llama-imatrix`` collects by default), as ``llama-quantize --imatrix`` would,
    and scored in llama.cpp on the build's evaluation windows.
+
+The same dry run, on the budget before planning, gives the plan its speed to hold
+(:func:`stock_speed`): QuBLAST's plan decodes and prefills, as the kernel table predicts, no
+slower than llama.cpp's own file of its size.
 """
 
 from __future__ import annotations
@@ -22,11 +26,12 @@ from pathlib import Path
 import numpy as np
 
 from exporters.gguf import write_gguf
-from runtimes.llama_quantize import STOCK_FTYPES, ImatrixRequired, quantize_stock, stock_size
+from runtimes.llama_quantize import STOCK_FTYPES, ImatrixRequired, quantize_stock, stock_size, stock_tensors
 
 from .errors import EdgequantError
 from .measured import cache_path, code_of
 from .models import LoadedModel
+from .planning import Speed, StockSpeed
 
 FLOAT32_UP_TO = 2_000_000_000  # parameters: larger references are written as F16 (an 8B model: 16 GB)
 WRITING_CODE = ("exporters.gguf", "edgequant.adapters.base", "edgequant.models")  # what decides the file's bytes
@@ -90,6 +95,20 @@ def choose_mix(source: Path, tensor_bytes: int, imatrix: dict[str, np.ndarray]) 
     order = list(STOCK_FTYPES)  # largest first: of presets of one size, the nominally larger is taken
     ranked = sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
     return next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
+
+
+def stock_speed(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray] | None, speed: Speed) -> StockSpeed:
+    """What llama.cpp's file at ``tensor_bytes`` (the mix :func:`make_twin` chooses for that size)
+    costs the kernels, in ``speed``'s measures over its matrices: from llama.cpp's dry run, nothing
+    quantized."""
+    imatrix = imatrix_of(importance or {})
+    try:
+        mix, _ = choose_mix(source, tensor_bytes, imatrix)
+        tensors = stock_tensors(source, mix, imatrix=imatrix or None)
+    except (RuntimeError, OSError) as e:
+        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None
+    matrices = {t.name: (t.ggml_type, t.nbytes) for t in tensors if t.shape[1] > 1}
+    return speed.of_stock(matrices, f"llama.cpp {mix}" + (" + imatrix" if imatrix else ""))
 
 
 def make_twin(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray], folder: Path) -> Twin:

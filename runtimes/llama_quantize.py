@@ -24,6 +24,7 @@ import ctypes
 import logging
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import gguf
@@ -75,6 +76,27 @@ def stock_size(src: Path, ftype: str, *, imatrix: dict[str, np.ndarray] | None =
     """Bytes of tensor data in the file ``quantize_stock(src, ..., ftype, imatrix=...)`` would
     write, from llama.cpp's dry run (the types chosen, nothing quantized or written). Raises
     RuntimeError when the mix needs an importance matrix and none is given."""
+    return sum(t.nbytes for t in stock_tensors(src, ftype, imatrix=imatrix))
+
+
+@dataclass(frozen=True)
+class StockTensor:
+    """One tensor of a stock file, as llama.cpp's dry run chose it."""
+
+    name: str
+    shape: tuple[int, ...]  # ggml's order: the row length first
+    ggml_type: str  # gguf-py's name ("Q4_K", "IQ2_XXS", "F32")
+
+    @property
+    def nbytes(self) -> int:
+        block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[self.ggml_type]]
+        return int(np.prod(self.shape[1:])) * self.shape[0] // block * size
+
+
+def stock_tensors(src: Path, ftype: str, *, imatrix: dict[str, np.ndarray] | None = None) -> list[StockTensor]:
+    """Every tensor of the file ``quantize_stock(src, ..., ftype, imatrix=...)`` would write, with
+    the type llama.cpp's mix gives it, from its dry run (nothing quantized or written). Raises
+    RuntimeError when the mix needs an importance matrix and none is given."""
     src = Path(src)
     with _params(src, ftype, imatrix, None, 1) as params, _llama_log() as lines:
         params.dry_run = True
@@ -82,7 +104,7 @@ def stock_size(src: Path, ftype: str, *, imatrix: dict[str, np.ndarray] | None =
             raise RuntimeError(f"llama.cpp failed to size {src.name} as {ftype}: {_failure_reason(lines)}")
     if not imatrix and any("will require an imatrix" in line for line in lines):
         raise ImatrixRequired(f"{ftype} needs an importance matrix")
-    return _dry_run_bytes(lines)
+    return _dry_run_tensors(lines)
 
 
 class ImatrixRequired(RuntimeError):
@@ -114,26 +136,25 @@ def _params(src: Path, ftype: str, imatrix, type_overrides, nthread: int) -> Ite
     del keep
 
 
-def _dry_run_bytes(lines: list[str]) -> int:
-    """The exact tensor bytes of a dry run: every tensor's rows times its new type's row size, from
-    the lines llama.cpp logs per tensor (``[ne0, ne1, ...], type = f32, size = ... (q4_K)``)."""
-    total, seen, count = 0, 0, None
+def _dry_run_tensors(lines: list[str]) -> list[StockTensor]:
+    """The tensors of a dry run, from the line llama.cpp logs for each
+    (``[ 3/ 30] blk.0.attn_q.weight - [576, 576, 1, 1], type = f32, size = ... (q4_K)``)."""
+    tensors, count = [], None
     for line in "".join(lines).splitlines():
         found = _TENSOR_LINE.search(line)
         if found:
-            ne = [int(n) for n in found["shape"].split(",")]
             kind = getattr(gguf.GGMLQuantizationType, (found["new"] or found["old"]).upper(), None)
             if kind is None:
                 raise RuntimeError(f"llama.cpp's dry run names a type gguf-py does not know: {line.strip()}")
-            block, nbytes = gguf.GGML_QUANT_SIZES[kind]
-            total += int(np.prod(ne[1:])) * ne[0] // block * nbytes
-            seen, count = seen + 1, int(found["of"])
-    if not seen or seen != count:
-        raise RuntimeError(f"llama.cpp's dry run listed {seen} of {count or '?'} tensors in a form read here")
-    return total
+            shape = tuple(int(n) for n in found["shape"].split(","))
+            tensors.append(StockTensor(found["name"], shape, kind.name))
+            count = int(found["of"])
+    if not tensors or len(tensors) != count:
+        raise RuntimeError(f"llama.cpp's dry run listed {len(tensors)} of {count or '?'} tensors in a form read here")
+    return tensors
 
 
-_TENSOR_LINE = re.compile(r"\[\s*\d+/\s*(?P<of>\d+)\]\s+\S+\s+- \[(?P<shape>[\d, ]+)\], type =\s*(?P<old>\w+), "
+_TENSOR_LINE = re.compile(r"\[\s*\d+/\s*(?P<of>\d+)\]\s+(?P<name>\S+)\s+- \[(?P<shape>[\d, ]+)\], type =\s*(?P<old>\w+), "
                           r"size = [^(]*(?:\((?P<new>\w+)\))?")
 
 

@@ -141,6 +141,20 @@ def test_a_decode_floor_trades_bytes_for_faster_types():
     assert knapsack_with_speed([[slow], _convex()], 200, max_decode=165)[0] is None  # 120 + 50 at the least
 
 
+def test_held_to_the_stock_file_s_speed_the_plan_spends_what_room_it_leaves():
+    """Four alike parts, each fast or better-but-slow; llama.cpp's file of this size leaves room
+    for two slow ones. One price on the slowdown moves all four at once (all slow: too slow; all
+    fast: room unused), so the least price that holds is followed by swaps up to the limits."""
+    fast, slow = (100, 0.50, 0.0, 100.0, 100.0), (100, 0.10, 20.0, 120.0, 150.0)
+    other = [(b, 100.0 / b, 0.0, 0.0, 0.0) for b in range(50, 151)]  # a part the kernels do not tell apart
+    options, budget = [[fast, slow]] * 4 + [other], 600
+    chosen, price, _ = knapsack_with_speed(options, budget, stock=(4 * 100 + 2 * 20, 4 * 100 + 2 * 50))
+    assert price > 0 and chosen[:4].count(1) == 2
+    assert sum(opts[j][0] for opts, j in zip(options, chosen)) <= budget
+    chosen, price, _ = knapsack_with_speed(options, budget, stock=(1e9, 1e9))  # a slow stock file: nothing to hold
+    assert price == 0 and chosen[:4] == [1, 1, 1, 1]
+
+
 def test_the_greedy_mix_prices_a_slow_rung_and_keeps_the_decode_floor():
     matrices = [Matrix(f"blk.{b}.ffn_down.weight", 256, 1536) for b in range(4)]
     slow_iq = KernelCosts("test", "made up", decode={t: 3.0 for t in ("IQ3_XXS", "IQ3_S", "IQ4_XS")})

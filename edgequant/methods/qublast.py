@@ -4,9 +4,10 @@ maps, and GPTQ (or RTN) as the rounding step.
 1. ``allocate``: measure the sensitivity table (:mod:`edgequant.sensitivity`): the KL each
    block's attention / MLP part (and the embedding) adds when quantized alone, for every type
    the part can take; then choose one option per part minimising the summed KL under the byte
-   budget, each option charged for its kernels' slowdown at the price of a byte, and within the
-   decode floor of ``--min-tok-s`` (exact multiple-choice knapsack,
-   :func:`edgequant.planning.knapsack_with_speed`). When the largest option of every part fits
+   budget, each option charged for its kernels' slowdown: at the least price that keeps the plan
+   as fast as llama.cpp's own file of this size (the stock twin's mix, when the build makes one),
+   else at the price of a byte; and within the decode floor of ``--min-tok-s`` (exact
+   multiple-choice knapsack, :func:`edgequant.planning.knapsack_with_speed`). When the largest option of every part fits
    (and reads fast enough), nothing needs measuring.
 2. ``transform``: activation scaling maps (folded in place), searched per block and group for the types just
    chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
@@ -51,9 +52,10 @@ def allocate(
                              f"{smallest / 1e6:.1f} MB")
     table = measure_table(loaded, parts, calibration, progress)
     entries = table.by_part()
-    options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), speed.decode(e.types, p.sizes(e.types)))
-                for e in entries[p.key]] for p in parts]
-    chosen, price, extra = knapsack_with_speed(options, max_bytes - other_bytes, max_decode)
+    options = [[(e.bytes, e.kl, speed.slowdown(e.types, p.sizes(e.types)), speed.decode(e.types, p.sizes(e.types)),
+                 speed.prefill_work(e.types, p.sizes(e.types))) for e in entries[p.key]] for p in parts]
+    stock = speed.stock and (speed.stock.decode_bytes, speed.stock.prefill_work)
+    chosen, price, extra = knapsack_with_speed(options, max_bytes - other_bytes, max_decode, stock)
     if chosen is None and (max_decode is None or knapsack([[o[:2] for o in opts] for opts in options],
                                                           max_bytes - other_bytes) is None):
         raise EdgequantError(f"the budget of {max_bytes / 1e6:.1f} MB of tensors is at the smallest mix, "
@@ -63,11 +65,15 @@ def allocate(
                              f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
     priced = any(o[2] for opts in options for o in opts)
+    held = f" (held to {speed.stock.label}'s predicted speed)" if priced and speed.stock else ""
     plan = _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
-                 + (" (the types' slowdown priced in)" if priced else ""))
+                 + (held or (" (the types' slowdown priced in)" if priced else "")))
     plan.pricing = {"kernels": speed.costs.as_dict(), "byte_price": price, "decode_price": extra,
                     "slowdown_bytes": {p.key: {e.option: o[2] for e, o in zip(entries[p.key], opts)}
-                                       for p, opts in zip(parts, options)}}
+                                       for p, opts in zip(parts, options)},
+                    "stock": speed.stock.as_dict() if speed.stock else None,
+                    "decode_bytes": sum(opts[j][3] for opts, j in zip(options, chosen)),
+                    "prefill_work": sum(opts[j][4] for opts, j in zip(options, chosen))}
     return plan, table
 
 
