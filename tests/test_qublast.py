@@ -65,7 +65,7 @@ def test_the_mix_is_the_least_summed_kl_within_the_cap(qublast):
     assert pricing["decode_price"] == 0  # no --min-tok-s
     options: dict = {}  # part -> option -> (bytes, KL + slowdown priced)
     for e in plan["sensitivity"]["entries"]:
-        slowdown = pricing["byte_price"] * pricing["slowdown_bytes"][e["part"]][e["option"]]
+        slowdown = pricing["slowdown_price"] * pricing["slowdown_bytes"][e["part"]][e["option"]]
         options.setdefault(e["part"], {})[e["option"]] = (e["bytes"], e["kl"] + slowdown)
     picked = [options[b["part"] if b["index"] < 0 else f"{b['index']}.{b['part']}"][b["ggml_type"]] for b in report["blocks"]]
     chosen_bytes = sum(n for n, _ in picked)

@@ -68,7 +68,7 @@ def allocate(
     held = f" (held to {speed.stock.label}'s predicted speed)" if priced and speed.stock else ""
     plan = _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
                  + (held or (" (the types' slowdown priced in)" if priced else "")))
-    plan.pricing = {"kernels": speed.costs.as_dict(), "byte_price": price, "decode_price": extra,
+    plan.pricing = {"kernels": speed.costs.as_dict(), "slowdown_price": price, "decode_price": extra,
                     "slowdown_bytes": {p.key: {e.option: o[2] for e, o in zip(entries[p.key], opts)}
                                        for p, opts in zip(parts, options)},
                     "stock": speed.stock.as_dict() if speed.stock else None,
