@@ -359,7 +359,10 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
                                                  runtime="onnx"))
     if gguf_planned and twin is not None and method.allocate and not opts.ggml_type:
         with progress.step("llama.cpp's own mix at this size (dry run)"):
-            tgt.stock = stock_speed(twin.path, tgt.max_tensor_bytes, twin.importance, tgt.speed)
+            try:
+                tgt.stock = stock_speed(twin.path, tgt.max_tensor_bytes, twin.importance, tgt.speed)
+            except EdgequantError as e:  # as for the twin itself: said, not fatal
+                notes.append(f"the plan weighs speed at the price of a byte: {e}")
     if gguf_planned:
         plan, table = make_plan(loaded, method, tgt, opts.ggml_type, calibration, progress, choice)
     else:  # the ONNX plan is the build's (the transform is searched for its types)

@@ -337,41 +337,62 @@ def byte_price(best: np.ndarray, unit: int) -> float:
 def knapsack_with_speed(options: list[list[tuple]], budget: int, max_decode: float | None = None,
                         stock: tuple[float, float] | None = None) -> tuple[list[int] | None, float, float]:
     """One (bytes, cost, slowdown bytes, decode bytes[, prefill work]) option per item within
-    ``budget`` bytes, minimising cost + price * slowdown.
+    ``budget`` bytes, of least summed cost, the kernels' speed weighed in.
 
-    The price of a slowdown byte is the cost the budget's last bytes buy (:func:`byte_price`,
-    from the same programme without the slowdown), or, given ``stock`` = (decode bytes, prefill
-    work) of llama.cpp's own file of this size, the least price at which the choice decodes and
-    prefills no slower than that file (none when the unpriced choice already does; the highest
-    tried when none does). With ``max_decode``, also within that many decode bytes: the decode
-    bytes are charged too, at the least extra price that brings them within (bisection).
-    Returns (the choice or None when nothing fits, the price of a slowdown byte, the extra price
-    of a decode byte)."""
+    Given ``stock`` = (decode bytes, prefill work) of llama.cpp's own file of this size, the choice
+    is held within both (and within ``max_decode`` decode bytes): :func:`held_to`. Otherwise, or
+    when no choice of this size is that fast, the slowdown bytes are charged at the price of a
+    byte: the cost the budget's last bytes buy (:func:`byte_price`, from the same programme
+    without the slowdown). With ``max_decode``, the decode bytes are then charged too, at the
+    least extra price that brings them within. Returns (the choice or None when nothing fits, the
+    price of a slowdown byte (held: of the measure that held it), the extra price of a decode byte)."""
     plain, best, unit = knapsack_curve([[o[:2] for o in opts] for opts in options], budget)
     if plain is None:
         return None, 0.0, 0.0
     byte = byte_price(best, unit)
-
-    def solve(price: float, extra: float = 0.0) -> list[int] | None:
-        return knapsack([[(o[0], o[1] + price * o[2] + extra * o[3]) for o in opts] for opts in options], budget)
-
-    def total(chosen: list[int], k: int) -> float:
-        return sum(opts[j][k] for opts, j in zip(options, chosen))
-
+    start = max(byte, 1e-12)  # where the searches for a least price begin
     if not any(o[2] for opts in options for o in opts):
-        price = 0.0
-    elif stock is None:
-        price = byte
+        price, chosen = 0.0, plain
     else:
-        price = least_price(lambda q: (c := solve(q)) is not None and total(c, 3) <= stock[0] and total(c, 4) <= stock[1],
-                            max(byte, 1e-12))
-    chosen = solve(price) if price else plain
-    if price and stock is not None and total(chosen, 3) <= stock[0] and total(chosen, 4) <= stock[1]:
-        chosen = improve(options, chosen, (budget, *stock))  # the price jumps past the limits: fill up to them
-    if max_decode is None or total(chosen, 3) <= max_decode:
+        if stock is not None:
+            held = held_to(options, budget, (stock[0] if max_decode is None else min(stock[0], max_decode), stock[1]), start)
+            if held is not None:
+                return *held, 0.0
+        price, chosen = byte, _priced(options, budget, 2, byte)
+    if max_decode is None or sum(opts[j][3] for opts, j in zip(options, chosen)) <= max_decode:
         return chosen, price, 0.0
-    extra = least_price(lambda q: total(solve(price, q), 3) <= max_decode, max(byte, 1e-12))
-    return (None if total(solve(price, extra), 3) > max_decode else solve(price, extra)), price, extra
+    extra = least_price(lambda q: sum(opts[j][3] for opts, j in zip(options, _priced(options, budget, 2, price, q)))
+                        <= max_decode, start)
+    return (None if extra is None else _priced(options, budget, 2, price, extra)), price, extra or 0.0
+
+
+def _priced(options: list[list[tuple]], budget: int, k: int, price: float, extra: float = 0.0) -> list[int]:
+    """The knapsack with each option's cost raised by ``price`` times its item ``k`` (and ``extra``
+    times its decode bytes)."""
+    return knapsack([[(o[0], o[1] + price * o[k] + extra * o[3]) for o in opts] for opts in options], budget)
+
+
+HELD_BY = (2, 3, 4)  # what a price can be put on to hold a choice: slowdown bytes, decode bytes, prefill work
+
+
+def held_to(options: list[list[tuple]], budget: int, limits: tuple[float, float],
+            start: float) -> tuple[list[int], float] | None:
+    """The choice of least summed cost found within ``budget`` bytes and ``limits`` = (decode bytes,
+    prefill work), and the price that led to it; None when no price gets within.
+
+    A price on the slowdown bytes, on the decode bytes or on the prefill work (each can be the one
+    that gets within, when a limit is loose) is raised to the least that brings the choice within;
+    :func:`improve` then spends the room that price leaves; the best of the three is taken."""
+    def within(c: list[int]) -> bool:
+        return all(sum(opts[j][k] for opts, j in zip(options, c)) <= limit for k, limit in zip((3, 4), limits))
+
+    found = []
+    for k in HELD_BY:
+        price = least_price(lambda q: within(_priced(options, budget, k, q)), start)
+        if price is not None:
+            chosen = improve(options, _priced(options, budget, k, price), (budget, *limits))
+            found.append((sum(opts[j][1] for opts, j in zip(options, chosen)), chosen, price))
+    return min(found, key=lambda f: f[0])[1:] if found else None
 
 
 def improve(options: list[list[tuple]], chosen: list[int], limits: tuple[float, float, float],
@@ -400,15 +421,15 @@ def improve(options: list[list[tuple]], chosen: list[int], limits: tuple[float, 
     return chosen.tolist()
 
 
-def least_price(enough, start: float, steps: int = 30, reach: float = 1e12) -> float:
+def least_price(enough, start: float, steps: int = 30, reach: float = 1e12) -> float | None:
     """The least price ``q`` >= 0 with ``enough(q)``, by bisection after growing ``start`` fourfold
-    until it holds (the highest tried, ``start * reach``, when it never does): 0 when ``enough(0)``."""
+    until it holds: 0 when ``enough(0)``, None when it does not hold by ``start * reach``."""
     if enough(0.0):
         return 0.0
     low, high = 0.0, start
     while not enough(high):
         if high > start * reach:
-            return high
+            return None
         high *= 4
     for _ in range(steps):
         mid = (low + high) / 2

@@ -11,9 +11,9 @@ Every build shows what it gained over ``llama-quantize``:
    inputs, what ``llama-imatrix`` collects by default), as ``llama-quantize --imatrix`` would,
    and scored in llama.cpp on the build's evaluation windows.
 
-The same dry run, on the budget before planning, gives the plan its speed to hold
+The same dry runs, on the budget before planning, give the plan its speed to hold
 (:func:`stock_speed`): QuBLAST's plan decodes and prefills, as the kernel table predicts, no
-slower than llama.cpp's own file of its size.
+slower than llama.cpp's own file nearest its size.
 """
 
 from __future__ import annotations
@@ -86,24 +86,31 @@ def choose_mix(source: Path, tensor_bytes: int, imatrix: dict[str, np.ndarray]) 
     least ``tensor_bytes`` of tensor data, or the largest of them. Where rows fall back to 32-wide
     blocks, presets can come out the same size; of those, the first in llama-quantize's order (the
     nominally larger) is taken. Presets that need an importance matrix are left out when there is none."""
+    ranked = _preset_sizes(source, imatrix)
+    return next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
+
+
+def _preset_sizes(source: Path, imatrix: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    """(preset, its tensor bytes) of llama-quantize's presets on ``source``, smallest first; of
+    presets of one size, the nominally larger first. Those that need an importance matrix are left
+    out when there is none."""
     sizes = {}
     for mix in STOCK_FTYPES:
         try:
             sizes[mix] = stock_size(source, mix, imatrix=imatrix or None)
         except ImatrixRequired:  # an i-quant preset, and no importance matrix
             continue
-    order = list(STOCK_FTYPES)  # largest first: of presets of one size, the nominally larger is taken
-    ranked = sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
-    return next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
+    order = list(STOCK_FTYPES)  # largest first
+    return sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
 
 
 def stock_speed(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray] | None, speed: Speed) -> StockSpeed:
-    """What llama.cpp's file at ``tensor_bytes`` (the mix :func:`make_twin` chooses for that size)
-    costs the kernels, in ``speed``'s measures over its matrices: from llama.cpp's dry run, nothing
-    quantized."""
+    """What llama.cpp's file nearest ``tensor_bytes`` in size costs the kernels, in ``speed``'s
+    measures over its matrices: from llama.cpp's dry run, nothing quantized. (The nearest, not the
+    next larger as for the twin: a larger file may afford types that prefill faster.)"""
     imatrix = imatrix_of(importance or {})
     try:
-        mix, _ = choose_mix(source, tensor_bytes, imatrix)
+        mix, _ = min(_preset_sizes(source, imatrix), key=lambda kv: abs(kv[1] - tensor_bytes))
         tensors = stock_tensors(source, mix, imatrix=imatrix or None)
     except (RuntimeError, OSError) as e:
         raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None

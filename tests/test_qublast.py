@@ -55,13 +55,14 @@ def test_every_option_of_every_part_is_measured_and_the_bit_map_carries_the_chos
 
 def test_the_mix_is_the_least_summed_kl_within_the_cap(qublast):
     """The knapsack's choice against every assignment of the table that fits the same bytes, each
-    option's KL charged for its kernels' slowdown at the price of a byte (plan.json's ``pricing``)."""
+    option's KL charged for its kernels' slowdown at the plan's price (plan.json's ``pricing``;
+    without a stock twin, the price of a byte)."""
     import itertools
 
     out, report = qublast
     assert report["budget"]["binding"] == "--bpw" and report["artifacts"][0]["bpw"] <= BPW
     plan = json.loads((out / "plan.json").read_text())
-    pricing = plan["pricing"]  # each option's KL plus its kernels' slowdown at the price of a byte
+    pricing = plan["pricing"]  # each option's KL plus its kernels' slowdown at the plan's price
     assert pricing["decode_price"] == 0  # no --min-tok-s
     options: dict = {}  # part -> option -> (bytes, KL + slowdown priced)
     for e in plan["sensitivity"]["entries"]:
@@ -72,6 +73,18 @@ def test_the_mix_is_the_least_summed_kl_within_the_cap(qublast):
     best = min(sum(cost for _, cost in pick) for pick in itertools.product(*(o.values() for o in options.values()))
                if sum(n for n, _ in pick) <= chosen_bytes)
     assert sum(cost for _, cost in picked) == pytest.approx(best)
+
+
+def test_with_its_stock_twin_the_plan_is_no_slower_than_llama_cpp_s_file_of_its_size(tiny_build):
+    """llama.cpp's dry run of the twin's mix gives the speed to hold: the plan's predicted decode
+    bytes and prefill work stay within that file's, and the report names it."""
+    out, report = tiny_build(method="qublast-rtn", scaling_maps=False, bpw=BPW, sensitivity_tokens=256, formats="gguf",
+                             twin=True)
+    pricing = json.loads((out / "plan.json").read_text())["pricing"]
+    stock = pricing["stock"]
+    assert stock["label"].startswith("llama.cpp ") and f"held to {stock['label']}" in report["method"]["plan"]
+    assert pricing["decode_bytes"] <= stock["decode_bytes"] and pricing["prefill_work"] <= stock["prefill_work"]
+    assert report["stock"]["label"].startswith("llama.cpp ")  # the twin itself, scored beside the build
 
 
 def test_scaling_maps_shrink_activation_outliers(readme):

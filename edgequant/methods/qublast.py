@@ -7,8 +7,8 @@ maps, and GPTQ (or RTN) as the rounding step.
    budget, each option charged for its kernels' slowdown: at the least price that keeps the plan
    as fast as llama.cpp's own file of this size (the stock twin's mix, when the build makes one),
    else at the price of a byte; and within the decode floor of ``--min-tok-s`` (exact
-   multiple-choice knapsack, :func:`edgequant.planning.knapsack_with_speed`). When the largest option of every part fits
-   (and reads fast enough), nothing needs measuring.
+   multiple-choice knapsack, :func:`edgequant.planning.knapsack_with_speed`). When the largest
+   option of every part fits (and reads fast enough), nothing needs measuring.
 2. ``transform``: activation scaling maps (folded in place), searched per block and group for the types just
    chosen (:func:`edgequant.smoothing.search_scales`) and folded into norms / previous matrices.
 3. ``quantize``: GPTQ onto the exact ggml grids (``rounding="rtn"`` for round-to-nearest).
@@ -64,17 +64,25 @@ def allocate(
         raise EdgequantError(f"--min-tok-s cannot be met: no mix within {max_bytes / 1e6:.1f} MB reads under "
                              f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
-    priced = any(o[2] for opts in options for o in opts)
-    held = f" (held to {speed.stock.label}'s predicted speed)" if priced and speed.stock else ""
-    plan = _plan(parts, types, matrices, other_params, f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB"
-                 + (held or (" (the types' slowdown priced in)" if priced else "")))
+    decode, prefill = (sum(opts[j][k] for opts, j in zip(options, chosen)) for k in (3, 4))
+    plan = _plan(parts, types, matrices, other_params,
+                 f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB{_speed_rule(options, speed, decode, prefill)}")
     plan.pricing = {"kernels": speed.costs.as_dict(), "slowdown_price": price, "decode_price": extra,
                     "slowdown_bytes": {p.key: {e.option: o[2] for e, o in zip(entries[p.key], opts)}
                                        for p, opts in zip(parts, options)},
-                    "stock": speed.stock.as_dict() if speed.stock else None,
-                    "decode_bytes": sum(opts[j][3] for opts, j in zip(options, chosen)),
-                    "prefill_work": sum(opts[j][4] for opts, j in zip(options, chosen))}
+                    "stock": speed.stock.as_dict() if speed.stock else None, "decode_bytes": decode, "prefill_work": prefill}
     return plan, table
+
+
+def _speed_rule(options, speed: Speed, decode: float, prefill: float) -> str:
+    """How the plan weighed the kernels' speed, for its rule."""
+    if not any(o[2] for opts in options for o in opts):
+        return ""
+    if speed.stock is None:
+        return " (the types' slowdown priced in)"
+    if decode <= speed.stock.decode_bytes and prefill <= speed.stock.prefill_work:
+        return f" (held to {speed.stock.label}'s predicted speed)"
+    return f" (the types' slowdown priced in: no plan of this size is as fast as {speed.stock.label})"
 
 
 def measure_table(loaded: LoadedModel, parts: list[Part], calibration: Calibration, progress: Progress) -> Sensitivity:
