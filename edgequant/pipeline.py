@@ -52,7 +52,7 @@ from .reference import StoredLogProbs, reference_log_probs, steps
 from .reporting import write_report
 from .sensitivity import Part, Sensitivity, split_parts
 from .rotations import untie
-from .twin import Twin, make_twin, reference_gguf, stock_speed
+from .twin import Twin, TwinSource, make_twin, reference_gguf, stock_speed
 from .smoothing import llama_cpp_activations, smooth
 
 
@@ -223,15 +223,6 @@ class ArtifactPlan:
 
 
 @dataclass
-class TwinSource:
-    """Where the stock twin comes from: the full-precision GGUF and the importance matrix."""
-
-    path: Path
-    params: int  # of the full-precision model (the twin's bits per weight count over them)
-    importance: dict | None = None
-
-
-@dataclass
 class Planned:
     """Everything decided before any weight is rounded."""
 
@@ -360,7 +351,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     if gguf_planned and twin is not None and method.allocate and not opts.ggml_type:
         with progress.step("llama.cpp's own mix at this size (dry run)"):
             try:
-                tgt.stock = stock_speed(twin.path, tgt.max_tensor_bytes, twin.importance, tgt.speed)
+                tgt.stock = stock_speed(twin, tgt.max_tensor_bytes, tgt.speed)
             except EdgequantError as e:  # as for the twin itself: said, not fatal
                 notes.append(f"the plan weighs speed at the price of a byte: {e}")
     if gguf_planned:
@@ -517,7 +508,7 @@ def _stock_twin(source: TwinSource | None, tensor_bytes: int, stage: Path, repor
         return None
     try:
         with progress.step("llama.cpp's own mix at this size"):
-            return make_twin(source.path, tensor_bytes, source.importance, stage)
+            return make_twin(source, tensor_bytes, stage)
     except EdgequantError as e:
         report["stock"] = {"error": str(e)}  # shown where the twin's row would be
         return None

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 from importlib.metadata import version
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -81,19 +81,18 @@ def imatrix_of(importance: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {name: v for name, v in importance.items() if name.startswith("blk.")}
 
 
-def choose_mix(source: Path, tensor_bytes: int, imatrix: dict[str, np.ndarray]) -> tuple[str, int]:
-    """(preset, its tensor bytes): the smallest of llama-quantize's presets on ``source`` with at
+def choose_mix(sizes: list[tuple[str, int]], tensor_bytes: int) -> tuple[str, int]:
+    """(preset, its tensor bytes): of ``sizes`` (:func:`preset_sizes`), the smallest preset with at
     least ``tensor_bytes`` of tensor data, or the largest of them. Where rows fall back to 32-wide
     blocks, presets can come out the same size; of those, the first in llama-quantize's order (the
-    nominally larger) is taken. Presets that need an importance matrix are left out when there is none."""
-    ranked = _preset_sizes(source, imatrix)
-    return next(((m, n) for m, n in ranked if n >= tensor_bytes), ranked[-1])
+    nominally larger) is taken."""
+    return next(((m, n) for m, n in sizes if n >= tensor_bytes), sizes[-1])
 
 
-def _preset_sizes(source: Path, imatrix: dict[str, np.ndarray]) -> list[tuple[str, int]]:
-    """(preset, its tensor bytes) of llama-quantize's presets on ``source``, smallest first; of
-    presets of one size, the nominally larger first. Those that need an importance matrix are left
-    out when there is none."""
+def preset_sizes(source: Path, imatrix: dict[str, np.ndarray]) -> list[tuple[str, int]]:
+    """(preset, its tensor bytes) of llama-quantize's presets on ``source``, from its dry runs,
+    smallest first; of presets of one size, the nominally larger first. Those that need an
+    importance matrix are left out when there is none."""
     sizes = {}
     for mix in STOCK_FTYPES:
         try:
@@ -104,27 +103,48 @@ def _preset_sizes(source: Path, imatrix: dict[str, np.ndarray]) -> list[tuple[st
     return sorted(sizes.items(), key=lambda kv: (kv[1], order.index(kv[0])))
 
 
-def stock_speed(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray] | None, speed: Speed) -> StockSpeed:
+@dataclass
+class TwinSource:
+    """Where the stock twin comes from: the full-precision GGUF and the importance matrix (set
+    before the presets are first sized, as the sizes follow it)."""
+
+    path: Path
+    params: int  # of the full-precision model (the twin's bits per weight count over them)
+    importance: dict | None = None
+    _sizes: list[tuple[str, int]] | None = field(default=None, repr=False)
+
+    @property
+    def imatrix(self) -> dict[str, np.ndarray]:
+        return imatrix_of(self.importance or {})
+
+    def preset_sizes(self) -> list[tuple[str, int]]:
+        """:func:`preset_sizes` of this source, dry-run once per build (the plan and the twin both ask)."""
+        if self._sizes is None:
+            self._sizes = preset_sizes(self.path, self.imatrix)
+        return self._sizes
+
+
+def stock_speed(source: TwinSource, tensor_bytes: int, speed: Speed) -> StockSpeed:
     """What llama.cpp's file nearest ``tensor_bytes`` in size costs the kernels, in ``speed``'s
     measures over its matrices: from llama.cpp's dry run, nothing quantized. (The nearest, not the
     next larger as for the twin: a larger file may afford types that prefill faster.)"""
-    imatrix = imatrix_of(importance or {})
+    imatrix = source.imatrix
     try:
-        mix, _ = min(_preset_sizes(source, imatrix), key=lambda kv: abs(kv[1] - tensor_bytes))
-        tensors = stock_tensors(source, mix, imatrix=imatrix or None)
+        mix, _ = min(source.preset_sizes(), key=lambda kv: abs(kv[1] - tensor_bytes))
+        tensors = stock_tensors(source.path, mix, imatrix=imatrix or None)
     except (RuntimeError, OSError) as e:
-        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None
+        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.path.name}: {e}") from None
     matrices = {t.name: (t.ggml_type, t.nbytes) for t in tensors if t.shape[1] > 1}
     return speed.of_stock(matrices, f"llama.cpp {mix}" + (" + imatrix" if imatrix else ""))
 
 
-def make_twin(source: Path, tensor_bytes: int, importance: dict[str, np.ndarray], folder: Path) -> Twin:
+def make_twin(source: TwinSource, tensor_bytes: int, folder: Path) -> Twin:
     """llama.cpp's file at the build's size (:func:`choose_mix`), written into ``folder``."""
-    imatrix = imatrix_of(importance)
+    imatrix = source.imatrix
     try:
-        mix, size = choose_mix(source, tensor_bytes, imatrix)
+        mix, size = choose_mix(source.preset_sizes(), tensor_bytes)
         path = Path(folder) / f"llama.cpp-{mix}.gguf"
-        quantize_stock(source, path, mix, imatrix=imatrix or None, nthread=os.cpu_count() or 1)
+        quantize_stock(source.path, path, mix, imatrix=imatrix or None, nthread=os.cpu_count() or 1)
     except (RuntimeError, OSError) as e:  # e.g. a full disk; llama.cpp's reason in one line
-        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.name}: {e}") from None
+        raise EdgequantError(f"llama.cpp's own quantizer failed on {source.path.name}: {e}") from None
     return Twin(mix, path, size, bool(imatrix))

