@@ -13,6 +13,7 @@ import typer
 
 from .atomic import InterruptedAfterSwap
 from .errors import EdgequantError
+from .options import DEFAULT_CTX
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Quantize a language model for an edge device.")
 
@@ -115,7 +116,7 @@ def build(
     sensitivity: str = SENSITIVITY,
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
-    eval_ctx: int = typer.Option(512, help="Evaluation window length."),
+    eval_ctx: int = typer.Option(DEFAULT_CTX, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="llama.cpp / ONNX Runtime threads (default: all cores)."),
     formats: str = typer.Option(None, help="What to write: gguf, onnx, or both, each planned for its runtime (with a ggml --type, the ONNX reuses the GGUF's codes). Default: both (the GGUF alone when ONNX Runtime's grids cannot fit, or for a family with no ONNX export)."),
     parity: bool = typer.Option(False, "--parity", help="Also score the torch simulation of the GGUF's bytes and ONNX Runtime "
@@ -172,7 +173,7 @@ def eval_(
     reference: Optional[str] = typer.Option(None, "--reference", "-r", help="Full-precision model to compare with (HF folder or .gguf; default: the built-in model)."),
     eval_text: Optional[str] = typer.Option(None, help="Evaluation text: built-in name (wiki.utf8...) or files."),
     eval_tokens: int = typer.Option(8192, help="Evaluation tokens."),
-    eval_ctx: int = typer.Option(512, help="Evaluation window length."),
+    eval_ctx: int = typer.Option(DEFAULT_CTX, help="Evaluation window length."),
     threads: Optional[int] = typer.Option(None, help="Runtime threads (default: all cores)."),
     accuracy_level: Optional[int] = typer.Option(None, help="ONNX: override MatMulNBits accuracy_level (0 = float32 activations)."),
     wbits: Optional[int] = typer.Option(None, help="Simulate in torch: weight bits (per output row) of every block matrix."),

@@ -24,10 +24,10 @@ import numpy as np
 import torch
 
 from .ggml_quants import get_type
+from .options import DEFAULT_CTX
 from .ort_quants import is_ort_type
 
 LogitSource = Callable[[np.ndarray], np.ndarray]
-DEFAULT_CTX = 512
 
 
 @dataclass

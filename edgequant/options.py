@@ -7,7 +7,7 @@ of range is answered at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -18,9 +18,12 @@ from .ort_quants import is_ort_type
 from .planning import check_type_name
 
 if TYPE_CHECKING:
+    from .devices import Device
+    from .fleet import Fleet
     from .pruning import Pruning
 
 FORMATS = ("gguf", "onnx")
+DEFAULT_CTX = 512  # tokens in an evaluation window (here, not in edgequant.evaluation: that imports torch)
 
 
 @dataclass
@@ -42,7 +45,7 @@ class BuildOptions:
     sensitivity: str = "auto"  # measured / fisher / auto (edgequant.sensitivity.how_for)
     eval_text: str | None = None  # None -> built-in wiki
     eval_tokens: int = 8192
-    ctx: int = 512  # evaluation window (edgequant.evaluation.DEFAULT_CTX, not imported: it pulls in torch)
+    ctx: int = DEFAULT_CTX  # evaluation window
     smooth: float | None = None  # SmoothQuant maps with this alpha (rtn/gptq); None = off
     parity: bool = False  # also score the torch simulation of each plan's codes and ORT at accuracy_level 0
     threads: int | None = None
@@ -50,6 +53,7 @@ class BuildOptions:
     # with no ONNX export); each is planned for its runtime (the ONNX from the GGUF's codes when --type is a ggml type)
     pruning: Pruning | None = None  # structural pruning applied (and refitted) before planning
     twin: bool = True  # also make, score and show llama.cpp's own mix at the GGUF's size (edgequant.twin)
+    target: Device | Fleet = field(init=False, repr=False, compare=False)  # --device, resolved
 
     def __post_init__(self):
         """Mistyped names, numbers out of range, a missing model and an unknown device fail here,
@@ -74,7 +78,7 @@ class BuildOptions:
             raise EdgequantError(f"--formats takes {' and/or '.join(FORMATS)}, got {','.join(self.formats) or 'nothing'}")
         if self.ggml_type and is_ort_type(self.ggml_type) and "gguf" in (self.formats or ()):
             raise EdgequantError(f"--type {self.ggml_type} is an ONNX Runtime configuration; it takes --formats onnx")
-        load_target(self.device or "host")
+        self.target = load_target(self.device or "host")  # the device or fleet, resolved once
         model_location(self.model)
         self._check_heavy_names()
 

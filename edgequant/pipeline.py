@@ -34,7 +34,7 @@ from .budget import Budget, Shape, bytes_read_per_token, check_fits, predict, pr
 from .calibration import ActivationStats, Calibration, cached_activation_stats
 from .deployment import sha256, write_manifest
 from .devices import Device
-from .fleet import Fleet, check_split, load_target, split
+from .fleet import Fleet, check_split, split
 from .errors import EdgequantError, disk_is_full
 from .evaluation import DEFAULT_CTX, TorchLogits, decode_into, score, token_windows
 from .kernels import load as load_kernels
@@ -270,7 +270,7 @@ def planned(opts: BuildOptions, progress: Progress, with_reference: bool = False
     ``with_reference``: also store the full-precision model's log-probabilities on the evaluation
     text, which the build's files are scored against (before pruning or any transform changes it)."""
     method = get_method(opts.method)
-    device = load_target(opts.device or "host")  # a mistyped device fails before the model is loaded
+    device = opts.target
     fleet = isinstance(device, Fleet)
     if fleet and ("onnx" in (opts.formats or ()) or (opts.ggml_type and is_ort_type(opts.ggml_type))):
         raise EdgequantError(f"ONNX Runtime runs a model on one device: a build for the fleet {device.name} makes a GGUF "
@@ -659,7 +659,8 @@ def _linear_types(loaded: LoadedModel, encoded) -> dict[str, str]:
 
 def settings(opts: BuildOptions) -> dict:
     """The build's options as given, for the manifest (enough to run the same build again)."""
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(opts).items()}
+    given = {k: v for k, v in asdict(opts).items() if k != "target"}  # the device as named, not as resolved
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in given.items()}
 
 
 def library_versions() -> dict[str, str | None]:
