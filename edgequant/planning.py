@@ -19,6 +19,7 @@ mixes.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from functools import lru_cache
 
 import numpy as np
 
@@ -359,11 +360,14 @@ def knapsack_with_speed(options: list[list[tuple]], budget: int, max_decode: flo
             if held is not None:
                 return *held, 0.0
         price, chosen = byte, _priced(options, budget, 2, byte)
-    if max_decode is None or sum(opts[j][3] for opts, j in zip(options, chosen)) <= max_decode:
+    def decode(choice: list[int]) -> float:
+        return sum(opts[j][3] for opts, j in zip(options, choice))
+
+    if max_decode is None or decode(chosen) <= max_decode:
         return chosen, price, 0.0
-    extra = least_price(lambda q: sum(opts[j][3] for opts, j in zip(options, _priced(options, budget, 2, price, q)))
-                        <= max_decode, start)
-    return (None if extra is None else _priced(options, budget, 2, price, extra)), price, extra or 0.0
+    solve = lru_cache(maxsize=None)(lambda q: _priced(options, budget, 2, price, q))  # the search ends on a price it tried
+    extra = least_price(lambda q: decode(solve(q)) <= max_decode, start)
+    return (None if extra is None else solve(extra)), price, extra or 0.0
 
 
 def _priced(options: list[list[tuple]], budget: int, k: int, price: float, extra: float = 0.0) -> list[int]:
