@@ -360,14 +360,16 @@ def knapsack_with_speed(options: list[list[tuple]], budget: int, max_decode: flo
             if held is not None:
                 return *held, 0.0
         price, chosen = byte, _priced(options, budget, 2, byte)
-    def decode(choice: list[int]) -> float:
-        return sum(opts[j][3] for opts, j in zip(options, choice))
-
-    if max_decode is None or decode(chosen) <= max_decode:
+    if max_decode is None or summed(options, chosen, 3) <= max_decode:
         return chosen, price, 0.0
     solve = lru_cache(maxsize=None)(lambda q: _priced(options, budget, 2, price, q))  # the search ends on a price it tried
-    extra = least_price(lambda q: decode(solve(q)) <= max_decode, start)
+    extra = least_price(lambda q: summed(options, solve(q), 3) <= max_decode, start)
     return (None if extra is None else solve(extra)), price, extra or 0.0
+
+
+def summed(options: list[list[tuple]], choice: list[int], k: int) -> float:
+    """The ``k``-th measure of the chosen options (1 cost, 3 decode bytes, 4 prefill work...), summed over the items."""
+    return sum(opts[j][k] for opts, j in zip(options, choice))
 
 
 def _priced(options: list[list[tuple]], budget: int, k: int, price: float, extra: float = 0.0) -> list[int]:
@@ -388,14 +390,14 @@ def held_to(options: list[list[tuple]], budget: int, limits: tuple[float, float]
     that gets within, when a limit is loose) is raised to the least that brings the choice within;
     :func:`improve` then spends the room that price leaves; the best of the three is taken."""
     def within(c: list[int]) -> bool:
-        return all(sum(opts[j][k] for opts, j in zip(options, c)) <= limit for k, limit in zip((3, 4), limits))
+        return all(summed(options, c, k) <= limit for k, limit in zip((3, 4), limits))
 
     found = []
     for k in HELD_BY:
         price = least_price(lambda q: within(_priced(options, budget, k, q)), start)
         if price is not None:
             chosen = improve(options, _priced(options, budget, k, price), (budget, *limits))
-            found.append((sum(opts[j][1] for opts, j in zip(options, chosen)), chosen, price))
+            found.append((summed(options, chosen, 1), chosen, price))
     return min(found, key=lambda f: f[0])[1:] if found else None
 
 

@@ -21,7 +21,7 @@ from dataclasses import asdict
 from ..calibration import Calibration
 from ..errors import EdgequantError
 from ..models import LoadedModel
-from ..planning import Matrix, Plan, Speed, knapsack, knapsack_with_speed
+from ..planning import Matrix, Plan, Speed, knapsack, knapsack_with_speed, summed
 from ..progress import Progress
 from ..sensitivity import CANDIDATES, Part, Sensitivity, cached_measure, how_for, n_measurements, split_parts
 from ..smoothing import search_scales
@@ -64,7 +64,7 @@ def allocate(
         raise EdgequantError(f"--min-tok-s cannot be met: no mix within {max_bytes / 1e6:.1f} MB reads under "
                              f"{speed.max_decode_bytes / 1e6:.1f} MB per token (bandwidth-equivalent)")
     types = [entries[p.key][j].types for p, j in zip(parts, chosen)]
-    decode, prefill = (sum(opts[j][k] for opts, j in zip(options, chosen)) for k in (3, 4))
+    decode, prefill = (summed(options, chosen, k) for k in (3, 4))
     plan = _plan(parts, types, matrices, other_params,
                  f"qublast: least summed KL within {max_bytes / 1e6:.2f} MB{_speed_rule(options, speed, decode, prefill)}")
     plan.pricing = {"kernels": speed.costs.as_dict(), "slowdown_price": price, "decode_price": extra,
