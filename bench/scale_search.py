@@ -4,8 +4,8 @@ against the ones the build made (its ``report.json``).
     python bench/scale_search.py BUILD_DIR
 
 The search reads the build's model, calibration text and tokens (``manifest.json``) and its plan's
-types (``plan.json``), as the build did. Use it to see what a change to the search costs or saves
-without running the whole build; the compared build must come from the search as it was.
+types (``plan.json``), as the build did. Run it on a build made before a change to the search to
+see what the change costs or saves, without running a whole build again.
 """
 
 from __future__ import annotations
