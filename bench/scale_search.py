@@ -28,7 +28,7 @@ def main() -> None:
     settings = json.loads((args.build / "manifest.json").read_text())["settings"]
     types = {t["name"]: t["ggml_type"] for t in json.loads((args.build / "plan.json").read_text())["tensors"]}
     before = {(c["block"], c["group"]): c for c in json.loads((args.build / "report.json").read_text())["scaling_maps"]}
-    loaded = load_model(settings["model"])
+    loaded = load_model(settings["model"], streamed=True)  # one float32 block in memory at a time, as the build
     _, text = load_text(settings["calib_text"], CALIBRATION_TEXT)
     windows = token_windows(loaded.tokenizer, text, settings["calib_tokens"], settings["ctx"])
     started = time.time()
