@@ -3,7 +3,7 @@
     python bench/ladder.py [--model default|qwen2.5-coder-1.5b] [--eval-tokens 8192] [--mixes Q2_K,...]
                            [--ours-at Q3_K_M,Q4_K_M|all|none] [--ours rtn,gptq,qublast,joint,...]
                            [--bpw-points 2.5,3.0] [--imatrix ours|llama] [--tools DIR]
-                           [--speed [--speed-rounds 5]] [--out DIR]
+                           [--speed [--speed-rounds 5]] [--pair-speed] [--out DIR] [--rows DIR]
 
 1. Writes a full-precision GGUF of the reference model, then llama.cpp's own mixes, each without
    (where llama.cpp allows it) and with an importance matrix. With ``--imatrix ours`` (the default)
@@ -25,17 +25,21 @@
    takes each file's medians and prints our files' speed over the stock file of their mix (run it
    on an idle CPU). Prints one table sorted by bits per weight (also JSON and CSV; the
    JSON also goes where ``report.html`` finds it, ``~/.cache/edgequant/ladder/``). QuBLAST's
-   sensitivity table is measured once and then read from the cache.
+   sensitivity table is measured once and then read from the cache. With ``--pair-speed``, each of
+   our files at a mix's size is timed the same way against that mix's stock file with the
+   imatrix as soon as it is scored, while both files are on disk, and the ratio is kept in its row.
 
-Every file's row is kept in ``OUT/rows/`` as soon as it is measured, and a later run with the same
-``--out`` reads it back instead of making the file again. A ladder of many hours (the 1.5B's) can so
-be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``.
+Every file's row is kept in ``--rows`` (``OUT/rows/`` unless given) as soon as it is measured, and a
+later run reads it back instead of making the file again. A ladder of many hours (the 1.5B's) can so
+be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``; rows kept outside ``--out``
+(in a checkout, say) outlive the files, and a stock file a pair timing needs is then made again.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import json
 import subprocess
 import sys
@@ -57,6 +61,9 @@ from runtimes.llama_quantize import quantize_stock
 from runtimes.rpc import build_tools
 from runtimes.llamacpp import score_in_llama_cpp
 from type_speed import llama_bench  # bench/type_speed.py
+
+CODE = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=Path(__file__).parent,
+                      capture_output=True, text=True).stdout.strip()  # the commit each new row was made at
 
 MIXES = ["Q2_K", "Q3_K_S", "Q3_K_M", "Q4_K_S", "Q4_K_M", "Q5_K_M", "Q6_K", "Q8_0"]
 LOW_BIT_MIXES = ["IQ1_S", "IQ1_M", "IQ2_XXS", "IQ2_XS", "IQ2_S", "IQ2_M", "IQ3_XXS", "IQ3_S", "IQ3_M", "Q2_K",
@@ -115,7 +122,10 @@ def speed_ratios(rows: list[dict]) -> list[str]:
     lines = []
     for r in rows:
         mix = r["file"].split(" @ ")[-1].removesuffix(" size") if " @ " in r["file"] else None
-        if "tg_tok_s" in r and mix in stock and "tg_tok_s" in stock[mix]:
+        if "vs_stock" in r:  # timed beside its stock file as soon as it was made (--pair-speed)
+            lines.append(f"{r['file']:<48} decode {r['vs_stock']['tg']:.2f}x  prefill {r['vs_stock']['pp']:.2f}x  "
+                         f"({r['vs_stock']['file']}, paired)")
+        elif "tg_tok_s" in r and mix in stock and "tg_tok_s" in stock[mix]:
             tg, pp = (median(a / b for a, b in zip(r[k], stock[mix][k])) for k in ("tg_runs", "pp_runs"))
             lines.append(f"{r['file']:<48} decode {tg:.2f}x  prefill {pp:.2f}x  (llama.cpp {mix} + imatrix)")
     return lines
@@ -160,12 +170,16 @@ def main() -> None:
     ap.add_argument("--tools", type=Path, default=None, help="folder of llama-imatrix, llama-quantize and llama-bench")
     ap.add_argument("--speed", action="store_true", help="also time every file with llama-bench, all after the builds")
     ap.add_argument("--speed-rounds", type=int, default=5, help="rounds of timing every file in turn (medians)")
+    ap.add_argument("--pair-speed", action="store_true",
+                    help="time each of our files against its mix's stock file with the imatrix as soon as it is made")
+    ap.add_argument("--rows", type=Path, default=None, help="folder of the kept rows (default: OUT/rows)")
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    args.rows = args.rows or args.out / "rows"
     if args.mixes == "low":
         args.mixes = ",".join(LOW_BIT_MIXES)
-    if args.tools is None and (args.imatrix == "llama" or args.speed):
+    if args.tools is None and (args.imatrix == "llama" or args.speed or args.pair_speed):
         args.tools = build_tools()  # runtimes/build_llama_cpp.sh (once)
 
     loaded = load_model(args.model, streamed=True)
@@ -198,9 +212,11 @@ def main() -> None:
         ours = {label: OURS[label] for label in args.ours.split(",")}
         if mix in args.no_maps_at.split(","):
             ours["qublast without maps"] = NO_MAPS
+        stock_file = functools.partial(remade, args.out / f"stock-{mix}-imatrix.gguf", mix, stock_sources, args)
         for label, options in ours.items():
             name, out = f"edgequant {label} @ {mix} size", args.out / f"ours-{label.replace(' ', '')}-{mix}"
-            rows += measured(args, name, lambda: build_and_score(name, out, target, args, options, scoring))
+            made = measured(args, name, lambda: build_and_score(name, out, target, args, options, scoring))
+            rows += [paired(args, row, stock_file) for row in made] if args.pair_speed else made
     for point in filter(None, args.bpw_points.split(",")):
         for label, options in AT_POINTS.items():
             name, out = f"edgequant {label} @ {float(point):.2f} bpw", args.out / f"ours-{label}-{point}bpw"
@@ -209,28 +225,65 @@ def main() -> None:
     if args.speed:  # after every build, so the files are timed together on an otherwise idle CPU
         rows = timed(rows, args)
         for row in rows:
-            write_text(_kept(args.out, row["file"]), json.dumps([row]))
+            write_text(_kept(args.rows, row["file"]), json.dumps([row]))
     rows.sort(key=lambda r: r["bpw"])
     _write(rows, args.out, windows.size, loaded.name)
     print("\n".join(["", "speed against llama.cpp's file of the same mix, made with the importance matrix:",
-                      *speed_ratios(rows)]) if args.speed else "")
+                      *speed_ratios(rows)]) if args.speed or args.pair_speed else "")
 
 
-def _kept(out: Path, name: str) -> Path:
-    return out / "rows" / (name.replace(" ", "_").replace("/", "_") + ".json")
+def _kept(rows: Path, name: str) -> Path:
+    return rows / (name.replace(" ", "_").replace("/", "_") + ".json")
 
 
 def measured(args, name: str, make) -> list[dict]:
-    """The rows of the file ``name``: kept from an earlier run with this ``--out`` or measured now by
-    ``make`` (none when the file cannot be made), and kept at once."""
-    kept = _kept(args.out, name)
-    rows = json.loads(kept.read_text()) if kept.exists() else make()
+    """The rows of the file ``name``: kept in ``--rows`` by an earlier run, or measured now by ``make``
+    (none when the file cannot be made, each with the commit it was made at) and kept at once."""
+    kept = _kept(args.rows, name)
+    rows = json.loads(kept.read_text()) if kept.exists() else [{**row, "commit": CODE} for row in make()]
     if kept.exists():
         for row in rows:
             print(_line(row) + "  (kept)", flush=True)
-    kept.parent.mkdir(exist_ok=True)
+    kept.parent.mkdir(parents=True, exist_ok=True)
     write_text(kept, json.dumps(rows))
     return rows
+
+
+def stock_quantized(path: Path, mix: str, f32: Path, imatrix, args) -> None:
+    """llama.cpp's ``mix`` of ``f32`` at ``path``, made as ``--imatrix`` says (``imatrix`` None: without)."""
+    if args.imatrix == "llama":
+        llama_quantize(args.tools, f32, path, mix, imatrix, args.threads)
+    else:
+        quantize_stock(f32, path, mix, imatrix=imatrix)
+
+
+def remade(path: Path, mix: str, sources: tuple, args) -> Path:
+    """The stock file of ``mix`` with the importance matrix at ``path``, made again if a kept row
+    outlived it (the same quantizer on the same inputs makes the same file)."""
+    if not path.exists():
+        stock_quantized(path, mix, *sources, args)
+    return path
+
+
+def paired(args, row: dict, stock_file) -> dict:
+    """``row``, one of our files at a stock mix's size, with its decode and prefill speed over that
+    mix's stock file with the imatrix (``stock_file()`` makes or finds it): ``--speed-rounds`` rounds
+    of llama-bench on both in turn, the medians of the rounds' ratios. Kept at once; a row already
+    timed, or whose file is gone, is returned as it is."""
+    if "vs_stock" in row or not Path(row["path"]).exists():
+        return row
+    stock = stock_file()
+    runs = [(llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads),
+             llama_bench(args.tools / "llama-bench", stock, args.threads)) for _ in range(args.speed_rounds)]
+    timed_row = {**row, "tg_tok_s": median(o["decode_tok_s"] for o, _ in runs),
+                 "pp_tok_s": median(o["prefill_tok_s"] for o, _ in runs),
+                 "vs_stock": {"file": stock.name, "threads": args.threads, "runs": runs,
+                              "tg": median(o["decode_tok_s"] / s["decode_tok_s"] for o, s in runs),
+                              "pp": median(o["prefill_tok_s"] / s["prefill_tok_s"] for o, s in runs)}}
+    write_text(_kept(args.rows, row["file"]), json.dumps([timed_row]))
+    print(f"{row['file']:<48} decode {timed_row['vs_stock']['tg']:.2f}x  prefill {timed_row['vs_stock']['pp']:.2f}x"
+          f"  ({stock.name}, {args.speed_rounds} rounds)", flush=True)
+    return timed_row
 
 
 def make_stock(name: str, path: Path, mix: str, with_imatrix: bool, sources: tuple, args, scoring) -> list[dict]:
@@ -239,10 +292,7 @@ def make_stock(name: str, path: Path, mix: str, with_imatrix: bool, sources: tup
     f32, importance = sources
     start = time.time()
     try:
-        if args.imatrix == "llama":
-            llama_quantize(args.tools, f32, path, mix, importance if with_imatrix else None, args.threads)
-        else:
-            quantize_stock(f32, path, mix, imatrix=importance if with_imatrix else None)
+        stock_quantized(path, mix, f32, importance if with_imatrix else None, args)
     except RuntimeError as e:
         print(f"{name}: not made ({e})", flush=True)
         return []
