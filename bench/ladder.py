@@ -33,6 +33,9 @@ Every file's row is kept in ``--rows`` (``OUT/rows/`` unless given) as soon as i
 later run reads it back instead of making the file again. A ladder of many hours (the 1.5B's) can so
 be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``; rows kept outside ``--out``
 (in a checkout, say) outlive the files, and a stock file a pair timing needs is then made again.
+QuBLAST's sensitivity tables travel with the rows too (``--rows``'s ``sensitivity/``): one is copied
+there once measured and into the cache at the start, so a new machine with the same code and
+inputs reads it back (a stopped measurement's ``.partial.json``, copied there by hand, resumes).
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ from pathlib import Path
 from statistics import median
 
 from edgequant.atomic import write_text
-from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, read_text
+from edgequant.assets import CALIBRATION_TEXT, EVALUATION_TEXT, cache_dir, read_text
 from edgequant.calibration import cached_activation_stats
 from edgequant.errors import EdgequantError
 from edgequant.evaluation import token_windows
@@ -183,6 +186,7 @@ def main() -> None:
         args.tools = build_tools()  # runtimes/build_llama_cpp.sh (once)
 
     loaded = load_model(args.model, streamed=True)
+    carry_tables(args.rows / "sensitivity", cache_dir() / "sensitivity", partial=True)
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     calib = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
     reference = reference_log_probs(loaded, windows)
@@ -230,6 +234,16 @@ def main() -> None:
     _write(rows, args.out, windows.size, loaded.name)
     print("\n".join(["", "speed against llama.cpp's file of the same mix, made with the importance matrix:",
                       *speed_ratios(rows)]) if args.speed or args.pair_speed else "")
+
+
+def carry_tables(src: Path, dst: Path, partial: bool) -> None:
+    """Copies the sensitivity tables in ``src`` that ``dst`` lacks (with ``partial``, also those of
+    stopped measurements). They are named by the model and a hash of everything they depend on,
+    so a table is only read where it holds."""
+    for table in sorted(src.glob("*.json")):
+        if not (dst / table.name).exists() and (partial or not table.name.endswith(".partial.json")):
+            dst.mkdir(parents=True, exist_ok=True)
+            write_text(dst / table.name, table.read_text())
 
 
 def _kept(rows: Path, name: str) -> Path:
@@ -308,6 +322,8 @@ def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], 
     except EdgequantError as e:  # e.g. a size below our smallest mix
         print(f"{name}: skipped ({e})", flush=True)
         return []
+    finally:
+        carry_tables(cache_dir() / "sensitivity", args.rows / "sensitivity", partial=False)
     row = {"file": name, "seconds": report["build"]["seconds"], "peak_rss_mb": report["build"]["peak_rss_mb"],
            **scoring(out / "model.gguf")}
     print(_line(row), flush=True)
