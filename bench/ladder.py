@@ -129,9 +129,14 @@ def speed_ratios(rows: list[dict]) -> list[str]:
             lines.append(f"{r['file']:<48} decode {r['vs_stock']['tg']:.2f}x  prefill {r['vs_stock']['pp']:.2f}x  "
                          f"({r['vs_stock']['file']}, paired)")
         elif "tg_tok_s" in r and mix in stock and "tg_tok_s" in stock[mix]:
-            tg, pp = (median(a / b for a, b in zip(r[k], stock[mix][k])) for k in ("tg_runs", "pp_runs"))
+            tg, pp = (round_ratio(r, stock[mix], k) for k in ("tg_runs", "pp_runs"))
             lines.append(f"{r['file']:<48} decode {tg:.2f}x  prefill {pp:.2f}x  (llama.cpp {mix} + imatrix)")
     return lines
+
+
+def round_ratio(ours: dict, stock: dict, key: str) -> float:
+    """The median over the rounds of ``ours``'s rate over ``stock``'s (``key``: tg_runs or pp_runs, from :func:`timed`)."""
+    return median(a / b for a, b in zip(ours[key], stock[key]))
 
 
 def llama_imatrix(tools: Path, f32: Path, calib_text: str, out: Path, tokens: int, threads: int) -> Path:
@@ -281,19 +286,16 @@ def remade(path: Path, mix: str, sources: tuple, args) -> Path:
 
 def paired(args, row: dict, stock_file) -> dict:
     """``row``, one of our files at a stock mix's size, with its decode and prefill speed over that
-    mix's stock file with the imatrix (``stock_file()`` makes or finds it): ``--speed-rounds`` rounds
-    of llama-bench on both in turn, the medians of the rounds' ratios. Kept at once; a row already
-    timed, or whose file is gone, is returned as it is."""
+    mix's stock file with the imatrix (``stock_file()`` makes or finds it), both timed together by
+    :func:`timed`. Kept at once; a row already timed, or whose file is gone, is returned as it is."""
     if "vs_stock" in row or not Path(row["path"]).exists():
         return row
     stock = stock_file()
-    runs = [(llama_bench(args.tools / "llama-bench", Path(row["path"]), args.threads),
-             llama_bench(args.tools / "llama-bench", stock, args.threads)) for _ in range(args.speed_rounds)]
-    timed_row = {**row, "tg_tok_s": median(o["decode_tok_s"] for o, _ in runs),
-                 "pp_tok_s": median(o["prefill_tok_s"] for o, _ in runs),
-                 "vs_stock": {"file": stock.name, "threads": args.threads, "runs": runs,
-                              "tg": median(o["decode_tok_s"] / s["decode_tok_s"] for o, s in runs),
-                              "pp": median(o["prefill_tok_s"] / s["prefill_tok_s"] for o, s in runs)}}
+    timed_row, stock_row = timed([row, {"path": str(stock)}], args)
+    timed_row["vs_stock"] = {"file": stock.name, "threads": args.threads,
+                             **{k: stock_row[k] for k in ("tg_tok_s", "pp_tok_s", "tg_runs", "pp_runs")},
+                             "tg": round_ratio(timed_row, stock_row, "tg_runs"),
+                             "pp": round_ratio(timed_row, stock_row, "pp_runs")}
     write_text(_kept(args.rows, row["file"]), json.dumps([timed_row]))
     print(f"{row['file']:<48} decode {timed_row['vs_stock']['tg']:.2f}x  prefill {timed_row['vs_stock']['pp']:.2f}x"
           f"  ({stock.name}, {args.speed_rounds} rounds)", flush=True)
