@@ -33,9 +33,11 @@ Every file's row is kept in ``--rows`` (``OUT/rows/`` unless given) as soon as i
 later run reads it back instead of making the file again. A ladder of many hours (the 1.5B's) can so
 be stopped and resumed, or grown by new ``--ours`` and ``--bpw-points``; rows kept outside ``--out``
 (in a checkout, say) outlive the files, and a stock file a pair timing needs is then made again.
-QuBLAST's sensitivity tables travel with the rows too (``--rows``'s ``sensitivity/``): one is copied
-there once measured and into the cache at the start, so a new machine with the same code and
-inputs reads it back (a stopped measurement's ``.partial.json``, copied there by hand, resumes).
+QuBLAST's sensitivity tables travel with the rows too (``--rows``'s ``sensitivity/``): copied there
+after each of our builds and into the cache at the start, so a new machine with the same code and
+inputs reads them back. A stopped measurement's ``.partial.json`` travels the same way (the copy
+with more parts wins) and resumes where it stopped; SIGTERM stops the ladder as Ctrl-C does, the
+build in progress unwinding first.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ import argparse
 import csv
 import functools
 import json
+import signal
 import subprocess
 import sys
 import time
@@ -88,10 +91,16 @@ def build_ours(model: str, out: Path, bpw: float, calib_tokens: int, options: li
     cmd = [sys.executable, "-m", "edgequant.cli", "build", "--model", model, "--bpw", f"{bpw:.6f}", "--out", str(out),
            "--calib-tokens", str(calib_tokens), "--eval-tokens", "512", "--formats", "gguf", "--json",
            *options]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode:
-        raise EdgequantError(done.stderr.strip().splitlines()[-1])
-    return json.loads(done.stdout)
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as build:
+        try:
+            stdout, stderr = build.communicate()
+        except BaseException:  # the ladder stopped: the build unwinds too (its spills and temporary files removed)
+            build.terminate()
+            build.wait()
+            raise
+    if build.returncode:
+        raise EdgequantError(stderr.strip().splitlines()[-1])
+    return json.loads(stdout)
 
 
 def score(path: Path, windows, reference, params: int) -> dict:
@@ -191,7 +200,7 @@ def main() -> None:
         args.tools = build_tools()  # runtimes/build_llama_cpp.sh (once)
 
     loaded = load_model(args.model, streamed=True)
-    carry_tables(args.rows / "sensitivity", cache_dir() / "sensitivity", partial=True)
+    carry_tables(args.rows / "sensitivity", cache_dir() / "sensitivity")
     windows = token_windows(loaded.tokenizer, read_text(EVALUATION_TEXT), args.eval_tokens)
     calib = token_windows(loaded.tokenizer, read_text(CALIBRATION_TEXT), args.calib_tokens)
     reference = reference_log_probs(loaded, windows)
@@ -241,14 +250,36 @@ def main() -> None:
                       *speed_ratios(rows)]) if args.speed or args.pair_speed else "")
 
 
-def carry_tables(src: Path, dst: Path, partial: bool) -> None:
-    """Copies the sensitivity tables in ``src`` that ``dst`` lacks (with ``partial``, also those of
-    stopped measurements). They are named by the model and a hash of everything they depend on,
-    so a table is only read where it holds."""
+def carry_tables(src: Path, dst: Path) -> None:
+    """Copies the sensitivity tables in ``src`` that ``dst`` lacks, and a stopped measurement's
+    partial table where it holds more parts than ``dst``'s copy; a finished table makes its
+    partial moot. Tables are named by the model and a hash of everything they depend on, so a
+    table is only read where it holds."""
     for table in sorted(src.glob("*.json")):
-        if not (dst / table.name).exists() and (partial or not table.name.endswith(".partial.json")):
+        if _wanted(table, dst):
             dst.mkdir(parents=True, exist_ok=True)
             write_text(dst / table.name, table.read_text())
+    for partial in dst.glob("*" + PARTIAL):
+        if _finished(partial).exists():
+            partial.unlink()
+
+
+PARTIAL = ".partial.json"  # sensitivity.cached_measure's name for a stopped measurement's parts
+
+
+def _finished(partial: Path) -> Path:
+    return partial.with_name(partial.name.replace(PARTIAL, ".json"))
+
+
+def _wanted(table: Path, dst: Path) -> bool:
+    """Whether ``dst`` lacks ``table``, or holds fewer of a partial table's parts."""
+    if not table.name.endswith(PARTIAL):
+        return not (dst / table.name).exists()
+    return not _finished(dst / table.name).exists() and _entries(dst / table.name) < _entries(table)
+
+
+def _entries(table: Path) -> int:
+    return len(json.loads(table.read_text())["entries"]) if table.exists() else 0
 
 
 def _kept(rows: Path, name: str) -> Path:
@@ -325,7 +356,7 @@ def build_and_score(name: str, out: Path, bpw: float, args, options: list[str], 
         print(f"{name}: skipped ({e})", flush=True)
         return []
     finally:
-        carry_tables(cache_dir() / "sensitivity", args.rows / "sensitivity", partial=False)
+        carry_tables(cache_dir() / "sensitivity", args.rows / "sensitivity")
     row = {"file": name, "seconds": report["build"]["seconds"], "peak_rss_mb": report["build"]["peak_rss_mb"],
            **scoring(out / "model.gguf")}
     print(_line(row), flush=True)
@@ -382,5 +413,13 @@ def _write(rows: list[dict], out: Path, tokens: int, model: str) -> None:
         writer.writerows(rows)
 
 
+def _stop(_signal, _frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
-    main()
+    signal.signal(signal.SIGTERM, _stop)  # unwinds as Ctrl-C does: the build stopped, the tables carried out
+    try:
+        main()
+    except KeyboardInterrupt:
+        sys.exit("ladder: stopped; the rows and sensitivity tables measured so far are kept")
