@@ -3,7 +3,7 @@
     python bench/ladder.py [--model default|qwen2.5-coder-1.5b] [--eval-tokens 8192] [--mixes Q2_K,...]
                            [--ours-at Q3_K_M,Q4_K_M|all|none] [--ours rtn,gptq,qublast,joint,...]
                            [--bpw-points 2.5,3.0] [--imatrix ours|llama] [--tools DIR]
-                           [--speed [--speed-rounds 5]] [--pair-speed] [--out DIR] [--rows DIR]
+                           [--speed [--speed-rounds 9]] [--pair-speed] [--out DIR] [--rows DIR]
 
 1. Writes a full-precision GGUF of the reference model, then llama.cpp's own mixes, each without
    (where llama.cpp allows it) and with an importance matrix. With ``--imatrix ours`` (the default)
@@ -186,7 +186,8 @@ def main() -> None:
                     help="the stock files' importance matrix: ours through the API, or llama-imatrix's through llama-quantize")
     ap.add_argument("--tools", type=Path, default=None, help="folder of llama-imatrix, llama-quantize and llama-bench")
     ap.add_argument("--speed", action="store_true", help="also time every file with llama-bench, all after the builds")
-    ap.add_argument("--speed-rounds", type=int, default=5, help="rounds of timing every file in turn (medians)")
+    ap.add_argument("--speed-rounds", type=int, default=9,
+                    help="rounds of timing every file in turn (medians; on the 2-core build host 5 did not settle a 5%% gap)")
     ap.add_argument("--pair-speed", action="store_true",
                     help="time each of our files against its mix's stock file with the imatrix as soon as it is made")
     ap.add_argument("--rows", type=Path, default=None, help="folder of the kept rows (default: OUT/rows)")
